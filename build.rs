@@ -1,0 +1,9 @@
+//! Compiles `proto/*.proto` into Rust with prost-build, parsing the schema with
+//! protox so that no system `protoc` is needed.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    println!("cargo:rerun-if-changed=proto");
+    let descriptors = protox::compile(["proto/common.proto", "proto/ipc.proto"], ["proto"])?;
+    prost_build::Config::new().compile_fds(descriptors)?;
+    Ok(())
+}
