@@ -1,0 +1,84 @@
+//! Local IPC between the DaemonEye process collector (`procmond`, the server)
+//! and its agent (`daemoneye-agent`, the client): Unix domain sockets and
+//! Windows named pipes, never TCP or UDP.
+//!
+//! # Wire format
+//!
+//! Every message travels in one frame, the same byte for byte whichever
+//! backend carries it, so either end can be rolled back on its own:
+//!
+//! ```text
+//! +----------------+----------------+---------------------------+
+//! | u32 LE length N| u32 LE crc32   | N bytes: prost message    |
+//! +----------------+----------------+---------------------------+
+//! ```
+//!
+//! The CRC covers the N message bytes only; its polynomial is
+//! [`Crc32Variant::Ieee`] by default or [`Crc32Variant::Castagnoli`].
+//! `N = 0` is valid (an all-default message). `N > max_frame_bytes` is refused
+//! from the header alone. The agent sends a [`DetectionTask`]; the collector
+//! answers with a [`DetectionResult`] carrying the same `task_id`.
+//!
+//! # Quick start
+//!
+//! Encode a task into a frame and read it back, with the codec every backend
+//! uses:
+//!
+//! ```
+//! use bytes::BytesMut;
+//! use daemoneye_ipc::frame::codec::{ClientCodec, ServerCodec};
+//! use daemoneye_ipc::{DetectionTask, IpcConfig, TaskType};
+//! use tokio_util::codec::{Decoder, Encoder};
+//!
+//! let config = IpcConfig::default();
+//! let task = DetectionTask {
+//!     task_id: "task-1".into(),
+//!     task_type: TaskType::EnumerateProcesses.into(),
+//!     ..Default::default()
+//! };
+//!
+//! let mut wire = BytesMut::new();
+//! ClientCodec::new(config.frame_settings()).encode(task.clone(), &mut wire)?;
+//! assert_eq!(&wire[..4], &(wire.len() as u32 - 8).to_le_bytes()); // the length field
+//!
+//! let received = ServerCodec::new(config.frame_settings()).decode(&mut wire)?;
+//! assert_eq!(received, Some(task));
+//! # Ok::<(), daemoneye_ipc::IpcError>(())
+//! ```
+//!
+//! # Where things are
+//!
+//! * [`frame`]: the sans-I/O wire format and its tokio-util codecs.
+//! * [`config`]: [`IpcConfig`], its defaults, layering (file, environment,
+//!   flags) and validation.
+//! * [`proto`]: the generated protobuf messages.
+//! * [`error`]: [`IpcError`], one enum for every failure.
+//!
+//! # Cargo features
+//!
+//! * `ipc-interprocess` (default): the `interprocess` local-socket backend.
+//! * `ipc-tokio`: the Tokio-native backend (Phase 1).
+//! * `cli` (default): what only the `daemoneye-ipc` binary needs.
+//!
+//! At least one backend feature is required.
+
+#![warn(missing_docs)]
+
+#[cfg(not(any(feature = "ipc-interprocess", feature = "ipc-tokio")))]
+compile_error!(
+    "daemoneye-ipc needs at least one transport backend: enable the Cargo feature \
+     `ipc-interprocess` (the default) and/or `ipc-tokio`"
+);
+
+#[cfg(not(any(unix, windows)))]
+compile_error!("daemoneye-ipc supports Unix (Linux, macOS, the BSDs) and Windows only");
+
+pub mod config;
+pub mod error;
+pub mod frame;
+pub mod proto;
+
+pub use config::{IpcConfig, TransportKind};
+pub use error::IpcError;
+pub use frame::{Crc32Variant, FrameSettings};
+pub use proto::{DetectionResult, DetectionTask, ProcessRecord, TaskType};
