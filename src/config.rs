@@ -1,0 +1,675 @@
+//! [`IpcConfig`]: the decision record's eight settings, where they come from,
+//! and what values they may take.
+//!
+//! Values are layered, each layer overriding the one before:
+//!
+//! 1. built-in defaults ([`IpcConfig::default`]);
+//! 2. the `[ipc]` table of a TOML file;
+//! 3. environment variables `DAEMONEYE_IPC_<FIELD>` (for example
+//!    `DAEMONEYE_IPC_TRANSPORT=tokio`);
+//! 4. command-line flags ([`ConfigOverrides`]).
+//!
+//! [`ConfigLoader`] does the layering and remembers where each value came
+//! from ([`LoadedConfig::origin`]), so that errors and `daemoneye-ipc config`
+//! can say it.
+//!
+//! ```toml
+//! [ipc]
+//! transport = "interprocess"      # or "tokio"
+//! endpoint_path = "/run/daemoneye/procmond.sock"
+//! max_frame_bytes = 1048576
+//! accept_timeout_ms = 5000
+//! read_timeout_ms = 30000
+//! write_timeout_ms = 10000
+//! max_connections = 16
+//! crc32_variant = "ieee"          # or "castagnoli"
+//! ```
+
+use std::ffi::OsString;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::error::IpcError;
+use crate::frame::{Crc32Variant, FrameSettings};
+
+/// Prefix of the environment variables that override settings.
+pub const ENV_PREFIX: &str = "DAEMONEYE_IPC_";
+
+/// Smallest accepted `max_frame_bytes`: below this even the server's error
+/// answer ("result too large") might not fit in a frame.
+pub const MIN_FRAME_BYTES: usize = 1024;
+
+/// Largest accepted `max_connections`.
+pub const MAX_CONNECTIONS_LIMIT: usize = 65_536;
+
+/// Largest accepted timeout: one day. Anything longer is almost certainly a
+/// unit mistake (seconds or microseconds written as milliseconds).
+pub const MAX_TIMEOUT_MS: u64 = 24 * 60 * 60 * 1000;
+
+/// Which backend carries the bytes. The wire format is the same for all of
+/// them, so the two ends of a connection may use different ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(try_from = "String")]
+pub enum TransportKind {
+    /// `interprocess::local_socket` (Phase 2): one code path for Unix sockets
+    /// and Windows named pipes. Cargo feature `ipc-interprocess`.
+    Interprocess,
+    /// `tokio::net` Unix sockets and named pipes (Phase 1). Cargo feature
+    /// `ipc-tokio`.
+    Tokio,
+}
+
+impl TransportKind {
+    /// Every transport this crate knows, compiled in or not.
+    pub const ALL: [TransportKind; 2] = [TransportKind::Interprocess, TransportKind::Tokio];
+
+    /// The name used in config files, flags, logs and telemetry.
+    pub const fn name(self) -> &'static str {
+        match self {
+            TransportKind::Interprocess => "interprocess",
+            TransportKind::Tokio => "tokio",
+        }
+    }
+
+    /// Whether this build contains the transport.
+    pub const fn is_compiled(self) -> bool {
+        match self {
+            TransportKind::Interprocess => cfg!(feature = "ipc-interprocess"),
+            TransportKind::Tokio => cfg!(feature = "ipc-tokio"),
+        }
+    }
+
+    /// The transports this build contains, in preference order.
+    pub fn compiled() -> impl Iterator<Item = TransportKind> {
+        TransportKind::ALL
+            .into_iter()
+            .filter(|kind| kind.is_compiled())
+    }
+
+    /// `interprocess` (the decision record's default) when compiled in,
+    /// otherwise the first transport this build has.
+    pub fn default_for_build() -> TransportKind {
+        TransportKind::compiled()
+            .next()
+            .expect("lib.rs refuses to compile without a backend feature")
+    }
+
+    fn compiled_names() -> Vec<&'static str> {
+        TransportKind::compiled().map(TransportKind::name).collect()
+    }
+}
+
+impl fmt::Display for TransportKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for TransportKind {
+    type Err = IpcError;
+
+    /// Parses a transport name. Knowing the name does not mean this build has
+    /// it: [`IpcConfig::validate`] checks that.
+    fn from_str(s: &str) -> Result<Self, IpcError> {
+        TransportKind::ALL
+            .into_iter()
+            .find(|kind| kind.name().eq_ignore_ascii_case(s.trim()))
+            .ok_or_else(|| IpcError::UnknownTransport {
+                given: s.to_owned(),
+                known: TransportKind::ALL.map(TransportKind::name).to_vec(),
+            })
+    }
+}
+
+impl TryFrom<String> for TransportKind {
+    type Error = IpcError;
+
+    fn try_from(s: String) -> Result<Self, IpcError> {
+        s.parse()
+    }
+}
+
+impl TryFrom<String> for Crc32Variant {
+    type Error = IpcError;
+
+    fn try_from(s: String) -> Result<Self, IpcError> {
+        s.parse()
+    }
+}
+
+/// The IPC settings, exactly as the decision record defines them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IpcConfig {
+    /// Backend that carries the bytes.
+    pub transport: TransportKind,
+    /// Unix socket path, or Windows pipe name (with or without `\\.\pipe\`).
+    pub endpoint_path: String,
+    /// Largest message body accepted or sent, in bytes. Default 1 MiB.
+    pub max_frame_bytes: usize,
+    /// Server: how long an excess connection waits for a free slot.
+    /// Client: how long to keep trying to connect. Default 5000.
+    pub accept_timeout_ms: u64,
+    /// Deadline for a whole frame once its first byte has arrived, and the
+    /// idle limit between frames. Default 30000.
+    pub read_timeout_ms: u64,
+    /// Deadline for writing one frame. Default 10000.
+    pub write_timeout_ms: u64,
+    /// Connections served at once. Default 16.
+    pub max_connections: usize,
+    /// Frame checksum polynomial. Default IEEE.
+    pub crc32_variant: Crc32Variant,
+}
+
+impl Default for IpcConfig {
+    /// The decision record's defaults; the endpoint depends on the platform,
+    /// the effective user and `XDG_RUNTIME_DIR` (see [`default_endpoint_path`]).
+    fn default() -> Self {
+        let runtime_dir = std::env::var_os("XDG_RUNTIME_DIR");
+        IpcConfig::defaults_with_runtime_dir(runtime_dir.as_deref().map(Path::new))
+    }
+}
+
+impl IpcConfig {
+    fn defaults_with_runtime_dir(runtime_dir: Option<&Path>) -> IpcConfig {
+        IpcConfig {
+            transport: TransportKind::default_for_build(),
+            endpoint_path: default_endpoint_path(runtime_dir),
+            max_frame_bytes: FrameSettings::DEFAULT.max_frame_bytes as usize,
+            accept_timeout_ms: 5_000,
+            read_timeout_ms: 30_000,
+            write_timeout_ms: 10_000,
+            max_connections: 16,
+            crc32_variant: Crc32Variant::Ieee,
+        }
+    }
+
+    /// Checks every value against its range and the transport against this
+    /// build. [`ConfigLoader::load`] calls this for you.
+    pub fn validate(&self) -> Result<(), IpcError> {
+        self.validate_with_origins(|_| None)
+    }
+
+    fn validate_with_origins(
+        &self,
+        origin_of: impl Fn(ConfigField) -> Option<ConfigOrigin>,
+    ) -> Result<(), IpcError> {
+        let invalid =
+            |field: ConfigField, value: String, requirement: String| IpcError::InvalidConfig {
+                field: field.key(),
+                value,
+                origin: origin_of(field),
+                requirement,
+            };
+
+        if !self.transport.is_compiled() {
+            return Err(IpcError::TransportNotCompiled {
+                requested: self.transport.name(),
+                origin: origin_of(ConfigField::Transport),
+                available: TransportKind::compiled_names(),
+            });
+        }
+        if self.endpoint_path.trim().is_empty() || self.endpoint_path.contains('\0') {
+            return Err(invalid(
+                ConfigField::EndpointPath,
+                format!("{:?}", self.endpoint_path),
+                "must be a non-empty socket path or pipe name without NUL bytes".into(),
+            ));
+        }
+        if !(MIN_FRAME_BYTES..=u32::MAX as usize).contains(&self.max_frame_bytes) {
+            return Err(invalid(
+                ConfigField::MaxFrameBytes,
+                self.max_frame_bytes.to_string(),
+                format!(
+                    "must be between {MIN_FRAME_BYTES} and {} (the length field is a u32)",
+                    u32::MAX
+                ),
+            ));
+        }
+        if !(1..=MAX_CONNECTIONS_LIMIT).contains(&self.max_connections) {
+            return Err(invalid(
+                ConfigField::MaxConnections,
+                self.max_connections.to_string(),
+                format!("must be between 1 and {MAX_CONNECTIONS_LIMIT}"),
+            ));
+        }
+        for (field, value) in [
+            (ConfigField::AcceptTimeoutMs, self.accept_timeout_ms),
+            (ConfigField::ReadTimeoutMs, self.read_timeout_ms),
+            (ConfigField::WriteTimeoutMs, self.write_timeout_ms),
+        ] {
+            if !(1..=MAX_TIMEOUT_MS).contains(&value) {
+                return Err(invalid(
+                    field,
+                    value.to_string(),
+                    format!("must be between 1 and {MAX_TIMEOUT_MS} milliseconds (one day)"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The frame settings both ends must share. Saturates an out-of-range
+    /// `max_frame_bytes`; [`validate`](Self::validate) refuses those first.
+    pub fn frame_settings(&self) -> FrameSettings {
+        FrameSettings {
+            crc32: self.crc32_variant,
+            max_frame_bytes: u32::try_from(self.max_frame_bytes).unwrap_or(u32::MAX),
+        }
+    }
+
+    /// `accept_timeout_ms` as a duration.
+    pub fn accept_timeout(&self) -> Duration {
+        Duration::from_millis(self.accept_timeout_ms)
+    }
+
+    /// `read_timeout_ms` as a duration.
+    pub fn read_timeout(&self) -> Duration {
+        Duration::from_millis(self.read_timeout_ms)
+    }
+
+    /// `write_timeout_ms` as a duration.
+    pub fn write_timeout(&self) -> Duration {
+        Duration::from_millis(self.write_timeout_ms)
+    }
+
+    /// The current value of `field`, formatted as in a TOML file.
+    pub fn value_as_toml(&self, field: ConfigField) -> String {
+        match field {
+            ConfigField::Transport => format!("{:?}", self.transport.name()),
+            ConfigField::EndpointPath => toml::Value::from(self.endpoint_path.as_str()).to_string(),
+            ConfigField::MaxFrameBytes => self.max_frame_bytes.to_string(),
+            ConfigField::AcceptTimeoutMs => self.accept_timeout_ms.to_string(),
+            ConfigField::ReadTimeoutMs => self.read_timeout_ms.to_string(),
+            ConfigField::WriteTimeoutMs => self.write_timeout_ms.to_string(),
+            ConfigField::MaxConnections => self.max_connections.to_string(),
+            ConfigField::Crc32Variant => format!("{:?}", self.crc32_variant.name()),
+        }
+    }
+}
+
+/// The default endpoint for this platform and user.
+///
+/// * Unix, effective uid 0: `/run/daemoneye/procmond.sock`.
+/// * Unix, other users: `$XDG_RUNTIME_DIR/daemoneye/procmond.sock`; without an
+///   absolute `XDG_RUNTIME_DIR`, `<temp dir>/daemoneye-<uid>/procmond.sock`
+///   (the server creates that directory 0700 and refuses it if another user
+///   owns it).
+/// * Windows: `\\.\pipe\daemoneye\procmond`.
+pub fn default_endpoint_path(xdg_runtime_dir: Option<&Path>) -> String {
+    #[cfg(unix)]
+    {
+        let uid = rustix::process::geteuid();
+        if uid.is_root() {
+            return "/run/daemoneye/procmond.sock".to_owned();
+        }
+        let base = match xdg_runtime_dir {
+            Some(dir) if dir.is_absolute() => dir.join("daemoneye"),
+            _ => std::env::temp_dir().join(format!("daemoneye-{}", uid.as_raw())),
+        };
+        base.join("procmond.sock").to_string_lossy().into_owned()
+    }
+    #[cfg(windows)]
+    {
+        let _ = xdg_runtime_dir;
+        r"\\.\pipe\daemoneye\procmond".to_owned()
+    }
+}
+
+/// One of the eight settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ConfigField {
+    /// `transport`
+    Transport,
+    /// `endpoint_path`
+    EndpointPath,
+    /// `max_frame_bytes`
+    MaxFrameBytes,
+    /// `accept_timeout_ms`
+    AcceptTimeoutMs,
+    /// `read_timeout_ms`
+    ReadTimeoutMs,
+    /// `write_timeout_ms`
+    WriteTimeoutMs,
+    /// `max_connections`
+    MaxConnections,
+    /// `crc32_variant`
+    Crc32Variant,
+}
+
+impl ConfigField {
+    /// Every setting, in the decision record's order.
+    pub const ALL: [ConfigField; 8] = [
+        ConfigField::Transport,
+        ConfigField::EndpointPath,
+        ConfigField::MaxFrameBytes,
+        ConfigField::AcceptTimeoutMs,
+        ConfigField::ReadTimeoutMs,
+        ConfigField::WriteTimeoutMs,
+        ConfigField::MaxConnections,
+        ConfigField::Crc32Variant,
+    ];
+
+    /// The key under `[ipc]`.
+    pub const fn key(self) -> &'static str {
+        match self {
+            ConfigField::Transport => "transport",
+            ConfigField::EndpointPath => "endpoint_path",
+            ConfigField::MaxFrameBytes => "max_frame_bytes",
+            ConfigField::AcceptTimeoutMs => "accept_timeout_ms",
+            ConfigField::ReadTimeoutMs => "read_timeout_ms",
+            ConfigField::WriteTimeoutMs => "write_timeout_ms",
+            ConfigField::MaxConnections => "max_connections",
+            ConfigField::Crc32Variant => "crc32_variant",
+        }
+    }
+
+    /// The environment variable that overrides it, e.g. `DAEMONEYE_IPC_TRANSPORT`.
+    pub fn env_var(self) -> String {
+        format!("{ENV_PREFIX}{}", self.key().to_ascii_uppercase())
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Where a setting's value came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConfigOrigin {
+    /// The built-in default.
+    Default,
+    /// The `[ipc]` table of this file.
+    File(PathBuf),
+    /// This environment variable.
+    Env(String),
+    /// A command-line flag.
+    Flag,
+}
+
+impl fmt::Display for ConfigOrigin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConfigOrigin::Default => f.write_str("default"),
+            ConfigOrigin::File(path) => write!(f, "file {}", path.display()),
+            ConfigOrigin::Env(var) => write!(f, "env {var}"),
+            ConfigOrigin::Flag => f.write_str("command-line flag"),
+        }
+    }
+}
+
+/// A partial set of settings: one layer (file table, environment, flags).
+/// `None` leaves the value of the layer below.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigOverrides {
+    /// See [`IpcConfig::transport`].
+    pub transport: Option<TransportKind>,
+    /// See [`IpcConfig::endpoint_path`].
+    pub endpoint_path: Option<String>,
+    /// See [`IpcConfig::max_frame_bytes`].
+    pub max_frame_bytes: Option<usize>,
+    /// See [`IpcConfig::accept_timeout_ms`].
+    pub accept_timeout_ms: Option<u64>,
+    /// See [`IpcConfig::read_timeout_ms`].
+    pub read_timeout_ms: Option<u64>,
+    /// See [`IpcConfig::write_timeout_ms`].
+    pub write_timeout_ms: Option<u64>,
+    /// See [`IpcConfig::max_connections`].
+    pub max_connections: Option<usize>,
+    /// See [`IpcConfig::crc32_variant`].
+    pub crc32_variant: Option<Crc32Variant>,
+}
+
+impl ConfigOverrides {
+    /// Reads one `DAEMONEYE_IPC_<FIELD>` variable into this layer.
+    fn set_from_env(&mut self, var: &str, value: &str) -> Result<(), IpcError> {
+        let field = ConfigField::ALL
+            .into_iter()
+            .find(|field| field.env_var() == var)
+            .ok_or_else(|| IpcError::UnknownEnvVar {
+                var: var.to_owned(),
+                known: ConfigField::ALL.map(ConfigField::env_var).to_vec(),
+            })?;
+        fn parse<T: FromStr>(var: &str, value: &str, expected: &str) -> Result<T, IpcError> {
+            value.trim().parse().map_err(|_| IpcError::InvalidEnvValue {
+                var: var.to_owned(),
+                value: value.to_owned(),
+                expected: expected.to_owned(),
+            })
+        }
+        const BYTES: &str = "a whole number of bytes";
+        const MILLIS: &str = "a whole number of milliseconds";
+        match field {
+            ConfigField::Transport => {
+                let names = TransportKind::ALL.map(TransportKind::name).join(" or ");
+                self.transport = Some(parse(var, value, &names)?);
+            }
+            ConfigField::EndpointPath => self.endpoint_path = Some(value.to_owned()),
+            ConfigField::MaxFrameBytes => self.max_frame_bytes = Some(parse(var, value, BYTES)?),
+            ConfigField::AcceptTimeoutMs => {
+                self.accept_timeout_ms = Some(parse(var, value, MILLIS)?)
+            }
+            ConfigField::ReadTimeoutMs => self.read_timeout_ms = Some(parse(var, value, MILLIS)?),
+            ConfigField::WriteTimeoutMs => self.write_timeout_ms = Some(parse(var, value, MILLIS)?),
+            ConfigField::MaxConnections => {
+                self.max_connections = Some(parse(var, value, "a whole number of connections")?);
+            }
+            ConfigField::Crc32Variant => {
+                self.crc32_variant = Some(parse(var, value, "ieee or castagnoli")?);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The top level of a config file: our `[ipc]` table, beside tables that
+/// belong to other components.
+#[derive(Deserialize)]
+struct ConfigFile {
+    ipc: Option<ConfigOverrides>,
+    #[serde(flatten)]
+    other: toml::Table,
+}
+
+/// Settings after layering, with the origin of each value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoadedConfig {
+    /// The effective, validated settings.
+    pub config: IpcConfig,
+    origins: [ConfigOrigin; ConfigField::ALL.len()],
+}
+
+impl LoadedConfig {
+    /// Where the value of `field` came from.
+    pub fn origin(&self, field: ConfigField) -> &ConfigOrigin {
+        &self.origins[field.index()]
+    }
+
+    /// The effective config as a TOML document, each value commented with its
+    /// origin. What `daemoneye-ipc config` prints.
+    pub fn to_annotated_toml(&self) -> String {
+        let rows: Vec<(String, String)> = ConfigField::ALL
+            .into_iter()
+            .map(|field| {
+                let assignment = format!("{} = {}", field.key(), self.config.value_as_toml(field));
+                (assignment, self.origin(field).to_string())
+            })
+            .collect();
+        let width = rows
+            .iter()
+            .map(|(assignment, _)| assignment.len())
+            .max()
+            .unwrap_or(0);
+        let mut out = String::from("[ipc]\n");
+        for (assignment, origin) in rows {
+            out.push_str(&format!("{assignment:<width$}  # {origin}\n"));
+        }
+        out
+    }
+}
+
+/// Builds an [`IpcConfig`] from defaults, a file, the environment and flags.
+///
+/// ```
+/// use daemoneye_ipc::config::{ConfigField, ConfigLoader, ConfigOrigin, ConfigOverrides};
+///
+/// let loaded = ConfigLoader::new()
+///     .env([("DAEMONEYE_IPC_MAX_CONNECTIONS", "4")])
+///     .flags(ConfigOverrides { read_timeout_ms: Some(2_000), ..Default::default() })
+///     .load()?;
+/// assert_eq!(loaded.config.max_connections, 4);
+/// assert_eq!(loaded.config.read_timeout_ms, 2_000);
+/// assert_eq!(loaded.origin(ConfigField::WriteTimeoutMs), &ConfigOrigin::Default);
+/// # Ok::<(), daemoneye_ipc::IpcError>(())
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct ConfigLoader {
+    file: Option<PathBuf>,
+    env: Vec<(OsString, OsString)>,
+    flags: ConfigOverrides,
+}
+
+impl ConfigLoader {
+    /// A loader with no file, no environment and no flags: defaults only.
+    pub fn new() -> ConfigLoader {
+        ConfigLoader::default()
+    }
+
+    /// Reads the `[ipc]` table of this TOML file.
+    pub fn file(mut self, path: impl Into<PathBuf>) -> ConfigLoader {
+        self.file = Some(path.into());
+        self
+    }
+
+    /// Uses these variables as the environment (`DAEMONEYE_IPC_*` overrides,
+    /// and `XDG_RUNTIME_DIR` for the default endpoint). Other variables are
+    /// ignored.
+    pub fn env<I, K, V>(mut self, vars: I) -> ConfigLoader
+    where
+        I: IntoIterator<Item = (K, V)>,
+        K: Into<OsString>,
+        V: Into<OsString>,
+    {
+        self.env = vars
+            .into_iter()
+            .map(|(k, v)| (k.into(), v.into()))
+            .collect();
+        self
+    }
+
+    /// Uses this process's environment.
+    pub fn env_from_process(self) -> ConfigLoader {
+        self.env(std::env::vars_os())
+    }
+
+    /// The top layer, usually from command-line flags.
+    pub fn flags(mut self, flags: ConfigOverrides) -> ConfigLoader {
+        self.flags = flags;
+        self
+    }
+
+    /// Layers defaults, file, environment and flags, then validates.
+    pub fn load(self) -> Result<LoadedConfig, IpcError> {
+        let runtime_dir = self
+            .env
+            .iter()
+            .find(|(key, _)| key == "XDG_RUNTIME_DIR")
+            .map(|(_, value)| PathBuf::from(value));
+        let mut loaded = LoadedConfig {
+            config: IpcConfig::defaults_with_runtime_dir(runtime_dir.as_deref()),
+            origins: std::array::from_fn(|_| ConfigOrigin::Default),
+        };
+
+        if let Some(path) = &self.file {
+            let table = read_config_file(path)?;
+            loaded.apply(table, |_| ConfigOrigin::File(path.clone()));
+        }
+
+        let mut env_layer = ConfigOverrides::default();
+        for (key, value) in &self.env {
+            let Some(key) = key.to_str().filter(|key| key.starts_with(ENV_PREFIX)) else {
+                continue;
+            };
+            let value = value.to_str().ok_or_else(|| IpcError::InvalidEnvValue {
+                var: key.to_owned(),
+                value: value.to_string_lossy().into_owned(),
+                expected: "valid UTF-8".to_owned(),
+            })?;
+            env_layer.set_from_env(key, value)?;
+        }
+        loaded.apply(env_layer, |field| ConfigOrigin::Env(field.env_var()));
+
+        loaded.apply(self.flags, |_| ConfigOrigin::Flag);
+
+        loaded
+            .config
+            .validate_with_origins(|field| Some(loaded.origin(field).clone()))?;
+        Ok(loaded)
+    }
+}
+
+impl LoadedConfig {
+    /// Applies one layer, recording `origin(field)` for every value it sets.
+    fn apply(&mut self, layer: ConfigOverrides, origin: impl Fn(ConfigField) -> ConfigOrigin) {
+        macro_rules! take_set_values {
+            ($($key:ident => $field:ident),* $(,)?) => {$(
+                if let Some(value) = layer.$key {
+                    self.config.$key = value;
+                    self.origins[ConfigField::$field.index()] = origin(ConfigField::$field);
+                }
+            )*};
+        }
+        take_set_values!(
+            transport => Transport,
+            endpoint_path => EndpointPath,
+            max_frame_bytes => MaxFrameBytes,
+            accept_timeout_ms => AcceptTimeoutMs,
+            read_timeout_ms => ReadTimeoutMs,
+            write_timeout_ms => WriteTimeoutMs,
+            max_connections => MaxConnections,
+            crc32_variant => Crc32Variant,
+        );
+    }
+}
+
+/// Parses the file and returns its `[ipc]` table (empty if there is none).
+fn read_config_file(path: &Path) -> Result<ConfigOverrides, IpcError> {
+    let text = std::fs::read_to_string(path).map_err(|source| IpcError::ConfigFileUnreadable {
+        path: path.to_owned(),
+        source,
+    })?;
+    let invalid = |message: String| IpcError::ConfigFileInvalid {
+        path: path.to_owned(),
+        message,
+    };
+    let file: ConfigFile = toml::from_str(&text).map_err(|err| {
+        // One line, for logs, quoting the offending line so the key is named:
+        // "line 2, column 19 (`max_connections = "lots"`): invalid type ...".
+        let message = err.message().trim_end();
+        match err.span() {
+            Some(span) => {
+                let before = &text[..span.start.min(text.len())];
+                let line = before.matches('\n').count() + 1;
+                let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+                let source = text.lines().nth(line - 1).unwrap_or_default().trim();
+                invalid(format!(
+                    "line {line}, column {column} (`{source}`): {message}"
+                ))
+            }
+            None => invalid(message.to_owned()),
+        }
+    })?;
+    // Other components' tables may share the file, but a bare key at the top
+    // level is a setting that was meant for [ipc] and would otherwise be
+    // silently ignored.
+    if let Some((key, _)) = file.other.iter().find(|(_, value)| !value.is_table()) {
+        return Err(invalid(format!(
+            "top-level key `{key}` is outside any table; IPC settings go under [ipc]"
+        )));
+    }
+    Ok(file.ipc.unwrap_or_default())
+}

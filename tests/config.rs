@@ -1,0 +1,526 @@
+//! Config layering (defaults < file < environment < flags) and every
+//! validation error's message.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use daemoneye_ipc::config::{
+    ConfigField, ConfigLoader, ConfigOrigin, ConfigOverrides, LoadedConfig,
+};
+use daemoneye_ipc::{Crc32Variant, IpcConfig, IpcError, TransportKind};
+
+fn config_file(contents: &str) -> tempfile::NamedTempFile {
+    let mut file = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+    file.write_all(contents.as_bytes()).unwrap();
+    file
+}
+
+fn load(
+    file: Option<&tempfile::NamedTempFile>,
+    env: &[(&str, &str)],
+    flags: ConfigOverrides,
+) -> Result<LoadedConfig, IpcError> {
+    let mut loader = ConfigLoader::new().env(env.iter().copied()).flags(flags);
+    if let Some(file) = file {
+        loader = loader.file(file.path());
+    }
+    loader.load()
+}
+
+fn load_err(
+    file: Option<&tempfile::NamedTempFile>,
+    env: &[(&str, &str)],
+    flags: ConfigOverrides,
+) -> String {
+    match load(file, env, flags) {
+        Ok(loaded) => panic!("expected an error, loaded {:?}", loaded.config),
+        Err(err) => err.to_string(),
+    }
+}
+
+fn assert_mentions(message: &str, parts: &[&str]) {
+    for part in parts {
+        assert!(
+            message.contains(part),
+            "{message:?} should mention {part:?}"
+        );
+    }
+}
+
+#[test]
+fn defaults_are_the_decision_records() {
+    let loaded = load(None, &[], ConfigOverrides::default()).unwrap();
+    let config = &loaded.config;
+    assert_eq!(config.transport, TransportKind::default_for_build());
+    assert_eq!(config.max_frame_bytes, 1024 * 1024);
+    assert_eq!(config.accept_timeout_ms, 5_000);
+    assert_eq!(config.read_timeout_ms, 30_000);
+    assert_eq!(config.write_timeout_ms, 10_000);
+    assert_eq!(config.max_connections, 16);
+    assert_eq!(config.crc32_variant, Crc32Variant::Ieee);
+    for field in ConfigField::ALL {
+        assert_eq!(loaded.origin(field), &ConfigOrigin::Default, "{field:?}");
+    }
+    assert_eq!(IpcConfig::default().max_frame_bytes, config.max_frame_bytes);
+}
+
+#[cfg(feature = "ipc-interprocess")]
+#[test]
+fn the_default_transport_is_interprocess_when_built_in() {
+    assert_eq!(IpcConfig::default().transport, TransportKind::Interprocess);
+}
+
+#[cfg(unix)]
+#[test]
+fn the_default_endpoint_follows_the_user_and_runtime_dir() {
+    let loaded = load(
+        None,
+        &[("XDG_RUNTIME_DIR", "/run/user/4242")],
+        ConfigOverrides::default(),
+    )
+    .unwrap();
+    if rustix_euid_is_root() {
+        assert_eq!(loaded.config.endpoint_path, "/run/daemoneye/procmond.sock");
+    } else {
+        assert_eq!(
+            loaded.config.endpoint_path,
+            "/run/user/4242/daemoneye/procmond.sock"
+        );
+    }
+}
+
+#[cfg(unix)]
+fn rustix_euid_is_root() -> bool {
+    // The crate computes the default from the effective uid; so does this test,
+    // through the owner of a file it just created.
+    use std::os::unix::fs::MetadataExt;
+    let probe = tempfile::NamedTempFile::new().unwrap();
+    probe.as_file().metadata().unwrap().uid() == 0
+}
+
+#[cfg(windows)]
+#[test]
+fn the_default_endpoint_is_the_procmond_pipe() {
+    assert_eq!(
+        IpcConfig::default().endpoint_path,
+        r"\\.\pipe\daemoneye\procmond"
+    );
+}
+
+#[test]
+fn flags_override_env_which_overrides_the_file_which_overrides_defaults() {
+    let file = config_file(
+        "[ipc]\nmax_connections = 3\nread_timeout_ms = 1111\nwrite_timeout_ms = 2222\ncrc32_variant = \"castagnoli\"\n",
+    );
+    let env = [
+        ("DAEMONEYE_IPC_MAX_CONNECTIONS", "4"),
+        ("DAEMONEYE_IPC_READ_TIMEOUT_MS", "3333"),
+        ("UNRELATED_VARIABLE", "ignored"),
+    ];
+    let flags = ConfigOverrides {
+        max_connections: Some(5),
+        endpoint_path: Some("/tmp/flag.sock".into()),
+        ..Default::default()
+    };
+    let loaded = load(Some(&file), &env, flags).unwrap();
+    let config = &loaded.config;
+
+    assert_eq!(config.max_connections, 5, "flag beats env and file");
+    assert_eq!(
+        loaded.origin(ConfigField::MaxConnections),
+        &ConfigOrigin::Flag
+    );
+    assert_eq!(config.endpoint_path, "/tmp/flag.sock");
+    assert_eq!(
+        loaded.origin(ConfigField::EndpointPath),
+        &ConfigOrigin::Flag
+    );
+
+    assert_eq!(config.read_timeout_ms, 3333, "env beats file");
+    assert_eq!(
+        loaded.origin(ConfigField::ReadTimeoutMs),
+        &ConfigOrigin::Env("DAEMONEYE_IPC_READ_TIMEOUT_MS".into())
+    );
+
+    assert_eq!(config.write_timeout_ms, 2222, "file beats default");
+    assert_eq!(config.crc32_variant, Crc32Variant::Castagnoli);
+    let from_file = ConfigOrigin::File(PathBuf::from(file.path()));
+    assert_eq!(loaded.origin(ConfigField::WriteTimeoutMs), &from_file);
+    assert_eq!(loaded.origin(ConfigField::Crc32Variant), &from_file);
+
+    assert_eq!(config.accept_timeout_ms, 5_000);
+    assert_eq!(
+        loaded.origin(ConfigField::AcceptTimeoutMs),
+        &ConfigOrigin::Default
+    );
+
+    let annotated = loaded.to_annotated_toml();
+    assert_mentions(
+        &annotated,
+        &[
+            "[ipc]",
+            "max_connections = 5",
+            "# command-line flag",
+            "# env DAEMONEYE_IPC_READ_TIMEOUT_MS",
+        ],
+    );
+    let has_line = |start: &str, end: &str| {
+        annotated
+            .lines()
+            .any(|l| l.starts_with(start) && l.ends_with(end))
+    };
+    assert!(
+        has_line(
+            "write_timeout_ms = 2222 ",
+            &format!("# file {}", file.path().display())
+        ),
+        "{annotated}"
+    );
+    assert!(
+        has_line("accept_timeout_ms = 5000 ", "# default"),
+        "{annotated}"
+    );
+}
+
+#[test]
+fn the_annotated_output_is_itself_a_valid_config_file() {
+    let loaded = load(
+        None,
+        &[("DAEMONEYE_IPC_MAX_CONNECTIONS", "7")],
+        ConfigOverrides::default(),
+    )
+    .unwrap();
+    let file = config_file(&loaded.to_annotated_toml());
+    let reloaded = load(Some(&file), &[], ConfigOverrides::default()).unwrap();
+    assert_eq!(reloaded.config, loaded.config);
+}
+
+#[test]
+fn every_setting_can_come_from_the_environment() {
+    let transport = TransportKind::default_for_build().name();
+    let env = [
+        ("DAEMONEYE_IPC_TRANSPORT", transport),
+        ("DAEMONEYE_IPC_ENDPOINT_PATH", "/tmp/env.sock"),
+        ("DAEMONEYE_IPC_MAX_FRAME_BYTES", "65536"),
+        ("DAEMONEYE_IPC_ACCEPT_TIMEOUT_MS", "11"),
+        ("DAEMONEYE_IPC_READ_TIMEOUT_MS", "22"),
+        ("DAEMONEYE_IPC_WRITE_TIMEOUT_MS", "33"),
+        ("DAEMONEYE_IPC_MAX_CONNECTIONS", "44"),
+        ("DAEMONEYE_IPC_CRC32_VARIANT", "Castagnoli"),
+    ];
+    let loaded = load(None, &env, ConfigOverrides::default()).unwrap();
+    let expected = IpcConfig {
+        transport: TransportKind::default_for_build(),
+        endpoint_path: "/tmp/env.sock".into(),
+        max_frame_bytes: 65536,
+        accept_timeout_ms: 11,
+        read_timeout_ms: 22,
+        write_timeout_ms: 33,
+        max_connections: 44,
+        crc32_variant: Crc32Variant::Castagnoli,
+    };
+    assert_eq!(loaded.config, expected);
+    for field in ConfigField::ALL {
+        assert_eq!(loaded.origin(field), &ConfigOrigin::Env(field.env_var()));
+    }
+}
+
+#[test]
+fn other_components_tables_may_share_the_file_and_ipc_may_be_absent() {
+    let file = config_file("[collector]\nscan_interval_ms = 500\n[collector.nested]\nx = 1\n");
+    let loaded = load(Some(&file), &[], ConfigOverrides::default()).unwrap();
+    assert_eq!(loaded.config.max_connections, 16);
+}
+
+// ---- every error message ------------------------------------------------
+
+#[test]
+fn an_unknown_key_in_the_file_is_named() {
+    let file = config_file("[ipc]\nmax_conections = 4\n");
+    let message = load_err(Some(&file), &[], ConfigOverrides::default());
+    assert_mentions(
+        &message,
+        &[
+            "invalid config file",
+            &file.path().display().to_string(),
+            "max_conections",
+            "max_connections",
+        ],
+    );
+}
+
+#[test]
+fn a_bare_top_level_key_is_refused() {
+    let file = config_file("transport = \"tokio\"\n");
+    let message = load_err(Some(&file), &[], ConfigOverrides::default());
+    assert_mentions(&message, &["top-level key `transport`", "under [ipc]"]);
+}
+
+#[test]
+fn a_value_of_the_wrong_type_is_named() {
+    let file = config_file("[ipc]\nmax_connections = \"lots\"\n");
+    let message = load_err(Some(&file), &[], ConfigOverrides::default());
+    assert_mentions(&message, &["max_connections", "lots"]);
+}
+
+#[test]
+fn broken_toml_is_reported_with_the_file() {
+    let file = config_file("[ipc\n");
+    let message = load_err(Some(&file), &[], ConfigOverrides::default());
+    assert_mentions(
+        &message,
+        &["invalid config file", &file.path().display().to_string()],
+    );
+}
+
+#[test]
+fn a_missing_file_is_named() {
+    let message = ConfigLoader::new()
+        .file("/nonexistent/daemoneye.toml")
+        .load()
+        .unwrap_err()
+        .to_string();
+    assert_mentions(
+        &message,
+        &[
+            "cannot read config file /nonexistent/daemoneye.toml",
+            "--config",
+        ],
+    );
+}
+
+#[test]
+fn an_unknown_transport_lists_the_known_ones() {
+    let file = config_file("[ipc]\ntransport = \"carrier-pigeon\"\n");
+    let message = load_err(Some(&file), &[], ConfigOverrides::default());
+    assert_mentions(
+        &message,
+        &[
+            "unknown transport \"carrier-pigeon\"",
+            "interprocess, tokio",
+        ],
+    );
+
+    let message = load_err(
+        None,
+        &[("DAEMONEYE_IPC_TRANSPORT", "legacy")],
+        ConfigOverrides::default(),
+    );
+    assert_mentions(
+        &message,
+        &[
+            "DAEMONEYE_IPC_TRANSPORT=\"legacy\"",
+            "interprocess or tokio",
+        ],
+    );
+}
+
+#[cfg(not(feature = "ipc-interprocess"))]
+#[test]
+fn a_transport_not_built_in_is_refused_with_the_available_list() {
+    let message = load_err(
+        None,
+        &[("DAEMONEYE_IPC_TRANSPORT", "interprocess")],
+        ConfigOverrides::default(),
+    );
+    assert_mentions(
+        &message,
+        &[
+            "transport \"interprocess\" (from env DAEMONEYE_IPC_TRANSPORT) is not compiled into this build",
+            "available: tokio",
+            "ipc-interprocess",
+        ],
+    );
+}
+
+#[cfg(not(feature = "ipc-tokio"))]
+#[test]
+fn a_transport_not_built_in_is_refused_with_the_available_list() {
+    let flags = ConfigOverrides {
+        transport: Some(TransportKind::Tokio),
+        ..Default::default()
+    };
+    let message = load_err(None, &[], flags);
+    assert_mentions(
+        &message,
+        &[
+            "transport \"tokio\" (from command-line flag) is not compiled into this build",
+            "available: interprocess",
+            "ipc-tokio",
+        ],
+    );
+}
+
+#[test]
+fn an_unknown_crc_variant_names_the_valid_ones() {
+    let file = config_file("[ipc]\ncrc32_variant = \"adler\"\n");
+    let message = load_err(Some(&file), &[], ConfigOverrides::default());
+    assert_mentions(
+        &message,
+        &["unknown crc32 variant \"adler\"", "ieee", "castagnoli"],
+    );
+
+    let message = load_err(
+        None,
+        &[("DAEMONEYE_IPC_CRC32_VARIANT", "crc64")],
+        ConfigOverrides::default(),
+    );
+    assert_mentions(
+        &message,
+        &[
+            "DAEMONEYE_IPC_CRC32_VARIANT=\"crc64\"",
+            "ieee or castagnoli",
+        ],
+    );
+}
+
+#[test]
+fn an_unknown_environment_variable_is_named() {
+    let message = load_err(
+        None,
+        &[("DAEMONEYE_IPC_MAX_CONECTIONS", "4")],
+        ConfigOverrides::default(),
+    );
+    assert_mentions(
+        &message,
+        &[
+            "unknown environment variable DAEMONEYE_IPC_MAX_CONECTIONS",
+            "DAEMONEYE_IPC_MAX_CONNECTIONS",
+        ],
+    );
+}
+
+#[test]
+fn a_non_numeric_environment_value_is_named() {
+    let message = load_err(
+        None,
+        &[("DAEMONEYE_IPC_READ_TIMEOUT_MS", "30s")],
+        ConfigOverrides::default(),
+    );
+    assert_mentions(
+        &message,
+        &[
+            "DAEMONEYE_IPC_READ_TIMEOUT_MS=\"30s\"",
+            "whole number of milliseconds",
+        ],
+    );
+}
+
+fn flag_err(flags: ConfigOverrides) -> String {
+    load_err(None, &[], flags)
+}
+
+#[test]
+fn max_frame_bytes_must_fit_a_u32_and_carry_an_error_answer() {
+    let message = flag_err(ConfigOverrides {
+        max_frame_bytes: Some(0),
+        ..Default::default()
+    });
+    assert_mentions(
+        &message,
+        &[
+            "invalid ipc.max_frame_bytes = 0 (from command-line flag)",
+            "between 1024 and 4294967295",
+        ],
+    );
+
+    #[cfg(target_pointer_width = "64")]
+    {
+        let too_big = u32::MAX as usize + 1;
+        let message = load_err(
+            None,
+            &[("DAEMONEYE_IPC_MAX_FRAME_BYTES", &too_big.to_string())],
+            ConfigOverrides::default(),
+        );
+        assert_mentions(
+            &message,
+            &[
+                "max_frame_bytes = 4294967296 (from env DAEMONEYE_IPC_MAX_FRAME_BYTES)",
+                "u32",
+            ],
+        );
+    }
+}
+
+#[test]
+fn max_connections_must_be_at_least_one_and_sane() {
+    let file = config_file("[ipc]\nmax_connections = 0\n");
+    let message = load_err(Some(&file), &[], ConfigOverrides::default());
+    assert_mentions(
+        &message,
+        &[
+            "invalid ipc.max_connections = 0",
+            &format!("(from file {})", file.path().display()),
+            "between 1 and 65536",
+        ],
+    );
+
+    let message = flag_err(ConfigOverrides {
+        max_connections: Some(1_000_000),
+        ..Default::default()
+    });
+    assert_mentions(
+        &message,
+        &["max_connections = 1000000", "between 1 and 65536"],
+    );
+}
+
+#[test]
+fn every_timeout_must_be_positive_and_under_a_day() {
+    for (flags, key) in [
+        (
+            ConfigOverrides {
+                accept_timeout_ms: Some(0),
+                ..Default::default()
+            },
+            "accept_timeout_ms = 0",
+        ),
+        (
+            ConfigOverrides {
+                read_timeout_ms: Some(0),
+                ..Default::default()
+            },
+            "read_timeout_ms = 0",
+        ),
+        (
+            ConfigOverrides {
+                write_timeout_ms: Some(0),
+                ..Default::default()
+            },
+            "write_timeout_ms = 0",
+        ),
+        (
+            ConfigOverrides {
+                read_timeout_ms: Some(86_400_001),
+                ..Default::default()
+            },
+            "read_timeout_ms = 86400001",
+        ),
+    ] {
+        let message = flag_err(flags);
+        assert_mentions(&message, &[key, "between 1 and 86400000 milliseconds"]);
+    }
+}
+
+#[test]
+fn the_endpoint_must_not_be_empty() {
+    let message = flag_err(ConfigOverrides {
+        endpoint_path: Some("  ".into()),
+        ..Default::default()
+    });
+    assert_mentions(&message, &["invalid ipc.endpoint_path", "non-empty"]);
+}
+
+#[test]
+fn validate_checks_a_config_built_in_code() {
+    let config = IpcConfig {
+        max_connections: 0,
+        ..IpcConfig::default()
+    };
+    let message = config.validate().unwrap_err().to_string();
+    assert_eq!(
+        message,
+        "invalid ipc.max_connections = 0: must be between 1 and 65536"
+    );
+    assert!(IpcConfig::default().validate().is_ok());
+}
