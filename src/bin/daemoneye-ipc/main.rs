@@ -1,0 +1,127 @@
+//! `daemoneye-ipc`: the operator's command line for the DaemonEye IPC layer.
+//!
+//! Exit codes: 0 success, 1 the operation failed (I/O, the peer, the
+//! handler), 2 bad usage or configuration.
+
+mod config_cmd;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use daemoneye_ipc::config::{ConfigLoader, ConfigOverrides, LoadedConfig};
+use daemoneye_ipc::{Crc32Variant, IpcError, TransportKind};
+
+/// Exit code for an operation that failed at run time.
+const EXIT_FAILURE: u8 = 1;
+/// Exit code for bad usage or an invalid configuration (clap uses it too).
+const EXIT_USAGE: u8 = 2;
+
+#[derive(Parser)]
+#[command(
+    name = "daemoneye-ipc",
+    version,
+    about = "DaemonEye collector/agent IPC over local sockets"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print the effective configuration and where each value came from.
+    Config(config_cmd::ConfigCmd),
+}
+
+/// The settings every subcommand accepts. Flags override `DAEMONEYE_IPC_*`
+/// environment variables, which override the `[ipc]` table of `--config`.
+#[derive(Args, Debug, Clone, Default)]
+struct ConfigArgs {
+    /// TOML file whose [ipc] table holds the settings.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Unix socket path or Windows pipe name.
+    #[arg(long, value_name = "PATH")]
+    endpoint: Option<String>,
+    /// Backend: interprocess or tokio (those compiled into this build).
+    #[arg(long, value_name = "T")]
+    transport: Option<TransportKind>,
+    /// Frame checksum: ieee or castagnoli.
+    #[arg(long, value_name = "ieee|castagnoli")]
+    crc32: Option<Crc32Variant>,
+    /// Connections served at once.
+    #[arg(long, value_name = "N")]
+    max_connections: Option<usize>,
+    /// Server: how long an excess connection waits for a slot; client: how
+    /// long to keep trying to connect.
+    #[arg(long, value_name = "N")]
+    accept_timeout_ms: Option<u64>,
+    /// Deadline for a whole frame once it starts, and the idle limit.
+    #[arg(long, value_name = "N")]
+    read_timeout_ms: Option<u64>,
+    /// Deadline for writing one frame.
+    #[arg(long, value_name = "N")]
+    write_timeout_ms: Option<u64>,
+    /// Largest message body in bytes.
+    #[arg(long, value_name = "N")]
+    max_frame_bytes: Option<usize>,
+}
+
+impl ConfigArgs {
+    /// Layers defaults, the file, the process environment and these flags.
+    fn load(&self) -> Result<LoadedConfig, IpcError> {
+        let flags = ConfigOverrides {
+            transport: self.transport,
+            endpoint_path: self.endpoint.clone(),
+            max_frame_bytes: self.max_frame_bytes,
+            accept_timeout_ms: self.accept_timeout_ms,
+            read_timeout_ms: self.read_timeout_ms,
+            write_timeout_ms: self.write_timeout_ms,
+            max_connections: self.max_connections,
+            crc32_variant: self.crc32,
+        };
+        let mut loader = ConfigLoader::new().env_from_process().flags(flags);
+        if let Some(path) = &self.config {
+            loader = loader.file(path);
+        }
+        loader.load()
+    }
+}
+
+/// A failure, and the exit code it maps to.
+struct Failure {
+    code: u8,
+    message: String,
+}
+
+impl Failure {
+    fn usage(err: impl std::fmt::Display) -> Failure {
+        Failure {
+            code: EXIT_USAGE,
+            message: err.to_string(),
+        }
+    }
+
+    #[allow(dead_code)] // Used by the subcommands that talk to a peer.
+    fn runtime(err: impl std::fmt::Display) -> Failure {
+        Failure {
+            code: EXIT_FAILURE,
+            message: err.to_string(),
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let outcome = match cli.command {
+        Command::Config(cmd) => cmd.run(),
+    };
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => {
+            eprintln!("daemoneye-ipc: {}", failure.message);
+            ExitCode::from(failure.code)
+        }
+    }
+}

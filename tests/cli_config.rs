@@ -1,0 +1,110 @@
+//! `daemoneye-ipc config`, run as a real process: the effective settings with
+//! their origins, and exit code 2 with a one-line reason for bad settings.
+
+use std::io::Write;
+use std::process::{Command, Output};
+
+fn daemoneye_ipc() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_daemoneye-ipc"));
+    // Start from a clean slate whatever the CI environment carries.
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("DAEMONEYE_IPC_") {
+            command.env_remove(key);
+        }
+    }
+    command
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8(output.stdout.clone()).unwrap()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8(output.stderr.clone()).unwrap()
+}
+
+#[test]
+fn config_prints_each_value_with_its_origin() {
+    let mut file = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+    writeln!(file, "[ipc]\nread_timeout_ms = 1234\nmax_connections = 3").unwrap();
+
+    let output = daemoneye_ipc()
+        .args(["config", "--config"])
+        .arg(file.path())
+        .args(["--max-connections", "9", "--crc32", "castagnoli"])
+        .env("DAEMONEYE_IPC_WRITE_TIMEOUT_MS", "777")
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+    let text = stdout(&output);
+    let line = |key: &str| {
+        text.lines()
+            .find(|line| line.starts_with(&format!("{key} = ")))
+            .unwrap_or_else(|| panic!("no {key} line in:\n{text}"))
+            .to_owned()
+    };
+    assert!(
+        line("max_connections").starts_with("max_connections = 9 "),
+        "{text}"
+    );
+    assert!(
+        line("max_connections").ends_with("# command-line flag"),
+        "{text}"
+    );
+    assert!(
+        line("crc32_variant").starts_with("crc32_variant = \"castagnoli\""),
+        "{text}"
+    );
+    assert!(
+        line("write_timeout_ms").ends_with("# env DAEMONEYE_IPC_WRITE_TIMEOUT_MS"),
+        "{text}"
+    );
+    assert!(
+        line("read_timeout_ms").starts_with("read_timeout_ms = 1234 "),
+        "{text}"
+    );
+    assert!(
+        line("read_timeout_ms").ends_with(&format!("# file {}", file.path().display())),
+        "{text}"
+    );
+    assert!(line("accept_timeout_ms").ends_with("# default"), "{text}");
+    assert!(text.starts_with("[ipc]\n"), "{text}");
+}
+
+#[test]
+fn invalid_settings_exit_2_with_one_line_naming_the_problem() {
+    let output = daemoneye_ipc()
+        .args(["config", "--max-connections", "0"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let message = stderr(&output);
+    assert_eq!(message.lines().count(), 1, "{message}");
+    assert!(
+        message.contains("invalid ipc.max_connections = 0 (from command-line flag)"),
+        "{message}"
+    );
+
+    let output = daemoneye_ipc()
+        .arg("config")
+        .env("DAEMONEYE_IPC_TRANSPROT", "tokio")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        stderr(&output).contains("unknown environment variable DAEMONEYE_IPC_TRANSPROT"),
+        "{}",
+        stderr(&output)
+    );
+
+    let output = daemoneye_ipc()
+        .args(["config", "--transport", "legacy"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        stderr(&output).contains("unknown transport \"legacy\""),
+        "{}",
+        stderr(&output)
+    );
+}
