@@ -166,10 +166,246 @@ pub enum IpcError {
         requirement: String,
     },
 
+    // ---- endpoints --------------------------------------------------------
+    /// A Linux abstract-namespace socket name was given.
+    #[error(
+        "endpoint {name:?} is an abstract-namespace socket name; those are refused because they carry \
+         no file permissions (any process in the network namespace could connect). Use a filesystem \
+         path such as /run/daemoneye/procmond.sock"
+    )]
+    AbstractSocketRefused {
+        /// The name given.
+        name: String,
+    },
+
+    /// A Unix socket path longer than the platform's `sun_path` allows.
+    #[error(
+        "endpoint path {} is {length} bytes; Unix socket paths are limited to {limit} bytes on this \
+         platform. Choose a shorter path",
+        path.display()
+    )]
+    EndpointPathTooLong {
+        /// The path.
+        path: PathBuf,
+        /// Its length in bytes.
+        length: usize,
+        /// The platform limit.
+        limit: usize,
+    },
+
+    /// A Windows pipe name that points at another machine, or at no pipe.
+    #[error(
+        "endpoint {name:?} is not a local named pipe; give a name such as daemoneye\\procmond or \
+         \\\\.\\pipe\\daemoneye\\procmond (remote pipes are refused: this transport is local only)"
+    )]
+    NotALocalPipe {
+        /// The name given.
+        name: String,
+    },
+
+    /// The directory that holds the socket is not private to this user.
+    #[error(
+        "refusing to use directory {} (mode {mode:04o}, owner uid {owner}): the socket's directory must \
+         be owned by uid {expected_owner} or root and not writable by group or others. Fix it with \
+         `chmod 700` and `chown`, or choose another --endpoint",
+        dir.display()
+    )]
+    UnsafeEndpointDirectory {
+        /// The directory.
+        dir: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+        /// Its owner.
+        owner: u32,
+        /// The uid that should own it (the server's effective uid).
+        expected_owner: u32,
+    },
+
+    /// Something other than a socket is at the endpoint path.
+    #[error(
+        "{} exists and is a {kind}, not a socket; refusing to remove it. Move it away or choose \
+         another --endpoint",
+        path.display()
+    )]
+    NotASocket {
+        /// The path.
+        path: PathBuf,
+        /// What is there ("regular file", "directory", ...).
+        kind: &'static str,
+    },
+
+    /// A symbolic link is at the endpoint path.
+    #[error(
+        "{} is a symbolic link; refusing to follow or remove it (a link could redirect the socket \
+         elsewhere). Remove the link or choose another --endpoint",
+        path.display()
+    )]
+    SymlinkAtEndpoint {
+        /// The path.
+        path: PathBuf,
+    },
+
+    /// Another server answers at the endpoint.
+    #[error(
+        "endpoint {endpoint} is in use by a running server; stop that server first or choose another \
+         --endpoint"
+    )]
+    EndpointInUse {
+        /// The endpoint.
+        endpoint: String,
+    },
+
+    /// The socket file did not come out owner-only.
+    #[error(
+        "socket {} was created with mode {mode:04o} and owner uid {owner}, not 0600 and uid \
+         {expected_owner}; refusing to serve on it",
+        path.display()
+    )]
+    InsecureSocket {
+        /// The socket path.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+        /// Its owner.
+        owner: u32,
+        /// The uid that should own it.
+        expected_owner: u32,
+    },
+
+    /// Preparing the endpoint (directory, stale socket, permissions) failed.
+    #[error("cannot prepare endpoint {endpoint}: {action} failed: {source}")]
+    EndpointIo {
+        /// The endpoint.
+        endpoint: String,
+        /// What was being done ("create directory /run/daemoneye", ...).
+        action: String,
+        /// The OS error.
+        source: io::Error,
+    },
+
+    /// Binding the listener failed.
+    #[error("cannot listen on {endpoint} with transport {transport}: {source}")]
+    Bind {
+        /// The endpoint.
+        endpoint: String,
+        /// The transport.
+        transport: &'static str,
+        /// The OS error.
+        source: io::Error,
+    },
+
+    // ---- client -----------------------------------------------------------
+    /// No server answered within the connect deadline.
+    #[error(
+        "no server answered at {endpoint} within {waited_ms} ms (transport {transport}; last attempt: \
+         {last_error}); is the collector running, and is --endpoint right?"
+    )]
+    ConnectTimeout {
+        /// The endpoint.
+        endpoint: String,
+        /// The transport.
+        transport: &'static str,
+        /// How long the client kept trying.
+        waited_ms: u64,
+        /// Why the last attempt failed.
+        last_error: String,
+    },
+
+    /// Connecting failed for a reason that retrying will not fix.
+    #[error("cannot connect to {endpoint} with transport {transport}: {source}")]
+    Connect {
+        /// The endpoint.
+        endpoint: String,
+        /// The transport.
+        transport: &'static str,
+        /// The OS error.
+        source: io::Error,
+    },
+
+    /// A task was sent without a `task_id`.
+    #[error(
+        "refusing to send a task with an empty task_id: the id is what matches the result to the request"
+    )]
+    EmptyTaskId,
+
+    /// A task was sent with the id of a task still in flight on this client.
+    #[error(
+        "task_id {task_id:?} is already in flight on this client; ids must be unique among outstanding \
+         tasks, so wait for the first result or pick another id"
+    )]
+    DuplicateTaskId {
+        /// The id.
+        task_id: String,
+    },
+
+    /// The connection dropped while a task was in flight.
+    #[error(
+        "connection to {endpoint} lost while task {task_id:?} was in flight ({reason}); the task may or \
+         may not have run. The next send reconnects"
+    )]
+    ConnectionLost {
+        /// The endpoint.
+        endpoint: String,
+        /// The task that got no answer.
+        task_id: String,
+        /// What ended the connection.
+        reason: String,
+    },
+
+    /// No answer arrived within the read deadline.
+    #[error(
+        "no result for task {task_id:?} from {endpoint} within {waited_ms} ms (read_timeout_ms); the \
+         collector is overloaded or stuck"
+    )]
+    ResponseTimeout {
+        /// The endpoint.
+        endpoint: String,
+        /// The task.
+        task_id: String,
+        /// How long the client waited.
+        waited_ms: u64,
+    },
+
+    // ---- deadlines on a connection ------------------------------------------
+    /// A frame did not arrive whole within the read deadline, or the
+    /// connection sat idle past it.
+    #[error("{}", describe_read_timeout(*waited_ms, *received))]
+    ReadTimeout {
+        /// The deadline that passed.
+        waited_ms: u64,
+        /// Bytes of the unfinished frame that had arrived (0: the connection was idle).
+        received: usize,
+    },
+
+    /// A frame could not be written within the write deadline.
+    #[error(
+        "writing a {length}-byte frame took longer than {waited_ms} ms (write_timeout_ms); the peer is \
+         not reading"
+    )]
+    WriteTimeout {
+        /// The deadline that passed.
+        waited_ms: u64,
+        /// Frame size, header included.
+        length: usize,
+    },
+
     // ---- I/O ------------------------------------------------------------
     /// An I/O error while reading or writing frames.
     #[error("I/O error on the IPC connection: {0}")]
     Io(#[from] io::Error),
+}
+
+fn describe_read_timeout(waited_ms: u64, received: usize) -> String {
+    if received == 0 {
+        format!(
+            "connection idle for {waited_ms} ms (read_timeout_ms) with nothing in flight; closing it"
+        )
+    } else {
+        format!(
+            "a frame started arriving but was not complete within {waited_ms} ms (read_timeout_ms; \
+             {received} bytes arrived); the peer is stalled or trickling bytes"
+        )
+    }
 }
 
 fn origin_suffix(origin: Option<&ConfigOrigin>) -> String {

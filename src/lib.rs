@@ -46,8 +46,39 @@
 //! # Ok::<(), daemoneye_ipc::IpcError>(())
 //! ```
 //!
+//! A collector serves tasks and an agent sends them; both ends pick their
+//! backend from [`IpcConfig::transport`]:
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use daemoneye_ipc::{DetectionResult, DetectionTask, IpcClient, IpcConfig, IpcServer};
+//!
+//! # async fn demo() -> Result<(), daemoneye_ipc::IpcError> {
+//! let config = IpcConfig {
+//!     endpoint_path: "/run/daemoneye/procmond.sock".into(),
+//!     ..IpcConfig::default()
+//! };
+//! let server = IpcServer::bind(config.clone(), |task: DetectionTask| async move {
+//!     DetectionResult { task_id: task.task_id, success: true, ..Default::default() }
+//! })
+//! .await?;
+//!
+//! let client = IpcClient::new(config)?;
+//! let result = client.send(DetectionTask { task_id: "t1".into(), ..Default::default() }).await?;
+//! assert!(result.success);
+//! server.shutdown(Duration::from_secs(5)).await;
+//! # Ok(()) }
+//! ```
+//!
 //! # Where things are
 //!
+//! * [`server`]: [`IpcServer`], the collector's side: accept loop,
+//!   connection limit, peer checks, deadlines, graceful shutdown.
+//! * [`client`]: [`IpcClient`], the agent's side: connect with retry,
+//!   concurrent sends correlated by `task_id`.
+//! * [`endpoint`]: endpoint names and the Unix socket-file hardening every
+//!   backend shares.
+//! * [`telemetry`]: the server counters, [`ServerStats`].
 //! * [`frame`]: the sans-I/O wire format and its tokio-util codecs.
 //! * [`config`]: [`IpcConfig`], its defaults, layering (file, environment,
 //!   flags) and validation.
@@ -63,6 +94,9 @@
 //! At least one backend feature is required.
 
 #![warn(missing_docs)]
+// The only unsafe code is Windows FFI the Tokio backend cannot avoid
+// (src/transport/pipe_security.rs), allowed there and nowhere else.
+#![deny(unsafe_code)]
 
 #[cfg(not(any(feature = "ipc-interprocess", feature = "ipc-tokio")))]
 compile_error!(
@@ -73,12 +107,23 @@ compile_error!(
 #[cfg(not(any(unix, windows)))]
 compile_error!("daemoneye-ipc supports Unix (Linux, macOS, the BSDs) and Windows only");
 
+mod backoff;
+pub mod client;
 pub mod config;
+pub mod endpoint;
 pub mod error;
 pub mod frame;
+mod framed_io;
 pub mod proto;
+pub mod server;
+pub mod telemetry;
+mod transport;
 
+pub use client::IpcClient;
 pub use config::{IpcConfig, TransportKind};
 pub use error::IpcError;
 pub use frame::{Crc32Variant, FrameSettings};
 pub use proto::{DetectionResult, DetectionTask, ProcessRecord, TaskType};
+pub use server::{IpcServer, TaskHandler};
+pub use telemetry::ServerStats;
+pub use transport::PeerCredentials;

@@ -1,0 +1,83 @@
+//! Endpoint names and the filesystem hardening around them.
+//!
+//! An [`Endpoint`] is the validated form of `ipc.endpoint_path`:
+//!
+//! * Unix: an absolute socket path. Abstract-namespace names (`@name`) are
+//!   refused: they carry no file permissions. Before binding, the server makes
+//!   the parent directory private (0700, owned by us), removes a stale socket
+//!   left by a crash (only after probing that no server answers), and refuses
+//!   symlinks and non-socket files. After binding it checks the socket came
+//!   out 0600 and removes it again when the server goes away.
+//! * Windows: a local named pipe, `\\.\pipe\NAME`; the prefix is optional on
+//!   input ([`pipe_name`]). The pipe's security descriptor admits only its
+//!   owner, SYSTEM and Administrators ([`PIPE_SDDL`]).
+//!
+//! Every backend binds the same [`Endpoint`] with the same protections.
+
+pub mod pipe_name;
+#[cfg(unix)]
+pub(crate) mod unix;
+
+use std::fmt;
+#[cfg(unix)]
+use std::path::{Path, PathBuf};
+
+use crate::error::IpcError;
+
+/// The security descriptor of every pipe the server creates, in SDDL:
+/// a protected DACL (`P`, nothing inherited) granting full access (`GA`) to
+/// the pipe's owner (`OW`), LocalSystem (`SY`) and the built-in
+/// Administrators (`BA`), and nothing to anyone else.
+pub const PIPE_SDDL: &str = "D:P(A;;GA;;;OW)(A;;GA;;;SY)(A;;GA;;;BA)";
+
+/// A validated endpoint: a Unix socket path or a local Windows pipe name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    #[cfg(unix)]
+    path: PathBuf,
+    #[cfg(windows)]
+    pipe: String,
+}
+
+impl Endpoint {
+    /// Validates `ipc.endpoint_path` for this platform.
+    ///
+    /// Unix: refuses abstract names and over-long paths; a relative path is
+    /// made absolute against the current directory. Windows: accepts
+    /// `NAME` or `\\.\pipe\NAME`, refuses remote and non-pipe paths.
+    pub fn parse(endpoint_path: &str) -> Result<Endpoint, IpcError> {
+        #[cfg(unix)]
+        {
+            unix::parse(endpoint_path).map(|path| Endpoint { path })
+        }
+        #[cfg(windows)]
+        {
+            pipe_name::normalize(endpoint_path).map(|pipe| Endpoint { pipe })
+        }
+    }
+
+    /// The socket path.
+    #[cfg(unix)]
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The full pipe name, `\\.\pipe\...`.
+    #[cfg(windows)]
+    pub fn pipe_name(&self) -> &str {
+        &self.pipe
+    }
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        #[cfg(unix)]
+        {
+            write!(f, "{}", self.path.display())
+        }
+        #[cfg(windows)]
+        {
+            f.write_str(&self.pipe)
+        }
+    }
+}

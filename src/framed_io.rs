@@ -1,0 +1,172 @@
+//! Whole messages over a byte stream, with deadlines: the I/O loop around the
+//! frame codec, shared by the server and the client.
+//!
+//! The read side keeps one buffer per connection and reads into its spare
+//! capacity (no zero-filling, no second copy); the decoder takes frames off
+//! the front. The write side encodes each message into one reused buffer and
+//! writes it whole, so a frame never goes out in pieces the application
+//! chose.
+
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::time::Instant;
+use tokio_util::codec::{Decoder, Encoder};
+
+use crate::error::IpcError;
+use crate::frame::codec::MessageCodec;
+use crate::frame::{FrameSettings, HEADER_LEN};
+
+/// Read buffer set aside per connection before the first read.
+const INITIAL_READ_CAPACITY: usize = 8 * 1024;
+
+/// Reads messages of type `In`, enforcing the read deadline.
+#[derive(Debug)]
+pub(crate) struct FrameReader<R, In> {
+    io: R,
+    codec: MessageCodec<(), In>,
+    buf: BytesMut,
+    /// When the first byte of the frame in progress arrived.
+    frame_started: Option<Instant>,
+    frame_timeout: Duration,
+    /// Every byte read so far, for telemetry.
+    bytes_read: u64,
+}
+
+impl<R: AsyncRead + Unpin, In: prost::Message + Default> FrameReader<R, In> {
+    /// `frame_timeout` bounds each frame from its first byte to its last.
+    pub(crate) fn new(io: R, settings: FrameSettings, frame_timeout: Duration) -> Self {
+        FrameReader {
+            io,
+            codec: MessageCodec::new(settings),
+            buf: BytesMut::with_capacity(INITIAL_READ_CAPACITY),
+            frame_started: None,
+            frame_timeout,
+            bytes_read: 0,
+        }
+    }
+
+    /// Total bytes read from the stream.
+    pub(crate) fn bytes_read(&self) -> u64 {
+        self.bytes_read
+    }
+
+    /// The next message, or `None` when the peer closed the stream between
+    /// frames.
+    ///
+    /// While no frame is in progress the wait ends at `idle_deadline`
+    /// (`None`: no limit), which callers set `frame_timeout` after the last
+    /// activity. Once a frame's first byte has arrived, the whole
+    /// frame must arrive within `frame_timeout` of it, however the bytes are
+    /// spaced. Cancel-safe: bytes already read stay buffered.
+    pub(crate) async fn next(
+        &mut self,
+        idle_deadline: Option<Instant>,
+    ) -> Result<Option<In>, IpcError> {
+        loop {
+            if let Some(message) = self.codec.decode(&mut self.buf)? {
+                // Bytes left over belong to the next frame, which has begun.
+                self.frame_started = (!self.buf.is_empty()).then(Instant::now);
+                return Ok(Some(message));
+            }
+            let deadline = match self.frame_started {
+                Some(started) => Some(started + self.frame_timeout),
+                None => idle_deadline,
+            };
+            let read = self.io.read_buf(&mut self.buf);
+            let count = match deadline {
+                Some(deadline) => match tokio::time::timeout_at(deadline, read).await {
+                    Ok(count) => count?,
+                    Err(_elapsed) => return Err(self.timed_out()),
+                },
+                None => read.await?,
+            };
+            if count == 0 {
+                return self.codec.decode_eof(&mut self.buf);
+            }
+            self.bytes_read += count as u64;
+            if self.frame_started.is_none() {
+                self.frame_started = Some(Instant::now());
+            }
+        }
+    }
+
+    /// Both limits are `read_timeout_ms`: the idle window the caller passes
+    /// and the per-frame deadline, so either expiry reports that duration.
+    fn timed_out(&self) -> IpcError {
+        let received = match self.frame_started {
+            Some(_) => {
+                self.buf.len()
+                    + if self.codec.is_mid_frame() {
+                        HEADER_LEN
+                    } else {
+                        0
+                    }
+            }
+            None => 0,
+        };
+        IpcError::ReadTimeout {
+            waited_ms: self.frame_timeout.as_millis() as u64,
+            received,
+        }
+    }
+}
+
+/// Writes messages of type `Out`, each as one buffer, within the write
+/// deadline.
+#[derive(Debug)]
+pub(crate) struct FrameWriter<W, Out> {
+    io: W,
+    codec: MessageCodec<Out, ()>,
+    buf: BytesMut,
+    write_timeout: Duration,
+    /// Set while a frame is being written. Still set at the next send means
+    /// that write was cancelled part-way: the stream is no longer aligned on
+    /// frames and must not be used.
+    writing: bool,
+}
+
+impl<W: AsyncWrite + Unpin, Out: prost::Message> FrameWriter<W, Out> {
+    pub(crate) fn new(io: W, settings: FrameSettings, write_timeout: Duration) -> Self {
+        FrameWriter {
+            io,
+            codec: MessageCodec::new(settings),
+            buf: BytesMut::new(),
+            write_timeout,
+            writing: false,
+        }
+    }
+
+    /// Encodes `message` and writes the frame. Returns the frame's size.
+    ///
+    /// A message over `max_frame_bytes` fails with
+    /// [`IpcError::MessageTooLarge`] before anything is written, and the
+    /// stream stays usable. Any other error leaves the stream unusable.
+    pub(crate) async fn send(&mut self, message: &Out) -> Result<usize, IpcError> {
+        if self.writing {
+            return Err(IpcError::Io(std::io::Error::new(
+                std::io::ErrorKind::BrokenPipe,
+                "an earlier write was abandoned part-way through a frame",
+            )));
+        }
+        self.buf.clear();
+        self.codec.encode(message, &mut self.buf)?;
+        let length = self.buf.len();
+        self.writing = true;
+        match tokio::time::timeout(self.write_timeout, self.io.write_all(&self.buf)).await {
+            Ok(written) => written?,
+            Err(_elapsed) => {
+                return Err(IpcError::WriteTimeout {
+                    waited_ms: self.write_timeout.as_millis() as u64,
+                    length,
+                });
+            }
+        }
+        // Every backend's flush is a no-op or cheap; calling it keeps a
+        // buffering writer (should one ever be used) correct.
+        self.io.flush().await?;
+        self.writing = false;
+        Ok(length)
+    }
+}

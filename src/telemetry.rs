@@ -1,0 +1,139 @@
+//! Server counters: updated lock-free on the hot path, read as a consistent
+//! enough [`ServerStats`] snapshot by [`IpcServer::stats`](crate::IpcServer::stats).
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use serde::Serialize;
+
+use crate::error::IpcError;
+
+/// A snapshot of a server's counters since it started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct ServerStats {
+    /// The backend serving (`interprocess`, `tokio`).
+    pub transport: &'static str,
+    /// Connections handed over by the OS, whether served or rejected.
+    pub accepted: u64,
+    /// Connections closed because no slot freed within `accept_timeout_ms`.
+    pub rejected_limit: u64,
+    /// Connections refused because of the peer's credentials.
+    pub rejected_peer: u64,
+    /// Connections being served now.
+    pub active: u64,
+    /// Frames received (tasks).
+    pub frames_in: u64,
+    /// Frames sent (results).
+    pub frames_out: u64,
+    /// Bytes received, headers included.
+    pub bytes_in: u64,
+    /// Bytes sent, headers included.
+    pub bytes_out: u64,
+    /// Frames whose checksum did not match.
+    pub crc_errors: u64,
+    /// Frames whose header announced more than `max_frame_bytes`.
+    pub oversize_frames: u64,
+    /// Frames that passed the checksum but were not a `DetectionTask`.
+    pub malformed_frames: u64,
+    /// Connections that ended in the middle of a frame.
+    pub truncated_frames: u64,
+    /// Connections closed for a read deadline (idle or a slow frame).
+    pub read_timeouts: u64,
+    /// Connections closed for a write deadline.
+    pub write_timeouts: u64,
+    /// Results too large for `max_frame_bytes`, answered with an error instead.
+    pub oversize_results: u64,
+    /// Tasks whose handler panicked (answered with an error result).
+    pub handler_errors: u64,
+    /// Failed `accept` calls (each followed by a backoff).
+    pub accept_errors: u64,
+}
+
+/// The live counters behind [`ServerStats`].
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) accepted: AtomicU64,
+    pub(crate) rejected_limit: AtomicU64,
+    pub(crate) rejected_peer: AtomicU64,
+    pub(crate) active: AtomicU64,
+    pub(crate) frames_in: AtomicU64,
+    pub(crate) frames_out: AtomicU64,
+    pub(crate) bytes_in: AtomicU64,
+    pub(crate) bytes_out: AtomicU64,
+    pub(crate) crc_errors: AtomicU64,
+    pub(crate) oversize_frames: AtomicU64,
+    pub(crate) malformed_frames: AtomicU64,
+    pub(crate) truncated_frames: AtomicU64,
+    pub(crate) read_timeouts: AtomicU64,
+    pub(crate) write_timeouts: AtomicU64,
+    pub(crate) oversize_results: AtomicU64,
+    pub(crate) handler_errors: AtomicU64,
+    pub(crate) accept_errors: AtomicU64,
+}
+
+/// Adds one.
+pub(crate) fn bump(counter: &AtomicU64) {
+    counter.fetch_add(1, Relaxed);
+}
+
+/// Adds `n`.
+pub(crate) fn add(counter: &AtomicU64, n: u64) {
+    counter.fetch_add(n, Relaxed);
+}
+
+impl Counters {
+    pub(crate) fn snapshot(&self, transport: &'static str) -> ServerStats {
+        let get = |counter: &AtomicU64| counter.load(Relaxed);
+        ServerStats {
+            transport,
+            accepted: get(&self.accepted),
+            rejected_limit: get(&self.rejected_limit),
+            rejected_peer: get(&self.rejected_peer),
+            active: get(&self.active),
+            frames_in: get(&self.frames_in),
+            frames_out: get(&self.frames_out),
+            bytes_in: get(&self.bytes_in),
+            bytes_out: get(&self.bytes_out),
+            crc_errors: get(&self.crc_errors),
+            oversize_frames: get(&self.oversize_frames),
+            malformed_frames: get(&self.malformed_frames),
+            truncated_frames: get(&self.truncated_frames),
+            read_timeouts: get(&self.read_timeouts),
+            write_timeouts: get(&self.write_timeouts),
+            oversize_results: get(&self.oversize_results),
+            handler_errors: get(&self.handler_errors),
+            accept_errors: get(&self.accept_errors),
+        }
+    }
+
+    /// Counts the error that ended a connection under its kind. Returns
+    /// false for errors that are not the peer's fault (plain I/O).
+    pub(crate) fn count_connection_error(&self, error: &IpcError) -> bool {
+        let counter = match error {
+            IpcError::ChecksumMismatch { .. } => &self.crc_errors,
+            IpcError::FrameTooLarge { .. } => &self.oversize_frames,
+            IpcError::MalformedMessage { .. } => &self.malformed_frames,
+            IpcError::TruncatedFrame { .. } => &self.truncated_frames,
+            IpcError::ReadTimeout { .. } => &self.read_timeouts,
+            IpcError::WriteTimeout { .. } => &self.write_timeouts,
+            _ => return false,
+        };
+        bump(counter);
+        true
+    }
+}
+
+/// Keeps `active` right however a connection ends.
+pub(crate) struct ActiveConnection<'a>(&'a Counters);
+
+impl<'a> ActiveConnection<'a> {
+    pub(crate) fn enter(counters: &'a Counters) -> Self {
+        bump(&counters.active);
+        ActiveConnection(counters)
+    }
+}
+
+impl Drop for ActiveConnection<'_> {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Relaxed);
+    }
+}
