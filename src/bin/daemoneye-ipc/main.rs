@@ -3,7 +3,11 @@
 //! Exit codes: 0 success, 1 the operation failed (I/O, the peer, the
 //! handler), 2 bad usage or configuration.
 
+mod collector;
 mod config_cmd;
+mod ping;
+mod send;
+mod serve;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -30,6 +34,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run a collector: answer detection tasks until SIGINT or SIGTERM.
+    Serve(serve::ServeCmd),
+    /// Send one task to a collector and print the result as JSON.
+    Send(send::SendCmd),
+    /// Connect, make one round trip, and print the latency.
+    Ping(ping::PingCmd),
     /// Print the effective configuration and where each value came from.
     Config(config_cmd::ConfigCmd),
 }
@@ -103,7 +113,6 @@ impl Failure {
         }
     }
 
-    #[allow(dead_code)] // Used by the subcommands that talk to a peer.
     fn runtime(err: impl std::fmt::Display) -> Failure {
         Failure {
             code: EXIT_FAILURE,
@@ -114,7 +123,11 @@ impl Failure {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    init_logging(matches!(cli.command, Command::Serve(_)));
     let outcome = match cli.command {
+        Command::Serve(cmd) => runtime().and_then(|rt| rt.block_on(cmd.run())),
+        Command::Send(cmd) => runtime().and_then(|rt| rt.block_on(cmd.run())),
+        Command::Ping(cmd) => runtime().and_then(|rt| rt.block_on(cmd.run())),
         Command::Config(cmd) => cmd.run(),
     };
     match outcome {
@@ -124,4 +137,25 @@ fn main() -> ExitCode {
             ExitCode::from(failure.code)
         }
     }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|err| Failure::runtime(format!("cannot start the async runtime: {err}")))
+}
+
+/// Logs go to stderr, filtered by `RUST_LOG`; the default is `info` for a
+/// server and `warn` for one-shot commands, whose stdout is their answer.
+fn init_logging(server: bool) {
+    use std::io::IsTerminal;
+    let default = if server { "info" } else { "warn" };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
 }

@@ -1,0 +1,117 @@
+//! `daemoneye-ipc send`: one task, its result as JSON on stdout.
+//!
+//! Exit 0 whenever a result came back (check its `success` field); a failure
+//! to get one (no server, a deadline, a lost connection) is one line on
+//! stderr naming the endpoint and the cause, and exit 1.
+
+use clap::{Args, ValueEnum};
+use daemoneye_ipc::proto::{HashCheck, ProcessFilter};
+use daemoneye_ipc::{DetectionTask, IpcClient, TaskType};
+
+use crate::{ConfigArgs, Failure};
+
+#[derive(Args)]
+pub struct SendCmd {
+    #[command(flatten)]
+    settings: ConfigArgs,
+    /// Correlation id of the task; the result carries it back.
+    #[arg(long, value_name = "ID")]
+    task_id: String,
+    /// What to ask for. Default: check-process-hash when --hash-path is
+    /// given, enumerate-processes otherwise.
+    #[arg(long, value_enum, value_name = "TYPE")]
+    task_type: Option<TaskTypeArg>,
+    /// Only these process ids (repeatable).
+    #[arg(long = "pid", value_name = "N")]
+    pids: Vec<u32>,
+    /// Only processes with this name (repeatable).
+    #[arg(long = "name", value_name = "NAME")]
+    names: Vec<String>,
+    /// Only processes whose executable path matches (`*`, `?` wildcards).
+    #[arg(long, value_name = "PATTERN")]
+    executable_pattern: Option<String>,
+    /// File to hash for check-process-hash.
+    #[arg(long, value_name = "P")]
+    hash_path: Option<String>,
+    /// Expected SHA-256 (hex) of --hash-path.
+    #[arg(long, value_name = "H", requires = "hash_path")]
+    expected_hash: Option<String>,
+    /// Free-form metadata passed along with the task.
+    #[arg(long, value_name = "TEXT")]
+    metadata: Option<String>,
+}
+
+/// Task types by their proto names, in kebab case.
+#[derive(Clone, Copy, ValueEnum)]
+enum TaskTypeArg {
+    EnumerateProcesses,
+    CheckProcessHash,
+    MonitorProcessTree,
+    VerifyExecutable,
+    MonitorNetworkConnections,
+    TrackFileOperations,
+    CollectPerformanceMetrics,
+}
+
+impl From<TaskTypeArg> for TaskType {
+    fn from(arg: TaskTypeArg) -> TaskType {
+        match arg {
+            TaskTypeArg::EnumerateProcesses => TaskType::EnumerateProcesses,
+            TaskTypeArg::CheckProcessHash => TaskType::CheckProcessHash,
+            TaskTypeArg::MonitorProcessTree => TaskType::MonitorProcessTree,
+            TaskTypeArg::VerifyExecutable => TaskType::VerifyExecutable,
+            TaskTypeArg::MonitorNetworkConnections => TaskType::MonitorNetworkConnections,
+            TaskTypeArg::TrackFileOperations => TaskType::TrackFileOperations,
+            TaskTypeArg::CollectPerformanceMetrics => TaskType::CollectPerformanceMetrics,
+        }
+    }
+}
+
+impl SendCmd {
+    fn task(&self) -> Result<DetectionTask, Failure> {
+        let task_type = match self.task_type {
+            Some(explicit) => TaskType::from(explicit),
+            None if self.hash_path.is_some() => TaskType::CheckProcessHash,
+            None => TaskType::EnumerateProcesses,
+        };
+        let filters_given =
+            !self.pids.is_empty() || !self.names.is_empty() || self.executable_pattern.is_some();
+        if filters_given && task_type != TaskType::EnumerateProcesses {
+            return Err(Failure::usage(
+                "--pid, --name and --executable-pattern only apply to --task-type enumerate-processes",
+            ));
+        }
+        if self.hash_path.is_some() && task_type != TaskType::CheckProcessHash {
+            return Err(Failure::usage(
+                "--hash-path only applies to --task-type check-process-hash",
+            ));
+        }
+        Ok(DetectionTask {
+            task_id: self.task_id.clone(),
+            task_type: task_type.into(),
+            process_filter: filters_given.then(|| ProcessFilter {
+                process_names: self.names.clone(),
+                pids: self.pids.clone(),
+                executable_pattern: self.executable_pattern.clone(),
+            }),
+            hash_check: self.hash_path.clone().map(|executable_path| HashCheck {
+                expected_hash: self.expected_hash.clone().unwrap_or_default(),
+                hash_algorithm: "sha256".to_owned(),
+                executable_path,
+            }),
+            metadata: self.metadata.clone(),
+        })
+    }
+
+    pub async fn run(self) -> Result<(), Failure> {
+        let task = self.task()?;
+        let config = self.settings.load().map_err(Failure::usage)?.config;
+        let client = IpcClient::new(config).map_err(Failure::usage)?;
+        let result = client.send(task).await.map_err(|err| {
+            Failure::runtime(format!("send to {} failed: {err}", client.endpoint()))
+        })?;
+        let json = serde_json::to_string_pretty(&result).map_err(Failure::runtime)?;
+        println!("{json}");
+        Ok(())
+    }
+}
