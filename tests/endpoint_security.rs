@@ -1,0 +1,281 @@
+//! Unix endpoint hardening, with a real server process: a private directory,
+//! an owner-only socket, stale sockets recovered, nothing else touched.
+#![cfg(unix)]
+
+mod support;
+
+use std::fs;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt, symlink};
+use std::process::Output;
+
+use support::*;
+
+fn mode(path: &std::path::Path) -> u32 {
+    fs::symlink_metadata(path).unwrap().mode() & 0o7777
+}
+
+fn serve_once(endpoint: &str) -> Output {
+    daemoneye_ipc()
+        .args(["serve", "--endpoint", endpoint])
+        .output()
+        .unwrap()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[test]
+fn the_directory_is_created_0700_and_the_socket_is_0600() {
+    for transport in transports() {
+        let endpoint = Endpoint::fresh();
+        let _server = ServerProcess::start(&endpoint.name, transport, &[]);
+        let socket = endpoint.path();
+        assert_eq!(
+            mode(socket.parent().unwrap()),
+            0o700,
+            "{transport}: directory mode"
+        );
+        assert!(
+            fs::symlink_metadata(socket)
+                .unwrap()
+                .file_type()
+                .is_socket()
+        );
+        assert_eq!(mode(socket), 0o600, "{transport}: socket mode");
+        assert_eq!(
+            fs::metadata(socket).unwrap().uid(),
+            rustix::process::geteuid().as_raw()
+        );
+    }
+}
+
+#[test]
+fn a_world_writable_parent_directory_is_refused() {
+    let endpoint = Endpoint::fresh();
+    let dir = endpoint.path().parent().unwrap();
+    fs::create_dir(dir).unwrap();
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o777)).unwrap();
+    let output = serve_once(&endpoint.name);
+    assert_eq!(output.status.code(), Some(1));
+    let message = stderr(&output);
+    assert!(
+        message.contains(&format!("refusing to use directory {}", dir.display())),
+        "{message}"
+    );
+    assert!(message.contains("mode 0777"), "{message}");
+    assert!(!endpoint.path().exists(), "nothing was bound");
+}
+
+#[test]
+fn a_group_writable_parent_directory_is_refused_but_a_private_one_is_kept() {
+    let endpoint = Endpoint::fresh();
+    let dir = endpoint.path().parent().unwrap();
+    fs::create_dir(dir).unwrap();
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o770)).unwrap();
+    let message = stderr(&serve_once(&endpoint.name));
+    assert!(message.contains("mode 0770"), "{message}");
+
+    // An existing 0750 directory (not writable by others) is acceptable as is.
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o750)).unwrap();
+    let _server = ServerProcess::start(&endpoint.name, transports()[0], &[]);
+    assert_eq!(
+        mode(dir),
+        0o750,
+        "the server does not change an acceptable directory"
+    );
+}
+
+#[test]
+fn a_symlink_at_the_socket_path_is_refused_and_not_followed() {
+    let endpoint = Endpoint::fresh();
+    let dir = endpoint.path().parent().unwrap();
+    fs::create_dir(dir).unwrap();
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).unwrap();
+    let target = endpoint.dir.path().join("elsewhere.sock");
+    symlink(&target, endpoint.path()).unwrap();
+
+    let output = serve_once(&endpoint.name);
+    assert_eq!(output.status.code(), Some(1));
+    let message = stderr(&output);
+    assert!(
+        message.contains("is a symbolic link; refusing to follow or remove it"),
+        "{message}"
+    );
+    assert!(
+        fs::symlink_metadata(endpoint.path())
+            .unwrap()
+            .file_type()
+            .is_symlink(),
+        "link left alone"
+    );
+    assert!(!target.exists(), "nothing was created through the link");
+}
+
+#[test]
+fn a_regular_file_at_the_socket_path_is_refused_and_left_untouched() {
+    let endpoint = Endpoint::fresh();
+    fs::create_dir(endpoint.path().parent().unwrap()).unwrap();
+    fs::write(endpoint.path(), b"precious").unwrap();
+
+    let output = serve_once(&endpoint.name);
+    assert_eq!(output.status.code(), Some(1));
+    let message = stderr(&output);
+    assert!(
+        message.contains("exists and is a regular file, not a socket; refusing to remove it"),
+        "{message}"
+    );
+    assert_eq!(fs::read(endpoint.path()).unwrap(), b"precious");
+}
+
+#[test]
+fn an_abstract_namespace_name_is_refused_with_the_reason() {
+    let output = serve_once("@daemoneye-procmond");
+    assert_eq!(output.status.code(), Some(1));
+    let message = stderr(&output);
+    assert!(message.contains("abstract-namespace"), "{message}");
+    assert!(message.contains("no file permissions"), "{message}");
+}
+
+#[test]
+fn a_second_server_on_a_live_endpoint_is_refused() {
+    for transport in transports() {
+        let endpoint = Endpoint::fresh();
+        let first = ServerProcess::start(&endpoint.name, transport, &[]);
+        for second_transport in transports() {
+            let output = daemoneye_ipc()
+                .args([
+                    "serve",
+                    "--endpoint",
+                    &endpoint.name,
+                    "--transport",
+                    second_transport.name(),
+                ])
+                .output()
+                .unwrap();
+            assert_eq!(
+                output.status.code(),
+                Some(1),
+                "{transport} then {second_transport}"
+            );
+            let message = stderr(&output);
+            assert!(
+                message.contains("is in use by a running server"),
+                "{message}"
+            );
+        }
+        // The first server is unharmed: its socket is still there and answers.
+        let client = daemoneye_ipc::IpcClient::new(first.client_config(transport)).unwrap();
+        assert!(
+            block_on(client.send(quick_task("still-alive")))
+                .unwrap()
+                .success
+        );
+    }
+}
+
+#[test]
+fn a_stale_socket_left_by_kill_9_is_recovered() {
+    for transport in transports() {
+        let endpoint = Endpoint::fresh();
+        let mut crashed = ServerProcess::start(&endpoint.name, transport, &[]);
+        crashed.kill();
+        assert!(
+            fs::symlink_metadata(endpoint.path())
+                .unwrap()
+                .file_type()
+                .is_socket(),
+            "SIGKILL leaves the socket file behind"
+        );
+        let mut restarted = ServerProcess::start(&endpoint.name, transport, &[]);
+        assert!(
+            restarted.logs().contains("removed a stale socket"),
+            "{}",
+            restarted.logs()
+        );
+        let client = daemoneye_ipc::IpcClient::new(restarted.client_config(transport)).unwrap();
+        assert!(
+            block_on(client.send(quick_task("after-crash")))
+                .unwrap()
+                .success
+        );
+        assert!(restarted.terminate().success());
+    }
+}
+
+#[test]
+fn sigterm_exits_0_and_removes_the_socket() {
+    for transport in transports() {
+        let endpoint = Endpoint::fresh();
+        let mut server = ServerProcess::start(&endpoint.name, transport, &[]);
+        assert!(endpoint.path().exists());
+        let status = server.terminate();
+        assert_eq!(status.code(), Some(0), "{transport}: {}", server.logs());
+        assert!(
+            !endpoint.path().exists(),
+            "{transport}: socket removed on clean shutdown"
+        );
+        assert!(
+            endpoint.path().parent().unwrap().exists(),
+            "the directory stays"
+        );
+    }
+}
+
+/// Peer credentials are checked even if the socket's mode is loosened by
+/// mistake: a client running as another uid is refused, and admitted only
+/// once allowed with --allow-uid. Needs root, to run the client as `nobody`.
+#[test]
+fn peers_of_another_uid_are_refused_unless_allowed() {
+    assert!(
+        rustix::process::geteuid().is_root(),
+        "this test runs a client as uid 65534 and so must run as root"
+    );
+    const NOBODY: u32 = 65534;
+    for allow in [false, true] {
+        let endpoint = Endpoint::fresh();
+        let dir = endpoint.path().parent().unwrap();
+        fs::create_dir(dir).unwrap();
+        // Traversable by nobody, writable only by us: acceptable to the server.
+        for traversed in [endpoint.dir.path(), dir] {
+            fs::set_permissions(traversed, fs::Permissions::from_mode(0o711)).unwrap();
+        }
+        let nobody = NOBODY.to_string();
+        let args: &[&str] = if allow {
+            &["--allow-uid", &nobody]
+        } else {
+            &[]
+        };
+        let mut server = ServerProcess::start(&endpoint.name, transports()[0], args);
+        fs::set_permissions(endpoint.path(), fs::Permissions::from_mode(0o666)).unwrap();
+
+        let output = {
+            use std::os::unix::process::CommandExt;
+            daemoneye_ipc()
+                .args([
+                    "send",
+                    "--endpoint",
+                    &endpoint.name,
+                    "--task-id",
+                    "from-nobody",
+                ])
+                .uid(NOBODY)
+                .gid(NOBODY)
+                .output()
+                .unwrap()
+        };
+        if allow {
+            assert!(output.status.success(), "allowed uid: {}", stderr(&output));
+        } else {
+            assert_eq!(
+                output.status.code(),
+                Some(1),
+                "refused uid must not get a result"
+            );
+            assert!(output.stdout.is_empty());
+            server.wait_for_log("peer rejected", 1);
+            let logs = server.logs();
+            assert!(logs.contains("peer uid 65534 is not allowed"), "{logs}");
+        }
+    }
+}

@@ -1,0 +1,217 @@
+//! Hostile and broken input against a real server process: each bad
+//! connection is closed alone, nothing grows toward what a header claims,
+//! and slow or partial frames are cut at the read deadline.
+
+mod support;
+
+use std::time::Duration;
+
+use daemoneye_ipc::DetectionTask;
+use daemoneye_ipc::frame::{FrameHeader, HEADER_LEN};
+use support::*;
+
+const READ_TIMEOUT_MS: u64 = 1000;
+
+fn server() -> (Endpoint, ServerProcess) {
+    let endpoint = Endpoint::fresh();
+    let timeout = READ_TIMEOUT_MS.to_string();
+    let server = ServerProcess::start(
+        &endpoint.name,
+        transports()[0],
+        &["--read-timeout-ms", &timeout],
+    );
+    (endpoint, server)
+}
+
+/// A second connection that must keep working while another misbehaves.
+async fn assert_bystander_served(server: &ServerProcess, id: &str) {
+    let mut bystander = RawClient::connect(&server.endpoint).await;
+    bystander
+        .write(&frame_bytes(&quick_task(id)))
+        .await
+        .unwrap();
+    let answer = bystander.read_result(PATIENCE).await;
+    assert_eq!(answer.task_id, id);
+}
+
+#[test]
+fn a_checksum_mismatch_closes_only_that_connection() {
+    let (_endpoint, mut server) = server();
+    block_on(async {
+        let mut bystander = RawClient::connect(&server.endpoint).await;
+        let mut bad = RawClient::connect(&server.endpoint).await;
+        let mut frame = frame_bytes(&quick_task("corrupt"));
+        let last = frame.len() - 1;
+        frame[last] ^= 0x01;
+        bad.write(&frame).await.unwrap();
+        assert_eq!(
+            bad.read_reply(PATIENCE).await,
+            None,
+            "closed without an answer"
+        );
+
+        bystander
+            .write(&frame_bytes(&quick_task("bystander")))
+            .await
+            .unwrap();
+        assert_eq!(bystander.read_result(PATIENCE).await.task_id, "bystander");
+        assert_bystander_served(&server, "newcomer").await;
+    });
+    server.wait_for_log("frame checksum mismatch", 1);
+    assert!(
+        server.logs().contains("closing connection"),
+        "{}",
+        server.logs()
+    );
+}
+
+#[test]
+fn an_oversize_header_closes_the_connection_without_growing_memory() {
+    let (_endpoint, mut server) = server();
+    block_on(async {
+        assert_bystander_served(&server, "warm-up").await;
+        #[cfg(target_os = "linux")]
+        let rss_before = rss_bytes(server.pid());
+        let mut hostile = RawClient::connect(&server.endpoint).await;
+        let header = FrameHeader {
+            length: u32::MAX - 1,
+            checksum: 0,
+        };
+        hostile.write(&header.to_bytes()).await.unwrap();
+        assert_eq!(hostile.read_reply(PATIENCE).await, None);
+        #[cfg(target_os = "linux")]
+        {
+            let grown = rss_bytes(server.pid()).saturating_sub(rss_before);
+            assert!(
+                grown < 8 << 20,
+                "server RSS grew by {grown} bytes after a 4 GiB claim"
+            );
+        }
+        assert_bystander_served(&server, "after").await;
+    });
+    server.wait_for_log("over the limit max_frame_bytes = 1048576", 1);
+}
+
+#[test]
+fn an_undecodable_message_closes_the_connection() {
+    let (_endpoint, mut server) = server();
+    block_on(async {
+        let mut bad = RawClient::connect(&server.endpoint).await;
+        // Field 1 as a length-delimited string claiming 100 bytes, with 1.
+        let body = [0x0a, 100, b'x'];
+        let header = FrameHeader::for_body(&body, daemoneye_ipc::Crc32Variant::Ieee).unwrap();
+        let mut frame = header.to_bytes().to_vec();
+        frame.extend_from_slice(&body);
+        bad.write(&frame).await.unwrap();
+        assert_eq!(bad.read_reply(PATIENCE).await, None);
+        assert_bystander_served(&server, "after").await;
+    });
+    server.wait_for_log("is not a valid DetectionTask", 1);
+}
+
+#[test]
+fn a_zero_length_frame_is_answered() {
+    let (_endpoint, server) = server();
+    block_on(async {
+        let mut client = RawClient::connect(&server.endpoint).await;
+        client.write(&[0; HEADER_LEN]).await.unwrap();
+        // An all-default task: enumerate every process, with an empty id.
+        let answer = client.read_result(PATIENCE).await;
+        assert_eq!(answer.task_id, "");
+        assert!(answer.success);
+        assert!(!answer.processes.is_empty());
+        assert_eq!(DetectionTask::default().task_id, answer.task_id);
+    });
+}
+
+#[test]
+fn a_frame_written_one_byte_at_a_time_is_answered() {
+    let (_endpoint, server) = server();
+    block_on(async {
+        let mut client = RawClient::connect(&server.endpoint).await;
+        for byte in frame_bytes(&quick_task("fragmented")) {
+            client.write(&[byte]).await.unwrap();
+            tokio::task::yield_now().await;
+        }
+        let answer = client.read_result(PATIENCE).await;
+        assert_eq!(answer.task_id, "fragmented");
+        assert!(answer.success);
+    });
+}
+
+#[test]
+fn a_trickled_frame_is_cut_at_the_read_deadline() {
+    let (_endpoint, mut server) = server();
+    block_on(async {
+        let mut slow = RawClient::connect(&server.endpoint).await;
+        let frame = frame_bytes(&quick_task("trickle-trickle-trickle"));
+        // One byte every 100 ms would take several seconds; the deadline
+        // counts from the first byte, so steady progress does not extend it.
+        let started = tokio::time::Instant::now();
+        let mut ticks = tokio::time::interval(Duration::from_millis(100));
+        let mut cut = false;
+        for byte in &frame {
+            ticks.tick().await;
+            if slow.write(&[*byte]).await.is_err() {
+                cut = true;
+                break;
+            }
+            if started.elapsed() > Duration::from_millis(READ_TIMEOUT_MS * 3) {
+                break;
+            }
+        }
+        let waited = if cut {
+            started.elapsed()
+        } else {
+            started.elapsed() + slow.closed_within(PATIENCE).await
+        };
+        assert!(
+            waited < Duration::from_millis(READ_TIMEOUT_MS * 3),
+            "cut after {waited:?}; the frame would have taken {} ms",
+            frame.len() * 100
+        );
+        assert!(
+            waited >= Duration::from_millis(READ_TIMEOUT_MS - 100),
+            "cut too early: {waited:?}"
+        );
+        assert_bystander_served(&server, "after").await;
+    });
+    server.wait_for_log("not complete within 1000 ms", 1);
+}
+
+#[test]
+fn a_partial_header_is_cut_at_the_read_deadline() {
+    let (_endpoint, mut server) = server();
+    block_on(async {
+        let mut stalled = RawClient::connect(&server.endpoint).await;
+        stalled.write(&[1, 0, 0]).await.unwrap();
+        let waited = stalled.closed_within(PATIENCE).await;
+        assert!(
+            waited >= Duration::from_millis(READ_TIMEOUT_MS - 100),
+            "cut too early: {waited:?}"
+        );
+        assert!(
+            waited < Duration::from_millis(READ_TIMEOUT_MS * 3),
+            "cut too late: {waited:?}"
+        );
+    });
+    server.wait_for_log("3 bytes arrived", 1);
+}
+
+#[test]
+fn an_idle_connection_is_closed_after_the_read_timeout() {
+    let (_endpoint, mut server) = server();
+    block_on(async {
+        let mut idle = RawClient::connect(&server.endpoint).await;
+        idle.write(&frame_bytes(&quick_task("then-nothing")))
+            .await
+            .unwrap();
+        assert_eq!(idle.read_result(PATIENCE).await.task_id, "then-nothing");
+        let waited = idle.closed_within(PATIENCE).await;
+        assert!(
+            waited >= Duration::from_millis(READ_TIMEOUT_MS - 200),
+            "closed too early: {waited:?}"
+        );
+    });
+    server.wait_for_log("connection idle for 1000 ms", 1);
+}

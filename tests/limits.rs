@@ -1,0 +1,138 @@
+//! `max_connections` with a real server: excess clients wait for a slot up to
+//! `accept_timeout_ms`, then are closed; a slot frees when a client leaves.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::*;
+
+async fn served_client(endpoint: &str, id: &str) -> RawClient {
+    let mut client = RawClient::connect(endpoint).await;
+    client.write(&frame_bytes(&quick_task(id))).await.unwrap();
+    assert_eq!(client.read_result(PATIENCE).await.task_id, id);
+    client
+}
+
+#[test]
+fn a_third_client_is_not_served_while_two_are_held_and_is_closed_after_the_accept_timeout() {
+    let endpoint = Endpoint::fresh();
+    let mut server = ServerProcess::start(
+        &endpoint.name,
+        transports()[0],
+        &["--max-connections", "2", "--accept-timeout-ms", "1000"],
+    );
+    block_on(async {
+        let _first = served_client(&server.endpoint, "first").await;
+        let _second = served_client(&server.endpoint, "second").await;
+
+        let mut third = RawClient::connect(&server.endpoint).await;
+        let started = tokio::time::Instant::now();
+        third
+            .write(&frame_bytes(&quick_task("third")))
+            .await
+            .unwrap();
+        assert_eq!(
+            third.read_reply(PATIENCE).await,
+            None,
+            "closed, never answered"
+        );
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_millis(900),
+            "closed before accept_timeout_ms: {waited:?}"
+        );
+    });
+    server.wait_for_log("no connection slot freed in time", 1);
+}
+
+#[test]
+fn a_waiting_client_is_served_as_soon_as_a_slot_frees() {
+    let endpoint = Endpoint::fresh();
+    let server = ServerProcess::start(
+        &endpoint.name,
+        transports()[0],
+        &["--max-connections", "2", "--accept-timeout-ms", "15000"],
+    );
+    block_on(async {
+        let first = served_client(&server.endpoint, "first").await;
+        let _second = served_client(&server.endpoint, "second").await;
+
+        let mut third = RawClient::connect(&server.endpoint).await;
+        third
+            .write(&frame_bytes(&quick_task("third")))
+            .await
+            .unwrap();
+        drop(first);
+        let answer = third.read_result(PATIENCE).await;
+        assert_eq!(answer.task_id, "third");
+    });
+}
+
+/// With its file descriptors exhausted, the server's accept fails again and
+/// again (the connection stays queued): it must back off between attempts,
+/// not spin, and recover once descriptors free up.
+#[cfg(target_os = "linux")]
+#[test]
+fn accept_errors_back_off_instead_of_spinning_and_recover() {
+    use rustix::process::{Pid, Resource, Rlimit, prlimit};
+
+    let endpoint = Endpoint::fresh();
+    let mut server = ServerProcess::start(&endpoint.name, transports()[0], &[]);
+    let pid = Pid::from_raw(server.pid() as i32).unwrap();
+    let open_fds = std::fs::read_dir(format!("/proc/{}/fd", server.pid()))
+        .unwrap()
+        .count() as u64;
+    let hard_limit = std::fs::read_to_string(format!("/proc/{}/limits", server.pid()))
+        .unwrap()
+        .lines()
+        .find(|line| line.starts_with("Max open files"))
+        .and_then(|line| line.split_whitespace().nth(4)?.parse().ok());
+    // Lower only the soft limit, to what is open now: the next accept fails.
+    let original = prlimit(
+        Some(pid),
+        Resource::Nofile,
+        Rlimit {
+            current: Some(open_fds),
+            maximum: hard_limit,
+        },
+    )
+    .unwrap();
+    block_on(async {
+        let mut starved = RawClient::connect(&server.endpoint).await;
+        starved
+            .write(&frame_bytes(&quick_task("starved")))
+            .await
+            .unwrap();
+
+        let failures = |server: &ServerProcess| server.logs().matches("accept failed").count();
+        let first = eventually("a failed accept", PATIENCE, || {
+            (failures(&server) >= 1).then_some(Instant::now())
+        })
+        .await;
+        let fourth = eventually("four failed accepts", PATIENCE, || {
+            (failures(&server) >= 4).then_some(Instant::now())
+        })
+        .await;
+        // Backoff steps of at least 5, 10 and 20 ms separate the four; a
+        // spinning loop would log thousands in that time.
+        assert!(
+            fourth - first >= Duration::from_millis(30),
+            "{:?} for four failures",
+            fourth - first
+        );
+        assert!(
+            failures(&server) < 50,
+            "accept is spinning: {} failures",
+            failures(&server)
+        );
+
+        prlimit(Some(pid), Resource::Nofile, original).unwrap();
+        let answer = starved.read_result(PATIENCE).await;
+        assert_eq!(
+            answer.task_id, "starved",
+            "served once descriptors were available again"
+        );
+    });
+    server.wait_for_log("retry_in_ms", 1);
+}

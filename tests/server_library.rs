@@ -1,0 +1,441 @@
+//! `IpcServer` and `IpcClient` as a library, in one process, with handlers
+//! the tests control: true pipelining, handler failures, oversize results,
+//! id rules, deadlines, graceful shutdown and cleanup, telemetry.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use daemoneye_ipc::server::TaskHandler;
+use daemoneye_ipc::{
+    DetectionResult, DetectionTask, IpcClient, IpcConfig, IpcError, IpcServer, ProcessRecord,
+    TransportKind,
+};
+use support::{Endpoint, PATIENCE, transports};
+use tokio::sync::{Notify, oneshot};
+
+fn config(endpoint: &Endpoint, transport: TransportKind) -> IpcConfig {
+    IpcConfig {
+        transport,
+        endpoint_path: endpoint.name.clone(),
+        ..IpcConfig::default()
+    }
+}
+
+fn ok(task: &DetectionTask) -> DetectionResult {
+    DetectionResult {
+        task_id: task.task_id.clone(),
+        success: true,
+        ..Default::default()
+    }
+}
+
+fn task(id: &str) -> DetectionTask {
+    DetectionTask {
+        task_id: id.to_owned(),
+        ..Default::default()
+    }
+}
+
+/// A handler that holds tasks whose metadata is "hold" until released.
+#[derive(Clone, Default)]
+struct Gate {
+    released: Arc<Notify>,
+    held: Arc<Notify>,
+}
+
+impl Gate {
+    fn handler(&self) -> impl TaskHandler {
+        let gate = self.clone();
+        move |task: DetectionTask| {
+            let gate = gate.clone();
+            async move {
+                if task.metadata.as_deref() == Some("hold") {
+                    let released = gate.released.notified();
+                    gate.held.notify_one();
+                    released.await;
+                }
+                ok(&task)
+            }
+        }
+    }
+}
+
+fn held(id: &str) -> DetectionTask {
+    DetectionTask {
+        metadata: Some("hold".into()),
+        ..task(id)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_come_back_as_they_complete_not_in_request_order() {
+    for transport in transports() {
+        let endpoint = Endpoint::fresh();
+        let gate = Gate::default();
+        let server = IpcServer::bind(config(&endpoint, transport), gate.handler())
+            .await
+            .unwrap();
+        let client = IpcClient::new(config(&endpoint, transport)).unwrap();
+
+        let slow = tokio::spawn({
+            let client = client.clone();
+            async move { client.send(held("slow")).await }
+        });
+        gate.held.notified().await;
+        // The slow task is running; a later one overtakes it on the same connection.
+        let fast = client.send(task("fast")).await.unwrap();
+        assert_eq!(fast.task_id, "fast");
+        assert!(
+            !slow.is_finished(),
+            "{transport}: the slow task is still held"
+        );
+        gate.released.notify_one();
+        assert_eq!(slow.await.unwrap().unwrap().task_id, "slow");
+        assert_eq!(
+            server.stats().accepted,
+            1,
+            "{transport}: one connection carried both"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_handler_is_answered_with_an_error_and_the_connection_lives_on() {
+    let endpoint = Endpoint::fresh();
+    let server = IpcServer::bind(
+        config(&endpoint, transports()[0]),
+        |task: DetectionTask| async move {
+            assert_ne!(task.task_id, "boom", "handler bug triggered on purpose");
+            ok(&task)
+        },
+    )
+    .await
+    .unwrap();
+    let client = IpcClient::new(config(&endpoint, transports()[0])).unwrap();
+
+    let answer = client.send(task("boom")).await.unwrap();
+    assert_eq!(answer.task_id, "boom");
+    assert!(!answer.success);
+    assert!(answer.error_message.unwrap().contains("handler failed"));
+    assert!(client.send(task("fine")).await.unwrap().success);
+    let stats = server.stats();
+    assert_eq!(stats.handler_errors, 1);
+    assert_eq!(stats.accepted, 1, "the same connection served both");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_too_large_for_a_frame_is_answered_with_its_size_and_the_limit() {
+    let endpoint = Endpoint::fresh();
+    let limited = IpcConfig {
+        max_frame_bytes: 4096,
+        ..config(&endpoint, transports()[0])
+    };
+    let server = IpcServer::bind(limited.clone(), |task: DetectionTask| async move {
+        DetectionResult {
+            processes: vec![
+                ProcessRecord {
+                    name: "x".repeat(100),
+                    ..Default::default()
+                };
+                100
+            ],
+            ..ok(&task)
+        }
+    })
+    .await
+    .unwrap();
+    let client = IpcClient::new(limited).unwrap();
+    let answer = client.send(task("huge")).await.unwrap();
+    assert_eq!(answer.task_id, "huge");
+    assert!(!answer.success);
+    let message = answer.error_message.unwrap();
+    assert!(message.contains("max_frame_bytes = 4096"), "{message}");
+    assert!(message.contains("is 10"), "the size is given: {message}");
+    assert!(
+        message.contains("process_filter"),
+        "the fix is suggested: {message}"
+    );
+    assert_eq!(server.stats().oversize_results, 1);
+    assert!(
+        client.send(task("next")).await.is_ok(),
+        "the connection is still usable"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn task_ids_must_be_non_empty_and_unique_while_in_flight() {
+    let endpoint = Endpoint::fresh();
+    let gate = Gate::default();
+    let _server = IpcServer::bind(config(&endpoint, transports()[0]), gate.handler())
+        .await
+        .unwrap();
+    let client = IpcClient::new(config(&endpoint, transports()[0])).unwrap();
+
+    assert!(matches!(
+        client.send(task("")).await,
+        Err(IpcError::EmptyTaskId)
+    ));
+
+    let first = tokio::spawn({
+        let client = client.clone();
+        async move { client.send(held("twin")).await }
+    });
+    gate.held.notified().await;
+    match client.send(task("twin")).await {
+        Err(error @ IpcError::DuplicateTaskId { .. }) => {
+            assert!(error.to_string().contains("\"twin\""))
+        }
+        other => panic!("expected DuplicateTaskId, got {other:?}"),
+    }
+    gate.released.notify_one();
+    assert!(first.await.unwrap().unwrap().success);
+    assert!(
+        client.send(task("twin")).await.unwrap().success,
+        "the id is free again"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_answers_with_the_task_id_whatever_the_handler_says() {
+    let endpoint = Endpoint::fresh();
+    let _server = IpcServer::bind(
+        config(&endpoint, transports()[0]),
+        |_task: DetectionTask| async {
+            DetectionResult {
+                task_id: "something else".into(),
+                success: true,
+                ..Default::default()
+            }
+        },
+    )
+    .await
+    .unwrap();
+    let client = IpcClient::new(config(&endpoint, transports()[0])).unwrap();
+    assert_eq!(client.send(task("mine")).await.unwrap().task_id, "mine");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_waiting_on_a_slow_handler_is_not_cut_as_idle() {
+    let endpoint = Endpoint::fresh();
+    let short = IpcConfig {
+        read_timeout_ms: 300,
+        ..config(&endpoint, transports()[0])
+    };
+    let _server = IpcServer::bind(short.clone(), |task: DetectionTask| async move {
+        // Slower than the server's idle limit, faster than the client's patience.
+        tokio::time::sleep(Duration::from_millis(900)).await;
+        ok(&task)
+    })
+    .await
+    .unwrap();
+    let patient = IpcConfig {
+        read_timeout_ms: 10_000,
+        ..short
+    };
+    let client = IpcClient::new(patient).unwrap();
+    assert!(client.send(task("slow")).await.unwrap().success);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_answer_within_the_read_timeout_is_a_response_timeout() {
+    let endpoint = Endpoint::fresh();
+    let gate = Gate::default();
+    let _server = IpcServer::bind(config(&endpoint, transports()[0]), gate.handler())
+        .await
+        .unwrap();
+    let impatient = IpcConfig {
+        read_timeout_ms: 200,
+        ..config(&endpoint, transports()[0])
+    };
+    let client = IpcClient::new(impatient).unwrap();
+    match client.send(held("stuck")).await {
+        Err(error @ IpcError::ResponseTimeout { .. }) => {
+            let message = error.to_string();
+            assert!(
+                message.contains("within 200 ms") && message.contains(&endpoint.name),
+                "{message}"
+            );
+        }
+        other => panic!("expected ResponseTimeout, got {other:?}"),
+    }
+    gate.released.notify_one();
+    assert!(
+        client.send(task("stuck")).await.unwrap().success,
+        "the id was withdrawn"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connecting_retries_until_the_server_appears_or_the_deadline_passes() {
+    let endpoint = Endpoint::fresh();
+    let quick = IpcConfig {
+        accept_timeout_ms: 200,
+        ..config(&endpoint, transports()[0])
+    };
+    match IpcClient::connect(quick).await {
+        Err(error @ IpcError::ConnectTimeout { .. }) => {
+            let message = error.to_string();
+            assert!(
+                message.contains(&endpoint.name) && message.contains("within 200 ms"),
+                "{message}"
+            );
+        }
+        other => panic!("expected ConnectTimeout, got {other:?}"),
+    }
+
+    // A client started before its server: it keeps trying and gets through.
+    let client = IpcClient::new(config(&endpoint, transports()[0])).unwrap();
+    let early = tokio::spawn(async move { client.send(task("early")).await });
+    let (bound_tx, bound_rx) = oneshot::channel();
+    let server_config = config(&endpoint, transports()[0]);
+    let server_task = tokio::spawn(async move {
+        // The server comes up a little after the client started trying.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let server = IpcServer::bind(
+            server_config,
+            |task: DetectionTask| async move { ok(&task) },
+        )
+        .await
+        .unwrap();
+        let _ = bound_tx.send(());
+        server
+    });
+    bound_rx.await.unwrap();
+    assert!(early.await.unwrap().unwrap().success);
+    drop(server_task.await.unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_finishes_tasks_in_flight_then_removes_the_socket() {
+    for transport in transports() {
+        let endpoint = Endpoint::fresh();
+        let gate = Gate::default();
+        let server = IpcServer::bind(config(&endpoint, transport), gate.handler())
+            .await
+            .unwrap();
+        let client = IpcClient::new(config(&endpoint, transport)).unwrap();
+        let in_flight = tokio::spawn({
+            let client = client.clone();
+            async move { client.send(held("finishing")).await }
+        });
+        gate.held.notified().await;
+        let shutdown = tokio::spawn(server.shutdown(PATIENCE));
+        gate.released.notify_one();
+        let result = in_flight
+            .await
+            .unwrap()
+            .expect("the in-flight task is answered during shutdown");
+        assert!(result.success);
+        let report = shutdown.await.unwrap();
+        assert!(report.drained, "{transport}");
+        assert_eq!(report.stats.frames_out, 1);
+        #[cfg(unix)]
+        assert!(!endpoint.path().exists(), "{transport}: socket removed");
+        let refused = IpcClient::connect(IpcConfig {
+            accept_timeout_ms: 100,
+            ..config(&endpoint, transport)
+        })
+        .await;
+        assert!(
+            refused.is_err(),
+            "{transport}: nothing listens after shutdown"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_whose_grace_expires_cuts_the_connection_and_the_client_hears_of_it() {
+    let endpoint = Endpoint::fresh();
+    let gate = Gate::default();
+    let server = IpcServer::bind(config(&endpoint, transports()[0]), gate.handler())
+        .await
+        .unwrap();
+    let client = IpcClient::new(config(&endpoint, transports()[0])).unwrap();
+    let stuck = tokio::spawn({
+        let client = client.clone();
+        async move { client.send(held("never")).await }
+    });
+    gate.held.notified().await;
+    let report = server.shutdown(Duration::from_millis(100)).await;
+    assert!(!report.drained);
+    match stuck.await.unwrap() {
+        Err(IpcError::ConnectionLost { task_id, .. }) => assert_eq!(task_id, "never"),
+        other => panic!("expected ConnectionLost, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_the_server_removes_the_socket_and_frees_the_endpoint() {
+    for transport in transports() {
+        let endpoint = Endpoint::fresh();
+        let server = IpcServer::bind(
+            config(&endpoint, transport),
+            |task: DetectionTask| async move { ok(&task) },
+        )
+        .await
+        .unwrap();
+        drop(server);
+        #[cfg(unix)]
+        assert!(
+            !endpoint.path().exists(),
+            "{transport}: socket removed on drop"
+        );
+        // The name is free again (on Windows, once the accept task has let
+        // go of its pipe instance).
+        let mut again = None;
+        for _ in 0..200 {
+            match IpcServer::bind(
+                config(&endpoint, transport),
+                |task: DetectionTask| async move { ok(&task) },
+            )
+            .await
+            {
+                Ok(server) => {
+                    again = Some(server);
+                    break;
+                }
+                Err(IpcError::EndpointInUse { .. }) => {
+                    tokio::time::sleep(Duration::from_millis(10)).await
+                }
+                Err(other) => panic!("{transport}: {other}"),
+            }
+        }
+        assert!(
+            again.is_some(),
+            "{transport}: the endpoint stayed busy after the server was dropped"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_count_connections_frames_and_bytes_and_name_the_transport() {
+    for transport in transports() {
+        let endpoint = Endpoint::fresh();
+        let server = IpcServer::bind(
+            config(&endpoint, transport),
+            |task: DetectionTask| async move { ok(&task) },
+        )
+        .await
+        .unwrap();
+        let client = IpcClient::new(config(&endpoint, transport)).unwrap();
+        for i in 0..3 {
+            client.send(task(&format!("t{i}"))).await.unwrap();
+        }
+        let stats = server.stats();
+        assert_eq!(stats.transport, transport.name());
+        assert_eq!(stats.accepted, 1);
+        assert_eq!(stats.active, 1);
+        assert_eq!((stats.frames_in, stats.frames_out), (3, 3));
+        // Each task "tN" is 4 bytes of protobuf plus the 8-byte header.
+        assert_eq!(stats.bytes_in, 3 * 12);
+        // Each result adds success=true (2 bytes).
+        assert_eq!(stats.bytes_out, 3 * 14);
+        drop(client);
+        support::eventually("the connection to be released", PATIENCE, || {
+            (server.stats().active == 0).then_some(())
+        })
+        .await;
+    }
+}

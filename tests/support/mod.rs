@@ -1,0 +1,358 @@
+//! Shared by the integration tests: a real `daemoneye-ipc serve` process,
+//! a raw byte-level client, and waiting on conditions with deadlines.
+#![allow(dead_code)] // Each test file uses a different part.
+
+use std::fs::File;
+#[cfg(unix)]
+use std::path::Path;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use daemoneye_ipc::frame::codec::ClientCodec;
+use daemoneye_ipc::frame::{FrameSettings, encode_message};
+use daemoneye_ipc::{DetectionResult, DetectionTask, IpcConfig, TransportKind};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_util::codec::Decoder;
+
+/// How long any single condition may take before a test gives up.
+pub const PATIENCE: Duration = Duration::from_secs(20);
+
+/// Polls `probe` until it returns `Some`, or panics after `deadline`.
+pub fn wait_until<T>(what: &str, deadline: Duration, mut probe: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(value) = probe() {
+            return value;
+        }
+        assert!(
+            start.elapsed() < deadline,
+            "timed out after {deadline:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The compiled-in transports.
+pub fn transports() -> Vec<TransportKind> {
+    TransportKind::compiled().collect()
+}
+
+/// A fresh endpoint: a socket in a private temporary directory (Unix), or a
+/// uniquely named pipe (Windows). Keep the directory alive with the endpoint.
+pub struct Endpoint {
+    pub name: String,
+    pub dir: tempfile::TempDir,
+}
+
+impl Endpoint {
+    pub fn fresh() -> Endpoint {
+        let dir = tempfile::Builder::new().prefix("dipc").tempdir().unwrap();
+        #[cfg(unix)]
+        let name = dir
+            .path()
+            .join("run")
+            .join("procmond.sock")
+            .to_string_lossy()
+            .into_owned();
+        #[cfg(windows)]
+        let name = format!(
+            r"\\.\pipe\daemoneye-test\{}",
+            dir.path().file_name().unwrap().to_string_lossy()
+        );
+        Endpoint { name, dir }
+    }
+
+    #[cfg(unix)]
+    pub fn path(&self) -> &Path {
+        Path::new(&self.name)
+    }
+}
+
+/// The `daemoneye-ipc` binary with a clean `DAEMONEYE_IPC_*` environment.
+/// Only tests that require the `cli` feature (see Cargo.toml) may call this.
+pub fn daemoneye_ipc() -> Command {
+    // option_env!: this module is also compiled into tests that run without
+    // the binary (no `cli` feature), which never call this function.
+    let Some(binary) = option_env!("CARGO_BIN_EXE_daemoneye-ipc") else {
+        panic!("the daemoneye-ipc binary is built only with the `cli` feature");
+    };
+    let mut command = Command::new(binary);
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("DAEMONEYE_IPC_") {
+            command.env_remove(key);
+        }
+    }
+    command.env_remove("RUST_LOG");
+    command
+}
+
+/// A running `daemoneye-ipc serve`, logging at debug level to a file the
+/// test can read. Killed when dropped.
+pub struct ServerProcess {
+    child: Child,
+    pub endpoint: String,
+    pub transport: TransportKind,
+    log: PathBuf,
+    _log_dir: tempfile::TempDir,
+}
+
+impl ServerProcess {
+    /// Starts `serve` on `endpoint` with `transport` and extra `args`, and
+    /// waits until it is listening.
+    pub fn start(endpoint: &str, transport: TransportKind, args: &[&str]) -> ServerProcess {
+        let mut server = ServerProcess::spawn(endpoint, transport, args);
+        server.wait_until_listening();
+        server
+    }
+
+    /// Starts `serve` without waiting (for tests that expect it to fail).
+    pub fn spawn(endpoint: &str, transport: TransportKind, args: &[&str]) -> ServerProcess {
+        let log_dir = tempfile::tempdir().unwrap();
+        let log = log_dir.path().join("server.log");
+        let child = daemoneye_ipc()
+            .args([
+                "serve",
+                "--endpoint",
+                endpoint,
+                "--transport",
+                transport.name(),
+            ])
+            .args(args)
+            .env("RUST_LOG", "daemoneye_ipc=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        ServerProcess {
+            child,
+            endpoint: endpoint.to_owned(),
+            transport,
+            log,
+            _log_dir: log_dir,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Everything the server has logged so far.
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until `needle` appears in the log at least `count` times.
+    pub fn wait_for_log(&mut self, needle: &str, count: usize) {
+        let what = format!("{count} log line(s) containing {needle:?}");
+        wait_until(&what, PATIENCE, || {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "server exited ({status}) while waiting for {what}; log:\n{}",
+                    self.logs()
+                );
+            }
+            (self.logs().matches(needle).count() >= count).then_some(())
+        });
+    }
+
+    fn wait_until_listening(&mut self) {
+        self.wait_for_log("listening", 1);
+    }
+
+    /// Waits for the process to exit on its own.
+    pub fn wait_for_exit(&mut self) -> ExitStatus {
+        wait_until("the server to exit", PATIENCE, || {
+            self.child.try_wait().unwrap()
+        })
+    }
+
+    /// SIGTERM (Unix), then waits for the exit.
+    #[cfg(unix)]
+    pub fn terminate(&mut self) -> ExitStatus {
+        use rustix::process::{Pid, Signal, kill_process};
+        let pid = Pid::from_raw(self.child.id() as i32).unwrap();
+        kill_process(pid, Signal::TERM).unwrap();
+        self.wait_for_exit()
+    }
+
+    /// SIGKILL: no cleanup runs.
+    pub fn kill(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// A client config for this server's endpoint, with `transport`.
+    pub fn client_config(&self, transport: TransportKind) -> IpcConfig {
+        IpcConfig {
+            transport,
+            endpoint_path: self.endpoint.clone(),
+            ..IpcConfig::default()
+        }
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A task the real collector answers quickly: this process's own entry.
+pub fn quick_task(task_id: &str) -> DetectionTask {
+    DetectionTask {
+        task_id: task_id.to_owned(),
+        task_type: daemoneye_ipc::TaskType::EnumerateProcesses.into(),
+        process_filter: Some(daemoneye_ipc::proto::ProcessFilter {
+            pids: vec![std::process::id()],
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The bytes of one frame carrying `task`, with default settings.
+pub fn frame_bytes(task: &DetectionTask) -> Vec<u8> {
+    let mut wire = BytesMut::new();
+    encode_message(task, FrameSettings::DEFAULT, &mut wire).unwrap();
+    wire.to_vec()
+}
+
+/// A byte-level client, for sending what the library never would.
+pub struct RawClient {
+    #[cfg(unix)]
+    stream: tokio::net::UnixStream,
+    #[cfg(windows)]
+    stream: tokio::net::windows::named_pipe::NamedPipeClient,
+    buf: BytesMut,
+    codec: ClientCodec,
+}
+
+impl RawClient {
+    pub async fn connect(endpoint: &str) -> RawClient {
+        #[cfg(unix)]
+        let stream = tokio::net::UnixStream::connect(endpoint).await.unwrap();
+        #[cfg(windows)]
+        let stream = tokio::net::windows::named_pipe::ClientOptions::new()
+            .open(endpoint)
+            .unwrap();
+        RawClient {
+            stream,
+            buf: BytesMut::new(),
+            codec: ClientCodec::new(FrameSettings::DEFAULT),
+        }
+    }
+
+    pub async fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.stream.write_all(bytes).await?;
+        self.stream.flush().await
+    }
+
+    /// The next result, or `None` if the server closed the connection
+    /// (cleanly, or by a reset because our unread request was discarded).
+    /// Panics on a bad frame, another I/O error, or silence past `deadline`.
+    pub async fn read_reply(&mut self, deadline: Duration) -> Option<DetectionResult> {
+        tokio::time::timeout(deadline, async {
+            loop {
+                if let Some(result) = self
+                    .codec
+                    .decode(&mut self.buf)
+                    .expect("the server sends valid frames")
+                {
+                    return Some(result);
+                }
+                match self.stream.read_buf(&mut self.buf).await {
+                    Ok(0) => return None,
+                    Ok(_) => {}
+                    Err(error) if is_closed(&error) => return None,
+                    Err(error) => panic!("unexpected read error: {error}"),
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("no result and no close within {deadline:?}"))
+    }
+
+    /// The next result; panics if the connection closes instead.
+    pub async fn read_result(&mut self, deadline: Duration) -> DetectionResult {
+        self.read_reply(deadline)
+            .await
+            .expect("an answer, not a closed connection")
+    }
+
+    /// Waits for the server to close the connection, discarding anything it
+    /// sends; returns how long that took. Panics after `deadline`.
+    pub async fn closed_within(&mut self, deadline: Duration) -> Duration {
+        let start = Instant::now();
+        tokio::time::timeout(deadline, async {
+            let mut sink = [0u8; 4096];
+            loop {
+                match self.stream.read(&mut sink).await {
+                    Ok(0) => return,
+                    Ok(_) => {}
+                    Err(error) if is_closed(&error) => return,
+                    Err(error) => panic!("unexpected read error: {error}"),
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("the server did not close the connection within {deadline:?}"));
+        start.elapsed()
+    }
+}
+
+/// A connection the peer closed: EOF, or a reset when it closed with our
+/// bytes unread.
+fn is_closed(error: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        error.kind(),
+        ConnectionReset | ConnectionAborted | BrokenPipe
+    )
+}
+
+/// Resident set size of a process, in bytes (Linux).
+#[cfg(target_os = "linux")]
+pub fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .expect("VmRSS in /proc/PID/status");
+    kib * 1024
+}
+
+/// Async `wait_until`: polls `probe` until it returns `Some`, or panics
+/// after `deadline`.
+pub async fn eventually<T>(
+    what: &str,
+    deadline: Duration,
+    mut probe: impl FnMut() -> Option<T>,
+) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(value) = probe() {
+            return value;
+        }
+        assert!(
+            start.elapsed() < deadline,
+            "timed out after {deadline:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Runs `future` on a fresh multi-threaded runtime.
+pub fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(future)
+}
