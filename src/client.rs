@@ -2,32 +2,39 @@
 //! is not there yet), sends [`DetectionTask`]s and matches the results by
 //! `task_id`.
 //!
-//! One connection carries every concurrent [`send`](IpcClient::send): each
-//! caller registers its `task_id`, writes its frame, and waits; a single
-//! reader task hands each result to the caller waiting for that id. When the
-//! connection drops, every caller still waiting gets
-//! [`IpcError::ConnectionLost`] at once, and the next `send` reconnects.
+//! One connection carries every concurrent [`send`](IpcClient::send). Each
+//! connection has two tasks: a writer that takes tasks from a queue and
+//! writes one frame each (so a caller that gives up never leaves half a
+//! frame on the wire), and a reader that hands each result to the caller
+//! waiting for its id. When the connection drops, every caller still waiting
+//! gets [`IpcError::ConnectionLost`] at once, and the next `send` connects
+//! again.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio::io::{ReadHalf, WriteHalf};
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
 use crate::config::{IpcConfig, TransportKind};
 use crate::endpoint::Endpoint;
 use crate::error::IpcError;
 use crate::framed_io::{FrameReader, FrameWriter};
+use crate::peer::PeerPolicy;
 use crate::proto::{DetectionResult, DetectionTask};
 use crate::transport::{self, Connection};
 
 /// First and longest pause between connect attempts.
 const CONNECT_BACKOFF_MIN: Duration = Duration::from_millis(5);
 const CONNECT_BACKOFF_MAX: Duration = Duration::from_millis(250);
+
+/// Tasks queued for the writer before `send` waits for room.
+const OUTBOX_CAPACITY: usize = 64;
 
 /// A client for one endpoint. Cheap to clone; clones share the connection.
 #[derive(Debug, Clone)]
@@ -39,32 +46,71 @@ pub struct IpcClient {
 struct ClientInner {
     config: IpcConfig,
     endpoint: Endpoint,
+    /// Who may serve us (Unix uids).
+    servers: PeerPolicy,
     /// The current connection, if any. Held across a connect so that
     /// concurrent callers share one attempt.
     connection: tokio::sync::Mutex<Option<Arc<ClientConnection>>>,
 }
 
-impl IpcClient {
-    /// A client for `config`'s endpoint and transport. Connects lazily, on
-    /// the first [`send`](Self::send).
-    pub fn new(config: IpcConfig) -> Result<IpcClient, IpcError> {
-        config.validate()?;
-        let endpoint = Endpoint::parse(&config.endpoint_path)?;
+/// Options beyond [`IpcConfig`].
+#[derive(Debug, Clone)]
+pub struct ClientBuilder {
+    config: IpcConfig,
+    allowed_server_uids: Vec<u32>,
+}
+
+impl ClientBuilder {
+    /// Unix: also trust servers running as these uids. A server running as
+    /// our own effective uid or root is always trusted; any other is refused
+    /// with [`IpcError::UntrustedServer`] before a task is sent.
+    pub fn allow_server_uids(mut self, uids: impl IntoIterator<Item = u32>) -> Self {
+        self.allowed_server_uids.extend(uids);
+        self
+    }
+
+    /// Validates the config. Connects lazily, on the first send.
+    pub fn build(self) -> Result<IpcClient, IpcError> {
+        self.config.validate()?;
+        let endpoint = Endpoint::parse(&self.config.endpoint_path)?;
         Ok(IpcClient {
             inner: Arc::new(ClientInner {
-                config,
+                config: self.config,
                 endpoint,
+                servers: PeerPolicy::new(self.allowed_server_uids),
                 connection: tokio::sync::Mutex::new(None),
             }),
         })
     }
+}
+
+impl IpcClient {
+    /// A builder for options beyond [`IpcConfig`].
+    pub fn builder(config: IpcConfig) -> ClientBuilder {
+        ClientBuilder {
+            config,
+            allowed_server_uids: Vec::new(),
+        }
+    }
+
+    /// A client for `config`'s endpoint and transport. Connects lazily, on
+    /// the first [`send`](Self::send).
+    pub fn new(config: IpcConfig) -> Result<IpcClient, IpcError> {
+        IpcClient::builder(config).build()
+    }
 
     /// A client that is already connected: fails like [`send`](Self::send)
-    /// would if no server answers within `accept_timeout_ms`.
+    /// would if no trusted server answers within `accept_timeout_ms`.
     pub async fn connect(config: IpcConfig) -> Result<IpcClient, IpcError> {
         let client = IpcClient::new(config)?;
-        client.current_connection().await?;
+        client.connect_now().await?;
         Ok(client)
+    }
+
+    /// Connects now rather than on the next send (a no-op if connected).
+    pub async fn connect_now(&self) -> Result<(), IpcError> {
+        let deadline = Instant::now() + self.inner.config.accept_timeout();
+        self.current_connection(deadline).await.map(drop)
     }
 
     /// The endpoint this client talks to.
@@ -79,95 +125,97 @@ impl IpcClient {
 
     /// Sends `task` and waits for its result.
     ///
-    /// Deadlines: connecting, `accept_timeout_ms`; writing the frame,
-    /// `write_timeout_ms`; the result, `read_timeout_ms` after the write.
-    /// Refused: an empty `task_id`, or one already in flight on this client.
-    /// Cancel-safe: dropping the future withdraws the task's registration
-    /// (the server may still run it).
+    /// Deadlines: connecting (including waiting for another caller's
+    /// connect), `accept_timeout_ms`; writing the frame, `write_timeout_ms`;
+    /// the result, `read_timeout_ms` after the frame is written. Refused: an
+    /// empty `task_id`, or one still outstanding on this connection.
+    ///
+    /// Cancel-safe: dropping the future never corrupts the connection. The
+    /// task may still reach the server and run; its id stays reserved until
+    /// its result arrives or the connection ends, so a late result can never
+    /// be taken for the answer to a later task with the same id.
     pub async fn send(&self, task: DetectionTask) -> Result<DetectionResult, IpcError> {
         if task.task_id.is_empty() {
             return Err(IpcError::EmptyTaskId);
         }
-        let (connection, registration, answer) = self.register(&task.task_id).await?;
+        let config = &self.inner.config;
+        let connect_deadline = Instant::now() + config.accept_timeout();
+        let task_id = task.task_id.clone();
 
-        if let Err(error) = connection.write(&task).await {
-            if matches!(error, IpcError::MessageTooLarge { .. }) {
-                return Err(error); // Nothing was written; the connection is fine.
+        // A connection can die between being handed out and the
+        // registration; nothing was queued on it yet, so one more try on a
+        // fresh connection is safe.
+        let mut attempts = 0;
+        let (connection, registration, answer) = loop {
+            attempts += 1;
+            let connection = self.current_connection(connect_deadline).await?;
+            match connection.pending.register(&task_id) {
+                Ok((registration, answer)) => break (connection, registration, answer),
+                Err(Registered::Closed) if attempts < 2 => continue,
+                Err(Registered::Closed) => {
+                    return Err(self.lost(
+                        &task_id,
+                        "the connection closed as the task was being sent".to_owned(),
+                    ));
+                }
+                Err(Registered::Duplicate) => return Err(IpcError::DuplicateTaskId { task_id }),
             }
-            let reason = error.to_string();
-            connection.fail_all(&reason);
-            return Err(self.lost(&task.task_id, reason));
-        }
+        };
 
-        let read_timeout = self.inner.config.read_timeout();
-        let outcome = tokio::time::timeout(read_timeout, answer).await;
-        drop(registration);
+        let (sent, written) = oneshot::channel();
+        if connection
+            .outbox
+            .send(Outgoing { task, sent })
+            .await
+            .is_err()
+        {
+            // Never queued, so never sent: the id is free again at once.
+            registration.withdraw();
+            return Err(self.lost(&task_id, connection.pending.closed_reason()));
+        }
+        // The writer bounds each frame by write_timeout_ms and fails the
+        // connection past it, so this wait ends. If the task was not
+        // written, the answer channel already holds the reason.
+        let _ = written.await;
+        let outcome = tokio::time::timeout(config.read_timeout(), answer).await;
+        registration.settle();
         match outcome {
             Ok(Ok(result)) => result,
-            Ok(Err(_closed)) => {
-                Err(self.lost(&task.task_id, "the connection's reader stopped".to_owned()))
-            }
+            Ok(Err(_dropped)) => Err(self.lost(&task_id, connection.pending.closed_reason())),
             Err(_elapsed) => Err(IpcError::ResponseTimeout {
                 endpoint: self.inner.endpoint.to_string(),
-                task_id: task.task_id,
-                waited_ms: read_timeout.as_millis() as u64,
+                task_id,
+                waited_ms: config.read_timeout_ms,
             }),
         }
     }
 
-    /// Registers `task_id` on a live connection (connecting if needed).
-    async fn register(
+    /// The live connection, or a new one, by `deadline`.
+    async fn current_connection(
         &self,
-        task_id: &str,
-    ) -> Result<(Arc<ClientConnection>, Registration, Answer), IpcError> {
-        // A connection can die between being handed out and the registration;
-        // nothing was sent on it yet, so one retry on a fresh connection is safe.
-        for _ in 0..2 {
-            let connection = self.current_connection().await?;
-            let (sender, answer) = oneshot::channel();
-            let mut pending = connection.pending.lock();
-            if pending.closed.is_some() {
-                continue;
-            }
-            if pending.waiting.contains_key(task_id) {
-                return Err(IpcError::DuplicateTaskId {
-                    task_id: task_id.to_owned(),
-                });
-            }
-            pending.next_ticket += 1;
-            let ticket = pending.next_ticket;
-            pending.waiting.insert(task_id.to_owned(), (ticket, sender));
-            drop(pending);
-            let registration = Registration {
-                pending: connection.pending.clone(),
-                task_id: task_id.to_owned(),
-                ticket,
-            };
-            return Ok((connection, registration, answer));
-        }
-        Err(self.lost(
-            task_id,
-            "the connection closed as the task was being registered".to_owned(),
-        ))
-    }
-
-    /// The live connection, or a new one.
-    async fn current_connection(&self) -> Result<Arc<ClientConnection>, IpcError> {
-        let mut slot = self.inner.connection.lock().await;
-        if let Some(connection) = slot.as_ref().filter(|c| c.pending.lock().closed.is_none()) {
+        deadline: Instant,
+    ) -> Result<Arc<ClientConnection>, IpcError> {
+        let config = &self.inner.config;
+        let mut slot = tokio::time::timeout_at(deadline, self.inner.connection.lock())
+            .await
+            .map_err(|_| self.connect_timeout("another send was still connecting".to_owned()))?;
+        // A connection idle for half the read timeout is about to be closed
+        // by the server (its idle limit is read_timeout_ms too); a task sent
+        // on it now could cross the server's close. Start afresh instead.
+        let idle_limit = config.read_timeout() / 2;
+        if let Some(connection) = slot.as_ref().filter(|c| c.pending.usable(idle_limit)) {
             return Ok(connection.clone());
         }
-        let connection = Arc::new(self.open().await?);
+        let connection = Arc::new(self.open(deadline).await?);
         *slot = Some(connection.clone());
         Ok(connection)
     }
 
     /// Connects, retrying with jittered backoff while the server is not
-    /// there yet, until `accept_timeout_ms` has passed.
-    async fn open(&self) -> Result<ClientConnection, IpcError> {
+    /// there yet, until `deadline`; then checks who the server is.
+    async fn open(&self, deadline: Instant) -> Result<ClientConnection, IpcError> {
         let config = &self.inner.config;
         let endpoint = &self.inner.endpoint;
-        let deadline = Instant::now() + config.accept_timeout();
         let mut backoff = Backoff::new(CONNECT_BACKOFF_MIN, CONNECT_BACKOFF_MAX);
         let connection = loop {
             let last_error = match tokio::time::timeout_at(
@@ -189,15 +237,19 @@ impl IpcClient {
             };
             let retry_at = Instant::now() + backoff.next_delay();
             if retry_at >= deadline {
-                return Err(IpcError::ConnectTimeout {
-                    endpoint: endpoint.to_string(),
-                    transport: config.transport.name(),
-                    waited_ms: config.accept_timeout_ms,
-                    last_error,
-                });
+                return Err(self.connect_timeout(last_error));
             }
             tokio::time::sleep_until(retry_at).await;
         };
+        // Also proves the socket is really connected: a connect that found
+        // the server's queue full can come back unconnected.
+        self.inner
+            .servers
+            .check(connection.peer_credentials())
+            .map_err(|reason| IpcError::UntrustedServer {
+                endpoint: endpoint.to_string(),
+                reason: format!("the server {}", reason.trim_start_matches("peer ")),
+            })?;
         tracing::debug!(endpoint = %endpoint, transport = config.transport.name(), "connected");
         Ok(ClientConnection::start(
             connection,
@@ -213,6 +265,15 @@ impl IpcClient {
             reason,
         }
     }
+
+    fn connect_timeout(&self, last_error: String) -> IpcError {
+        IpcError::ConnectTimeout {
+            endpoint: self.inner.endpoint.to_string(),
+            transport: self.inner.config.transport.name(),
+            waited_ms: self.inner.config.accept_timeout_ms,
+            last_error,
+        }
+    }
 }
 
 /// Errors that mean "no server yet" rather than "this will never work".
@@ -221,19 +282,27 @@ fn server_not_ready(error: &std::io::Error) -> bool {
     const ERROR_PIPE_BUSY: i32 = 231;
     matches!(
         error.kind(),
-        NotFound | ConnectionRefused | WouldBlock | ConnectionReset
+        NotFound | ConnectionRefused | WouldBlock | ConnectionReset | NotConnected
     ) || (cfg!(windows) && error.raw_os_error() == Some(ERROR_PIPE_BUSY))
 }
 
 type Answer = oneshot::Receiver<Result<DetectionResult, IpcError>>;
 
-/// One connection: the shared write half, and the table of callers waiting
-/// for results, fed by the reader task.
+/// A task for the writer, and who to tell once its frame is written.
+#[derive(Debug)]
+struct Outgoing {
+    task: DetectionTask,
+    sent: oneshot::Sender<()>,
+}
+
+/// One connection: the writer's queue, the table of callers waiting for
+/// results, and the two tasks.
 #[derive(Debug)]
 struct ClientConnection {
-    writer: tokio::sync::Mutex<FrameWriter<WriteHalf<Connection>, DetectionTask>>,
+    outbox: mpsc::Sender<Outgoing>,
     pending: Arc<PendingTable>,
     reader: JoinHandle<()>,
+    writer: JoinHandle<()>,
 }
 
 impl ClientConnection {
@@ -242,53 +311,78 @@ impl ClientConnection {
         let (read_half, write_half) = tokio::io::split(connection);
         let pending = Arc::new(PendingTable {
             endpoint,
-            inner: Mutex::new(Pending::default()),
+            inner: Mutex::new(Pending {
+                entries: HashMap::new(),
+                next_ticket: 0,
+                closed: None,
+                idle_since: Instant::now(),
+            }),
+            ended: CancellationToken::new(),
         });
-        let reader = FrameReader::new(read_half, settings, config.read_timeout());
+        let (outbox, queue) = mpsc::channel(OUTBOX_CAPACITY);
+        let reader = FrameReader::new(settings, config.read_timeout());
+        let writer = FrameWriter::new(settings, config.write_timeout());
         ClientConnection {
-            writer: tokio::sync::Mutex::new(FrameWriter::new(
-                write_half,
-                settings,
-                config.write_timeout(),
-            )),
-            reader: tokio::spawn(read_results(reader, pending.clone())),
+            outbox,
+            reader: tokio::spawn(read_results(read_half, reader, pending.clone())),
+            writer: tokio::spawn(write_tasks(write_half, writer, queue, pending.clone())),
             pending,
         }
-    }
-
-    async fn write(&self, task: &DetectionTask) -> Result<usize, IpcError> {
-        self.writer.lock().await.send(task).await
-    }
-
-    fn fail_all(&self, reason: &str) {
-        self.pending.fail_all(reason);
     }
 }
 
 impl Drop for ClientConnection {
     fn drop(&mut self) {
         self.reader.abort();
+        self.writer.abort();
+    }
+}
+
+/// Writes queued tasks, one frame each, until the queue closes or the
+/// connection ends.
+async fn write_tasks(
+    mut io: WriteHalf<Connection>,
+    mut writer: FrameWriter<DetectionTask>,
+    mut queue: mpsc::Receiver<Outgoing>,
+    pending: Arc<PendingTable>,
+) {
+    loop {
+        let Outgoing { task, sent } = tokio::select! {
+            _ = pending.ended.cancelled() => return,
+            outgoing = queue.recv() => match outgoing {
+                Some(outgoing) => outgoing,
+                None => return,
+            },
+        };
+        match writer.send(&mut io, &task).await {
+            Ok(_) => {
+                let _ = sent.send(());
+            }
+            // Nothing was written; only this task fails.
+            Err(error @ IpcError::MessageTooLarge { .. }) => {
+                pending.answer(&task.task_id, Err(error))
+            }
+            Err(error) => return pending.fail_all(&error.to_string()),
+        }
     }
 }
 
 /// Hands each result to the caller waiting for its id, until the
 /// connection ends; then fails everyone still waiting.
 async fn read_results(
-    mut reader: FrameReader<ReadHalf<Connection>, DetectionResult>,
+    mut io: ReadHalf<Connection>,
+    mut reader: FrameReader<DetectionResult>,
     pending: Arc<PendingTable>,
 ) {
     let reason = loop {
-        match reader.next(None).await {
+        let next = tokio::select! {
+            _ = pending.ended.cancelled() => return,
+            next = reader.next(&mut io, None) => next,
+        };
+        match next {
             Ok(Some(result)) => {
-                let waiting = pending.lock().waiting.remove(&result.task_id);
-                match waiting {
-                    Some((_ticket, sender)) => {
-                        let _ = sender.send(Ok(result));
-                    }
-                    None => {
-                        tracing::debug!(task_id = %result.task_id, "result for a task no one waits for any more")
-                    }
-                }
+                let task_id = result.task_id.clone();
+                pending.answer(&task_id, Ok(result));
             }
             Ok(None) => break "the server closed the connection".to_owned(),
             Err(error) => break error.to_string(),
@@ -303,62 +397,161 @@ async fn read_results(
 struct PendingTable {
     endpoint: String,
     inner: Mutex<Pending>,
+    /// Cancelled when the connection ends: stops the other task.
+    ended: CancellationToken,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Pending {
-    /// Each entry carries the ticket of the registration that made it, so a
-    /// caller withdrawing late cannot remove a newer caller's entry for the
-    /// same (by then reused) id.
-    waiting: HashMap<String, (u64, oneshot::Sender<Result<DetectionResult, IpcError>>)>,
+    entries: HashMap<String, Entry>,
     next_ticket: u64,
     /// Set once the connection is dead; no one may register after that.
     closed: Option<String>,
+    /// When the last waiting caller was answered.
+    idle_since: Instant,
+}
+
+#[derive(Debug)]
+enum Entry {
+    /// A caller waits. The ticket tells its registration from a later one
+    /// for the same id.
+    Waiting {
+        ticket: u64,
+        answer: oneshot::Sender<Result<DetectionResult, IpcError>>,
+    },
+    /// The caller gave up; the result, if it comes, is discarded.
+    Abandoned,
+}
+
+enum Registered {
+    Duplicate,
+    Closed,
 }
 
 impl PendingTable {
     fn lock(&self) -> MutexGuard<'_, Pending> {
-        // A panic while holding this lock cannot leave the map inconsistent
-        // (single inserts and removes), so a poisoned lock is still usable.
+        // Every critical section is a single map operation: a panic inside
+        // one cannot leave the table inconsistent, so poisoning is ignored.
         self.inner
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Marks the connection dead and fails every waiting caller.
+    fn register(self: &Arc<Self>, task_id: &str) -> Result<(Registration, Answer), Registered> {
+        let mut pending = self.lock();
+        if pending.closed.is_some() {
+            return Err(Registered::Closed);
+        }
+        if pending.entries.contains_key(task_id) {
+            return Err(Registered::Duplicate);
+        }
+        pending.next_ticket += 1;
+        let ticket = pending.next_ticket;
+        let (answer, receiver) = oneshot::channel();
+        pending
+            .entries
+            .insert(task_id.to_owned(), Entry::Waiting { ticket, answer });
+        let registration = Registration {
+            pending: self.clone(),
+            task_id: task_id.to_owned(),
+            ticket,
+        };
+        Ok((registration, receiver))
+    }
+
+    /// Delivers the outcome for `task_id` to its caller, if one still waits.
+    fn answer(&self, task_id: &str, outcome: Result<DetectionResult, IpcError>) {
+        let mut pending = self.lock();
+        match pending.entries.remove(task_id) {
+            Some(Entry::Waiting { answer, .. }) => {
+                let _ = answer.send(outcome);
+            }
+            Some(Entry::Abandoned) => {
+                tracing::debug!(%task_id, "discarded the result of a task given up on")
+            }
+            None => tracing::warn!(%task_id, "result for a task this client never sent"),
+        }
+        if !pending
+            .entries
+            .values()
+            .any(|entry| matches!(entry, Entry::Waiting { .. }))
+        {
+            pending.idle_since = Instant::now();
+        }
+    }
+
+    /// Whether new tasks may go on this connection: alive, and not idle for
+    /// `idle_limit` or more.
+    fn usable(&self, idle_limit: Duration) -> bool {
+        let pending = self.lock();
+        let busy = pending
+            .entries
+            .values()
+            .any(|entry| matches!(entry, Entry::Waiting { .. }));
+        pending.closed.is_none() && (busy || pending.idle_since.elapsed() < idle_limit)
+    }
+
+    fn closed_reason(&self) -> String {
+        self.lock()
+            .closed
+            .clone()
+            .unwrap_or_else(|| "the connection ended".to_owned())
+    }
+
+    /// Marks the connection dead, stops both tasks and fails every waiting
+    /// caller.
     fn fail_all(&self, reason: &str) {
-        let waiting = {
+        let entries = {
             let mut pending = self.lock();
             pending.closed.get_or_insert_with(|| reason.to_owned());
-            std::mem::take(&mut pending.waiting)
+            std::mem::take(&mut pending.entries)
         };
-        for (task_id, (_ticket, sender)) in waiting {
-            let _ = sender.send(Err(IpcError::ConnectionLost {
-                endpoint: self.endpoint.clone(),
-                task_id,
-                reason: reason.to_owned(),
-            }));
+        self.ended.cancel();
+        for (task_id, entry) in entries {
+            if let Entry::Waiting { answer, .. } = entry {
+                let _ = answer.send(Err(IpcError::ConnectionLost {
+                    endpoint: self.endpoint.clone(),
+                    task_id,
+                    reason: reason.to_owned(),
+                }));
+            }
         }
     }
 }
 
-/// A caller's entry in the pending table, withdrawn when the caller is done
-/// or gives up (timeout, cancellation).
+/// A caller's entry in the pending table. If the caller is done without an
+/// answer (timeout, cancellation), the entry stays as `Abandoned` so that
+/// the id cannot be reused before the server's late answer is out of the way.
 struct Registration {
     pending: Arc<PendingTable>,
     task_id: String,
     ticket: u64,
 }
 
+impl Registration {
+    /// The caller is done waiting (answered or not).
+    fn settle(self) {}
+
+    /// The task never left this client: remove the entry outright.
+    fn withdraw(self) {
+        let mut pending = self.pending.lock();
+        if self.is_ours(pending.entries.get(&self.task_id)) {
+            pending.entries.remove(&self.task_id);
+        }
+    }
+
+    fn is_ours(&self, entry: Option<&Entry>) -> bool {
+        matches!(entry, Some(Entry::Waiting { ticket, .. }) if *ticket == self.ticket)
+    }
+}
+
 impl Drop for Registration {
     fn drop(&mut self) {
         let mut pending = self.pending.lock();
-        if pending
-            .waiting
-            .get(&self.task_id)
-            .is_some_and(|(ticket, _)| *ticket == self.ticket)
-        {
-            pending.waiting.remove(&self.task_id);
+        if self.is_ours(pending.entries.get(&self.task_id)) {
+            pending
+                .entries
+                .insert(self.task_id.clone(), Entry::Abandoned);
         }
     }
 }

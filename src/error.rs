@@ -203,21 +203,21 @@ pub enum IpcError {
         name: String,
     },
 
-    /// The directory that holds the socket is not private to this user.
+    /// The directory that holds the socket, or one of its parents, could be
+    /// tampered with by another user.
     #[error(
-        "refusing to use directory {} (mode {mode:04o}, owner uid {owner}): the socket's directory must \
-         be owned by uid {expected_owner} or root and not writable by group or others. Fix it with \
-         `chmod 700` and `chown`, or choose another --endpoint",
+        "refusing to use directory {} for the socket: {reason}. The socket's directory must be owned \
+         by uid {expected_owner} or root and writable by no one else (its parents likewise, unless \
+         sticky like /tmp), and must not be a symbolic link. Fix it with chmod/chown, or choose another \
+         --endpoint",
         dir.display()
     )]
     UnsafeEndpointDirectory {
         /// The directory.
         dir: PathBuf,
-        /// Its permission bits.
-        mode: u32,
-        /// Its owner.
-        owner: u32,
-        /// The uid that should own it (the server's effective uid).
+        /// What is wrong with it.
+        reason: String,
+        /// The uid that may own it besides root (the server's effective uid).
         expected_owner: u32,
     },
 
@@ -322,6 +322,18 @@ pub enum IpcError {
         source: io::Error,
     },
 
+    /// The process serving the endpoint is not one this client trusts.
+    #[error(
+        "refusing to send tasks to the server at {endpoint}: {reason}. Another user may be squatting \
+         the endpoint; if that server is legitimate, allow its uid (--allow-uid)"
+    )]
+    UntrustedServer {
+        /// The endpoint.
+        endpoint: String,
+        /// Why the server is not trusted.
+        reason: String,
+    },
+
     /// A task was sent without a `task_id`.
     #[error(
         "refusing to send a task with an empty task_id: the id is what matches the result to the request"
@@ -330,8 +342,9 @@ pub enum IpcError {
 
     /// A task was sent with the id of a task still in flight on this client.
     #[error(
-        "task_id {task_id:?} is already in flight on this client; ids must be unique among outstanding \
-         tasks, so wait for the first result or pick another id"
+        "task_id {task_id:?} is still outstanding on this connection (in flight, or given up on after \
+         a timeout and not answered yet); ids must be unique among outstanding tasks, so wait for the \
+         first result or pick another id"
     )]
     DuplicateTaskId {
         /// The id.

@@ -1,12 +1,18 @@
 //! Whole messages over a byte stream, with deadlines: the I/O loop around the
 //! frame codec, shared by the server and the client.
 //!
+//! [`FrameReader`] and [`FrameWriter`] hold the codec state and buffers but
+//! not the stream, which each call borrows. One task can then read and write
+//! the same connection (the server), or two tasks can each own a half (the
+//! client).
+//!
 //! The read side keeps one buffer per connection and reads into its spare
 //! capacity (no zero-filling, no second copy); the decoder takes frames off
 //! the front. The write side encodes each message into one reused buffer and
 //! writes it whole, so a frame never goes out in pieces the application
 //! chose.
 
+use std::io;
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -23,22 +29,21 @@ const INITIAL_READ_CAPACITY: usize = 8 * 1024;
 
 /// Reads messages of type `In`, enforcing the read deadline.
 #[derive(Debug)]
-pub(crate) struct FrameReader<R, In> {
-    io: R,
+pub(crate) struct FrameReader<In> {
     codec: MessageCodec<(), In>,
     buf: BytesMut,
-    /// When the first byte of the frame in progress arrived.
+    /// When the first byte of the frame in progress arrived (or when reading
+    /// resumed after the caller paused it).
     frame_started: Option<Instant>,
     frame_timeout: Duration,
     /// Every byte read so far, for telemetry.
     bytes_read: u64,
 }
 
-impl<R: AsyncRead + Unpin, In: prost::Message + Default> FrameReader<R, In> {
+impl<In: prost::Message + Default> FrameReader<In> {
     /// `frame_timeout` bounds each frame from its first byte to its last.
-    pub(crate) fn new(io: R, settings: FrameSettings, frame_timeout: Duration) -> Self {
+    pub(crate) fn new(settings: FrameSettings, frame_timeout: Duration) -> Self {
         FrameReader {
-            io,
             codec: MessageCodec::new(settings),
             buf: BytesMut::with_capacity(INITIAL_READ_CAPACITY),
             frame_started: None,
@@ -52,16 +57,26 @@ impl<R: AsyncRead + Unpin, In: prost::Message + Default> FrameReader<R, In> {
         self.bytes_read
     }
 
-    /// The next message, or `None` when the peer closed the stream between
-    /// frames.
+    /// Restarts the clock of a frame in progress. For callers that stopped
+    /// reading for a while (backpressure): the time they did not read is
+    /// not the peer's delay.
+    pub(crate) fn resume(&mut self) {
+        if self.frame_started.is_some() {
+            self.frame_started = Some(Instant::now());
+        }
+    }
+
+    /// The next message from `io`, or `None` when the peer closed the stream
+    /// between frames.
     ///
     /// While no frame is in progress the wait ends at `idle_deadline`
     /// (`None`: no limit), which callers set `frame_timeout` after the last
-    /// activity. Once a frame's first byte has arrived, the whole
-    /// frame must arrive within `frame_timeout` of it, however the bytes are
-    /// spaced. Cancel-safe: bytes already read stay buffered.
-    pub(crate) async fn next(
+    /// activity. Once a frame's first byte has arrived, the whole frame must
+    /// arrive within `frame_timeout` of it, however the bytes are spaced.
+    /// Cancel-safe: bytes already read stay buffered.
+    pub(crate) async fn next<R: AsyncRead + Unpin>(
         &mut self,
+        io: &mut R,
         idle_deadline: Option<Instant>,
     ) -> Result<Option<In>, IpcError> {
         loop {
@@ -74,7 +89,7 @@ impl<R: AsyncRead + Unpin, In: prost::Message + Default> FrameReader<R, In> {
                 Some(started) => Some(started + self.frame_timeout),
                 None => idle_deadline,
             };
-            let read = self.io.read_buf(&mut self.buf);
+            let read = io.read_buf(&mut self.buf);
             let count = match deadline {
                 Some(deadline) => match tokio::time::timeout_at(deadline, read).await {
                     Ok(count) => count?,
@@ -116,57 +131,63 @@ impl<R: AsyncRead + Unpin, In: prost::Message + Default> FrameReader<R, In> {
 /// Writes messages of type `Out`, each as one buffer, within the write
 /// deadline.
 #[derive(Debug)]
-pub(crate) struct FrameWriter<W, Out> {
-    io: W,
+pub(crate) struct FrameWriter<Out> {
     codec: MessageCodec<Out, ()>,
     buf: BytesMut,
     write_timeout: Duration,
-    /// Set while a frame is being written. Still set at the next send means
-    /// that write was cancelled part-way: the stream is no longer aligned on
-    /// frames and must not be used.
-    writing: bool,
+    /// Why the stream can no longer be written, once a write failed or was
+    /// abandoned part-way (the stream is then no longer aligned on frames).
+    broken: Option<String>,
 }
 
-impl<W: AsyncWrite + Unpin, Out: prost::Message> FrameWriter<W, Out> {
-    pub(crate) fn new(io: W, settings: FrameSettings, write_timeout: Duration) -> Self {
+impl<Out: prost::Message> FrameWriter<Out> {
+    pub(crate) fn new(settings: FrameSettings, write_timeout: Duration) -> Self {
         FrameWriter {
-            io,
             codec: MessageCodec::new(settings),
             buf: BytesMut::new(),
             write_timeout,
-            writing: false,
+            broken: None,
         }
     }
 
-    /// Encodes `message` and writes the frame. Returns the frame's size.
+    /// Encodes `message` and writes the frame to `io`. Returns the frame's
+    /// size.
     ///
     /// A message over `max_frame_bytes` fails with
     /// [`IpcError::MessageTooLarge`] before anything is written, and the
-    /// stream stays usable. Any other error leaves the stream unusable.
-    pub(crate) async fn send(&mut self, message: &Out) -> Result<usize, IpcError> {
-        if self.writing {
-            return Err(IpcError::Io(std::io::Error::new(
-                std::io::ErrorKind::BrokenPipe,
-                "an earlier write was abandoned part-way through a frame",
+    /// stream stays usable. After any other error the stream is unusable,
+    /// and later calls fail with the first error's account.
+    pub(crate) async fn send<W: AsyncWrite + Unpin>(
+        &mut self,
+        io: &mut W,
+        message: &Out,
+    ) -> Result<usize, IpcError> {
+        if let Some(cause) = &self.broken {
+            return Err(IpcError::Io(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                format!("the connection can no longer be written: {cause}"),
             )));
         }
         self.buf.clear();
         self.codec.encode(message, &mut self.buf)?;
         let length = self.buf.len();
-        self.writing = true;
-        match tokio::time::timeout(self.write_timeout, self.io.write_all(&self.buf)).await {
-            Ok(written) => written?,
-            Err(_elapsed) => {
-                return Err(IpcError::WriteTimeout {
-                    waited_ms: self.write_timeout.as_millis() as u64,
-                    length,
-                });
-            }
-        }
-        // Every backend's flush is a no-op or cheap; calling it keeps a
-        // buffering writer (should one ever be used) correct.
-        self.io.flush().await?;
-        self.writing = false;
-        Ok(length)
+        // If this future is dropped mid-write, `broken` says so next time.
+        self.broken = Some("an earlier write was abandoned part-way through a frame".to_owned());
+        let write = async {
+            io.write_all(&self.buf).await?;
+            // Every backend's flush is a no-op or cheap; it keeps a buffering
+            // writer (should one ever be used) correct.
+            io.flush().await
+        };
+        let outcome = match tokio::time::timeout(self.write_timeout, write).await {
+            Ok(Ok(())) => Ok(length),
+            Ok(Err(error)) => Err(IpcError::Io(error)),
+            Err(_elapsed) => Err(IpcError::WriteTimeout {
+                waited_ms: self.write_timeout.as_millis() as u64,
+                length,
+            }),
+        };
+        self.broken = outcome.as_ref().err().map(ToString::to_string);
+        outcome
     }
 }

@@ -114,12 +114,13 @@ pub mod endpoint;
 pub mod error;
 pub mod frame;
 mod framed_io;
+mod peer;
 pub mod proto;
 pub mod server;
 pub mod telemetry;
 mod transport;
 
-pub use client::IpcClient;
+pub use client::{ClientBuilder, IpcClient};
 pub use config::{IpcConfig, TransportKind};
 pub use error::IpcError;
 pub use frame::{Crc32Variant, FrameSettings};

@@ -3,11 +3,12 @@
 //! An [`Endpoint`] is the validated form of `ipc.endpoint_path`:
 //!
 //! * Unix: an absolute socket path. Abstract-namespace names (`@name`) are
-//!   refused: they carry no file permissions. Before binding, the server makes
-//!   the parent directory private (0700, owned by us), removes a stale socket
-//!   left by a crash (only after probing that no server answers), and refuses
-//!   symlinks and non-socket files. After binding it checks the socket came
-//!   out 0600 and removes it again when the server goes away.
+//!   refused: they carry no file permissions. Before binding, the server
+//!   creates the parent directory 0700 if it is missing, or refuses it (and
+//!   unsafe parents of it) if another user could write to it; it removes a
+//!   stale socket left by a crash (only after probing that no server answers),
+//!   and refuses symlinks and non-socket files. After binding it checks the
+//!   socket came out owner-only and removes it when the server goes away.
 //! * Windows: a local named pipe, `\\.\pipe\NAME`; the prefix is optional on
 //!   input ([`pipe_name`]). The pipe's security descriptor admits only its
 //!   owner, SYSTEM and Administrators ([`PIPE_SDDL`]).
@@ -17,6 +18,8 @@
 pub mod pipe_name;
 #[cfg(unix)]
 pub(crate) mod unix;
+#[cfg(windows)]
+pub(crate) mod windows;
 
 use std::fmt;
 #[cfg(unix)]

@@ -28,8 +28,7 @@ pub fn normalize(name: &str) -> Result<String, IpcError> {
     let refuse = || IpcError::NotALocalPipe {
         name: name.to_owned(),
     };
-    // Pipe names may contain any character but a backslash, forward slashes
-    // included, so only the prefix is interpreted.
+    // Only the prefix is interpreted; the rest is the pipe's own name.
     let trimmed = name.trim();
     let rest = match trimmed.get(..LOCAL_PIPE_PREFIX.len()) {
         Some(prefix) if prefix.eq_ignore_ascii_case(LOCAL_PIPE_PREFIX) => {
@@ -38,7 +37,12 @@ pub fn normalize(name: &str) -> Result<String, IpcError> {
         _ if trimmed.starts_with(r"\\") => return Err(refuse()),
         _ => trimmed,
     };
-    if rest.is_empty() || rest.contains('\0') {
+    // Win32 folds "." and ".." in \\.\ paths, so "..\UNC\host\pipe\x"
+    // would leave the local pipe namespace for another machine's.
+    let dot_segment = rest
+        .split(['\\', '/'])
+        .any(|segment| segment == "." || segment == "..");
+    if rest.is_empty() || rest.contains('\0') || dot_segment {
         return Err(refuse());
     }
     Ok(format!("{LOCAL_PIPE_PREFIX}{rest}"))
@@ -69,6 +73,10 @@ mod tests {
             r"\\.\pipe\",
             "",
             "   ",
+            r"..\UNC\server\pipe\x",
+            r"\\.\pipe\a\..\..\UNC\server\pipe\x",
+            "a/../b",
+            r".\procmond",
         ] {
             let err = normalize(given).expect_err(given);
             assert!(err.to_string().contains("not a local named pipe"), "{err}");

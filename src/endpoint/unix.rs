@@ -17,6 +17,7 @@ const MAX_SOCKET_PATH: usize = if cfg!(any(target_os = "linux", target_os = "and
 };
 
 /// The mode every socket file gets before it is visible: owner read/write.
+/// (A socket's execute bit means nothing; only group/other bits matter.)
 pub(crate) const SOCKET_MODE: u32 = 0o600;
 
 /// The mode a missing parent directory is created with.
@@ -81,9 +82,7 @@ pub(crate) async fn prepare(path: &Path, probe_timeout: Duration) -> Result<(), 
         .mode(DIR_MODE)
         .create(dir)
         .map_err(io_error(format!("creating directory {}", dir.display())))?;
-    let dir_meta =
-        fs::metadata(dir).map_err(io_error(format!("inspecting directory {}", dir.display())))?;
-    check_private_dir(dir, &dir_meta)?;
+    check_directories(dir)?;
 
     let existing = match fs::symlink_metadata(path) {
         Ok(meta) => meta,
@@ -106,6 +105,10 @@ pub(crate) async fn prepare(path: &Path, probe_timeout: Duration) -> Result<(), 
     match tokio::time::timeout(probe_timeout, tokio::net::UnixStream::connect(path)).await {
         // A server accepted (or at least queued) us: it is alive.
         Ok(Ok(_)) | Err(_) => Err(IpcError::EndpointInUse { endpoint }),
+        // A server is there but its queue is full: alive too.
+        Ok(Err(err)) if err.kind() == io::ErrorKind::WouldBlock => {
+            Err(IpcError::EndpointInUse { endpoint })
+        }
         // Nobody listens: the socket outlived a crashed server.
         Ok(Err(err)) if err.kind() == io::ErrorKind::ConnectionRefused => {
             remove_if_same_socket(path, &existing).map_err(io_error(format!(
@@ -124,17 +127,52 @@ pub(crate) async fn prepare(path: &Path, probe_timeout: Duration) -> Result<(), 
     }
 }
 
-fn check_private_dir(dir: &Path, meta: &Metadata) -> Result<(), IpcError> {
+/// The socket's directory must be a real directory (not a symlink) that
+/// only we (or root) own and can write; every parent must be owned by us or
+/// root and writable by no one else unless sticky (like `/tmp`). Otherwise
+/// another user could swap the directory, or the socket in it, for their own.
+fn check_directories(dir: &Path) -> Result<(), IpcError> {
     let expected_owner = effective_uid();
-    let owner_ok = meta.uid() == expected_owner || meta.uid() == 0;
-    let mode = meta.mode() & 0o7777;
-    if !owner_ok || mode & 0o022 != 0 {
-        return Err(IpcError::UnsafeEndpointDirectory {
-            dir: dir.to_owned(),
-            mode,
-            owner: meta.uid(),
-            expected_owner,
-        });
+    let unsafe_dir = |dir: &Path, reason: String| IpcError::UnsafeEndpointDirectory {
+        dir: dir.to_owned(),
+        reason,
+        expected_owner,
+    };
+    let inspect = |dir: &Path, meta: io::Result<Metadata>| {
+        meta.map_err(|source| IpcError::EndpointIo {
+            endpoint: dir.display().to_string(),
+            action: format!("inspecting directory {}", dir.display()),
+            source,
+        })
+    };
+
+    let own = inspect(dir, fs::symlink_metadata(dir))?;
+    if own.file_type().is_symlink() {
+        return Err(unsafe_dir(dir, "it is a symbolic link".to_owned()));
+    }
+    for (index, ancestor) in dir.ancestors().enumerate() {
+        // Parents may be reached through symlinks (/var/run -> /run); what
+        // they lead to is what is checked.
+        let meta = if index == 0 {
+            own.clone()
+        } else {
+            inspect(ancestor, fs::metadata(ancestor))?
+        };
+        let mode = meta.mode() & 0o7777;
+        if meta.uid() != expected_owner && meta.uid() != 0 {
+            return Err(unsafe_dir(
+                ancestor,
+                format!("it is owned by uid {} (mode {mode:04o})", meta.uid()),
+            ));
+        }
+        let writable_by_others = mode & 0o022 != 0;
+        let sticky = mode & 0o1000 != 0;
+        if writable_by_others && (index == 0 || !sticky) {
+            return Err(unsafe_dir(
+                ancestor,
+                format!("mode {mode:04o} lets group or others write to it"),
+            ));
+        }
     }
     Ok(())
 }
@@ -180,7 +218,7 @@ pub(crate) fn verify_bound(path: &Path) -> Result<SocketFile, IpcError> {
     })?;
     let expected_owner = effective_uid();
     let mode = meta.mode() & 0o7777;
-    if !meta.file_type().is_socket() || meta.uid() != expected_owner || mode & 0o177 != 0 {
+    if !meta.file_type().is_socket() || meta.uid() != expected_owner || mode & 0o077 != 0 {
         let _ = remove_if_same_socket(path, &meta);
         return Err(IpcError::InsecureSocket {
             path: path.to_owned(),
@@ -214,13 +252,21 @@ impl Drop for SocketFile {
     }
 }
 
-/// Runs `bind` with the process umask set so that a socket file is created
-/// 0600, for platforms where `fchmod` before `bind` is not supported (macOS).
-/// The umask is process-wide: a file another thread creates meanwhile comes
-/// out more restrictive than asked, never less.
+/// Runs `bind` with the process umask at 077, so that the socket file is
+/// created owner-only, for platforms where `fchmod` before `bind` is not
+/// supported (macOS).
+///
+/// The umask is process-wide: files and directories another thread creates
+/// meanwhile come out owner-only too (usable by their owner, never more open
+/// than asked). Concurrent binds are serialised so that each restores the
+/// umask it found.
 pub(crate) fn with_owner_only_umask<T>(bind: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
     use rustix::fs::Mode;
-    let previous = rustix::process::umask(Mode::from_raw_mode(0o177));
+    static UMASK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _serialised = UMASK
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let previous = rustix::process::umask(Mode::from_raw_mode(0o077));
     let outcome = bind();
     rustix::process::umask(previous);
     outcome

@@ -22,17 +22,29 @@ use crate::transport::Connection;
 /// and reading resumes. Up to `max_in_flight` handlers run at once; beyond
 /// that the connection is not read, so a client cannot queue unbounded work.
 pub(super) async fn serve<H: TaskHandler>(
-    connection: Connection,
+    mut connection: Connection,
     shared: &Shared,
     handler: Arc<H>,
 ) -> Result<(), IpcError> {
-    let (read_half, write_half) = tokio::io::split(connection);
-    let mut reader =
-        FrameReader::<_, DetectionTask>::new(read_half, shared.settings, shared.read_timeout);
-    let mut writer =
-        FrameWriter::<_, DetectionResult>::new(write_half, shared.settings, shared.write_timeout);
+    let outcome = serve_frames(&mut connection, shared, handler).await;
+    if outcome.is_err() {
+        // Whatever we had not delivered is moot: do not hold the connection
+        // open on the peer's account (Windows pipes otherwise wait for it).
+        connection.discard_unsent();
+    }
+    outcome
+}
+
+async fn serve_frames<H: TaskHandler>(
+    connection: &mut Connection,
+    shared: &Shared,
+    handler: Arc<H>,
+) -> Result<(), IpcError> {
+    let mut reader = FrameReader::<DetectionTask>::new(shared.settings, shared.read_timeout);
+    let mut writer = FrameWriter::<DetectionResult>::new(shared.settings, shared.write_timeout);
     let mut in_flight = InFlight::default();
     let mut reading = true;
+    let mut paused = false;
     let mut bytes_counted = 0;
     // The idle window runs only while nothing is in flight: a client waiting
     // on a slow handler is not idle.
@@ -46,16 +58,25 @@ pub(super) async fn serve<H: TaskHandler>(
             .is_empty()
             .then(|| last_activity + shared.read_timeout);
         let may_read = reading && in_flight.len() < shared.max_in_flight;
+        if may_read && paused {
+            // Our own backpressure is not the peer's delay.
+            reader.resume();
+        }
+        paused = !may_read;
         tokio::select! {
             biased;
             _ = shared.abort.cancelled() => return Ok(()),
             Some(outcome) = in_flight.next_done() => {
                 let result = outcome.into_result(&shared.counters);
-                answer(&mut writer, result, shared).await?;
+                tokio::select! {
+                    // A client that stops reading must not hold up a hard stop.
+                    _ = shared.abort.cancelled() => return Ok(()),
+                    answered = answer(connection, &mut writer, result, shared) => answered?,
+                }
                 last_activity = Instant::now();
             }
             _ = shared.stop_reading.cancelled(), if reading => reading = false,
-            read = reader.next(idle_deadline), if may_read => {
+            read = reader.next(connection, idle_deadline), if may_read => {
                 add(&shared.counters.bytes_in, reader.bytes_read() - bytes_counted);
                 bytes_counted = reader.bytes_read();
                 match read? {
@@ -75,15 +96,13 @@ pub(super) async fn serve<H: TaskHandler>(
 
 /// Writes one result; a result too large for a frame is replaced by an error
 /// result naming the size and the limit, so the client gets an answer.
-async fn answer<W>(
-    writer: &mut FrameWriter<W, DetectionResult>,
+async fn answer(
+    connection: &mut Connection,
+    writer: &mut FrameWriter<DetectionResult>,
     result: DetectionResult,
     shared: &Shared,
-) -> Result<(), IpcError>
-where
-    W: tokio::io::AsyncWrite + Unpin,
-{
-    let written = match writer.send(&result).await {
+) -> Result<(), IpcError> {
+    let written = match writer.send(connection, &result).await {
         Err(IpcError::MessageTooLarge { length, limit }) => {
             bump(&shared.counters.oversize_results);
             tracing::warn!(task_id = %result.task_id, length, limit, "result exceeds max_frame_bytes; answering with an error");
@@ -97,7 +116,7 @@ where
                 )),
                 ..Default::default()
             };
-            writer.send(&refusal).await?
+            writer.send(connection, &refusal).await?
         }
         other => other?,
     };

@@ -21,9 +21,10 @@ use crate::backoff::Backoff;
 use crate::config::{IpcConfig, TransportKind};
 use crate::endpoint::Endpoint;
 use crate::error::IpcError;
+use crate::peer::PeerPolicy;
 use crate::proto::{DetectionResult, DetectionTask};
 use crate::telemetry::{ActiveConnection, Counters, ServerStats, bump};
-use crate::transport::{Connection, Listener, PeerCredentials};
+use crate::transport::{Connection, Listener};
 
 /// Tasks one connection may have in flight before the server stops reading
 /// from it (backpressure), unless [`ServerBuilder::max_in_flight_per_connection`]
@@ -107,6 +108,8 @@ impl ServerBuilder {
 
         #[cfg(unix)]
         crate::endpoint::unix::prepare(endpoint.path(), PROBE_TIMEOUT).await?;
+        #[cfg(windows)]
+        crate::endpoint::windows::refuse_if_served(&endpoint)?;
         let listener = Listener::bind(transport, &endpoint)
             .map_err(|source| bind_error(&endpoint, transport, source))?;
         #[cfg(unix)]
@@ -370,49 +373,6 @@ async fn wait_for_slot(shared: &Shared) -> Option<OwnedSemaphorePermit> {
         _ = shared.stop_reading.cancelled() => None,
         slot = tokio::time::timeout(shared.accept_timeout, shared.slots.clone().acquire_owned()) => {
             slot.ok()?.ok()
-        }
-    }
-}
-
-/// Which peers may talk to the server.
-#[derive(Debug)]
-struct PeerPolicy {
-    #[cfg_attr(windows, allow(dead_code))]
-    allowed_uids: Vec<u32>,
-}
-
-impl PeerPolicy {
-    fn new(extra_uids: Vec<u32>) -> PeerPolicy {
-        #[cfg(unix)]
-        let mut allowed_uids = vec![crate::endpoint::unix::effective_uid(), 0];
-        #[cfg(windows)]
-        let mut allowed_uids = Vec::new();
-        allowed_uids.extend(extra_uids);
-        allowed_uids.sort_unstable();
-        allowed_uids.dedup();
-        PeerPolicy { allowed_uids }
-    }
-
-    /// Unix: the peer's effective uid must be allowed; peers whose
-    /// credentials cannot be read are refused. Windows: the pipe's security
-    /// descriptor has already decided.
-    fn check(&self, peer: std::io::Result<PeerCredentials>) -> Result<(), String> {
-        #[cfg(unix)]
-        {
-            let peer = peer.map_err(|error| format!("cannot read peer credentials: {error}"))?;
-            match peer.uid {
-                Some(uid) if self.allowed_uids.contains(&uid) => Ok(()),
-                Some(uid) => Err(format!(
-                    "peer uid {uid} is not allowed (allowed: {:?}; see --allow-uid)",
-                    self.allowed_uids
-                )),
-                None => Err("the OS did not report the peer's uid".to_owned()),
-            }
-        }
-        #[cfg(windows)]
-        {
-            let _ = peer;
-            Ok(())
         }
     }
 }

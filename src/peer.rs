@@ -1,0 +1,54 @@
+//! Which peers may be on the other end of a connection: the same rule for a
+//! server admitting clients and a client trusting its server.
+//!
+//! Unix: the peer's effective uid must be ours, root's, or one explicitly
+//! allowed; a peer whose credentials cannot be read is refused. Windows: the
+//! pipe's security descriptor admits clients, and a client opens pipes at
+//! the identification impersonation level, so the check passes.
+
+use std::io;
+
+use crate::transport::PeerCredentials;
+
+/// The uids a peer may run as.
+#[derive(Debug, Clone)]
+pub(crate) struct PeerPolicy {
+    #[cfg_attr(windows, allow(dead_code))]
+    allowed_uids: Vec<u32>,
+}
+
+impl PeerPolicy {
+    /// Our effective uid and root, plus `extra_uids`.
+    pub(crate) fn new(extra_uids: impl IntoIterator<Item = u32>) -> PeerPolicy {
+        #[cfg(unix)]
+        let mut allowed_uids = vec![crate::endpoint::unix::effective_uid(), 0];
+        #[cfg(windows)]
+        let mut allowed_uids = Vec::new();
+        allowed_uids.extend(extra_uids);
+        allowed_uids.sort_unstable();
+        allowed_uids.dedup();
+        PeerPolicy { allowed_uids }
+    }
+
+    /// `Ok` if the peer may talk to us, else why not.
+    pub(crate) fn check(&self, peer: io::Result<PeerCredentials>) -> Result<(), String> {
+        #[cfg(unix)]
+        {
+            let peer =
+                peer.map_err(|error| format!("cannot read the peer's credentials: {error}"))?;
+            match peer.uid {
+                Some(uid) if self.allowed_uids.contains(&uid) => Ok(()),
+                Some(uid) => Err(format!(
+                    "peer uid {uid} is not allowed (allowed: {:?}; see --allow-uid)",
+                    self.allowed_uids
+                )),
+                None => Err("the OS did not report the peer's uid".to_owned()),
+            }
+        }
+        #[cfg(windows)]
+        {
+            let _ = peer;
+            Ok(())
+        }
+    }
+}
