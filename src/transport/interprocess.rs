@@ -6,6 +6,7 @@
 use std::io;
 
 use interprocess::local_socket::tokio::prelude::*;
+#[cfg(unix)]
 use interprocess::local_socket::{GenericFilePath, ListenerOptions, Name};
 
 use super::PeerCredentials;
@@ -16,55 +17,12 @@ pub(crate) use interprocess::local_socket::tokio::Stream;
 #[derive(Debug)]
 pub(crate) struct Listener(interprocess::local_socket::tokio::Listener);
 
-fn name(endpoint: &Endpoint) -> io::Result<Name<'_>> {
-    #[cfg(unix)]
-    {
-        endpoint.path().to_fs_name::<GenericFilePath>()
-    }
-    #[cfg(windows)]
-    {
-        endpoint.pipe_name().to_fs_name::<GenericFilePath>()
-    }
-}
-
 impl Listener {
     pub(crate) fn bind(endpoint: &Endpoint) -> io::Result<Listener> {
-        // The socket file's lifetime is managed above the seam (removed on
-        // shutdown, stale ones probed before removal), the same for every
-        // backend, so interprocess must not unlink anything itself.
-        let options = || -> io::Result<ListenerOptions<'_>> {
-            Ok(ListenerOptions::new()
-                .name(name(endpoint)?)
-                .reclaim_name(false))
-        };
         #[cfg(unix)]
-        let listener = {
-            use interprocess::os::unix::local_socket::ListenerOptionsExt;
-            // fchmod before bind: the file is 0600 from the moment it exists.
-            match options()?
-                .mode(crate::endpoint::unix::SOCKET_MODE as _)
-                .create_tokio()
-            {
-                Err(err) if err.kind() == io::ErrorKind::Unsupported => {
-                    // Platforms without mode-before-bind (macOS): bind under a
-                    // restrictive umask instead.
-                    crate::endpoint::unix::with_owner_only_umask(|| options()?.create_tokio())
-                }
-                other => other,
-            }
-        }?;
+        let listener = bind_socket(endpoint)?;
         #[cfg(windows)]
-        let listener = {
-            use interprocess::os::windows::local_socket::ListenerOptionsExt;
-            use interprocess::os::windows::security_descriptor::SecurityDescriptor;
-            let sddl = widestring::U16CString::from_str(crate::endpoint::PIPE_SDDL)
-                .expect("the SDDL constant has no NUL");
-            // interprocess creates the first instance with
-            // FILE_FLAG_FIRST_PIPE_INSTANCE and PIPE_REJECT_REMOTE_CLIENTS.
-            options()?
-                .security_descriptor(SecurityDescriptor::deserialize(&sddl)?)
-                .create_tokio()?
-        };
+        let listener = bind_pipe(endpoint)?;
         Ok(Listener(listener))
     }
 
@@ -73,8 +31,118 @@ impl Listener {
     }
 }
 
+#[cfg(unix)]
+fn name(endpoint: &Endpoint) -> io::Result<Name<'_>> {
+    endpoint.path().to_fs_name::<GenericFilePath>()
+}
+
+/// A filesystem socket, 0600 from the moment it exists.
+#[cfg(unix)]
+fn bind_socket(endpoint: &Endpoint) -> io::Result<interprocess::local_socket::tokio::Listener> {
+    use interprocess::os::unix::local_socket::ListenerOptionsExt;
+    // The socket file's lifetime is managed above the seam (removed on
+    // shutdown, stale ones probed before removal), the same for every
+    // backend, so interprocess must not unlink anything itself.
+    let options = || -> io::Result<ListenerOptions<'_>> {
+        Ok(ListenerOptions::new()
+            .name(name(endpoint)?)
+            .reclaim_name(false))
+    };
+    // fchmod before bind; where the OS cannot (macOS), a restrictive umask.
+    match options()?
+        .mode(crate::endpoint::unix::SOCKET_MODE as _)
+        .create_tokio()
+    {
+        Err(err) if err.kind() == io::ErrorKind::Unsupported => {
+            crate::endpoint::unix::with_owner_only_umask(|| options()?.create_tokio())
+        }
+        other => other,
+    }
+}
+
+/// A named pipe, created through interprocess' named-pipe options beneath
+/// `local_socket` (the listener and its streams are still `local_socket`
+/// types) to set what `ListenerOptions` cannot; see
+/// [`pipe_listener_options`].
+#[cfg(windows)]
+fn bind_pipe(endpoint: &Endpoint) -> io::Result<interprocess::local_socket::tokio::Listener> {
+    use interprocess::os::windows::named_pipe::local_socket::tokio::Listener as PipeLocalListener;
+    use interprocess::os::windows::named_pipe::pipe_mode;
+    let pipe = pipe_listener_options(endpoint)?.create_tokio_duplex::<pipe_mode::Bytes>()?;
+    Ok(interprocess::local_socket::tokio::Listener::from(
+        PipeLocalListener::from(pipe),
+    ))
+}
+
+#[cfg(unix)]
 pub(crate) async fn connect(endpoint: &Endpoint) -> io::Result<Stream> {
     Stream::connect(name(endpoint)?).await
+}
+
+/// What `local_socket::ListenerOptions` cannot set: 64 KiB pipe buffers
+/// instead of 512 bytes, which would cut every large frame into hundreds of
+/// pieces; and, explicitly rather than by default, refusal of remote clients.
+/// The first instance is created with `FILE_FLAG_FIRST_PIPE_INSTANCE`, so a
+/// second server on the name fails.
+#[cfg(windows)]
+fn pipe_listener_options(
+    endpoint: &Endpoint,
+) -> io::Result<interprocess::os::windows::named_pipe::PipeListenerOptions<'_>> {
+    use interprocess::os::windows::named_pipe::PipeListenerOptions;
+    use interprocess::os::windows::security_descriptor::SecurityDescriptor;
+    let sddl = widestring::U16CString::from_str(crate::endpoint::PIPE_SDDL)
+        .expect("the SDDL constant has no NUL");
+    Ok(PipeListenerOptions::new()
+        .path(endpoint.pipe_name())
+        .accept_remote(false)
+        .input_buffer_size_hint(PIPE_BUFFER_BYTES)
+        .output_buffer_size_hint(PIPE_BUFFER_BYTES)
+        .security_descriptor(Some(SecurityDescriptor::deserialize(&sddl)?)))
+}
+
+/// Pipe buffer size requested for each direction (Tokio's default too).
+#[cfg(windows)]
+const PIPE_BUFFER_BYTES: u32 = 64 * 1024;
+
+/// Opens the pipe ourselves rather than through `Stream::connect`, for two
+/// reasons: the handle must carry `SECURITY_SQOS_PRESENT |
+/// SECURITY_IDENTIFICATION`, so that a server squatting the name cannot
+/// impersonate the agent (interprocess passes no QoS flags, which means full
+/// impersonation); and a busy pipe must fail at once with `ERROR_PIPE_BUSY`
+/// for our retry loop, where interprocess would wait on a blocking thread
+/// that no deadline can stop.
+#[cfg(windows)]
+pub(crate) async fn connect(endpoint: &Endpoint) -> io::Result<Stream> {
+    use std::os::windows::fs::OpenOptionsExt;
+    use std::os::windows::io::OwnedHandle;
+    // Documented Win32 values (winbase.h): FILE_FLAG_OVERLAPPED, and
+    // SecurityIdentification << 16. std adds SECURITY_SQOS_PRESENT itself.
+    const FILE_FLAG_OVERLAPPED: u32 = 0x4000_0000;
+    const SECURITY_IDENTIFICATION: u32 = 0x0001_0000;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(FILE_FLAG_OVERLAPPED)
+        .security_qos_flags(SECURITY_IDENTIFICATION)
+        .open(endpoint.pipe_name())?;
+    let pipe = interprocess::os::windows::named_pipe::local_socket::tokio::Stream::try_from(
+        OwnedHandle::from(file),
+    )
+    .map_err(io::Error::from)?;
+    Ok(Stream::from(pipe))
+}
+
+/// Windows: lets a closing pipe drop what the peer has not read, instead of
+/// handing it to interprocess' linger pool, where a peer that stopped reading
+/// would pin a blocking thread for as long as it keeps its end open.
+pub(crate) fn discard_unsent(stream: &Stream) {
+    #[cfg(windows)]
+    #[allow(irrefutable_let_patterns)] // NamedPipe is the only variant on Windows.
+    if let Stream::NamedPipe(pipe) = stream {
+        pipe.inner().assume_flushed();
+    }
+    #[cfg(unix)]
+    let _ = stream;
 }
 
 pub(crate) fn peer_credentials(stream: &Stream) -> io::Result<PeerCredentials> {
@@ -89,4 +157,22 @@ pub(crate) fn peer_credentials(stream: &Stream) -> io::Result<PeerCredentials> {
         uid: None,
         pid,
     })
+}
+
+#[cfg(all(test, windows))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pipes_refuse_remote_clients_and_get_large_buffers() {
+        let endpoint = Endpoint::parse("daemoneye-test-options").unwrap();
+        let options = pipe_listener_options(&endpoint).unwrap();
+        assert!(
+            !options.accept_remote,
+            "PIPE_REJECT_REMOTE_CLIENTS must be set"
+        );
+        assert_eq!(options.input_buffer_size_hint, 64 * 1024);
+        assert_eq!(options.output_buffer_size_hint, 64 * 1024);
+        assert!(options.security_descriptor.is_some());
+    }
 }

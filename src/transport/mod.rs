@@ -114,6 +114,17 @@ pub(crate) enum Connection {
 }
 
 impl Connection {
+    /// Closing after an error: unsent data may be dropped rather than kept
+    /// for a peer that has stopped reading.
+    pub(crate) fn discard_unsent(&self) {
+        match self {
+            #[cfg(feature = "ipc-interprocess")]
+            Connection::Interprocess(stream) => interprocess::discard_unsent(stream),
+            #[cfg(feature = "ipc-tokio")]
+            Connection::Tokio(_) => {} // Tokio's pipes never linger.
+        }
+    }
+
     /// The peer's credentials. Fields the OS does not report are `None`.
     pub(crate) fn peer_credentials(&self) -> io::Result<PeerCredentials> {
         match self {

@@ -32,7 +32,7 @@ mod unix {
         /// so the socket is built by hand: socket, fchmod 0600, bind, listen,
         /// then handed to tokio.
         pub(crate) fn bind(endpoint: &Endpoint) -> io::Result<Listener> {
-            let socket = rustix::net::socket(AddressFamily::UNIX, SocketType::STREAM, None)?;
+            let socket = new_socket()?;
             let address = SocketAddrUnix::new(endpoint.path())?;
             match rustix::fs::fchmod(&socket, Mode::from_raw_mode(SOCKET_MODE as _)) {
                 Ok(()) => rustix::net::bind(&socket, &address)?,
@@ -45,14 +45,32 @@ mod unix {
             rustix::net::listen(&socket, BACKLOG)?;
             let listener = StdUnixListener::from(socket);
             listener.set_nonblocking(true)?;
-            // rustix's plain socket() is not close-on-exec everywhere.
-            rustix::io::fcntl_setfd(&listener, rustix::io::FdFlags::CLOEXEC)?;
             tokio::net::UnixListener::from_std(listener).map(Listener)
         }
 
         pub(crate) async fn accept(&mut self) -> io::Result<Stream> {
             let (stream, _address) = self.0.accept().await?;
             Ok(stream)
+        }
+    }
+
+    /// A close-on-exec Unix stream socket, atomically where the OS can.
+    fn new_socket() -> io::Result<rustix::fd::OwnedFd> {
+        #[cfg(not(target_vendor = "apple"))]
+        {
+            use rustix::net::SocketFlags;
+            Ok(rustix::net::socket_with(
+                AddressFamily::UNIX,
+                SocketType::STREAM,
+                SocketFlags::CLOEXEC,
+                None,
+            )?)
+        }
+        #[cfg(target_vendor = "apple")]
+        {
+            let socket = rustix::net::socket(AddressFamily::UNIX, SocketType::STREAM, None)?;
+            rustix::io::fcntl_setfd(&socket, rustix::io::FdFlags::CLOEXEC)?;
+            Ok(socket)
         }
     }
 
@@ -184,6 +202,15 @@ mod windows {
                 Stream::Server(pipe) => std::pin::Pin::new(pipe).poll_shutdown(cx),
                 Stream::Client(pipe) => std::pin::Pin::new(pipe).poll_shutdown(cx),
             }
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #[test]
+        fn pipe_instances_refuse_remote_clients() {
+            let options = format!("{:?}", super::instance_options());
+            assert!(options.contains("reject_remote_clients: true"), "{options}");
         }
     }
 }
