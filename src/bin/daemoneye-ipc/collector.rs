@@ -221,6 +221,12 @@ fn check_hash(task_id: String, check: Option<HashCheck>) -> DetectionResult {
 /// one could block a worker forever. On Unix the file is opened non-blocking,
 /// so not even opening a FIFO with no writer can hang.
 fn sha256_of_file(path: &str) -> Result<String, String> {
+    // Checked before opening too: Windows cannot open a directory as a file.
+    let metadata =
+        std::fs::metadata(path).map_err(|error| format!("cannot open {path}: {error}"))?;
+    if !metadata.is_file() {
+        return Err(format!("{path} is not a regular file"));
+    }
     let mut options = std::fs::OpenOptions::new();
     options.read(true);
     #[cfg(unix)]
@@ -326,7 +332,7 @@ mod tests {
         assert!(error.ends_with("is not a regular file"), "{error}");
     }
 
-    #[cfg(unix)]
+    #[cfg(target_os = "linux")]
     #[test]
     fn a_fifo_without_writer_is_refused_without_blocking() {
         let dir = tempfile::tempdir().unwrap();

@@ -15,6 +15,10 @@ use crate::{ConfigArgs, Failure};
 pub struct PingCmd {
     #[command(flatten)]
     settings: ConfigArgs,
+    /// Unix: also trust a server running as this uid (repeatable). A server
+    /// running as our own uid or root is always trusted.
+    #[arg(long = "allow-uid", value_name = "UID")]
+    allow_uids: Vec<u32>,
     /// Round trips to make on the one connection.
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     count: u32,
@@ -27,8 +31,13 @@ impl PingCmd {
         let endpoint = config.endpoint_path.clone();
         let failed = |err| Failure::runtime(format!("ping {endpoint} failed: {err}"));
 
+        let client = IpcClient::builder(config)
+            .allow_server_uids(self.allow_uids.iter().copied())
+            .build()
+            .map_err(Failure::usage)?;
+        // The first round trip connects; time the connection on its own.
         let started = Instant::now();
-        let client = IpcClient::connect(config).await.map_err(failed)?;
+        client.connect_now().await.map_err(failed)?;
         let connect = started.elapsed();
         println!(
             "connected to {} (transport={transport}) in {}",

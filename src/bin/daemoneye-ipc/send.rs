@@ -14,6 +14,10 @@ use crate::{ConfigArgs, Failure};
 pub struct SendCmd {
     #[command(flatten)]
     settings: ConfigArgs,
+    /// Unix: also trust a server running as this uid (repeatable). A server
+    /// running as our own uid or root is always trusted.
+    #[arg(long = "allow-uid", value_name = "UID")]
+    allow_uids: Vec<u32>,
     /// Correlation id of the task; the result carries it back.
     #[arg(long, value_name = "ID")]
     task_id: String,
@@ -106,7 +110,10 @@ impl SendCmd {
     pub async fn run(self) -> Result<(), Failure> {
         let task = self.task()?;
         let config = self.settings.load().map_err(Failure::usage)?.config;
-        let client = IpcClient::new(config).map_err(Failure::usage)?;
+        let client = IpcClient::builder(config)
+            .allow_server_uids(self.allow_uids.iter().copied())
+            .build()
+            .map_err(Failure::usage)?;
         let result = client.send(task).await.map_err(|err| {
             Failure::runtime(format!("send to {} failed: {err}", client.endpoint()))
         })?;

@@ -25,13 +25,17 @@ pub struct ServeCmd {
 impl ServeCmd {
     pub async fn run(self) -> Result<(), Failure> {
         let config = self.settings.load().map_err(Failure::usage)?.config;
+        // Hooked before the endpoint exists: a stop request that arrives as
+        // soon as the socket is visible must not find the default handler,
+        // which would kill the process without cleaning up.
+        let mut stop = StopSignals::install().map_err(Failure::runtime)?;
         let collector = Collector::new();
         let server = IpcServer::builder(config)
             .allow_uids(self.allow_uids)
             .bind(move |task| collector.clone().handle(task))
             .await
             .map_err(Failure::runtime)?;
-        let signal = stop_signal().await.map_err(Failure::runtime)?;
+        let signal = stop.recv().await.map_err(Failure::runtime)?;
         tracing::info!(signal, "stop requested");
         let report = server
             .shutdown(Duration::from_millis(self.shutdown_grace_ms))
@@ -41,24 +45,52 @@ impl ServeCmd {
     }
 }
 
-/// Waits for SIGINT or SIGTERM (Ctrl-C or Ctrl-Break on Windows) and names it.
-async fn stop_signal() -> std::io::Result<&'static str> {
+/// SIGINT and SIGTERM (Ctrl-C and Ctrl-Break on Windows), hooked at once.
+struct StopSignals {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut terminate = signal(SignalKind::terminate())?;
-        let mut interrupt = signal(SignalKind::interrupt())?;
-        Ok(tokio::select! {
-            _ = terminate.recv() => "SIGTERM",
-            _ = interrupt.recv() => "SIGINT",
-        })
-    }
+    terminate: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    interrupt: tokio::signal::unix::Signal,
     #[cfg(windows)]
-    {
-        let mut ctrl_break = tokio::signal::windows::ctrl_break()?;
-        Ok(tokio::select! {
-            result = tokio::signal::ctrl_c() => { result?; "Ctrl-C" }
-            _ = ctrl_break.recv() => "Ctrl-Break",
-        })
+    ctrl_c: tokio::signal::windows::CtrlC,
+    #[cfg(windows)]
+    ctrl_break: tokio::signal::windows::CtrlBreak,
+}
+
+impl StopSignals {
+    fn install() -> std::io::Result<StopSignals> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            Ok(StopSignals {
+                terminate: signal(SignalKind::terminate())?,
+                interrupt: signal(SignalKind::interrupt())?,
+            })
+        }
+        #[cfg(windows)]
+        {
+            Ok(StopSignals {
+                ctrl_c: tokio::signal::windows::ctrl_c()?,
+                ctrl_break: tokio::signal::windows::ctrl_break()?,
+            })
+        }
+    }
+
+    /// Waits for the first stop request and names it.
+    async fn recv(&mut self) -> std::io::Result<&'static str> {
+        #[cfg(unix)]
+        {
+            Ok(tokio::select! {
+                _ = self.terminate.recv() => "SIGTERM",
+                _ = self.interrupt.recv() => "SIGINT",
+            })
+        }
+        #[cfg(windows)]
+        {
+            Ok(tokio::select! {
+                _ = self.ctrl_c.recv() => "Ctrl-C",
+                _ = self.ctrl_break.recv() => "Ctrl-Break",
+            })
+        }
     }
 }
