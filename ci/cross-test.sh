@@ -1,0 +1,153 @@
+#!/usr/bin/env bash
+# The test suite on other targets, and compile checks where nothing can run.
+#
+#   ci/cross-test.sh                  every target below
+#   ci/cross-test.sh TARGET...        only these
+#
+# Runnable targets, tested with all features:
+#   x86_64-pc-windows-gnu             mingw-w64 linker, run under Wine
+#   aarch64-unknown-linux-gnu         cross gcc, run under qemu-aarch64
+#   armv7-unknown-linux-gnueabihf     cross gcc, run under qemu-arm
+# Compile-checked (cargo check and clippy, all targets, all features):
+#   x86_64-apple-darwin  aarch64-apple-darwin  x86_64-unknown-freebsd
+#
+# With a Docker engine and `cross` on the PATH, runnable targets go through
+# `cross test` (see Cross.toml). Otherwise the Debian packages and rustup
+# targets they need are installed if missing, and cargo uses the linkers and
+# runners of .cargo/config.toml. Exits non-zero if any target fails or could
+# not be set up.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+RUNNABLE=(x86_64-pc-windows-gnu aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf)
+CHECK_ONLY=(x86_64-apple-darwin aarch64-apple-darwin x86_64-unknown-freebsd)
+
+step() { printf '\n==> %s\n' "$*"; }
+is_one_of() { local x=$1; shift; for y in "$@"; do [[ $x == "$y" ]] && return 0; done; return 1; }
+
+targets=("$@")
+if [[ ${#targets[@]} -eq 0 ]]; then
+    targets=("${RUNNABLE[@]}" "${CHECK_ONLY[@]}")
+fi
+for target in "${targets[@]}"; do
+    is_one_of "$target" "${RUNNABLE[@]}" "${CHECK_ONLY[@]}" || {
+        echo "unknown target $target; known: ${RUNNABLE[*]} ${CHECK_ONLY[*]}" >&2
+        exit 2
+    }
+done
+
+use_cross=false
+if command -v cross >/dev/null 2>&1 && command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1; then
+    use_cross=true
+fi
+
+packages_for() {
+    case $1 in
+        x86_64-pc-windows-gnu) echo gcc-mingw-w64-x86-64 wine64 ;;
+        aarch64-unknown-linux-gnu) echo gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user ;;
+        armv7-unknown-linux-gnueabihf) echo gcc-arm-linux-gnueabihf libc6-dev-armhf-cross qemu-user ;;
+    esac
+}
+
+# The command prefix that runs one of the target's executables here; the
+# tests use it to start the daemoneye-ipc binary as a server process.
+runner_for() {
+    case $1 in
+        aarch64-unknown-linux-gnu) echo "qemu-aarch64 -L /usr/aarch64-linux-gnu" ;;
+        armv7-unknown-linux-gnueabihf) echo "qemu-arm -L /usr/arm-linux-gnueabihf" ;;
+        *) echo "" ;;  # Wine starts Windows children by itself.
+    esac
+}
+
+install_packages() {
+    local missing=()
+    for package in "$@"; do
+        dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q 'install ok installed' || missing+=("$package")
+    done
+    [[ ${#missing[@]} -eq 0 ]] && return 0
+    step "installing ${missing[*]}"
+    local sudo=()
+    [[ $(id -u) -eq 0 ]] || sudo=(sudo)
+    "${sudo[@]}" apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}"
+}
+
+install_rust_targets() {
+    local installed missing=()
+    installed=$(rustup target list --installed)
+    for target in "$@"; do
+        grep -qx "$target" <<<"$installed" || missing+=("$target")
+    done
+    [[ ${#missing[@]} -eq 0 ]] || { step "rustup target add ${missing[*]}"; rustup target add "${missing[@]}"; }
+}
+
+# A Wine prefix under target/ with the bcryptprimitives.dll shim, and a
+# persistent wineserver (without one, nextest sees each test's exiting
+# wineserver as a leaked process).
+prepare_wine() {
+    export WINEPREFIX="$PWD/target/wine-prefix" WINEDEBUG=-all
+    local wine=/usr/lib/wine/wine64 shim="$WINEPREFIX/drive_c/windows/system32/bcryptprimitives.dll"
+    if [[ ! -f $shim ]]; then
+        step "preparing the Wine prefix $WINEPREFIX"
+        mkdir -p "$WINEPREFIX"
+        "$wine" wineboot --init >/dev/null 2>&1
+        /usr/lib/wine/wineserver -w
+        x86_64-w64-mingw32-gcc -shared -O2 -o target/bcryptprimitives.dll ci/bcryptprimitives.c -lbcrypt
+        cp target/bcryptprimitives.dll "$shim"
+    fi
+    /usr/lib/wine/wineserver -p
+    # Start Wine's own services now, detached from our output: started by
+    # the first test executable instead, they would inherit its stdout and
+    # nextest would wait forever for that pipe to close.
+    "$wine" wineboot >/dev/null 2>&1 </dev/null
+}
+
+failures=()
+record() { # record TARGET WHAT COMMAND...
+    local target=$1 what=$2
+    shift 2
+    if ! "$@"; then
+        failures+=("$target: $what")
+    fi
+}
+
+runnable=() checks=()
+for target in "${targets[@]}"; do
+    if is_one_of "$target" "${RUNNABLE[@]}"; then runnable+=("$target"); else checks+=("$target"); fi
+done
+
+if ! $use_cross && [[ ${#runnable[@]} -gt 0 ]]; then
+    packages=()
+    for target in "${runnable[@]}"; do read -ra more <<<"$(packages_for "$target")"; packages+=("${more[@]}"); done
+    install_packages "${packages[@]}" || { echo "could not install ${packages[*]}" >&2; exit 1; }
+fi
+install_rust_targets "${targets[@]}" || { echo "could not add the rustup targets" >&2; exit 1; }
+
+for target in "${runnable[@]}"; do
+    step "$target: tests"
+    if $use_cross; then
+        record "$target" "cross test" cross test --locked --target "$target" --all-features
+        continue
+    fi
+    if [[ $target == *windows* ]]; then
+        prepare_wine || { failures+=("$target: Wine could not be prepared"); continue; }
+    fi
+    export DAEMONEYE_TEST_RUNNER
+    DAEMONEYE_TEST_RUNNER=$(runner_for "$target")
+    record "$target" "nextest" cargo nextest run --locked --target "$target" --all-features --profile ci
+    step "$target: doctests"
+    record "$target" "doctests" cargo test --locked --doc --target "$target" --all-features
+done
+
+for target in "${checks[@]}"; do
+    step "$target: cargo check and clippy"
+    record "$target" "check" cargo check --locked --target "$target" --all-targets --all-features
+    record "$target" "clippy" cargo clippy --locked --target "$target" --all-targets --all-features -- -D warnings
+done
+
+if [[ ${#failures[@]} -gt 0 ]]; then
+    printf '\ncross-target failures:\n' >&2
+    printf '  %s\n' "${failures[@]}" >&2
+    exit 1
+fi
+step "all cross-target checks passed: ${targets[*]}"
