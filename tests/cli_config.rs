@@ -1,19 +1,12 @@
 //! `daemoneye-ipc config`, run as a real process: the effective settings with
 //! their origins, and exit code 2 with a one-line reason for bad settings.
 
-use std::io::Write;
-use std::process::{Command, Output};
+mod support;
 
-fn daemoneye_ipc() -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_daemoneye-ipc"));
-    // Start from a clean slate whatever the CI environment carries.
-    for (key, _) in std::env::vars_os() {
-        if key.to_string_lossy().starts_with("DAEMONEYE_IPC_") {
-            command.env_remove(key);
-        }
-    }
-    command
-}
+use std::io::Write;
+use std::process::Output;
+
+use support::daemoneye_ipc;
 
 fn stdout(output: &Output) -> String {
     String::from_utf8(output.stdout.clone()).unwrap()

@@ -87,6 +87,47 @@ fn a_group_writable_parent_directory_is_refused_but_a_private_one_is_kept() {
 }
 
 #[test]
+fn a_parent_directory_others_can_write_to_is_refused_unless_sticky() {
+    let endpoint = Endpoint::fresh();
+    // <tmp>/dipcXXXX/run/procmond.sock: loosen <tmp>/dipcXXXX, a parent.
+    let grandparent = endpoint.dir.path();
+    fs::set_permissions(grandparent, fs::Permissions::from_mode(0o777)).unwrap();
+    let message = stderr(&serve_once(&endpoint.name));
+    assert!(
+        message.contains(&format!(
+            "refusing to use directory {}",
+            grandparent.display()
+        )),
+        "{message}"
+    );
+    assert!(
+        message.contains("mode 0777 lets group or others write to it"),
+        "{message}"
+    );
+
+    // Sticky, like /tmp: others cannot rename or remove what we put there.
+    fs::set_permissions(grandparent, fs::Permissions::from_mode(0o1777)).unwrap();
+    let _server = ServerProcess::start(&endpoint.name, transports()[0], &[]);
+}
+
+#[test]
+fn a_socket_directory_that_is_a_symlink_is_refused() {
+    let endpoint = Endpoint::fresh();
+    let real = endpoint.dir.path().join("real");
+    fs::create_dir(&real).unwrap();
+    fs::set_permissions(&real, fs::Permissions::from_mode(0o700)).unwrap();
+    symlink(&real, endpoint.path().parent().unwrap()).unwrap();
+    let output = serve_once(&endpoint.name);
+    assert_eq!(output.status.code(), Some(1));
+    let message = stderr(&output);
+    assert!(message.contains("it is a symbolic link"), "{message}");
+    assert!(
+        fs::read_dir(&real).unwrap().next().is_none(),
+        "nothing was bound through the link"
+    );
+}
+
+#[test]
 fn a_symlink_at_the_socket_path_is_refused_and_not_followed() {
     let endpoint = Endpoint::fresh();
     let dir = endpoint.path().parent().unwrap();
@@ -278,4 +319,68 @@ fn peers_of_another_uid_are_refused_unless_allowed() {
             assert!(logs.contains("peer uid 65534 is not allowed"), "{logs}");
         }
     }
+}
+
+/// The client checks who serves the endpoint: a server running as another
+/// (non-root) uid is refused before any task is sent, unless allowed.
+#[test]
+fn the_client_refuses_a_server_running_as_another_uid_unless_allowed() {
+    assert!(
+        rustix::process::geteuid().is_root(),
+        "this test runs a server as uid 65534 and so must run as root"
+    );
+    const NOBODY: u32 = 65534;
+    let endpoint = Endpoint::fresh();
+    let dir = endpoint.path().parent().unwrap();
+    fs::create_dir(dir).unwrap();
+    fs::set_permissions(endpoint.dir.path(), fs::Permissions::from_mode(0o711)).unwrap();
+    rustix::fs::chown(
+        dir,
+        Some(rustix::fs::Uid::from_raw(NOBODY)),
+        Some(rustix::fs::Gid::from_raw(NOBODY)),
+    )
+    .unwrap();
+    let mut server = {
+        use std::os::unix::process::CommandExt;
+        let mut command = daemoneye_ipc();
+        command
+            .args(["serve", "--endpoint", &endpoint.name])
+            .env("RUST_LOG", "daemoneye_ipc=info")
+            .stderr(std::process::Stdio::piped())
+            .uid(NOBODY)
+            .gid(NOBODY);
+        command.spawn().unwrap()
+    };
+    wait_until("the server's socket", PATIENCE, || {
+        endpoint.path().exists().then_some(())
+    });
+
+    let send = |extra: &[&str]| {
+        daemoneye_ipc()
+            .args([
+                "send",
+                "--endpoint",
+                &endpoint.name,
+                "--task-id",
+                "t",
+                "--accept-timeout-ms",
+                "2000",
+            ])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let refused = send(&[]);
+    assert_eq!(refused.status.code(), Some(1));
+    let message = stderr(&refused);
+    assert!(
+        message.contains("refusing to send tasks to the server"),
+        "{message}"
+    );
+    assert!(message.contains("uid 65534 is not allowed"), "{message}");
+
+    let allowed = send(&["--allow-uid", "65534"]);
+    assert!(allowed.status.success(), "{}", stderr(&allowed));
+    let _ = server.kill();
+    let _ = server.wait();
 }

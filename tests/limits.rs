@@ -3,7 +3,7 @@
 
 mod support;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use support::*;
 
@@ -76,6 +76,7 @@ fn a_waiting_client_is_served_as_soon_as_a_slot_frees() {
 #[test]
 fn accept_errors_back_off_instead_of_spinning_and_recover() {
     use rustix::process::{Pid, Resource, Rlimit, prlimit};
+    use std::time::Instant;
 
     let endpoint = Endpoint::fresh();
     let mut server = ServerProcess::start(&endpoint.name, transports()[0], &[]);

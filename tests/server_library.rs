@@ -261,10 +261,142 @@ async fn no_answer_within_the_read_timeout_is_a_response_timeout() {
         other => panic!("expected ResponseTimeout, got {other:?}"),
     }
     gate.released.notify_one();
+    assert!(client.send(task("next")).await.unwrap().success);
+}
+
+/// A caller that gives up leaves its id reserved until the server's late
+/// answer has come and been discarded: that answer can never be delivered to
+/// a later task reusing the id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_result_is_never_taken_for_the_answer_to_a_retry() {
+    let endpoint = Endpoint::fresh();
+    let gate = Gate::default();
+    let server = IpcServer::bind(config(&endpoint, transports()[0]), gate.handler())
+        .await
+        .unwrap();
+    let client = IpcClient::new(config(&endpoint, transports()[0])).unwrap();
+    let gave_up = tokio::time::timeout(Duration::from_millis(100), async {
+        let held_task = client.send(held("reused"));
+        tokio::pin!(held_task);
+        tokio::select! {
+            _ = &mut held_task => panic!("the held task cannot finish"),
+            _ = gate.held.notified() => {}
+        }
+        held_task.await
+    })
+    .await;
     assert!(
-        client.send(task("stuck")).await.unwrap().success,
-        "the id was withdrawn"
+        gave_up.is_err(),
+        "the caller gave up while the handler held the task"
     );
+
+    assert!(matches!(
+        client.send(task("reused")).await,
+        Err(IpcError::DuplicateTaskId { .. })
+    ));
+    gate.released.notify_one();
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let retried = loop {
+        match client.send(task("reused")).await {
+            Ok(result) => break result,
+            Err(IpcError::DuplicateTaskId { .. }) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            other => panic!("expected the retry to succeed, got {other:?}"),
+        }
+    };
+    assert!(retried.success);
+    assert_eq!(server.stats().accepted, 1, "all on one connection");
+    // The late answer and the retry's own (counted just after they are written).
+    support::eventually("two results written", PATIENCE, || {
+        (server.stats().frames_out == 2).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_given_up_on_mid_write_leaves_the_connection_intact() {
+    let endpoint = Endpoint::fresh();
+    let server = IpcServer::bind(
+        config(&endpoint, transports()[0]),
+        |task: DetectionTask| async move { ok(&task) },
+    )
+    .await
+    .unwrap();
+    let client = IpcClient::new(config(&endpoint, transports()[0])).unwrap();
+    client.send(task("warm-up")).await.unwrap();
+    let big = DetectionTask {
+        metadata: Some("x".repeat(512 * 1024)),
+        ..task("big")
+    };
+    for attempt in 0..20 {
+        // Dropped at once or part-way: either way the frame is written whole.
+        let _ = tokio::time::timeout(
+            Duration::from_micros(attempt * 50),
+            client.send(DetectionTask {
+                task_id: format!("big-{attempt}"),
+                ..big.clone()
+            }),
+        )
+        .await;
+    }
+    assert!(client.send(task("after")).await.unwrap().success);
+    let stats = server.stats();
+    assert_eq!(stats.accepted, 1, "the connection survived");
+    assert_eq!(
+        stats.malformed_frames + stats.read_timeouts + stats.crc_errors,
+        0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_sends_without_a_server_all_fail_within_the_connect_deadline() {
+    let endpoint = Endpoint::fresh();
+    let quick = IpcConfig {
+        accept_timeout_ms: 300,
+        ..config(&endpoint, transports()[0])
+    };
+    let client = IpcClient::new(quick).unwrap();
+    let started = tokio::time::Instant::now();
+    let mut sends = tokio::task::JoinSet::new();
+    for i in 0..10 {
+        let client = client.clone();
+        sends.spawn(async move { client.send(task(&format!("t{i}"))).await });
+    }
+    while let Some(outcome) = sends.join_next().await {
+        assert!(matches!(
+            outcome.unwrap(),
+            Err(IpcError::ConnectTimeout { .. })
+        ));
+    }
+    // One connect deadline for everyone, not one after another.
+    assert!(
+        started.elapsed() < Duration::from_millis(1500),
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_connection_is_replaced_before_the_server_would_close_it() {
+    let endpoint = Endpoint::fresh();
+    let short = IpcConfig {
+        read_timeout_ms: 400,
+        ..config(&endpoint, transports()[0])
+    };
+    let server = IpcServer::bind(
+        short.clone(),
+        |task: DetectionTask| async move { ok(&task) },
+    )
+    .await
+    .unwrap();
+    let client = IpcClient::new(short).unwrap();
+    client.send(task("first")).await.unwrap();
+    // Idle past half the read timeout: the next send must not cross the
+    // server's idle close, so the client opens a fresh connection.
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    assert!(client.send(task("second")).await.unwrap().success);
+    assert_eq!(server.stats().accepted, 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -423,11 +555,15 @@ async fn stats_count_connections_frames_and_bytes_and_name_the_transport() {
         for i in 0..3 {
             client.send(task(&format!("t{i}"))).await.unwrap();
         }
-        let stats = server.stats();
+        // The client can read a result before the server has counted it.
+        let stats = support::eventually("three results counted", PATIENCE, || {
+            Some(server.stats()).filter(|stats| stats.frames_out == 3)
+        })
+        .await;
         assert_eq!(stats.transport, transport.name());
         assert_eq!(stats.accepted, 1);
         assert_eq!(stats.active, 1);
-        assert_eq!((stats.frames_in, stats.frames_out), (3, 3));
+        assert_eq!(stats.frames_in, 3);
         // Each task "tN" is 4 bytes of protobuf plus the 8-byte header.
         assert_eq!(stats.bytes_in, 3 * 12);
         // Each result adds success=true (2 bytes).

@@ -78,7 +78,16 @@ pub fn daemoneye_ipc() -> Command {
     let Some(binary) = option_env!("CARGO_BIN_EXE_daemoneye-ipc") else {
         panic!("the daemoneye-ipc binary is built only with the `cli` feature");
     };
-    let mut command = Command::new(binary);
+    let runner = emulator();
+    let mut runner = runner.split_whitespace();
+    let mut command = match runner.next() {
+        Some(emulator) => {
+            let mut command = Command::new(emulator);
+            command.args(runner).arg(binary);
+            command
+        }
+        None => Command::new(binary),
+    };
     for (key, _) in std::env::vars_os() {
         if key.to_string_lossy().starts_with("DAEMONEYE_IPC_") {
             command.env_remove(key);
@@ -86,6 +95,26 @@ pub fn daemoneye_ipc() -> Command {
     }
     command.env_remove("RUST_LOG");
     command
+}
+
+/// Under user-mode emulation (qemu-user without binfmt_misc) a child built
+/// for the target must be started through the emulator too: the command
+/// prefix from `DAEMONEYE_TEST_RUNNER` (set by ci/cross-test.sh), else from
+/// the target's `CARGO_TARGET_<TRIPLE>_RUNNER` (set in cross's images).
+/// Windows children need none: Wine starts them itself.
+fn emulator() -> String {
+    if cfg!(windows) {
+        return String::new();
+    }
+    let target_runner = format!(
+        "CARGO_TARGET_{}_RUNNER",
+        env!("DAEMONEYE_BUILD_TARGET")
+            .to_uppercase()
+            .replace(['-', '.'], "_")
+    );
+    std::env::var("DAEMONEYE_TEST_RUNNER")
+        .or_else(|_| std::env::var(target_runner))
+        .unwrap_or_default()
 }
 
 /// A running `daemoneye-ipc serve`, logging at debug level to a file the
@@ -235,10 +264,17 @@ impl RawClient {
     pub async fn connect(endpoint: &str) -> RawClient {
         #[cfg(unix)]
         let stream = tokio::net::UnixStream::connect(endpoint).await.unwrap();
+        // Every instance can be briefly taken (ERROR_PIPE_BUSY) between the
+        // server's accept and its next instance: retry, as a client must.
         #[cfg(windows)]
-        let stream = tokio::net::windows::named_pipe::ClientOptions::new()
-            .open(endpoint)
-            .unwrap();
+        let stream = eventually("a free pipe instance", PATIENCE, || {
+            match tokio::net::windows::named_pipe::ClientOptions::new().open(endpoint) {
+                Ok(stream) => Some(stream),
+                Err(error) if error.raw_os_error() == Some(231) => None,
+                Err(error) => panic!("connecting to {endpoint}: {error}"),
+            }
+        })
+        .await;
         RawClient {
             stream,
             buf: BytesMut::new(),
