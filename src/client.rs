@@ -218,13 +218,25 @@ impl IpcClient {
         let endpoint = &self.inner.endpoint;
         let mut backoff = Backoff::new(CONNECT_BACKOFF_MIN, CONNECT_BACKOFF_MAX);
         let connection = loop {
-            let last_error = match tokio::time::timeout_at(
-                deadline,
-                transport::connect(config.transport, endpoint),
-            )
-            .await
-            {
-                Ok(Ok(connection)) => break connection,
+            let attempt =
+                tokio::time::timeout_at(deadline, transport::connect(config.transport, endpoint))
+                    .await;
+            let last_error = match attempt {
+                // Reading the server's credentials also proves the socket is
+                // connected: interprocess can hand back an unconnected one
+                // when the server's accept queue was full (ENOTCONN here).
+                Ok(Ok(connection)) => match connection.peer_credentials() {
+                    Err(error) if server_not_ready(&error) => error.to_string(),
+                    credentials => {
+                        self.inner.servers.check(credentials).map_err(|reason| {
+                            IpcError::UntrustedServer {
+                                endpoint: endpoint.to_string(),
+                                reason: format!("it {reason}"),
+                            }
+                        })?;
+                        break connection;
+                    }
+                },
                 Ok(Err(error)) if server_not_ready(&error) => error.to_string(),
                 Ok(Err(source)) => {
                     return Err(IpcError::Connect {
@@ -241,15 +253,6 @@ impl IpcClient {
             }
             tokio::time::sleep_until(retry_at).await;
         };
-        // Also proves the socket is really connected: a connect that found
-        // the server's queue full can come back unconnected.
-        self.inner
-            .servers
-            .check(connection.peer_credentials())
-            .map_err(|reason| IpcError::UntrustedServer {
-                endpoint: endpoint.to_string(),
-                reason: format!("the server {}", reason.trim_start_matches("peer ")),
-            })?;
         tracing::debug!(endpoint = %endpoint, transport = config.transport.name(), "connected");
         Ok(ClientConnection::start(
             connection,
@@ -346,15 +349,18 @@ async fn write_tasks(
     mut queue: mpsc::Receiver<Outgoing>,
     pending: Arc<PendingTable>,
 ) {
+    let ended = pending.ended.clone();
+    let ended = ended.cancelled();
+    tokio::pin!(ended);
     loop {
         let Outgoing { task, sent } = tokio::select! {
-            _ = pending.ended.cancelled() => return,
+            _ = &mut ended => return,
             outgoing = queue.recv() => match outgoing {
                 Some(outgoing) => outgoing,
                 None => return,
             },
         };
-        match writer.send(&mut io, &task).await {
+        match writer.send(&mut io, &[&task]).await {
             Ok(_) => {
                 let _ = sent.send(());
             }
@@ -374,9 +380,12 @@ async fn read_results(
     mut reader: FrameReader<DetectionResult>,
     pending: Arc<PendingTable>,
 ) {
+    let ended = pending.ended.clone();
+    let ended = ended.cancelled();
+    tokio::pin!(ended);
     let reason = loop {
         let next = tokio::select! {
-            _ = pending.ended.cancelled() => return,
+            _ = &mut ended => return,
             next = reader.next(&mut io, None) => next,
         };
         match next {

@@ -18,11 +18,11 @@ use std::time::Duration;
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
-use tokio_util::codec::{Decoder, Encoder};
+use tokio_util::codec::Decoder;
 
 use crate::error::IpcError;
 use crate::frame::codec::MessageCodec;
-use crate::frame::{FrameSettings, HEADER_LEN};
+use crate::frame::{FrameSettings, HEADER_LEN, encode_message_parts};
 
 /// Read buffer set aside per connection before the first read.
 const INITIAL_READ_CAPACITY: usize = 8 * 1024;
@@ -132,7 +132,8 @@ impl<In: prost::Message + Default> FrameReader<In> {
 /// deadline.
 #[derive(Debug)]
 pub(crate) struct FrameWriter<Out> {
-    codec: MessageCodec<Out, ()>,
+    settings: FrameSettings,
+    _messages: std::marker::PhantomData<fn(Out)>,
     buf: BytesMut,
     write_timeout: Duration,
     /// Why the stream can no longer be written, once a write failed or was
@@ -143,15 +144,16 @@ pub(crate) struct FrameWriter<Out> {
 impl<Out: prost::Message> FrameWriter<Out> {
     pub(crate) fn new(settings: FrameSettings, write_timeout: Duration) -> Self {
         FrameWriter {
-            codec: MessageCodec::new(settings),
+            settings,
+            _messages: std::marker::PhantomData,
             buf: BytesMut::new(),
             write_timeout,
             broken: None,
         }
     }
 
-    /// Encodes `message` and writes the frame to `io`. Returns the frame's
-    /// size.
+    /// Encodes one message from `parts` (see [`encode_message_parts`]) and
+    /// writes the frame to `io`. Returns the frame's size.
     ///
     /// A message over `max_frame_bytes` fails with
     /// [`IpcError::MessageTooLarge`] before anything is written, and the
@@ -160,7 +162,7 @@ impl<Out: prost::Message> FrameWriter<Out> {
     pub(crate) async fn send<W: AsyncWrite + Unpin>(
         &mut self,
         io: &mut W,
-        message: &Out,
+        parts: &[&Out],
     ) -> Result<usize, IpcError> {
         if let Some(cause) = &self.broken {
             return Err(IpcError::Io(io::Error::new(
@@ -169,7 +171,7 @@ impl<Out: prost::Message> FrameWriter<Out> {
             )));
         }
         self.buf.clear();
-        self.codec.encode(message, &mut self.buf)?;
+        encode_message_parts(parts, self.settings, &mut self.buf)?;
         let length = self.buf.len();
         // If this future is dropped mid-write, `broken` says so next time.
         self.broken = Some("an earlier write was abandoned part-way through a frame".to_owned());

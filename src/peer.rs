@@ -30,19 +30,20 @@ impl PeerPolicy {
         PeerPolicy { allowed_uids }
     }
 
-    /// `Ok` if the peer may talk to us, else why not.
+    /// `Ok` if the peer may talk to us, else why not, phrased to follow
+    /// "the peer" or "the server" ("runs as uid 1001, which is not allowed").
     pub(crate) fn check(&self, peer: io::Result<PeerCredentials>) -> Result<(), String> {
         #[cfg(unix)]
         {
             let peer =
-                peer.map_err(|error| format!("cannot read the peer's credentials: {error}"))?;
+                peer.map_err(|error| format!("has credentials that cannot be read ({error})"))?;
             match peer.uid {
                 Some(uid) if self.allowed_uids.contains(&uid) => Ok(()),
                 Some(uid) => Err(format!(
-                    "peer uid {uid} is not allowed (allowed: {:?}; see --allow-uid)",
+                    "runs as uid {uid}, which is not allowed (allowed: {:?}; see --allow-uid)",
                     self.allowed_uids
                 )),
-                None => Err("the OS did not report the peer's uid".to_owned()),
+                None => Err("has a uid the OS did not report".to_owned()),
             }
         }
         #[cfg(windows)]

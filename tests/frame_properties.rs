@@ -230,6 +230,18 @@ proptest! {
     }
 
     #[test]
+    fn parts_decode_as_one_merged_message(task_id in text(), result in result(), crc32 in variant()) {
+        // What the server sends for a shared result: the task's id, then the
+        // shared body (which carries no id of its own).
+        let shared = DetectionResult { task_id: String::new(), ..result };
+        let head = DetectionResult { task_id: task_id.clone(), ..Default::default() };
+        let mut wire = BytesMut::new();
+        daemoneye_ipc::frame::encode_message_parts(&[&head, &shared], settings(crc32), &mut wire).unwrap();
+        let decoded = ClientCodec::new(settings(crc32)).decode(&mut wire).unwrap().unwrap();
+        prop_assert_eq!(decoded, DetectionResult { task_id, ..shared });
+    }
+
+    #[test]
     fn raw_bodies_round_trip(body in vec(any::<u8>(), 0..2048), crc32 in variant()) {
         let mut wire = BytesMut::new();
         encode_frame(&body, settings(crc32), &mut wire).unwrap();

@@ -165,6 +165,45 @@ async fn a_result_too_large_for_a_frame_is_answered_with_its_size_and_the_limit(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_result_goes_out_with_each_tasks_own_id() {
+    let endpoint = Endpoint::fresh();
+    let shared = Arc::new(DetectionResult {
+        success: true,
+        processes: vec![ProcessRecord {
+            pid: 7,
+            name: "shared".into(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    });
+    let stale = Arc::new(DetectionResult {
+        task_id: "someone else's".into(),
+        ..DetectionResult::clone(&shared)
+    });
+    let _server = IpcServer::bind(
+        config(&endpoint, transports()[0]),
+        move |task: DetectionTask| {
+            let reply = if task.task_id == "stale" {
+                stale.clone()
+            } else {
+                shared.clone()
+            };
+            async move { reply }
+        },
+    )
+    .await
+    .unwrap();
+    let client = IpcClient::new(config(&endpoint, transports()[0])).unwrap();
+    for id in ["a", "b", "stale"] {
+        let result = client.send(task(id)).await.unwrap();
+        assert_eq!(result.task_id, id);
+        assert!(result.success);
+        assert_eq!(result.processes.len(), 1);
+        assert_eq!(result.processes[0].name, "shared");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn task_ids_must_be_non_empty_and_unique_while_in_flight() {
     let endpoint = Endpoint::fresh();
     let gate = Gate::default();

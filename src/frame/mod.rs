@@ -204,12 +204,33 @@ pub fn encode_message<M: prost::Message>(
     settings: FrameSettings,
     dst: &mut BytesMut,
 ) -> Result<(), IpcError> {
-    let length = message.encoded_len();
+    encode_message_parts(&[message], settings, dst)
+}
+
+/// Appends one frame whose body is the encodings of `parts`, one after the
+/// other, each encoded in place.
+///
+/// Protobuf reads concatenated encodings of a message type as one message,
+/// merged field by field (a later scalar wins, repeated fields append). So a
+/// small part carrying what is particular to one reply (a `task_id`) can
+/// precede a large part shared between replies, without copying the large
+/// part into a new message first. Parts must not both set a scalar field.
+///
+/// Fails, leaving `dst` as it was, if the body would exceed
+/// `settings.max_frame_bytes`.
+pub fn encode_message_parts<M: prost::Message>(
+    parts: &[&M],
+    settings: FrameSettings,
+    dst: &mut BytesMut,
+) -> Result<(), IpcError> {
+    let length = parts.iter().map(|part| part.encoded_len()).sum();
     let length = checked_body_length(length, settings.max_frame_bytes)?;
     dst.reserve(HEADER_LEN + length as usize);
     let start = dst.len();
     dst.put_bytes(0, HEADER_LEN);
-    message.encode_raw(dst);
+    for part in parts {
+        part.encode_raw(dst);
+    }
     finish_header(dst, start, length, settings.crc32);
     Ok(())
 }

@@ -2,12 +2,16 @@
 //! it completes.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::ops::ControlFlow;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 
 use tokio::task::{Id as TaskHandle, JoinSet};
 use tokio::time::Instant;
 
-use super::{Shared, TaskHandler};
+use super::{Reply, Shared, TaskHandler};
 use crate::error::IpcError;
 use crate::framed_io::{FrameReader, FrameWriter};
 use crate::proto::{DetectionResult, DetectionTask};
@@ -49,6 +53,10 @@ async fn serve_frames<H: TaskHandler>(
     // The idle window runs only while nothing is in flight: a client waiting
     // on a slow handler is not idle.
     let mut last_activity = Instant::now();
+    // Registered once, not once per frame.
+    let abort = shared.abort.cancelled();
+    let stop_reading = shared.stop_reading.cancelled();
+    tokio::pin!(abort, stop_reading);
 
     loop {
         if !reading && in_flight.is_empty() {
@@ -65,17 +73,14 @@ async fn serve_frames<H: TaskHandler>(
         paused = !may_read;
         tokio::select! {
             biased;
-            _ = shared.abort.cancelled() => return Ok(()),
-            Some(outcome) = in_flight.next_done() => {
-                let result = outcome.into_result(&shared.counters);
-                tokio::select! {
-                    // A client that stops reading must not hold up a hard stop.
-                    _ = shared.abort.cancelled() => return Ok(()),
-                    answered = answer(connection, &mut writer, result, shared) => answered?,
+            _ = &mut abort => return Ok(()),
+            Some(done) = in_flight.next_done() => {
+                if deliver(connection, &mut writer, done, shared).await?.is_break() {
+                    return Ok(());
                 }
                 last_activity = Instant::now();
             }
-            _ = shared.stop_reading.cancelled(), if reading => reading = false,
+            _ = &mut stop_reading, if reading => reading = false,
             read = reader.next(connection, idle_deadline), if may_read => {
                 add(&shared.counters.bytes_in, reader.bytes_read() - bytes_counted);
                 bytes_counted = reader.bytes_read();
@@ -83,7 +88,11 @@ async fn serve_frames<H: TaskHandler>(
                     Some(task) => {
                         bump(&shared.counters.frames_in);
                         tracing::debug!(task_id = %task.task_id, task_type = task.task_type, "task received");
-                        in_flight.start(task, &handler);
+                        if let Some(done) = in_flight.start(task, &handler)
+                            && deliver(connection, &mut writer, done, shared).await?.is_break()
+                        {
+                            return Ok(());
+                        }
                         last_activity = Instant::now();
                     }
                     // The peer closed its side: answer what is in flight, then close.
@@ -94,20 +103,47 @@ async fn serve_frames<H: TaskHandler>(
     }
 }
 
-/// Writes one result; a result too large for a frame is replaced by an error
+/// Answers a finished task, unless the server is stopping hard
+/// (`Break`): a client that stops reading must not hold up a hard stop.
+async fn deliver(
+    connection: &mut Connection,
+    writer: &mut FrameWriter<DetectionResult>,
+    done: Done,
+    shared: &Shared,
+) -> Result<ControlFlow<()>, IpcError> {
+    let (task_id, reply) = done.into_reply(&shared.counters);
+    tokio::select! {
+        _ = shared.abort.cancelled() => Ok(ControlFlow::Break(())),
+        answered = answer(connection, writer, task_id, reply, shared) => answered.map(ControlFlow::Continue),
+    }
+}
+
+/// Writes one reply; a result too large for a frame is replaced by an error
 /// result naming the size and the limit, so the client gets an answer.
 async fn answer(
     connection: &mut Connection,
     writer: &mut FrameWriter<DetectionResult>,
-    result: DetectionResult,
+    task_id: String,
+    reply: Reply,
     shared: &Shared,
 ) -> Result<(), IpcError> {
-    let written = match writer.send(connection, &result).await {
+    let sent = match &reply {
+        Reply::Owned(result) => writer.send(connection, &[result]).await,
+        Reply::Shared(result) => {
+            // This reply's id, then the shared result, merged by the reader.
+            let head = DetectionResult {
+                task_id: task_id.clone(),
+                ..Default::default()
+            };
+            writer.send(connection, &[&head, result]).await
+        }
+    };
+    let written = match sent {
         Err(IpcError::MessageTooLarge { length, limit }) => {
             bump(&shared.counters.oversize_results);
-            tracing::warn!(task_id = %result.task_id, length, limit, "result exceeds max_frame_bytes; answering with an error");
+            tracing::warn!(%task_id, length, limit, "result exceeds max_frame_bytes; answering with an error");
             let refusal = DetectionResult {
-                task_id: result.task_id,
+                task_id,
                 success: false,
                 error_message: Some(format!(
                     "the result is {length} bytes, over max_frame_bytes = {limit}; narrow the task \
@@ -116,7 +152,7 @@ async fn answer(
                 )),
                 ..Default::default()
             };
-            writer.send(connection, &refusal).await?
+            writer.send(connection, &[&refusal]).await?
         }
         other => other?,
     };
@@ -128,7 +164,7 @@ async fn answer(
 /// Handlers running for one connection.
 #[derive(Default)]
 struct InFlight {
-    tasks: JoinSet<DetectionResult>,
+    tasks: JoinSet<Reply>,
     /// The task id of each running handler, to answer for it if it panics.
     ids: HashMap<TaskHandle, String>,
 }
@@ -136,7 +172,8 @@ struct InFlight {
 /// How a handler ended.
 struct Done {
     task_id: String,
-    outcome: Result<DetectionResult, tokio::task::JoinError>,
+    /// The reply, or why there is none (the handler panicked).
+    outcome: Result<Reply, String>,
 }
 
 impl InFlight {
@@ -148,49 +185,87 @@ impl InFlight {
         self.tasks.is_empty()
     }
 
-    fn start<H: TaskHandler>(&mut self, task: DetectionTask, handler: &Arc<H>) {
+    /// Starts the handler. One that finishes on its first poll (nothing to
+    /// wait for) is answered at once, without the cost of a task; one that
+    /// must wait carries on as a task of its own, polled with a real waker
+    /// from then on.
+    fn start<H: TaskHandler>(&mut self, task: DetectionTask, handler: &Arc<H>) -> Option<Done> {
         let handler = handler.clone();
         let task_id = task.task_id.clone();
-        let handle = self.tasks.spawn(async move { handler.handle(task).await });
-        self.ids.insert(handle.id(), task_id);
+        let mut running = Box::pin(async move { handler.handle(task).await });
+        let mut first_poll = Context::from_waker(Waker::noop());
+        match std::panic::catch_unwind(AssertUnwindSafe(|| running.as_mut().poll(&mut first_poll)))
+        {
+            Ok(Poll::Ready(result)) => Some(Done {
+                task_id,
+                outcome: Ok(result),
+            }),
+            Ok(Poll::Pending) => {
+                let handle = self.tasks.spawn(running);
+                self.ids.insert(handle.id(), task_id);
+                None
+            }
+            Err(panic) => Some(Done {
+                task_id,
+                outcome: Err(format!("panicked: {}", panic_message(&*panic))),
+            }),
+        }
     }
 
     /// The next handler to finish; `None` at once if none is running.
     async fn next_done(&mut self) -> Option<Done> {
         let (handle, outcome) = match self.tasks.join_next_with_id().await? {
             Ok((handle, result)) => (handle, Ok(result)),
-            Err(error) => (error.id(), Err(error)),
+            Err(error) => (error.id(), Err(error.to_string())),
         };
         let task_id = self.ids.remove(&handle).unwrap_or_default();
         Some(Done { task_id, outcome })
     }
 }
 
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("a panic without a message")
+}
+
 impl Done {
-    /// The result to send: the handler's, with the task's own id, or an
-    /// error result if the handler panicked.
-    fn into_result(self, counters: &crate::telemetry::Counters) -> DetectionResult {
-        match self.outcome {
-            Ok(mut result) => {
-                if result.task_id != self.task_id {
-                    tracing::debug!(handler_said = %result.task_id, task_id = %self.task_id, "result task_id set to the task's");
-                    result.task_id = self.task_id;
+    /// The id and reply to send: the handler's, carrying the task's own id,
+    /// or an error result if the handler panicked.
+    fn into_reply(self, counters: &crate::telemetry::Counters) -> (String, Reply) {
+        let task_id = self.task_id;
+        let reply = match self.outcome {
+            Ok(Reply::Owned(mut result)) => {
+                if result.task_id != task_id {
+                    tracing::debug!(handler_said = %result.task_id, %task_id, "result task_id set to the task's");
+                    result.task_id.clone_from(&task_id);
                 }
-                result
+                Reply::Owned(result)
             }
+            Ok(Reply::Shared(result)) if !result.task_id.is_empty() => {
+                // Merging would let the shared id win: fall back to a copy.
+                tracing::debug!(handler_said = %result.task_id, %task_id, "shared result carries a task_id; copied");
+                let mut result = DetectionResult::clone(&result);
+                result.task_id.clone_from(&task_id);
+                Reply::Owned(result)
+            }
+            Ok(shared) => shared,
             Err(error) => {
                 bump(&counters.handler_errors);
-                tracing::error!(task_id = %self.task_id, %error, "handler failed");
-                DetectionResult {
-                    task_id: self.task_id,
+                tracing::error!(%task_id, %error, "handler failed");
+                Reply::Owned(DetectionResult {
+                    task_id: task_id.clone(),
                     success: false,
                     error_message: Some(format!(
                         "the collector's handler failed on this task ({error}); the collector is still \
                          running, other tasks are unaffected"
                     )),
                     ..Default::default()
-                }
+                })
             }
-        }
+        };
+        (task_id, reply)
     }
 }

@@ -41,8 +41,9 @@ const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// Answers tasks. Implemented for every
-/// `Fn(DetectionTask) -> impl Future<Output = DetectionResult>`, so an async
-/// closure works:
+/// `Fn(DetectionTask) -> impl Future<Output = R>` where `R` is a
+/// [`DetectionResult`] or an `Arc<DetectionResult>` (see [`Reply`]), so an
+/// async closure works:
 ///
 /// ```
 /// # use daemoneye_ipc::{DetectionResult, DetectionTask, server::TaskHandler};
@@ -52,20 +53,46 @@ const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// });
 /// ```
 ///
-/// The server copies the task's `task_id` into the result whatever the
-/// handler sets, since that id is how the client matches answers.
+/// The server answers with the task's own `task_id` whatever the handler
+/// sets, since that id is how the client matches answers.
 pub trait TaskHandler: Send + Sync + 'static {
     /// Runs one task. Several may run at once, from one or many connections.
-    fn handle(&self, task: DetectionTask) -> impl Future<Output = DetectionResult> + Send;
+    fn handle(&self, task: DetectionTask) -> impl Future<Output = Reply> + Send;
 }
 
 impl<F, Fut> TaskHandler for F
 where
     F: Fn(DetectionTask) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = DetectionResult> + Send,
+    Fut: Future + Send,
+    Fut::Output: Into<Reply>,
 {
-    fn handle(&self, task: DetectionTask) -> impl Future<Output = DetectionResult> + Send {
-        self(task)
+    fn handle(&self, task: DetectionTask) -> impl Future<Output = Reply> + Send {
+        let answer = self(task);
+        async move { answer.await.into() }
+    }
+}
+
+/// What a handler answers with.
+#[derive(Debug, Clone)]
+pub enum Reply {
+    /// A result of this task's own.
+    Owned(DetectionResult),
+    /// A result shared with other replies (a cached process table, say),
+    /// written without being copied: the frame carries this task's id,
+    /// then the shared result's encoding, which protobuf merges into one
+    /// message. Leave its `task_id` empty.
+    Shared(Arc<DetectionResult>),
+}
+
+impl From<DetectionResult> for Reply {
+    fn from(result: DetectionResult) -> Reply {
+        Reply::Owned(result)
+    }
+}
+
+impl From<Arc<DetectionResult>> for Reply {
+    fn from(result: Arc<DetectionResult>) -> Reply {
+        Reply::Shared(result)
     }
 }
 
@@ -333,7 +360,7 @@ async fn serve_connection<H: TaskHandler>(
     async move {
         if let Err(reason) = shared.peers.check(peer) {
             bump(&shared.counters.rejected_peer);
-            tracing::warn!(%reason, "peer rejected");
+            tracing::warn!("peer rejected: it {reason}");
             return;
         }
         let Some(_slot) = wait_for_slot(&shared).await else {
