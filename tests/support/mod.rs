@@ -102,7 +102,7 @@ pub fn daemoneye_ipc() -> Command {
 /// prefix from `DAEMONEYE_TEST_RUNNER` (set by ci/cross-test.sh), else from
 /// the target's `CARGO_TARGET_<TRIPLE>_RUNNER` (set in cross's images).
 /// Windows children need none: Wine starts them itself.
-fn emulator() -> String {
+pub fn emulator() -> String {
     if cfg!(windows) {
         return String::new();
     }

@@ -4,6 +4,7 @@
 //! handler), 2 bad usage or configuration.
 
 mod collector;
+mod compare;
 mod config_cmd;
 mod ping;
 mod send;
@@ -42,6 +43,12 @@ enum Command {
     Ping(ping::PingCmd),
     /// Print the effective configuration and where each value came from.
     Config(config_cmd::ConfigCmd),
+    /// Measure every compiled-in backend and two floors side by side, and
+    /// judge interprocess against the decision record's bar.
+    Compare(compare::CompareCmd),
+    /// A server for `compare` (started by it, one per backend and round).
+    #[command(hide = true)]
+    BenchServer(compare::BenchServerCmd),
 }
 
 /// The settings every subcommand accepts. Flags override `DAEMONEYE_IPC_*`
@@ -129,6 +136,9 @@ fn main() -> ExitCode {
         Command::Send(cmd) => runtime().and_then(|rt| rt.block_on(cmd.run())),
         Command::Ping(cmd) => runtime().and_then(|rt| rt.block_on(cmd.run())),
         Command::Config(cmd) => cmd.run(),
+        // These pin themselves before any runtime thread exists.
+        Command::Compare(cmd) => cmd.run_blocking(),
+        Command::BenchServer(cmd) => cmd.run_blocking(),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,346 @@
+//! `daemoneye-ipc compare`: every compiled-in backend, plus two floors, side
+//! by side, with the decision record's verdict.
+//!
+//! Each backend's server is a child process (`bench-server`); this process
+//! is the client. Rounds interleave the backends (A B C ... A B C ...), each
+//! round with a fresh server, and every figure is reported as the median over
+//! rounds with its min-max spread.
+
+mod floors;
+mod report;
+mod role;
+mod system;
+mod workload;
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use clap::Args;
+use daemoneye_ipc::{Crc32Variant, TransportKind};
+use indicatif::{ProgressBar, ProgressStyle};
+
+pub use role::BenchServerCmd;
+
+use self::report::{Report, RoundFigures, SizeFigures, ThroughputFigures};
+use self::role::{ServerChild, ServerRuntime, Workspace};
+use self::system::{Pin, Placement, ProcessProbe};
+use self::workload::{Driver, Plan};
+use crate::Failure;
+
+/// Tasks in flight for the pipelined throughput runs.
+pub const IN_FLIGHT: [usize; 3] = [1, 8, 32];
+
+/// Clients held open for the server-memory figure.
+const HELD_CLIENTS: usize = 16;
+
+/// Something that carries bytes between two processes: a product backend,
+/// or a floor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Backend {
+    Product(TransportKind),
+    /// Blocking `std` Unix sockets, bare length prefix.
+    RawStd,
+    /// Tokio sockets (or pipes), bare length prefix.
+    RawTokio,
+}
+
+impl Backend {
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Product(kind) => kind.name(),
+            Backend::RawStd => "raw-std",
+            Backend::RawTokio => "raw-tokio",
+        }
+    }
+
+    pub fn is_floor(self) -> bool {
+        !matches!(self, Backend::Product(_))
+    }
+
+    /// Every backend this build can run: the compiled-in products, then the
+    /// floors (raw-std needs Unix sockets in std).
+    pub fn available() -> Vec<Backend> {
+        let mut backends: Vec<Backend> = TransportKind::compiled().map(Backend::Product).collect();
+        if cfg!(unix) {
+            backends.push(Backend::RawStd);
+        }
+        backends.push(Backend::RawTokio);
+        backends
+    }
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Backend {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Backend, String> {
+        Backend::available()
+            .into_iter()
+            .find(|backend| backend.name() == s.trim())
+            .ok_or_else(|| {
+                let names: Vec<&str> = Backend::available()
+                    .into_iter()
+                    .map(Backend::name)
+                    .collect();
+                format!(
+                    "unknown or unavailable backend {s:?}; this build has: {}",
+                    names.join(", ")
+                )
+            })
+    }
+}
+
+/// Sizes like `64`, `1K`, `64KiB`, `1M`.
+fn parse_size(text: &str) -> Result<usize, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let number: usize = digits
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size (try 64, 1K, 64K, 1M)"))?;
+    let scale = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1024,
+        "m" | "mb" | "mib" => 1024 * 1024,
+        _ => return Err(format!("{text:?}: unknown unit {unit:?} (use K or M)")),
+    };
+    let size = number
+        .checked_mul(scale)
+        .ok_or_else(|| format!("{text:?} is too large"))?;
+    if !(1..=64 * 1024 * 1024).contains(&size) {
+        return Err(format!("{text:?}: sizes run from 1 byte to 64 MiB"));
+    }
+    Ok(size)
+}
+
+#[derive(Args)]
+pub struct CompareCmd {
+    /// Rounds per backend, interleaved (A B C ... A B C ...); figures are
+    /// medians over rounds with their min-max spread.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(3..))]
+    rounds: u32,
+    /// Payload sizes, comma-separated (K and M suffixes: 1K = 1024).
+    #[arg(long, value_delimiter = ',', default_value = "64,1K,64K,1M", value_parser = parse_size)]
+    sizes: Vec<usize>,
+    /// Placement of client and servers: same CPU, split CPUs, or none.
+    #[arg(long, value_enum, default_value_t = Pin::default_for_os())]
+    pin: Pin,
+    /// Short measurement windows: the whole run in under 30 seconds.
+    #[arg(long)]
+    quick: bool,
+    /// Only these backends, comma-separated (default: every one available).
+    #[arg(long, value_delimiter = ',')]
+    backends: Vec<Backend>,
+    /// Frame checksum of the product backends.
+    #[arg(long, default_value = "ieee")]
+    crc32: Crc32Variant,
+    /// Tokio runtime of the servers (the product's `serve` uses multi-thread).
+    #[arg(long, value_enum, default_value_t = ServerRuntime::MultiThread)]
+    server_runtime: ServerRuntime,
+    /// Write every raw figure, the machine, placement and versions as JSON.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+    /// Write the tables as Markdown.
+    #[arg(long, value_name = "FILE")]
+    markdown: Option<PathBuf>,
+    /// Write a chart of p50/p99 latency and throughput per backend and size.
+    #[arg(long, value_name = "FILE")]
+    svg: Option<PathBuf>,
+}
+
+impl CompareCmd {
+    /// Pins this process first, then measures on a single-threaded runtime
+    /// (the client side stays on the one CPU it was given).
+    pub fn run_blocking(mut self) -> Result<(), Failure> {
+        let placement = Placement::apply(self.pin).map_err(Failure::usage)?;
+        if self.backends.is_empty() {
+            self.backends = Backend::available();
+        }
+        self.sizes.sort_unstable();
+        self.sizes.dedup();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| Failure::runtime(format!("cannot start the async runtime: {e}")))?;
+        let report = runtime.block_on(self.measure(placement))?;
+        print!("{}", report.to_text());
+        if let Some(path) = &self.json {
+            write(path, &report.to_json().map_err(Failure::runtime)?)?;
+        }
+        if let Some(path) = &self.markdown {
+            write(path, &report.to_markdown())?;
+        }
+        if let Some(path) = &self.svg {
+            report
+                .write_svg(path)
+                .map_err(|e| Failure::runtime(format!("cannot write {}: {e}", path.display())))?;
+        }
+        Ok(())
+    }
+
+    async fn measure(&self, placement: Placement) -> Result<Report, Failure> {
+        let plan = if self.quick {
+            Plan::quick()
+        } else {
+            Plan::full()
+        };
+        let mut workspace = Workspace::create().map_err(Failure::runtime)?;
+        let steps_per_round = self.sizes.len() * (1 + IN_FLIGHT.len()) + 2;
+        let progress =
+            ProgressBar::new((self.rounds as usize * self.backends.len() * steps_per_round) as u64);
+        progress.set_style(
+            ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}",
+            )
+            .expect("valid template"),
+        );
+        let mut rounds: Vec<(Backend, Vec<RoundFigures>)> = self
+            .backends
+            .iter()
+            .map(|&backend| (backend, Vec::new()))
+            .collect();
+        for round in 1..=self.rounds {
+            for (backend, figures) in &mut rounds {
+                let endpoint = workspace.endpoint(*backend);
+                let figures_of_round = self
+                    .round(*backend, endpoint, &placement, &plan, &progress, round)
+                    .await
+                    .map_err(|e| Failure::runtime(format!("{backend}, round {round}: {e}")))?;
+                figures.push(figures_of_round);
+            }
+        }
+        progress.finish_and_clear();
+        Ok(Report::new(
+            self.command_line(),
+            placement,
+            plan,
+            self.rounds,
+            self.sizes.clone(),
+            self.crc32,
+            rounds,
+        ))
+    }
+
+    /// One round of every workload against a fresh server for `backend`.
+    async fn round(
+        &self,
+        backend: Backend,
+        endpoint: String,
+        placement: &Placement,
+        plan: &Plan,
+        progress: &ProgressBar,
+        round: u32,
+    ) -> Result<RoundFigures, String> {
+        let largest = *self.sizes.last().expect("at least one size");
+        let server = ServerChild::spawn(
+            backend,
+            endpoint,
+            &self.sizes,
+            self.crc32,
+            placement.server_cpu,
+            self.server_runtime,
+        )?;
+        let mut probe = ProcessProbe::new(server.pid());
+        let client = ProcessProbe::new(std::process::id());
+        let driver = Driver::new(backend, &server.endpoint, self.crc32, largest);
+        let step = |what: String| {
+            progress.set_message(format!("round {round}/{}: {backend} {what}", self.rounds));
+        };
+
+        step("memory".to_owned());
+        let rss_idle = probe.rss();
+        let held = driver.hold(HELD_CLIENTS, largest).await?;
+        let rss_held = probe.rss();
+        let rss_peak_held = probe.peak_rss().max(rss_held);
+        drop(held);
+        progress.inc(1);
+
+        step("connection setup".to_owned());
+        let connect = driver.connections(plan).await?;
+        progress.inc(1);
+
+        let mut sizes = Vec::with_capacity(self.sizes.len());
+        for &size in &self.sizes {
+            step(format!("{} latency", report::size_label(size)));
+            let latency = driver.latency(size, plan).await?;
+            progress.inc(1);
+            let mut throughput = Vec::with_capacity(IN_FLIGHT.len());
+            for in_flight in IN_FLIGHT {
+                step(format!(
+                    "{} x{in_flight} throughput",
+                    report::size_label(size)
+                ));
+                let cpu_before = probe.cpu_time_ns();
+                let faults_before = (probe.minor_faults(), client.minor_faults());
+                let run = driver.throughput(size, in_flight, plan).await?;
+                let cpu = probe.cpu_time_ns().saturating_sub(cpu_before);
+                let faults = (
+                    faults_since(faults_before.0, probe.minor_faults()),
+                    faults_since(faults_before.1, client.minor_faults()),
+                );
+                throughput.push(ThroughputFigures::new(in_flight, size, run, cpu, faults));
+                progress.inc(1);
+            }
+            sizes.push(SizeFigures::new(size, &latency, throughput));
+        }
+        drop(server);
+        Ok(RoundFigures {
+            round,
+            rss_idle_bytes: rss_idle,
+            rss_held_peak_bytes: rss_peak_held,
+            connect_p50_ns: connect.value_at_quantile(0.5),
+            connect_p99_ns: connect.value_at_quantile(0.99),
+            sizes,
+        })
+    }
+
+    fn command_line(&self) -> String {
+        std::env::args().collect::<Vec<_>>().join(" ")
+    }
+}
+
+fn faults_since(before: Option<u64>, after: Option<u64>) -> Option<u64> {
+    Some(after?.saturating_sub(before?))
+}
+
+fn write(path: &PathBuf, text: &str) -> Result<(), Failure> {
+    std::fs::write(path, text)
+        .map_err(|e| Failure::runtime(format!("cannot write {}: {e}", path.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_with_units() {
+        assert_eq!(parse_size("64"), Ok(64));
+        assert_eq!(parse_size("1K"), Ok(1024));
+        assert_eq!(parse_size("64KiB"), Ok(65536));
+        assert_eq!(parse_size("1m"), Ok(1 << 20));
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("1G").unwrap_err().contains("unknown unit"));
+        assert!(parse_size("lots").is_err());
+    }
+
+    #[test]
+    fn backends_parse_by_name() {
+        for backend in Backend::available() {
+            assert_eq!(backend.name().parse::<Backend>(), Ok(backend));
+        }
+        assert!(
+            "legacy"
+                .parse::<Backend>()
+                .unwrap_err()
+                .contains("this build has")
+        );
+    }
+}

@@ -1,0 +1,1209 @@
+//! What `compare` found: the raw figures of every round, their medians and
+//! spreads, the decision record's verdict, and the goals; as a terminal
+//! table, Markdown, JSON (schema in docs/compare-json.md) and an SVG chart.
+
+use std::fmt::Write as _;
+use std::path::Path;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use daemoneye_ipc::{Crc32Variant, TransportKind};
+use serde::Serialize;
+
+use super::system::{Machine, Placement};
+use super::workload::{Latencies, Plan, Throughput};
+use super::{Backend, IN_FLIGHT};
+
+/// Bumped whenever a field changes meaning or disappears.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// The decision record's bars.
+const LATENCY_BAR: f64 = 1.05;
+const THROUGHPUT_BAR: f64 = 1.00;
+const MEMORY_BAR: f64 = 1.10;
+/// The goals against the floors.
+const SMALL_LATENCY_GOAL: f64 = 1.20;
+const PIPELINED_THROUGHPUT_GOAL: f64 = 0.90;
+/// The in-flight level the one-number throughput comparisons use.
+const REFERENCE_IN_FLIGHT: usize = 8;
+
+// ---- raw figures -------------------------------------------------------------
+
+/// One round of one backend.
+#[derive(Debug, Clone, Serialize)]
+pub struct RoundFigures {
+    pub round: u32,
+    /// Server RSS right after it started.
+    pub rss_idle_bytes: u64,
+    /// Server peak RSS once 16 clients had each made a round trip of the
+    /// largest size and stayed connected.
+    pub rss_held_peak_bytes: u64,
+    /// Connect plus first 64-byte round trip.
+    pub connect_p50_ns: u64,
+    pub connect_p99_ns: u64,
+    pub sizes: Vec<SizeFigures>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SizeFigures {
+    pub size: usize,
+    pub latency_p50_ns: u64,
+    pub latency_p99_ns: u64,
+    pub latency_p999_ns: u64,
+    pub latency_samples: u64,
+    pub throughput: Vec<ThroughputFigures>,
+}
+
+impl SizeFigures {
+    pub fn new(
+        size: usize,
+        latency: &Latencies,
+        throughput: Vec<ThroughputFigures>,
+    ) -> SizeFigures {
+        SizeFigures {
+            size,
+            latency_p50_ns: latency.value_at_quantile(0.50),
+            latency_p99_ns: latency.value_at_quantile(0.99),
+            latency_p999_ns: latency.value_at_quantile(0.999),
+            latency_samples: latency.len(),
+            throughput,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ThroughputFigures {
+    pub in_flight: usize,
+    pub tasks: u64,
+    pub elapsed_ns: u64,
+    pub tasks_per_second: f64,
+    /// Payload bytes (the requested size) per second, 10^6 bytes per MB.
+    pub megabytes_per_second: f64,
+    /// Server CPU time (user + system) per task.
+    pub server_cpu_ns_per_task: f64,
+    /// Minor page faults per task in the server and in the client (Linux).
+    pub server_minor_faults_per_task: Option<f64>,
+    pub client_minor_faults_per_task: Option<f64>,
+}
+
+impl ThroughputFigures {
+    pub fn new(
+        in_flight: usize,
+        size: usize,
+        run: Throughput,
+        server_cpu_ns: u64,
+        (server_faults, client_faults): (Option<u64>, Option<u64>),
+    ) -> ThroughputFigures {
+        let seconds = run.elapsed.as_secs_f64().max(f64::EPSILON);
+        let tasks_per_second = run.tasks as f64 / seconds;
+        let per_task = |faults: Option<u64>| faults.map(|f| f as f64 / run.tasks.max(1) as f64);
+        ThroughputFigures {
+            in_flight,
+            tasks: run.tasks,
+            elapsed_ns: run.elapsed.as_nanos() as u64,
+            tasks_per_second,
+            megabytes_per_second: tasks_per_second * size as f64 / 1e6,
+            server_cpu_ns_per_task: server_cpu_ns as f64 / run.tasks.max(1) as f64,
+            server_minor_faults_per_task: per_task(server_faults),
+            client_minor_faults_per_task: per_task(client_faults),
+        }
+    }
+}
+
+// ---- summaries ----------------------------------------------------------------
+
+/// A figure over rounds.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Stat {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+impl Stat {
+    fn of(values: impl IntoIterator<Item = f64>) -> Stat {
+        let mut values: Vec<f64> = values.into_iter().collect();
+        values.sort_by(f64::total_cmp);
+        let n = values.len();
+        let median = if n % 2 == 1 {
+            values[n / 2]
+        } else {
+            (values[n / 2 - 1] + values[n / 2]) / 2.0
+        };
+        Stat {
+            median,
+            min: values[0],
+            max: values[n - 1],
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BackendSummary {
+    pub rss_idle_bytes: Stat,
+    pub rss_held_peak_bytes: Stat,
+    pub connect_p50_ns: Stat,
+    pub connect_p99_ns: Stat,
+    pub sizes: Vec<SizeSummary>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SizeSummary {
+    pub size: usize,
+    pub latency_p50_ns: Stat,
+    pub latency_p99_ns: Stat,
+    pub latency_p999_ns: Stat,
+    pub throughput: Vec<ThroughputSummary>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ThroughputSummary {
+    pub in_flight: usize,
+    pub tasks_per_second: Stat,
+    pub megabytes_per_second: Stat,
+    pub server_cpu_ns_per_task: Stat,
+}
+
+impl SizeSummary {
+    fn throughput_at(&self, in_flight: usize) -> &ThroughputSummary {
+        self.throughput
+            .iter()
+            .find(|t| t.in_flight == in_flight)
+            .expect("every in-flight level is measured")
+    }
+}
+
+fn summarize(rounds: &[RoundFigures]) -> BackendSummary {
+    let stat = |f: &dyn Fn(&RoundFigures) -> f64| Stat::of(rounds.iter().map(f));
+    let sizes = rounds[0]
+        .sizes
+        .iter()
+        .enumerate()
+        .map(|(i, first)| {
+            let size_stat =
+                |f: &dyn Fn(&SizeFigures) -> f64| Stat::of(rounds.iter().map(|r| f(&r.sizes[i])));
+            SizeSummary {
+                size: first.size,
+                latency_p50_ns: size_stat(&|s| s.latency_p50_ns as f64),
+                latency_p99_ns: size_stat(&|s| s.latency_p99_ns as f64),
+                latency_p999_ns: size_stat(&|s| s.latency_p999_ns as f64),
+                throughput: first
+                    .throughput
+                    .iter()
+                    .enumerate()
+                    .map(|(j, t)| {
+                        let t_stat = |f: &dyn Fn(&ThroughputFigures) -> f64| {
+                            size_stat(&|s| f(&s.throughput[j]))
+                        };
+                        ThroughputSummary {
+                            in_flight: t.in_flight,
+                            tasks_per_second: t_stat(&|t| t.tasks_per_second),
+                            megabytes_per_second: t_stat(&|t| t.megabytes_per_second),
+                            server_cpu_ns_per_task: t_stat(&|t| t.server_cpu_ns_per_task),
+                        }
+                    })
+                    .collect(),
+            }
+        })
+        .collect();
+    BackendSummary {
+        rss_idle_bytes: stat(&|r| r.rss_idle_bytes as f64),
+        rss_held_peak_bytes: stat(&|r| r.rss_held_peak_bytes as f64),
+        connect_p50_ns: stat(&|r| r.connect_p50_ns as f64),
+        connect_p99_ns: stat(&|r| r.connect_p99_ns as f64),
+        sizes,
+    }
+}
+
+// ---- verdicts -----------------------------------------------------------------
+
+/// How a ratio stands against its bar.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Pass,
+    /// The medians miss the bar, but the rounds' spreads overlap it: this
+    /// run cannot tell.
+    WithinNoise,
+    Fail,
+}
+
+impl Outcome {
+    fn label(self) -> &'static str {
+        match self {
+            Outcome::Pass => "pass",
+            Outcome::WithinNoise => "within noise",
+            Outcome::Fail => "FAIL",
+        }
+    }
+}
+
+/// `subject / baseline` of one figure, judged against `bar`.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Ratio {
+    pub ratio: f64,
+    /// The most favourable and least favourable pairing of rounds.
+    pub ratio_min: f64,
+    pub ratio_max: f64,
+    pub bar: f64,
+    pub higher_is_better: bool,
+    pub outcome: Outcome,
+}
+
+impl Ratio {
+    fn of(subject: Stat, baseline: Stat, bar: f64, higher_is_better: bool) -> Ratio {
+        let ratio = subject.median / baseline.median;
+        let ratio_min = subject.min / baseline.max;
+        let ratio_max = subject.max / baseline.min;
+        let meets = |r: f64| if higher_is_better { r >= bar } else { r <= bar };
+        let best = if higher_is_better {
+            ratio_max
+        } else {
+            ratio_min
+        };
+        let outcome = if meets(ratio) {
+            Outcome::Pass
+        } else if meets(best) {
+            Outcome::WithinNoise
+        } else {
+            Outcome::Fail
+        };
+        Ratio {
+            ratio,
+            ratio_min,
+            ratio_max,
+            bar,
+            higher_is_better,
+            outcome,
+        }
+    }
+
+    fn cell(&self) -> String {
+        let sign = if self.higher_is_better { ">=" } else { "<=" };
+        format!(
+            "{:.3} ({} {sign} {:.2})",
+            self.ratio,
+            self.outcome.label(),
+            self.bar
+        )
+    }
+}
+
+/// One product backend against another, per the decision record.
+#[derive(Debug, Clone, Serialize)]
+pub struct Comparison {
+    pub subject: &'static str,
+    pub baseline: &'static str,
+    pub sizes: Vec<SizeComparison>,
+    /// Peak RSS with 16 clients.
+    pub memory: Ratio,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SizeComparison {
+    pub size: usize,
+    /// p50 round trip, one in flight.
+    pub latency_p50: Ratio,
+    /// Tasks per second, by in-flight level.
+    pub throughput: Vec<(usize, Ratio)>,
+}
+
+/// A backend's cost over a floor.
+#[derive(Debug, Clone, Serialize)]
+pub struct Overhead {
+    pub backend: &'static str,
+    pub floor: &'static str,
+    pub size: usize,
+    /// p50 latency, backend / floor (1.0 = as fast as the floor).
+    pub latency_p50_ratio: f64,
+    /// Tasks per second at 8 in flight, backend / floor (1.0 = as fast).
+    pub throughput_ratio: f64,
+}
+
+/// One of the goals the comparison reports against.
+#[derive(Debug, Clone, Serialize)]
+pub struct Goal {
+    pub goal: String,
+    pub backend: &'static str,
+    pub figure: String,
+    pub outcome: Outcome,
+}
+
+// ---- the report -----------------------------------------------------------------
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BackendReport {
+    pub name: &'static str,
+    pub kind: &'static str,
+    pub rounds: Vec<RoundFigures>,
+    pub summary: BackendSummary,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Build {
+    pub version: &'static str,
+    pub profile: &'static str,
+    pub git_commit: Option<String>,
+    pub git_dirty: Option<bool>,
+    pub compiled_transports: Vec<&'static str>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub schema_version: u32,
+    pub generated_at_unix: u64,
+    pub generated_at: String,
+    pub command: String,
+    pub build: Build,
+    pub machine: Machine,
+    pub placement: Placement,
+    pub plan: Plan,
+    pub rounds: u32,
+    pub sizes: Vec<usize>,
+    pub in_flight_levels: Vec<usize>,
+    pub crc32: &'static str,
+    pub backends: Vec<BackendReport>,
+    pub comparisons: Vec<Comparison>,
+    pub overheads: Vec<Overhead>,
+    pub goals: Vec<Goal>,
+}
+
+impl Report {
+    pub fn new(
+        command: String,
+        placement: Placement,
+        plan: Plan,
+        rounds: u32,
+        sizes: Vec<usize>,
+        crc32: Crc32Variant,
+        figures: Vec<(Backend, Vec<RoundFigures>)>,
+    ) -> Report {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let backends: Vec<BackendReport> = figures
+            .into_iter()
+            .map(|(backend, rounds)| BackendReport {
+                name: backend.name(),
+                kind: if backend.is_floor() {
+                    "floor"
+                } else {
+                    "product"
+                },
+                summary: summarize(&rounds),
+                rounds,
+            })
+            .collect();
+        let mut report = Report {
+            schema_version: SCHEMA_VERSION,
+            generated_at_unix: now,
+            generated_at: utc_timestamp(now),
+            command,
+            build: Build {
+                version: env!("CARGO_PKG_VERSION"),
+                profile: if cfg!(debug_assertions) {
+                    "debug"
+                } else {
+                    "release"
+                },
+                git_commit: git(&["rev-parse", "HEAD"]),
+                git_dirty: git(&["status", "--porcelain", "--untracked-files=no"])
+                    .map(|s| !s.is_empty()),
+                compiled_transports: TransportKind::compiled().map(TransportKind::name).collect(),
+            },
+            machine: Machine::describe(),
+            placement,
+            plan,
+            rounds,
+            sizes,
+            in_flight_levels: IN_FLIGHT.to_vec(),
+            crc32: crc32.name(),
+            backends,
+            comparisons: Vec::new(),
+            overheads: Vec::new(),
+            goals: Vec::new(),
+        };
+        report.judge();
+        report
+    }
+
+    fn backend(&self, name: &str) -> Option<&BackendReport> {
+        self.backends.iter().find(|b| b.name == name)
+    }
+
+    /// The decision record's comparison (interprocess against each other
+    /// product backend), overheads over the floors, and the goals.
+    fn judge(&mut self) {
+        let products: Vec<&BackendReport> = self
+            .backends
+            .iter()
+            .filter(|b| b.kind == "product")
+            .collect();
+        let floors: Vec<&BackendReport> =
+            self.backends.iter().filter(|b| b.kind == "floor").collect();
+        let mut comparisons = Vec::new();
+        if let Some(subject) = products
+            .iter()
+            .find(|b| b.name == TransportKind::Interprocess.name())
+        {
+            for baseline in products.iter().filter(|b| b.name != subject.name) {
+                comparisons.push(compare(subject, baseline));
+            }
+        }
+        let mut overheads = Vec::new();
+        for product in &products {
+            for floor in &floors {
+                for (p, f) in product.summary.sizes.iter().zip(&floor.summary.sizes) {
+                    overheads.push(Overhead {
+                        backend: product.name,
+                        floor: floor.name,
+                        size: p.size,
+                        latency_p50_ratio: p.latency_p50_ns.median / f.latency_p50_ns.median,
+                        throughput_ratio: p
+                            .throughput_at(REFERENCE_IN_FLIGHT)
+                            .tasks_per_second
+                            .median
+                            / f.throughput_at(REFERENCE_IN_FLIGHT).tasks_per_second.median,
+                    });
+                }
+            }
+        }
+        let mut goals = Vec::new();
+        for comparison in &comparisons {
+            let all: Vec<Outcome> = comparison
+                .sizes
+                .iter()
+                .flat_map(|s| {
+                    std::iter::once(s.latency_p50.outcome)
+                        .chain(s.throughput.iter().map(|(_, r)| r.outcome))
+                })
+                .chain(std::iter::once(comparison.memory.outcome))
+                .collect();
+            goals.push(Goal {
+                goal: format!(
+                    "{} vs {}: latency <= {LATENCY_BAR} at every size, throughput >= {THROUGHPUT_BAR:.2}, memory <= {MEMORY_BAR}",
+                    comparison.subject, comparison.baseline
+                ),
+                backend: comparison.subject,
+                figure: format!("{} of {} checks pass", all.iter().filter(|o| **o == Outcome::Pass).count(), all.len()),
+                outcome: worst(&all),
+            });
+        }
+        for product in &products {
+            goals.extend(self.small_latency_goal(product));
+            goals.extend(self.pipelined_throughput_goal(product));
+        }
+        self.comparisons = comparisons;
+        self.overheads = overheads;
+        self.goals = goals;
+    }
+
+    /// The smallest size's p50 round trip against raw-std's.
+    fn small_latency_goal(&self, product: &BackendReport) -> Option<Goal> {
+        let size = smallest(&product.summary)?;
+        let floor = self
+            .backend("raw-std")?
+            .summary
+            .sizes
+            .iter()
+            .find(|s| s.size == size.size)?;
+        let ratio = Ratio::of(
+            size.latency_p50_ns,
+            floor.latency_p50_ns,
+            SMALL_LATENCY_GOAL,
+            false,
+        );
+        Some(Goal {
+            goal: format!(
+                "{} framed round trip within {SMALL_LATENCY_GOAL}x of raw-std (p50, same placement)",
+                size_label(size.size)
+            ),
+            backend: product.name,
+            figure: format!("{:.2}x", ratio.ratio),
+            outcome: ratio.outcome,
+        })
+    }
+
+    /// 64 KiB tasks per second, pipelined, against raw-tokio's.
+    fn pipelined_throughput_goal(&self, product: &BackendReport) -> Option<Goal> {
+        let size = product.summary.sizes.iter().find(|s| s.size == 64 * 1024)?;
+        let floor = self
+            .backend("raw-tokio")?
+            .summary
+            .sizes
+            .iter()
+            .find(|s| s.size == size.size)?;
+        let ratio = Ratio::of(
+            size.throughput_at(REFERENCE_IN_FLIGHT).tasks_per_second,
+            floor.throughput_at(REFERENCE_IN_FLIGHT).tasks_per_second,
+            PIPELINED_THROUGHPUT_GOAL,
+            true,
+        );
+        Some(Goal {
+            goal: format!(
+                "64 KiB pipelined throughput ({REFERENCE_IN_FLIGHT} in flight) within {PIPELINED_THROUGHPUT_GOAL}x of raw-tokio"
+            ),
+            backend: product.name,
+            figure: format!("{:.2}x", ratio.ratio),
+            outcome: ratio.outcome,
+        })
+    }
+
+    pub fn to_json(&self) -> Result<String, serde_json::Error> {
+        serde_json::to_string_pretty(self).map(|mut json| {
+            json.push('\n');
+            json
+        })
+    }
+
+    pub fn to_text(&self) -> String {
+        self.render(Style::Terminal)
+    }
+
+    pub fn to_markdown(&self) -> String {
+        self.render(Style::Markdown)
+    }
+
+    fn render(&self, style: Style) -> String {
+        let mut out = String::new();
+        let heading = |out: &mut String, text: &str| match style {
+            Style::Terminal => {
+                let _ = writeln!(out, "\n{text}\n{}", "-".repeat(text.chars().count()));
+            }
+            Style::Markdown => {
+                let _ = writeln!(out, "\n### {text}\n");
+            }
+        };
+        match style {
+            Style::Terminal => {
+                let _ = writeln!(out, "daemoneye-ipc compare");
+            }
+            Style::Markdown => {
+                let _ = writeln!(out, "## daemoneye-ipc compare");
+            }
+        }
+        let sizes: Vec<String> = self.sizes.iter().map(|&s| size_label(s)).collect();
+        let _ = writeln!(
+            out,
+            "\n{} rounds interleaved, sizes {}; {}; crc32 {}; {} build {}{}; {} ({} logical CPUs), {}",
+            self.rounds,
+            sizes.join(", "),
+            self.placement.description,
+            self.crc32,
+            self.build.profile,
+            self.build
+                .git_commit
+                .as_deref()
+                .map_or("(no git)", |c| &c[..c.len().min(12)]),
+            if self.build.git_dirty == Some(true) {
+                " (dirty)"
+            } else {
+                ""
+            },
+            self.machine.cpu_model,
+            self.machine.logical_cpus,
+            self.generated_at,
+        );
+        if self.build.profile == "debug" {
+            let _ = writeln!(
+                out,
+                "\nWARNING: a debug build; run `cargo run --release -- compare` for figures worth reading."
+            );
+        }
+        let _ = writeln!(
+            out,
+            "Figures are medians over rounds, [min-max] across rounds."
+        );
+
+        heading(
+            &mut out,
+            "Round-trip latency, one task in flight (p50 / p99 / p99.9, microseconds)",
+        );
+        let mut table = Table::new(
+            std::iter::once("size".to_owned())
+                .chain(self.backends.iter().map(|b| b.name.to_owned())),
+        );
+        for (i, size) in self.sizes.iter().enumerate() {
+            table.row(
+                std::iter::once(size_label(*size)).chain(self.backends.iter().map(|b| {
+                    let s = &b.summary.sizes[i];
+                    format!(
+                        "{} / {} / {}",
+                        micros_with_spread(s.latency_p50_ns),
+                        micros(s.latency_p99_ns.median),
+                        micros(s.latency_p999_ns.median)
+                    )
+                })),
+            );
+        }
+        out.push_str(&table.render(style));
+
+        heading(&mut out, "Pipelined throughput (tasks/s, MB/s of payload)");
+        let mut table = Table::new(
+            ["size", "in flight"]
+                .into_iter()
+                .map(str::to_owned)
+                .chain(self.backends.iter().map(|b| b.name.to_owned())),
+        );
+        for (i, size) in self.sizes.iter().enumerate() {
+            for in_flight in IN_FLIGHT {
+                table.row(
+                    [size_label(*size), in_flight.to_string()]
+                        .into_iter()
+                        .chain(self.backends.iter().map(|b| {
+                            let t = b.summary.sizes[i].throughput_at(in_flight);
+                            format!(
+                                "{} ({:.0} MB/s)",
+                                count_with_spread(t.tasks_per_second),
+                                t.megabytes_per_second.median
+                            )
+                        })),
+                );
+            }
+        }
+        out.push_str(&table.render(style));
+
+        heading(
+            &mut out,
+            "Connection setup (connect + first 64 B round trip, microseconds) and server resources",
+        );
+        let mut table = Table::new(
+            [
+                "backend",
+                "connect p50",
+                "connect p99",
+                "RSS idle",
+                "RSS peak, 16 clients",
+                "server CPU per task (8 in flight)",
+            ]
+            .into_iter()
+            .map(str::to_owned),
+        );
+        for b in &self.backends {
+            let cpu: Vec<String> = b
+                .summary
+                .sizes
+                .iter()
+                .map(|s| {
+                    format!(
+                        "{} {}",
+                        size_label(s.size),
+                        micros(
+                            s.throughput_at(REFERENCE_IN_FLIGHT)
+                                .server_cpu_ns_per_task
+                                .median
+                        )
+                    )
+                })
+                .collect();
+            table.row([
+                b.name.to_owned(),
+                micros_with_spread(b.summary.connect_p50_ns),
+                micros(b.summary.connect_p99_ns.median),
+                mib_with_spread(b.summary.rss_idle_bytes),
+                mib_with_spread(b.summary.rss_held_peak_bytes),
+                cpu.join(", "),
+            ]);
+        }
+        out.push_str(&table.render(style));
+
+        for comparison in &self.comparisons {
+            heading(
+                &mut out,
+                &format!(
+                    "Verdict: {} against {} (decision record: latency <= {LATENCY_BAR}, throughput >= {THROUGHPUT_BAR:.2}, memory <= {MEMORY_BAR})",
+                    comparison.subject, comparison.baseline
+                ),
+            );
+            let mut table = Table::new(
+                std::iter::once("size".to_owned())
+                    .chain(std::iter::once("latency p50 ratio".to_owned()))
+                    .chain(
+                        IN_FLIGHT
+                            .iter()
+                            .map(|k| format!("throughput ratio, {k} in flight")),
+                    ),
+            );
+            for size in &comparison.sizes {
+                table.row(
+                    [size_label(size.size), size.latency_p50.cell()]
+                        .into_iter()
+                        .chain(size.throughput.iter().map(|(_, r)| r.cell())),
+                );
+            }
+            out.push_str(&table.render(style));
+            let _ = writeln!(
+                out,
+                "\nMemory (peak RSS with 16 clients) ratio: {}",
+                comparison.memory.cell()
+            );
+        }
+        if self.comparisons.is_empty() {
+            heading(&mut out, "Verdict");
+            let _ = writeln!(
+                out,
+                "Needs the interprocess backend and another product backend in one build (build with --features ipc-tokio)."
+            );
+        }
+
+        if !self.overheads.is_empty() {
+            heading(
+                &mut out,
+                "Cost over the floors (backend / floor: p50 latency; tasks/s at 8 in flight)",
+            );
+            let mut table = Table::new(
+                ["backend", "floor", "size", "latency", "throughput"]
+                    .into_iter()
+                    .map(str::to_owned),
+            );
+            for o in &self.overheads {
+                table.row([
+                    o.backend.to_owned(),
+                    o.floor.to_owned(),
+                    size_label(o.size),
+                    format!("{:.2}x", o.latency_p50_ratio),
+                    format!("{:.2}x", o.throughput_ratio),
+                ]);
+            }
+            out.push_str(&table.render(style));
+        }
+
+        if !self.goals.is_empty() {
+            heading(&mut out, "Goals");
+            let mut table = Table::new(
+                ["goal", "backend", "figure", "outcome"]
+                    .into_iter()
+                    .map(str::to_owned),
+            );
+            for g in &self.goals {
+                table.row([
+                    g.goal.clone(),
+                    g.backend.to_owned(),
+                    g.figure.clone(),
+                    g.outcome.label().to_owned(),
+                ]);
+            }
+            out.push_str(&table.render(style));
+        }
+        out
+    }
+
+    /// p50 and p99 latency, and throughput at 8 in flight, per backend and
+    /// size (log scales).
+    pub fn write_svg(&self, path: &Path) -> Result<(), String> {
+        use plotters::prelude::*;
+
+        let error = |e: &dyn std::fmt::Display| e.to_string();
+        let root = SVGBackend::new(path, (1280, 540)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| error(&e))?;
+        let title = format!(
+            "daemoneye-ipc compare: {} rounds, {}",
+            self.rounds, self.placement.description
+        );
+        let root = root
+            .titled(&title, ("sans-serif", 18))
+            .map_err(|e| error(&e))?;
+        let (left, right) = root.split_horizontally(640);
+        let x_range = -0.3f64..(self.sizes.len() as f64 - 0.7);
+        let size_labels: Vec<String> = self.sizes.iter().map(|&s| size_label(s)).collect();
+        let x_label = |x: &f64| {
+            let i = x.round();
+            if (x - i).abs() < 0.01 && i >= 0.0 {
+                size_labels.get(i as usize).cloned().unwrap_or_default()
+            } else {
+                String::new()
+            }
+        };
+        let palette = [
+            RGBColor(31, 119, 180),
+            RGBColor(214, 39, 40),
+            RGBColor(44, 160, 44),
+            RGBColor(148, 103, 189),
+            RGBColor(255, 127, 14),
+        ];
+
+        // Latency.
+        let latencies: Vec<f64> = self
+            .backends
+            .iter()
+            .flat_map(|b| {
+                b.summary
+                    .sizes
+                    .iter()
+                    .flat_map(|s| [s.latency_p50_ns.median, s.latency_p99_ns.median])
+            })
+            .map(|ns| ns / 1000.0)
+            .collect();
+        let (lo, hi) = bounds(&latencies);
+        let mut chart = ChartBuilder::on(&left)
+            .caption(
+                "round trip, one in flight (us): p50 solid, p99 thin",
+                ("sans-serif", 16),
+            )
+            .margin(12)
+            .x_label_area_size(36)
+            .y_label_area_size(64)
+            .build_cartesian_2d(x_range.clone(), (lo..hi).log_scale())
+            .map_err(|e| error(&e))?;
+        chart
+            .configure_mesh()
+            .x_labels(self.sizes.len() * 4)
+            .x_label_formatter(&x_label)
+            .y_label_formatter(&|v| format!("{v:.0}"))
+            .y_desc("microseconds")
+            .x_desc("payload size")
+            .draw()
+            .map_err(|e| error(&e))?;
+        for (b, color) in self.backends.iter().zip(palette.iter().cycle()) {
+            let p50: Vec<(f64, f64)> = b
+                .summary
+                .sizes
+                .iter()
+                .enumerate()
+                .map(|(i, s)| (i as f64, s.latency_p50_ns.median / 1000.0))
+                .collect();
+            let p99: Vec<(f64, f64)> = b
+                .summary
+                .sizes
+                .iter()
+                .enumerate()
+                .map(|(i, s)| (i as f64, s.latency_p99_ns.median / 1000.0))
+                .collect();
+            chart
+                .draw_series(LineSeries::new(p50.clone(), color.stroke_width(3)))
+                .map_err(|e| error(&e))?
+                .label(b.name)
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(3))
+                });
+            chart
+                .draw_series(p50.iter().map(|&p| Circle::new(p, 4, color.filled())))
+                .map_err(|e| error(&e))?;
+            chart
+                .draw_series(LineSeries::new(p99, color.stroke_width(1)))
+                .map_err(|e| error(&e))?;
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperLeft)
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .draw()
+            .map_err(|e| error(&e))?;
+
+        // Throughput.
+        let rates: Vec<f64> = self
+            .backends
+            .iter()
+            .flat_map(|b| {
+                b.summary.sizes.iter().map(|s| {
+                    s.throughput_at(REFERENCE_IN_FLIGHT)
+                        .megabytes_per_second
+                        .median
+                })
+            })
+            .collect();
+        let (lo, hi) = bounds(&rates);
+        let mut chart = ChartBuilder::on(&right)
+            .caption(
+                format!("throughput, {REFERENCE_IN_FLIGHT} in flight (MB/s of payload)"),
+                ("sans-serif", 16),
+            )
+            .margin(12)
+            .x_label_area_size(36)
+            .y_label_area_size(64)
+            .build_cartesian_2d(x_range, (lo..hi).log_scale())
+            .map_err(|e| error(&e))?;
+        chart
+            .configure_mesh()
+            .x_labels(self.sizes.len() * 4)
+            .x_label_formatter(&x_label)
+            .y_label_formatter(&|v| format!("{v:.0}"))
+            .y_desc("MB/s")
+            .x_desc("payload size")
+            .draw()
+            .map_err(|e| error(&e))?;
+        for (b, color) in self.backends.iter().zip(palette.iter().cycle()) {
+            let points: Vec<(f64, f64)> = b
+                .summary
+                .sizes
+                .iter()
+                .enumerate()
+                .map(|(i, s)| {
+                    (
+                        i as f64,
+                        s.throughput_at(REFERENCE_IN_FLIGHT)
+                            .megabytes_per_second
+                            .median,
+                    )
+                })
+                .collect();
+            chart
+                .draw_series(LineSeries::new(points.clone(), color.stroke_width(3)))
+                .map_err(|e| error(&e))?
+                .label(b.name)
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(3))
+                });
+            chart
+                .draw_series(points.iter().map(|&p| Circle::new(p, 4, color.filled())))
+                .map_err(|e| error(&e))?;
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperLeft)
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .draw()
+            .map_err(|e| error(&e))?;
+        root.present().map_err(|e| error(&e))
+    }
+}
+
+fn compare(subject: &BackendReport, baseline: &BackendReport) -> Comparison {
+    let sizes = subject
+        .summary
+        .sizes
+        .iter()
+        .zip(&baseline.summary.sizes)
+        .map(|(s, b)| SizeComparison {
+            size: s.size,
+            latency_p50: Ratio::of(s.latency_p50_ns, b.latency_p50_ns, LATENCY_BAR, false),
+            throughput: IN_FLIGHT
+                .iter()
+                .map(|&k| {
+                    let ratio = Ratio::of(
+                        s.throughput_at(k).tasks_per_second,
+                        b.throughput_at(k).tasks_per_second,
+                        THROUGHPUT_BAR,
+                        true,
+                    );
+                    (k, ratio)
+                })
+                .collect(),
+        })
+        .collect();
+    Comparison {
+        subject: subject.name,
+        baseline: baseline.name,
+        sizes,
+        memory: Ratio::of(
+            subject.summary.rss_held_peak_bytes,
+            baseline.summary.rss_held_peak_bytes,
+            MEMORY_BAR,
+            false,
+        ),
+    }
+}
+
+fn worst(outcomes: &[Outcome]) -> Outcome {
+    if outcomes.contains(&Outcome::Fail) {
+        Outcome::Fail
+    } else if outcomes.contains(&Outcome::WithinNoise) {
+        Outcome::WithinNoise
+    } else {
+        Outcome::Pass
+    }
+}
+
+fn smallest(summary: &BackendSummary) -> Option<&SizeSummary> {
+    summary.sizes.iter().min_by_key(|s| s.size)
+}
+
+/// Log-scale bounds around `values`, with some air.
+fn bounds(values: &[f64]) -> (f64, f64) {
+    let lo = values
+        .iter()
+        .copied()
+        .filter(|v| *v > 0.0)
+        .fold(f64::INFINITY, f64::min);
+    let hi = values.iter().copied().fold(0.0, f64::max);
+    if !lo.is_finite() || hi <= 0.0 {
+        return (0.1, 10.0);
+    }
+    (lo / 1.5, hi * 1.5)
+}
+
+/// `64 B`, `1 KiB`, `64 KiB`, `1 MiB`.
+pub fn size_label(size: usize) -> String {
+    if size >= 1 << 20 && size.is_multiple_of(1 << 20) {
+        format!("{} MiB", size >> 20)
+    } else if size >= 1024 && size.is_multiple_of(1024) {
+        format!("{} KiB", size >> 10)
+    } else {
+        format!("{size} B")
+    }
+}
+
+fn micros(ns: f64) -> String {
+    let us = ns / 1000.0;
+    if us >= 100.0 {
+        format!("{us:.0}")
+    } else {
+        format!("{us:.1}")
+    }
+}
+
+fn micros_with_spread(stat: Stat) -> String {
+    format!(
+        "{} [{}-{}]",
+        micros(stat.median),
+        micros(stat.min),
+        micros(stat.max)
+    )
+}
+
+fn count_with_spread(stat: Stat) -> String {
+    format!("{:.0} [{:.0}-{:.0}]", stat.median, stat.min, stat.max)
+}
+
+fn mib_with_spread(stat: Stat) -> String {
+    let mib = |b: f64| b / (1024.0 * 1024.0);
+    format!(
+        "{:.1} MiB [{:.1}-{:.1}]",
+        mib(stat.median),
+        mib(stat.min),
+        mib(stat.max)
+    )
+}
+
+fn git(args: &[&str]) -> Option<String> {
+    let output = std::process::Command::new("git").args(args).output().ok()?;
+    output
+        .status
+        .success()
+        .then(|| String::from_utf8_lossy(&output.stdout).trim().to_owned())
+}
+
+/// `2026-11-29T20:15:00Z` from Unix seconds (civil-from-days).
+fn utc_timestamp(unix: u64) -> String {
+    let days = (unix / 86_400) as i64;
+    let seconds = unix % 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        seconds / 3600,
+        seconds / 60 % 60,
+        seconds % 60
+    )
+}
+
+#[derive(Clone, Copy)]
+enum Style {
+    Terminal,
+    Markdown,
+}
+
+/// Columns aligned for the terminal, or a Markdown table.
+struct Table {
+    header: Vec<String>,
+    rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    fn new(header: impl IntoIterator<Item = String>) -> Table {
+        Table {
+            header: header.into_iter().collect(),
+            rows: Vec::new(),
+        }
+    }
+
+    fn row(&mut self, cells: impl IntoIterator<Item = String>) {
+        self.rows.push(cells.into_iter().collect());
+    }
+
+    fn render(&self, style: Style) -> String {
+        let mut out = String::new();
+        match style {
+            Style::Markdown => {
+                let _ = writeln!(out, "| {} |", self.header.join(" | "));
+                let _ = writeln!(out, "|{}", "---|".repeat(self.header.len()));
+                for row in &self.rows {
+                    let _ = writeln!(out, "| {} |", row.join(" | "));
+                }
+            }
+            Style::Terminal => {
+                let widths: Vec<usize> = (0..self.header.len())
+                    .map(|c| {
+                        std::iter::once(&self.header)
+                            .chain(&self.rows)
+                            .map(|row| row.get(c).map_or(0, |cell| cell.chars().count()))
+                            .max()
+                            .unwrap_or(0)
+                    })
+                    .collect();
+                for row in std::iter::once(&self.header).chain(&self.rows) {
+                    let line: Vec<String> = row
+                        .iter()
+                        .zip(&widths)
+                        .map(|(cell, width)| format!("{cell:<width$}"))
+                        .collect();
+                    let _ = writeln!(out, "{}", line.join("  ").trim_end());
+                }
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stat(median: f64, min: f64, max: f64) -> Stat {
+        Stat { median, min, max }
+    }
+
+    #[test]
+    fn ratios_pass_fail_or_admit_noise() {
+        // Lower is better (latency): 1.02 passes a 1.05 bar.
+        assert_eq!(
+            Ratio::of(stat(10.2, 10.0, 10.4), stat(10.0, 9.9, 10.1), 1.05, false).outcome,
+            Outcome::Pass
+        );
+        // 1.10 misses, but the best pairing of rounds (9.9 / 10.6) meets it.
+        assert_eq!(
+            Ratio::of(stat(11.0, 9.9, 12.0), stat(10.0, 9.5, 10.6), 1.05, false).outcome,
+            Outcome::WithinNoise
+        );
+        // 1.5 with tight spreads: a real regression.
+        assert_eq!(
+            Ratio::of(stat(15.0, 14.9, 15.1), stat(10.0, 9.9, 10.1), 1.05, false).outcome,
+            Outcome::Fail
+        );
+        // Higher is better (throughput).
+        assert_eq!(
+            Ratio::of(stat(100.0, 99.0, 101.0), stat(98.0, 97.0, 99.0), 1.0, true).outcome,
+            Outcome::Pass
+        );
+        assert_eq!(
+            Ratio::of(stat(97.0, 95.0, 101.0), stat(100.0, 99.0, 101.0), 1.0, true).outcome,
+            Outcome::WithinNoise
+        );
+    }
+
+    #[test]
+    fn medians_and_spreads() {
+        let s = Stat::of([3.0, 1.0, 2.0]);
+        assert_eq!((s.median, s.min, s.max), (2.0, 1.0, 3.0));
+        assert_eq!(Stat::of([1.0, 2.0, 3.0, 10.0]).median, 2.5);
+    }
+
+    #[test]
+    fn labels_and_timestamps() {
+        assert_eq!(size_label(64), "64 B");
+        assert_eq!(size_label(1024), "1 KiB");
+        assert_eq!(size_label(65536), "64 KiB");
+        assert_eq!(size_label(1 << 20), "1 MiB");
+        assert_eq!(size_label(1500), "1500 B");
+        assert_eq!(utc_timestamp(0), "1970-01-01T00:00:00Z");
+        assert_eq!(utc_timestamp(1_764_441_600), "2025-11-29T18:40:00Z");
+    }
+}

@@ -1,0 +1,169 @@
+//! `daemoneye-ipc compare`, run as an operator would: every backend, real
+//! server processes, and its JSON, Markdown and SVG outputs.
+
+mod support;
+
+use std::process::Output;
+
+use support::*;
+
+fn compare(args: &[&str]) -> Output {
+    let mut command = daemoneye_ipc();
+    command.arg("compare").args(args);
+    // Under emulation the server children need the emulator too.
+    let emulator = emulator();
+    if !emulator.is_empty() {
+        command.env("DAEMONEYE_COMPARE_RUNNER", emulator);
+    }
+    command.output().unwrap()
+}
+
+#[test]
+fn a_quick_comparison_measures_every_backend_and_writes_every_format() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("report.json");
+    let markdown = dir.path().join("report.md");
+    let svg = dir.path().join("report.svg");
+    let output = compare(&[
+        "--quick",
+        "--sizes",
+        "64,2K",
+        "--pin",
+        "none",
+        "--json",
+        json.to_str().unwrap(),
+        "--markdown",
+        markdown.to_str().unwrap(),
+        "--svg",
+        svg.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{}\n{stdout}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("Round-trip latency"), "{stdout}");
+    assert!(stdout.contains("Pipelined throughput"), "{stdout}");
+
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(report["schema_version"], 1);
+    assert_eq!(report["rounds"], 3);
+    assert_eq!(report["sizes"], serde_json::json!([64, 2048]));
+    assert_eq!(report["placement"]["pin"], "none");
+    let names: Vec<&str> = report["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["name"].as_str().unwrap())
+        .collect();
+    for transport in transports() {
+        assert!(names.contains(&transport.name()), "{names:?}");
+    }
+    assert!(names.contains(&"raw-tokio"), "{names:?}");
+    if cfg!(unix) {
+        assert!(names.contains(&"raw-std"), "{names:?}");
+    }
+    for backend in report["backends"].as_array().unwrap() {
+        let rounds = backend["rounds"].as_array().unwrap();
+        assert_eq!(rounds.len(), 3, "{}", backend["name"]);
+        for round in rounds {
+            assert!(round["rss_idle_bytes"].as_u64().unwrap() > 0);
+            for size in round["sizes"].as_array().unwrap() {
+                assert!(size["latency_p50_ns"].as_u64().unwrap() > 0);
+                assert!(size["latency_p99_ns"].as_u64() >= size["latency_p50_ns"].as_u64());
+                let levels: Vec<u64> = size["throughput"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|t| t["in_flight"].as_u64().unwrap())
+                    .collect();
+                assert_eq!(levels, [1, 8, 32]);
+                for level in size["throughput"].as_array().unwrap() {
+                    assert!(level["tasks"].as_u64().unwrap() > 0);
+                }
+            }
+        }
+        let median = &backend["summary"]["sizes"][0]["latency_p50_ns"];
+        assert!(median["min"].as_f64() <= median["median"].as_f64());
+        assert!(median["median"].as_f64() <= median["max"].as_f64());
+    }
+    if transports().len() > 1 {
+        let comparison = &report["comparisons"][0];
+        assert_eq!(comparison["subject"], "interprocess");
+        assert_eq!(comparison["baseline"], "tokio");
+        let outcome = comparison["memory"]["outcome"].as_str().unwrap();
+        assert!(
+            ["pass", "within_noise", "fail"].contains(&outcome),
+            "{outcome}"
+        );
+        assert!(
+            stdout.contains("Verdict: interprocess against tokio"),
+            "{stdout}"
+        );
+    }
+
+    let markdown = std::fs::read_to_string(&markdown).unwrap();
+    assert!(
+        markdown.starts_with("## daemoneye-ipc compare"),
+        "{markdown}"
+    );
+    assert!(markdown.contains("| size |"), "{markdown}");
+    let svg = std::fs::read_to_string(&svg).unwrap();
+    assert!(
+        svg.contains("<svg") && svg.contains("</svg>"),
+        "an SVG document"
+    );
+    assert!(
+        svg.contains("round trip") && svg.contains("throughput"),
+        "both charts are titled"
+    );
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn pinning_is_reported_in_the_placement() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("report.json");
+    let output = compare(&[
+        "--quick",
+        "--sizes",
+        "64",
+        "--backends",
+        "raw-tokio",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(
+        report["placement"]["pin"], "same",
+        "same CPU is the Linux default"
+    );
+    assert_eq!(
+        report["placement"]["client_cpu"],
+        report["placement"]["server_cpu"]
+    );
+    assert!(String::from_utf8_lossy(&output.stdout).contains("pinned: client and server on CPU"));
+}
+
+#[test]
+fn bad_arguments_exit_2_with_the_reason() {
+    for (args, needle) in [
+        (&["--rounds", "2"][..], "2"),
+        (&["--sizes", "0"][..], "sizes run from 1 byte"),
+        (&["--sizes", "1G"][..], "unknown unit"),
+        (&["--backends", "legacy"][..], "this build has"),
+    ] {
+        let output = compare(args);
+        assert_eq!(output.status.code(), Some(2), "{args:?}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+    }
+}
