@@ -137,6 +137,10 @@ for target in "${runnable[@]}"; do
     record "$target" "nextest" cargo nextest run --locked --target "$target" --all-features --profile ci
     step "$target: doctests"
     record "$target" "doctests" cargo test --locked --doc --target "$target" --all-features
+    if [[ $target == *windows* ]]; then
+        # Stop the persistent wineserver (and Wine's services) we started.
+        /usr/lib/wine/wineserver -k 2>/dev/null || true
+    fi
 done
 
 for target in "${checks[@]}"; do

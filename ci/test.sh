@@ -29,6 +29,9 @@ cargo nextest run --locked --all-features --profile ci
 step "doctests, all features"
 cargo test --locked --doc --all-features
 
+step "benches run (each once, in test mode)"
+cargo test --locked --all-features --benches
+
 step "feature matrix: ipc-tokio alone builds, passes its tests, and pulls in no interprocess"
 cargo nextest run --locked --no-default-features --features ipc-tokio --profile ci
 tokio_only_deps=$(cargo tree --locked --no-default-features --features ipc-tokio -e normal --prefix none)

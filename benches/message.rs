@@ -1,0 +1,66 @@
+//! prost encode and decode of realistic `DetectionResult`s (process records
+//! of about 1 KiB each), framed as on the wire.
+
+use std::hint::black_box;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use criterion::{BatchSize, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use daemoneye_ipc::frame::codec::ClientCodec;
+use daemoneye_ipc::frame::{FrameSettings, encode_message};
+use daemoneye_ipc::sample;
+use tokio_util::codec::Decoder;
+
+const SIZES: [usize; 4] = [64, 1024, 64 * 1024, 1024 * 1024];
+
+fn settings() -> FrameSettings {
+    FrameSettings {
+        max_frame_bytes: 2 * 1024 * 1024,
+        ..FrameSettings::DEFAULT
+    }
+}
+
+fn encode(c: &mut Criterion) {
+    let mut group = c.benchmark_group("result_encode");
+    for size in SIZES {
+        let result = sample::detection_result("task-000001", size);
+        let mut wire = BytesMut::with_capacity(size + 64);
+        group.throughput(Throughput::Bytes(size as u64));
+        group.bench_with_input(BenchmarkId::from_parameter(size), &result, |b, result| {
+            b.iter(|| {
+                wire.clear();
+                encode_message(black_box(result), settings(), &mut wire).unwrap();
+            })
+        });
+    }
+    group.finish();
+}
+
+fn decode(c: &mut Criterion) {
+    let mut group = c.benchmark_group("result_decode");
+    for size in SIZES {
+        let mut frame = BytesMut::new();
+        encode_message(
+            &sample::detection_result("task-000001", size),
+            settings(),
+            &mut frame,
+        )
+        .unwrap();
+        group.throughput(Throughput::Bytes(size as u64));
+        group.bench_function(BenchmarkId::from_parameter(size), |b| {
+            b.iter_batched(
+                || frame.clone(),
+                |mut wire| ClientCodec::new(settings()).decode(&mut wire).unwrap(),
+                BatchSize::SmallInput,
+            )
+        });
+    }
+    group.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().sample_size(30).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(2));
+    targets = encode, decode
+}
+criterion_main!(benches);
