@@ -144,13 +144,23 @@ impl IpcClient {
 
         // A connection can die between being handed out and the
         // registration; nothing was queued on it yet, so one more try on a
-        // fresh connection is safe.
+        // fresh connection is safe. Room in the writer's queue is reserved
+        // before the id is registered, so that once registered the task is
+        // certain to be queued: a caller who gives up while waiting for room
+        // leaves nothing behind.
         let mut attempts = 0;
-        let (connection, registration, answer) = loop {
+        let (connection, registration, answer, slot) = loop {
             attempts += 1;
             let connection = self.current_connection(connect_deadline).await?;
-            match connection.pending.register(&task_id) {
-                Ok((registration, answer)) => break (connection, registration, answer),
+            let registered = match connection.outbox.clone().reserve_owned().await {
+                Ok(slot) => connection
+                    .pending
+                    .register(&task_id)
+                    .map(|(r, a)| (r, a, slot)),
+                Err(_writer_gone) => Err(Registered::Closed),
+            };
+            match registered {
+                Ok((registration, answer, slot)) => break (connection, registration, answer, slot),
                 Err(Registered::Closed) if attempts < 2 => continue,
                 Err(Registered::Closed) => {
                     return Err(self.lost(
@@ -161,18 +171,9 @@ impl IpcClient {
                 Err(Registered::Duplicate) => return Err(IpcError::DuplicateTaskId { task_id }),
             }
         };
-
         let (sent, written) = oneshot::channel();
-        if connection
-            .outbox
-            .send(Outgoing { task, sent })
-            .await
-            .is_err()
-        {
-            // Never queued, so never sent: the id is free again at once.
-            registration.withdraw();
-            return Err(self.lost(&task_id, connection.pending.closed_reason()));
-        }
+        slot.send(Outgoing { task, sent });
+
         // The writer bounds each frame by write_timeout_ms and fails the
         // connection past it, so this wait ends. If the task was not
         // written, the answer channel already holds the reason.
@@ -540,14 +541,6 @@ struct Registration {
 impl Registration {
     /// The caller is done waiting (answered or not).
     fn settle(self) {}
-
-    /// The task never left this client: remove the entry outright.
-    fn withdraw(self) {
-        let mut pending = self.pending.lock();
-        if self.is_ours(pending.entries.get(&self.task_id)) {
-            pending.entries.remove(&self.task_id);
-        }
-    }
 
     fn is_ours(&self, entry: Option<&Entry>) -> bool {
         matches!(entry, Some(Entry::Waiting { ticket, .. }) if *ticket == self.ticket)

@@ -27,6 +27,12 @@ use crate::frame::{FrameSettings, HEADER_LEN, encode_message_parts};
 /// Read buffer set aside per connection before the first read.
 const INITIAL_READ_CAPACITY: usize = 8 * 1024;
 
+/// Buffer capacity kept between frames. A frame larger than this grows the
+/// buffer for itself; once it has gone, the buffer drops back to this size,
+/// so one large result does not pin megabytes per connection for as long as
+/// the connection lives.
+const RETAINED_CAPACITY: usize = 256 * 1024;
+
 /// Reads messages of type `In`, enforcing the read deadline.
 #[derive(Debug)]
 pub(crate) struct FrameReader<In> {
@@ -38,6 +44,8 @@ pub(crate) struct FrameReader<In> {
     frame_timeout: Duration,
     /// Every byte read so far, for telemetry.
     bytes_read: u64,
+    /// The buffer grew past [`RETAINED_CAPACITY`] for a large frame.
+    oversized: bool,
 }
 
 impl<In: prost::Message + Default> FrameReader<In> {
@@ -49,6 +57,7 @@ impl<In: prost::Message + Default> FrameReader<In> {
             frame_started: None,
             frame_timeout,
             bytes_read: 0,
+            oversized: false,
         }
     }
 
@@ -83,6 +92,10 @@ impl<In: prost::Message + Default> FrameReader<In> {
             if let Some(message) = self.codec.decode(&mut self.buf)? {
                 // Bytes left over belong to the next frame, which has begun.
                 self.frame_started = (!self.buf.is_empty()).then(Instant::now);
+                if self.oversized && self.buf.is_empty() {
+                    self.buf = BytesMut::with_capacity(RETAINED_CAPACITY);
+                    self.oversized = false;
+                }
                 return Ok(Some(message));
             }
             let deadline = match self.frame_started {
@@ -101,6 +114,7 @@ impl<In: prost::Message + Default> FrameReader<In> {
                 return self.codec.decode_eof(&mut self.buf);
             }
             self.bytes_read += count as u64;
+            self.oversized |= self.buf.capacity() > RETAINED_CAPACITY;
             if self.frame_started.is_none() {
                 self.frame_started = Some(Instant::now());
             }
@@ -136,9 +150,18 @@ pub(crate) struct FrameWriter<Out> {
     _messages: std::marker::PhantomData<fn(Out)>,
     buf: BytesMut,
     write_timeout: Duration,
-    /// Why the stream can no longer be written, once a write failed or was
-    /// abandoned part-way (the stream is then no longer aligned on frames).
-    broken: Option<String>,
+    state: WriterState,
+}
+
+/// Whether the stream is still aligned on frames.
+#[derive(Debug)]
+enum WriterState {
+    Ready,
+    /// A frame is being written. Still so at the next send means that write
+    /// was abandoned part-way (its future dropped).
+    Writing,
+    /// A write failed: why.
+    Broken(String),
 }
 
 impl<Out: prost::Message> FrameWriter<Out> {
@@ -148,7 +171,7 @@ impl<Out: prost::Message> FrameWriter<Out> {
             _messages: std::marker::PhantomData,
             buf: BytesMut::new(),
             write_timeout,
-            broken: None,
+            state: WriterState::Ready,
         }
     }
 
@@ -164,17 +187,25 @@ impl<Out: prost::Message> FrameWriter<Out> {
         io: &mut W,
         parts: &[&Out],
     ) -> Result<usize, IpcError> {
-        if let Some(cause) = &self.broken {
-            return Err(IpcError::Io(io::Error::new(
+        let unusable = |cause: &str| {
+            IpcError::Io(io::Error::new(
                 io::ErrorKind::BrokenPipe,
                 format!("the connection can no longer be written: {cause}"),
-            )));
+            ))
+        };
+        match &self.state {
+            WriterState::Ready => {}
+            WriterState::Writing => {
+                return Err(unusable(
+                    "an earlier write was abandoned part-way through a frame",
+                ));
+            }
+            WriterState::Broken(cause) => return Err(unusable(cause)),
         }
         self.buf.clear();
         encode_message_parts(parts, self.settings, &mut self.buf)?;
         let length = self.buf.len();
-        // If this future is dropped mid-write, `broken` says so next time.
-        self.broken = Some("an earlier write was abandoned part-way through a frame".to_owned());
+        self.state = WriterState::Writing;
         let write = async {
             io.write_all(&self.buf).await?;
             // Every backend's flush is a no-op or cheap; it keeps a buffering
@@ -189,7 +220,15 @@ impl<Out: prost::Message> FrameWriter<Out> {
                 length,
             }),
         };
-        self.broken = outcome.as_ref().err().map(ToString::to_string);
+        self.state = match &outcome {
+            Ok(_) => WriterState::Ready,
+            Err(error) => WriterState::Broken(error.to_string()),
+        };
+        if self.buf.capacity() > RETAINED_CAPACITY {
+            // Encoding into an empty buffer allocates exactly what the next
+            // large frame needs, without copying anything.
+            self.buf = BytesMut::new();
+        }
         outcome
     }
 }

@@ -17,6 +17,7 @@ use crate::framed_io::{FrameReader, FrameWriter};
 use crate::proto::{DetectionResult, DetectionTask};
 use crate::telemetry::{add, bump};
 use crate::transport::Connection;
+use tracing::Instrument;
 
 /// Serves `connection` until the peer leaves, a frame is bad, a deadline
 /// passes, or the server stops.
@@ -201,7 +202,7 @@ impl InFlight {
                 outcome: Ok(result),
             }),
             Ok(Poll::Pending) => {
-                let handle = self.tasks.spawn(running);
+                let handle = self.tasks.spawn(running.in_current_span());
                 self.ids.insert(handle.id(), task_id);
                 None
             }

@@ -55,8 +55,15 @@ const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 ///
 /// The server answers with the task's own `task_id` whatever the handler
 /// sets, since that id is how the client matches answers.
+///
+/// A handler must not block: the server polls it first on the task that
+/// serves its connection (a handler that is done at once is answered without
+/// a task of its own), so blocking there would stall that connection. Put
+/// blocking or CPU-heavy work on `tokio::task::spawn_blocking`, as
+/// `daemoneye-ipc serve` does.
 pub trait TaskHandler: Send + Sync + 'static {
-    /// Runs one task. Several may run at once, from one or many connections.
+    /// Runs one task. Several run at once: a handler that has to wait
+    /// continues as a task of its own while its connection reads the next.
     fn handle(&self, task: DetectionTask) -> impl Future<Output = Reply> + Send;
 }
 

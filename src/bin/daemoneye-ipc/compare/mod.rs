@@ -15,6 +15,7 @@ mod workload;
 use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::time::Duration;
 
 use clap::Args;
 use daemoneye_ipc::{Crc32Variant, TransportKind};
@@ -256,10 +257,10 @@ impl CompareCmd {
         };
 
         step("memory".to_owned());
-        let rss_idle = probe.rss();
+        let rss_idle = probe.rss()?;
         let held = driver.hold(HELD_CLIENTS, largest).await?;
-        let rss_held = probe.rss();
-        let rss_peak_held = probe.peak_rss().max(rss_held);
+        let rss_held = probe.rss()?;
+        let rss_peak_held = probe.peak_rss()?.max(rss_held);
         drop(held);
         progress.inc(1);
 
@@ -267,6 +268,7 @@ impl CompareCmd {
         let connect = driver.connections(plan).await?;
         progress.inc(1);
 
+        let window = Duration::from_millis(plan.throughput_window_ms);
         let mut sizes = Vec::with_capacity(self.sizes.len());
         for &size in &self.sizes {
             step(format!("{} latency", report::size_label(size)));
@@ -278,14 +280,23 @@ impl CompareCmd {
                     "{} x{in_flight} throughput",
                     report::size_label(size)
                 ));
-                let cpu_before = probe.cpu_time_ns();
-                let faults_before = (probe.minor_faults(), client.minor_faults());
-                let run = driver.throughput(size, in_flight, plan).await?;
-                let cpu = probe.cpu_time_ns().saturating_sub(cpu_before);
-                let faults = (
-                    faults_since(faults_before.0, probe.minor_faults()),
-                    faults_since(faults_before.1, client.minor_faults()),
+                // Connected and warm before the server's clocks are read, and
+                // still connected when they are read again (a raw-std
+                // server's thread and its CPU time end with the connection).
+                let mut session = driver.open().await?;
+                session.warm_up(size, 2).await?;
+                let before = (
+                    probe.cpu_time_ns(),
+                    probe.minor_faults(),
+                    client.minor_faults(),
                 );
+                let run = session.pipelined(size, in_flight, window).await?;
+                let cpu = probe.cpu_time_ns().saturating_sub(before.0);
+                let faults = (
+                    faults_since(before.1, probe.minor_faults()),
+                    faults_since(before.2, client.minor_faults()),
+                );
+                drop(session);
                 throughput.push(ThroughputFigures::new(in_flight, size, run, cpu, faults));
                 progress.inc(1);
             }

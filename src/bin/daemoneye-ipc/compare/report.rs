@@ -47,8 +47,10 @@ pub struct RoundFigures {
 pub struct SizeFigures {
     pub size: usize,
     pub latency_p50_ns: u64,
-    pub latency_p99_ns: u64,
-    pub latency_p999_ns: u64,
+    /// Absent with fewer than 1000 samples (ten beyond the percentile).
+    pub latency_p99_ns: Option<u64>,
+    /// Absent with fewer than 10000 samples.
+    pub latency_p999_ns: Option<u64>,
     pub latency_samples: u64,
     pub throughput: Vec<ThroughputFigures>,
 }
@@ -62,12 +64,19 @@ impl SizeFigures {
         SizeFigures {
             size,
             latency_p50_ns: latency.value_at_quantile(0.50),
-            latency_p99_ns: latency.value_at_quantile(0.99),
-            latency_p999_ns: latency.value_at_quantile(0.999),
+            latency_p99_ns: quantile(latency, 0.99),
+            latency_p999_ns: quantile(latency, 0.999),
             latency_samples: latency.len(),
             throughput,
         }
     }
+}
+
+/// The quantile `q`, if there are enough samples for it to mean more than
+/// the few slowest: at least ten beyond it (1000 for p99, 10000 for p99.9).
+fn quantile(latency: &Latencies, q: f64) -> Option<u64> {
+    let needed = (10.0 / (1.0 - q)).round() as u64;
+    (latency.len() >= needed).then(|| latency.value_at_quantile(q))
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -150,8 +159,9 @@ pub struct BackendSummary {
 pub struct SizeSummary {
     pub size: usize,
     pub latency_p50_ns: Stat,
-    pub latency_p99_ns: Stat,
-    pub latency_p999_ns: Stat,
+    /// Absent unless every round had enough samples.
+    pub latency_p99_ns: Option<Stat>,
+    pub latency_p999_ns: Option<Stat>,
     pub throughput: Vec<ThroughputSummary>,
 }
 
@@ -181,11 +191,18 @@ fn summarize(rounds: &[RoundFigures]) -> BackendSummary {
         .map(|(i, first)| {
             let size_stat =
                 |f: &dyn Fn(&SizeFigures) -> f64| Stat::of(rounds.iter().map(|r| f(&r.sizes[i])));
+            let optional_stat = |f: &dyn Fn(&SizeFigures) -> Option<u64>| {
+                let values: Option<Vec<f64>> = rounds
+                    .iter()
+                    .map(|r| f(&r.sizes[i]).map(|v| v as f64))
+                    .collect();
+                values.map(Stat::of)
+            };
             SizeSummary {
                 size: first.size,
                 latency_p50_ns: size_stat(&|s| s.latency_p50_ns as f64),
-                latency_p99_ns: size_stat(&|s| s.latency_p99_ns as f64),
-                latency_p999_ns: size_stat(&|s| s.latency_p999_ns as f64),
+                latency_p99_ns: optional_stat(&|s| s.latency_p99_ns),
+                latency_p999_ns: optional_stat(&|s| s.latency_p999_ns),
                 throughput: first
                     .throughput
                     .iter()
@@ -220,10 +237,11 @@ fn summarize(rounds: &[RoundFigures]) -> BackendSummary {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Outcome {
+    /// Every round meets the bar.
     Pass,
-    /// The medians miss the bar, but the rounds' spreads overlap it: this
-    /// run cannot tell.
+    /// Some rounds meet the bar and some do not: this run cannot tell.
     WithinNoise,
+    /// No round meets the bar.
     Fail,
 }
 
@@ -237,11 +255,14 @@ impl Outcome {
     }
 }
 
-/// `subject / baseline` of one figure, judged against `bar`.
+/// `subject / baseline` of one figure, judged against `bar`, from ratios
+/// paired by round: rounds interleave the backends, so round i of each ran
+/// back to back, under the same conditions.
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct Ratio {
+    /// Median of the per-round ratios.
     pub ratio: f64,
-    /// The most favourable and least favourable pairing of rounds.
+    /// Lowest and highest per-round ratio.
     pub ratio_min: f64,
     pub ratio_max: f64,
     pub bar: f64,
@@ -250,27 +271,19 @@ pub struct Ratio {
 }
 
 impl Ratio {
-    fn of(subject: Stat, baseline: Stat, bar: f64, higher_is_better: bool) -> Ratio {
-        let ratio = subject.median / baseline.median;
-        let ratio_min = subject.min / baseline.max;
-        let ratio_max = subject.max / baseline.min;
+    fn paired(subject: &[f64], baseline: &[f64], bar: f64, higher_is_better: bool) -> Ratio {
+        let ratios = Stat::of(subject.iter().zip(baseline).map(|(s, b)| s / b));
         let meets = |r: f64| if higher_is_better { r >= bar } else { r <= bar };
-        let best = if higher_is_better {
-            ratio_max
-        } else {
-            ratio_min
-        };
-        let outcome = if meets(ratio) {
-            Outcome::Pass
-        } else if meets(best) {
-            Outcome::WithinNoise
-        } else {
-            Outcome::Fail
+        // Every round on one side of the bar, or rounds on both sides.
+        let outcome = match (meets(ratios.min), meets(ratios.max)) {
+            (true, true) => Outcome::Pass,
+            (false, false) => Outcome::Fail,
+            _ => Outcome::WithinNoise,
         };
         Ratio {
-            ratio,
-            ratio_min,
-            ratio_max,
+            ratio: ratios.median,
+            ratio_min: ratios.min,
+            ratio_max: ratios.max,
             bar,
             higher_is_better,
             outcome,
@@ -336,6 +349,29 @@ pub struct BackendReport {
     pub kind: &'static str,
     pub rounds: Vec<RoundFigures>,
     pub summary: BackendSummary,
+}
+
+impl BackendReport {
+    /// One figure per round, in round order.
+    fn per_round(&self, figure: impl Fn(&RoundFigures) -> f64) -> Vec<f64> {
+        self.rounds.iter().map(figure).collect()
+    }
+
+    /// p50 latency per round at `size`.
+    fn latency(&self, size: usize) -> Option<Vec<f64>> {
+        let i = self.rounds[0].sizes.iter().position(|s| s.size == size)?;
+        Some(self.per_round(|r| r.sizes[i].latency_p50_ns as f64))
+    }
+
+    /// Tasks per second per round at `size` and `in_flight`.
+    fn tasks_per_second(&self, size: usize, in_flight: usize) -> Option<Vec<f64>> {
+        let i = self.rounds[0].sizes.iter().position(|s| s.size == size)?;
+        let j = self.rounds[0].sizes[i]
+            .throughput
+            .iter()
+            .position(|t| t.in_flight == in_flight)?;
+        Some(self.per_round(|r| r.sizes[i].throughput[j].tasks_per_second))
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -405,9 +441,11 @@ impl Report {
                 } else {
                     "release"
                 },
-                git_commit: git(&["rev-parse", "HEAD"]),
-                git_dirty: git(&["status", "--porcelain", "--untracked-files=no"])
-                    .map(|s| !s.is_empty()),
+                // Recorded by build.rs: the commit this binary was built from.
+                git_commit: Some(env!("DAEMONEYE_GIT_COMMIT"))
+                    .filter(|c| !c.is_empty())
+                    .map(str::to_owned),
+                git_dirty: env!("DAEMONEYE_GIT_DIRTY").parse().ok(),
                 compiled_transports: TransportKind::compiled().map(TransportKind::name).collect(),
             },
             machine: Machine::describe(),
@@ -446,23 +484,28 @@ impl Report {
             .find(|b| b.name == TransportKind::Interprocess.name())
         {
             for baseline in products.iter().filter(|b| b.name != subject.name) {
-                comparisons.push(compare(subject, baseline));
+                comparisons.push(compare(subject, baseline, &self.sizes));
             }
         }
         let mut overheads = Vec::new();
         for product in &products {
             for floor in &floors {
-                for (p, f) in product.summary.sizes.iter().zip(&floor.summary.sizes) {
+                for size in &self.sizes {
+                    let (Some(latency), Some(throughput)) = (
+                        product.latency(*size).zip(floor.latency(*size)),
+                        product
+                            .tasks_per_second(*size, REFERENCE_IN_FLIGHT)
+                            .zip(floor.tasks_per_second(*size, REFERENCE_IN_FLIGHT)),
+                    ) else {
+                        continue;
+                    };
                     overheads.push(Overhead {
                         backend: product.name,
                         floor: floor.name,
-                        size: p.size,
-                        latency_p50_ratio: p.latency_p50_ns.median / f.latency_p50_ns.median,
-                        throughput_ratio: p
-                            .throughput_at(REFERENCE_IN_FLIGHT)
-                            .tasks_per_second
-                            .median
-                            / f.throughput_at(REFERENCE_IN_FLIGHT).tasks_per_second.median,
+                        size: *size,
+                        latency_p50_ratio: Ratio::paired(&latency.0, &latency.1, 1.0, false).ratio,
+                        throughput_ratio: Ratio::paired(&throughput.0, &throughput.1, 1.0, true)
+                            .ratio,
                     });
                 }
             }
@@ -499,23 +542,17 @@ impl Report {
 
     /// The smallest size's p50 round trip against raw-std's.
     fn small_latency_goal(&self, product: &BackendReport) -> Option<Goal> {
-        let size = smallest(&product.summary)?;
-        let floor = self
-            .backend("raw-std")?
-            .summary
-            .sizes
-            .iter()
-            .find(|s| s.size == size.size)?;
-        let ratio = Ratio::of(
-            size.latency_p50_ns,
-            floor.latency_p50_ns,
+        let size = *self.sizes.first()?;
+        let ratio = Ratio::paired(
+            &product.latency(size)?,
+            &self.backend("raw-std")?.latency(size)?,
             SMALL_LATENCY_GOAL,
             false,
         );
         Some(Goal {
             goal: format!(
                 "{} framed round trip within {SMALL_LATENCY_GOAL}x of raw-std (p50, same placement)",
-                size_label(size.size)
+                size_label(size)
             ),
             backend: product.name,
             figure: format!("{:.2}x", ratio.ratio),
@@ -525,16 +562,12 @@ impl Report {
 
     /// 64 KiB tasks per second, pipelined, against raw-tokio's.
     fn pipelined_throughput_goal(&self, product: &BackendReport) -> Option<Goal> {
-        let size = product.summary.sizes.iter().find(|s| s.size == 64 * 1024)?;
-        let floor = self
-            .backend("raw-tokio")?
-            .summary
-            .sizes
-            .iter()
-            .find(|s| s.size == size.size)?;
-        let ratio = Ratio::of(
-            size.throughput_at(REFERENCE_IN_FLIGHT).tasks_per_second,
-            floor.throughput_at(REFERENCE_IN_FLIGHT).tasks_per_second,
+        let size = 64 * 1024;
+        let ratio = Ratio::paired(
+            &product.tasks_per_second(size, REFERENCE_IN_FLIGHT)?,
+            &self
+                .backend("raw-tokio")?
+                .tasks_per_second(size, REFERENCE_IN_FLIGHT)?,
             PIPELINED_THROUGHPUT_GOAL,
             true,
         );
@@ -611,7 +644,10 @@ impl Report {
         }
         let _ = writeln!(
             out,
-            "Figures are medians over rounds, [min-max] across rounds."
+            "Figures are medians over rounds, [min-max] across rounds. Ratios pair each round of one \
+             backend with the same round of the other (they ran back to back): `pass` when every \
+             round meets the bar, `FAIL` when none does, `within noise` when rounds fall on both \
+             sides. A percentile needs ten samples beyond it, else it shows as -."
         );
 
         heading(
@@ -629,8 +665,8 @@ impl Report {
                     format!(
                         "{} / {} / {}",
                         micros_with_spread(s.latency_p50_ns),
-                        micros(s.latency_p99_ns.median),
-                        micros(s.latency_p999_ns.median)
+                        optional_micros(s.latency_p99_ns),
+                        optional_micros(s.latency_p999_ns)
                     )
                 })),
             );
@@ -826,10 +862,10 @@ impl Report {
             .backends
             .iter()
             .flat_map(|b| {
-                b.summary
-                    .sizes
-                    .iter()
-                    .flat_map(|s| [s.latency_p50_ns.median, s.latency_p99_ns.median])
+                b.summary.sizes.iter().flat_map(|s| {
+                    std::iter::once(s.latency_p50_ns.median)
+                        .chain(s.latency_p99_ns.map(|p| p.median))
+                })
             })
             .map(|ns| ns / 1000.0)
             .collect();
@@ -866,7 +902,7 @@ impl Report {
                 .sizes
                 .iter()
                 .enumerate()
-                .map(|(i, s)| (i as f64, s.latency_p99_ns.median / 1000.0))
+                .filter_map(|(i, s)| Some((i as f64, s.latency_p99_ns?.median / 1000.0)))
                 .collect();
             chart
                 .draw_series(LineSeries::new(p50.clone(), color.stroke_width(3)))
@@ -959,39 +995,39 @@ impl Report {
     }
 }
 
-fn compare(subject: &BackendReport, baseline: &BackendReport) -> Comparison {
-    let sizes = subject
-        .summary
-        .sizes
+fn compare(subject: &BackendReport, baseline: &BackendReport, sizes: &[usize]) -> Comparison {
+    let sizes = sizes
         .iter()
-        .zip(&baseline.summary.sizes)
-        .map(|(s, b)| SizeComparison {
-            size: s.size,
-            latency_p50: Ratio::of(s.latency_p50_ns, b.latency_p50_ns, LATENCY_BAR, false),
-            throughput: IN_FLIGHT
-                .iter()
-                .map(|&k| {
-                    let ratio = Ratio::of(
-                        s.throughput_at(k).tasks_per_second,
-                        b.throughput_at(k).tasks_per_second,
-                        THROUGHPUT_BAR,
-                        true,
-                    );
-                    (k, ratio)
-                })
-                .collect(),
+        .filter_map(|&size| {
+            Some(SizeComparison {
+                size,
+                latency_p50: Ratio::paired(
+                    &subject.latency(size)?,
+                    &baseline.latency(size)?,
+                    LATENCY_BAR,
+                    false,
+                ),
+                throughput: IN_FLIGHT
+                    .iter()
+                    .map(|&k| {
+                        let ratio = Ratio::paired(
+                            &subject.tasks_per_second(size, k)?,
+                            &baseline.tasks_per_second(size, k)?,
+                            THROUGHPUT_BAR,
+                            true,
+                        );
+                        Some((k, ratio))
+                    })
+                    .collect::<Option<_>>()?,
+            })
         })
         .collect();
+    let memory = |b: &BackendReport| b.per_round(|r| r.rss_held_peak_bytes as f64);
     Comparison {
         subject: subject.name,
         baseline: baseline.name,
         sizes,
-        memory: Ratio::of(
-            subject.summary.rss_held_peak_bytes,
-            baseline.summary.rss_held_peak_bytes,
-            MEMORY_BAR,
-            false,
-        ),
+        memory: Ratio::paired(&memory(subject), &memory(baseline), MEMORY_BAR, false),
     }
 }
 
@@ -1003,10 +1039,6 @@ fn worst(outcomes: &[Outcome]) -> Outcome {
     } else {
         Outcome::Pass
     }
-}
-
-fn smallest(summary: &BackendSummary) -> Option<&SizeSummary> {
-    summary.sizes.iter().min_by_key(|s| s.size)
 }
 
 /// Log-scale bounds around `values`, with some air.
@@ -1043,6 +1075,11 @@ fn micros(ns: f64) -> String {
     }
 }
 
+/// A percentile there were too few samples for shows as "-".
+fn optional_micros(stat: Option<Stat>) -> String {
+    stat.map_or_else(|| "-".to_owned(), |stat| micros(stat.median))
+}
+
 fn micros_with_spread(stat: Stat) -> String {
     format!(
         "{} [{}-{}]",
@@ -1064,14 +1101,6 @@ fn mib_with_spread(stat: Stat) -> String {
         mib(stat.min),
         mib(stat.max)
     )
-}
-
-fn git(args: &[&str]) -> Option<String> {
-    let output = std::process::Command::new("git").args(args).output().ok()?;
-    output
-        .status
-        .success()
-        .then(|| String::from_utf8_lossy(&output.stdout).trim().to_owned())
 }
 
 /// `2026-11-29T20:15:00Z` from Unix seconds (civil-from-days).
@@ -1157,36 +1186,26 @@ impl Table {
 mod tests {
     use super::*;
 
-    fn stat(median: f64, min: f64, max: f64) -> Stat {
-        Stat { median, min, max }
-    }
-
     #[test]
-    fn ratios_pass_fail_or_admit_noise() {
-        // Lower is better (latency): 1.02 passes a 1.05 bar.
-        assert_eq!(
-            Ratio::of(stat(10.2, 10.0, 10.4), stat(10.0, 9.9, 10.1), 1.05, false).outcome,
-            Outcome::Pass
+    fn paired_ratios_pass_fail_or_admit_noise() {
+        // Lower is better (latency), bar 1.05.
+        let pass = Ratio::paired(&[10.2, 10.3, 10.0], &[10.0, 10.0, 10.0], 1.05, false);
+        assert_eq!(pass.outcome, Outcome::Pass);
+        assert!(
+            (pass.ratio - 1.02).abs() < 1e-9,
+            "the median of the per-round ratios"
         );
-        // 1.10 misses, but the best pairing of rounds (9.9 / 10.6) meets it.
-        assert_eq!(
-            Ratio::of(stat(11.0, 9.9, 12.0), stat(10.0, 9.5, 10.6), 1.05, false).outcome,
-            Outcome::WithinNoise
-        );
-        // 1.5 with tight spreads: a real regression.
-        assert_eq!(
-            Ratio::of(stat(15.0, 14.9, 15.1), stat(10.0, 9.9, 10.1), 1.05, false).outcome,
-            Outcome::Fail
-        );
-        // Higher is better (throughput).
-        assert_eq!(
-            Ratio::of(stat(100.0, 99.0, 101.0), stat(98.0, 97.0, 99.0), 1.0, true).outcome,
-            Outcome::Pass
-        );
-        assert_eq!(
-            Ratio::of(stat(97.0, 95.0, 101.0), stat(100.0, 99.0, 101.0), 1.0, true).outcome,
-            Outcome::WithinNoise
-        );
+        // Rounds on both sides of the bar: this run cannot tell.
+        let noise = Ratio::paired(&[10.0, 11.0, 12.0], &[10.0, 10.0, 10.0], 1.05, false);
+        assert_eq!(noise.outcome, Outcome::WithinNoise);
+        assert_eq!((noise.ratio_min, noise.ratio_max), (1.0, 1.2));
+        // Every round worse than the bar.
+        let fail = Ratio::paired(&[15.0, 14.0, 16.0], &[10.0, 10.0, 10.0], 1.05, false);
+        assert_eq!(fail.outcome, Outcome::Fail);
+        // Higher is better (throughput): pairing by round cancels a slow round
+        // that slowed both backends alike.
+        let paired = Ratio::paired(&[100.0, 50.0, 101.0], &[99.0, 49.0, 100.0], 1.0, true);
+        assert_eq!(paired.outcome, Outcome::Pass);
     }
 
     #[test]

@@ -220,9 +220,11 @@ impl SizedResults {
     }
 }
 
+/// `ready PID`: the parent measures the process that serves, which is not
+/// the one it started when a wrapper (`DAEMONEYE_COMPARE_RUNNER`) forks.
 fn announce_ready() -> Result<(), Failure> {
     let mut stdout = std::io::stdout();
-    writeln!(stdout, "ready")
+    writeln!(stdout, "ready {}", std::process::id())
         .and_then(|()| stdout.flush())
         .map_err(Failure::runtime)
 }
@@ -237,7 +239,12 @@ pub struct ServerChild {
     child: Child,
     stdin: Option<ChildStdin>,
     pub endpoint: String,
+    /// The serving process, as it reported itself.
+    pid: u32,
 }
+
+/// How long a server may take to start.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl ServerChild {
     pub fn spawn(
@@ -296,26 +303,42 @@ impl ServerChild {
             .map_err(|e| format!("cannot start the {} server: {e}", backend.name()))?;
         let stdin = child.stdin.take();
         let stdout = child.stdout.take().expect("piped");
-        let mut line = String::new();
-        BufReader::new(stdout)
-            .read_line(&mut line)
-            .map_err(|e| format!("the {} server did not start: {e}", backend.name()))?;
-        if line.trim() != "ready" {
+        // The first line, read on a thread so that a wedged child cannot
+        // hang the comparison.
+        let (line_tx, line_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = line_tx.send(BufReader::new(stdout).read_line(&mut line).map(|_| line));
+        });
+        let ready = line_rx.recv_timeout(READY_TIMEOUT);
+        let pid = match &ready {
+            Ok(Ok(line)) => line
+                .trim()
+                .strip_prefix("ready ")
+                .and_then(|pid| pid.parse().ok()),
+            _ => None,
+        };
+        let Some(pid) = pid else {
+            let _ = child.kill();
             let _ = child.wait();
-            return Err(format!(
-                "the {} server did not start (see its error above)",
-                backend.name()
-            ));
-        }
+            let why = match ready {
+                Err(_) => format!("did not report ready within {} s", READY_TIMEOUT.as_secs()),
+                Ok(Err(e)) => format!("could not be read: {e}"),
+                Ok(Ok(line)) if line.is_empty() => "exited (see its error above)".to_owned(),
+                Ok(Ok(line)) => format!("said {:?} instead of ready", line.trim()),
+            };
+            return Err(format!("the {} server {why}", backend.name()));
+        };
         Ok(ServerChild {
             child,
             stdin,
             endpoint,
+            pid,
         })
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.pid
     }
 }
 
@@ -328,23 +351,30 @@ impl Drop for ServerChild {
 
 /// A private directory for the comparison's sockets, removed at the end.
 pub struct Workspace {
-    #[cfg_attr(windows, allow(dead_code))]
     dir: PathBuf,
     run: u32,
 }
 
 impl Workspace {
     pub fn create() -> Result<Workspace, String> {
-        let dir = std::env::temp_dir().join(format!("daemoneye-compare-{}", std::process::id()));
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::DirBuilderExt;
-            std::fs::DirBuilder::new()
-                .mode(0o700)
-                .create(&dir)
-                .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        // A directory a killed run left behind under a since-recycled pid
+        // is not ours to reuse: take the next free name.
+        let base = std::env::temp_dir();
+        for attempt in 0..100 {
+            let dir = base.join(format!(
+                "daemoneye-compare-{}-{attempt}",
+                std::process::id()
+            ));
+            match create_private_dir(&dir) {
+                Ok(()) => return Ok(Workspace { dir, run: 0 }),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(format!("cannot create {}: {e}", dir.display())),
+            }
         }
-        Ok(Workspace { dir, run: 0 })
+        Err(format!(
+            "cannot find a free directory name in {}",
+            base.display()
+        ))
     }
 
     /// A fresh endpoint name for the next server.
@@ -369,9 +399,21 @@ impl Workspace {
     }
 }
 
+/// A directory only its owner can enter (Unix: 0700).
+fn create_private_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new().mode(0o700).create(dir)
+    }
+    #[cfg(windows)]
+    {
+        std::fs::create_dir(dir)
+    }
+}
+
 impl Drop for Workspace {
     fn drop(&mut self) {
-        #[cfg(unix)]
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -121,7 +121,7 @@ mod imp {
 
 pub use imp::pin_current_thread;
 
-/// A process's resident memory and CPU time, read from the OS.
+/// A process's resident memory, CPU time and page faults, read from the OS.
 pub struct ProcessProbe {
     pid: u32,
     system: sysinfo::System,
@@ -135,7 +135,7 @@ impl ProcessProbe {
         }
     }
 
-    fn refresh(&mut self) -> Option<&sysinfo::Process> {
+    fn refresh(&mut self) -> Result<&sysinfo::Process, String> {
         let pid = sysinfo::Pid::from_u32(self.pid);
         let kind = sysinfo::ProcessRefreshKind::nothing()
             .with_memory()
@@ -145,21 +145,23 @@ impl ProcessProbe {
             true,
             kind,
         );
-        self.system.process(pid)
+        self.system
+            .process(pid)
+            .ok_or_else(|| format!("process {} is gone: cannot read its memory", self.pid))
     }
 
     /// Resident set size now, in bytes.
-    pub fn rss(&mut self) -> u64 {
-        self.refresh().map_or(0, sysinfo::Process::memory)
+    pub fn rss(&mut self) -> Result<u64, String> {
+        self.refresh().map(sysinfo::Process::memory)
     }
 
     /// Peak resident set size since the process started, in bytes, where
     /// the OS keeps one (Linux `VmHWM`); elsewhere the current RSS, which
     /// callers sample at the busiest moment.
-    pub fn peak_rss(&mut self) -> u64 {
+    pub fn peak_rss(&mut self) -> Result<u64, String> {
         #[cfg(any(target_os = "linux", target_os = "android"))]
         if let Some(peak) = linux::status_kib(self.pid, "VmHWM:") {
-            return peak * 1024;
+            return Ok(peak * 1024);
         }
         self.rss()
     }
@@ -176,16 +178,20 @@ impl ProcessProbe {
         }
     }
 
-    /// CPU time (user + system) used so far, in nanoseconds. Linux sums the
-    /// threads' scheduler statistics (nanosecond resolution); elsewhere the
-    /// OS's millisecond accounting.
+    /// CPU time (user + system) used so far, in nanoseconds: Linux sums the
+    /// threads' scheduler statistics (nanosecond resolution, so callers read
+    /// it while the threads they measure still exist); elsewhere the OS's
+    /// millisecond accounting. One source per platform, never mixed.
     pub fn cpu_time_ns(&mut self) -> u64 {
         #[cfg(any(target_os = "linux", target_os = "android"))]
-        if let Some(ns) = linux::cpu_time_ns(self.pid) {
-            return ns;
+        {
+            linux::cpu_time_ns(self.pid)
         }
-        self.refresh()
-            .map_or(0, |p| p.accumulated_cpu_time() * 1_000_000)
+        #[cfg(not(any(target_os = "linux", target_os = "android")))]
+        {
+            self.refresh()
+                .map_or(0, |p| p.accumulated_cpu_time() * 1_000_000)
+        }
     }
 }
 
@@ -210,16 +216,18 @@ mod linux {
         after_name.split_whitespace().nth(7)?.parse().ok()
     }
 
-    /// Sum over the process's threads of the time spent on a CPU
-    /// (/proc/PID/task/TID/schedstat, first field, nanoseconds).
-    pub fn cpu_time_ns(pid: u32) -> Option<u64> {
-        let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
-        let mut total = 0;
-        for task in tasks.flatten() {
-            let schedstat = std::fs::read_to_string(task.path().join("schedstat")).ok()?;
-            total += schedstat.split_whitespace().next()?.parse::<u64>().ok()?;
-        }
-        Some(total)
+    /// Sum over the process's live threads of the time spent on a CPU
+    /// (/proc/PID/task/TID/schedstat, first field, nanoseconds). A thread
+    /// that exits between the listing and the read is skipped.
+    pub fn cpu_time_ns(pid: u32) -> u64 {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            return 0;
+        };
+        tasks
+            .flatten()
+            .filter_map(|task| std::fs::read_to_string(task.path().join("schedstat")).ok())
+            .filter_map(|schedstat| schedstat.split_whitespace().next()?.parse::<u64>().ok())
+            .sum()
     }
 }
 

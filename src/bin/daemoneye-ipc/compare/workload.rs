@@ -1,6 +1,8 @@
-//! The client side of a comparison: the workloads, run against one server
-//! child. Product backends go through `IpcClient`, exactly as an agent
-//! would; the floors speak their bare protocol.
+//! The client side of a comparison, against one server child. Every backend
+//! offers the same three things through a [`Session`] (one connection): a
+//! round trip, a pipelined run, and being held open. Product backends go
+//! through `IpcClient`, exactly as an agent would; the floors speak their
+//! bare protocol.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -15,8 +17,8 @@ use super::floors;
 /// How long each workload runs.
 #[derive(Debug, Clone, Copy, serde::Serialize)]
 pub struct Plan {
-    /// Round trips per latency run: as many as fit in the window, within
-    /// these bounds.
+    /// Round trips per latency run: as many as fit in the window (counted
+    /// after the warm-up), within these bounds.
     pub latency_window_ms: u64,
     pub latency_min: u64,
     pub latency_max: u64,
@@ -24,7 +26,7 @@ pub struct Plan {
     pub throughput_window_ms: u64,
     /// Fresh connections (connect + first round trip) per round.
     pub connects: u64,
-    /// Round trips before any measurement, to warm the path.
+    /// Round trips on a connection before it is measured.
     pub warmup: u64,
 }
 
@@ -32,7 +34,7 @@ impl Plan {
     pub fn full() -> Plan {
         Plan {
             latency_window_ms: 500,
-            latency_min: 200,
+            latency_min: 100,
             latency_max: 50_000,
             throughput_window_ms: 400,
             connects: 100,
@@ -43,7 +45,7 @@ impl Plan {
     pub fn quick() -> Plan {
         Plan {
             latency_window_ms: 60,
-            latency_min: 30,
+            latency_min: 100,
             latency_max: 5_000,
             throughput_window_ms: 60,
             connects: 20,
@@ -59,6 +61,13 @@ fn histogram() -> Latencies {
     Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("valid bounds")
 }
 
+fn record(latencies: &mut Latencies, started: Instant) {
+    let nanos = u64::try_from(started.elapsed().as_nanos())
+        .unwrap_or(u64::MAX)
+        .max(1);
+    latencies.saturating_record(nanos);
+}
+
 /// Tasks completed in a pipelined run.
 #[derive(Debug, Clone, Copy)]
 pub struct Throughput {
@@ -66,35 +75,12 @@ pub struct Throughput {
     pub elapsed: Duration,
 }
 
-/// Talks to one server child.
+/// How to reach one server child.
 pub enum Driver {
     Product(IpcConfig),
     #[cfg(unix)]
     RawStd(String),
     RawTokio(String),
-}
-
-/// Connections kept open to load the server (for its memory figure); they
-/// are held, never read.
-#[allow(dead_code)]
-pub enum Held {
-    Product(Vec<IpcClient>),
-    #[cfg(unix)]
-    RawStd(Vec<std::os::unix::net::UnixStream>),
-    RawTokio(Vec<RawTokioStream>),
-}
-
-#[cfg(unix)]
-type RawTokioStream = tokio::net::UnixStream;
-#[cfg(windows)]
-type RawTokioStream = tokio::net::windows::named_pipe::NamedPipeClient;
-
-fn task(id: String, size: usize) -> DetectionTask {
-    DetectionTask {
-        task_id: id,
-        metadata: Some(format!("size={size}")),
-        ..Default::default()
-    }
 }
 
 impl Driver {
@@ -115,116 +101,149 @@ impl Driver {
         }
     }
 
-    /// One task in flight at a time.
+    /// A new connection.
+    pub async fn open(&self) -> Result<Session, String> {
+        Ok(match self {
+            Driver::Product(config) => Session::Product(
+                IpcClient::connect(config.clone())
+                    .await
+                    .map_err(|e| e.to_string())?,
+            ),
+            #[cfg(unix)]
+            Driver::RawStd(endpoint) => Session::RawStd(
+                std::os::unix::net::UnixStream::connect(endpoint).map_err(|e| e.to_string())?,
+                Vec::new(),
+            ),
+            Driver::RawTokio(endpoint) => {
+                Session::RawTokio(connect_raw_tokio(endpoint).await?, Vec::new())
+            }
+        })
+    }
+
+    /// One task in flight at a time: warm up, then time round trips.
     pub async fn latency(&self, size: usize, plan: &Plan) -> Result<Latencies, String> {
+        let mut session = self.open().await?;
+        session.warm_up(size, plan.warmup).await?;
         let mut latencies = histogram();
         let window = Duration::from_millis(plan.latency_window_ms);
-        let mut keep_going = {
-            let started = Instant::now();
-            let mut done = 0;
-            move || {
-                done += 1;
-                done <= plan.latency_min || (done <= plan.latency_max && started.elapsed() < window)
-            }
-        };
-        match self {
-            Driver::Product(config) => {
-                let client = IpcClient::new(config.clone()).map_err(|e| e.to_string())?;
-                for i in 0..plan.warmup {
-                    client
-                        .send(task(format!("w{i}"), size))
-                        .await
-                        .map_err(|e| e.to_string())?;
-                }
-                let mut i = 0u64;
-                while keep_going() {
-                    i += 1;
-                    let started = Instant::now();
-                    client
-                        .send(task(i.to_string(), size))
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    record(&mut latencies, started);
-                }
-            }
-            #[cfg(unix)]
-            Driver::RawStd(endpoint) => {
-                use std::io::Write;
-                let mut stream =
-                    std::os::unix::net::UnixStream::connect(endpoint).map_err(|e| e.to_string())?;
-                let request = floors::request(size);
-                let mut buf = Vec::new();
-                for _ in 0..plan.warmup {
-                    stream.write_all(&request).map_err(|e| e.to_string())?;
-                    floors::blocking::read_response(&mut stream, &mut buf)
-                        .map_err(|e| e.to_string())?;
-                }
-                while keep_going() {
-                    let started = Instant::now();
-                    stream.write_all(&request).map_err(|e| e.to_string())?;
-                    floors::blocking::read_response(&mut stream, &mut buf)
-                        .map_err(|e| e.to_string())?;
-                    record(&mut latencies, started);
-                }
-            }
-            Driver::RawTokio(endpoint) => {
-                use tokio::io::AsyncWriteExt;
-                let mut stream = connect_raw_tokio(endpoint).await?;
-                let request = floors::request(size);
-                let mut buf = Vec::new();
-                for _ in 0..plan.warmup {
-                    stream
-                        .write_all(&request)
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    floors::read_response_tokio(&mut stream, &mut buf)
-                        .await
-                        .map_err(|e| e.to_string())?;
-                }
-                while keep_going() {
-                    let started = Instant::now();
-                    stream
-                        .write_all(&request)
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    floors::read_response_tokio(&mut stream, &mut buf)
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    record(&mut latencies, started);
-                }
-            }
+        let started = Instant::now();
+        let mut done = 0;
+        while done < plan.latency_min || (done < plan.latency_max && started.elapsed() < window) {
+            done += 1;
+            let sent = Instant::now();
+            session.round_trip(size, done).await?;
+            record(&mut latencies, sent);
         }
         Ok(latencies)
     }
 
-    /// `in_flight` tasks outstanding at all times on one connection, for
-    /// the plan's throughput window.
-    pub async fn throughput(
-        &self,
-        size: usize,
-        in_flight: usize,
-        plan: &Plan,
-    ) -> Result<Throughput, String> {
-        let window = Duration::from_millis(plan.throughput_window_ms);
+    /// Connect, then one 64-byte round trip, `plan.connects` times.
+    pub async fn connections(&self, plan: &Plan) -> Result<Latencies, String> {
+        let mut latencies = histogram();
+        for i in 0..plan.connects {
+            let started = Instant::now();
+            let mut session = self.open().await?;
+            session.round_trip(64, i).await?;
+            record(&mut latencies, started);
+        }
+        Ok(latencies)
+    }
+
+    /// `count` connections, each having made one round trip of `size`, held
+    /// open until the returned sessions are dropped.
+    pub async fn hold(&self, count: usize, size: usize) -> Result<Vec<Session>, String> {
+        let mut sessions = Vec::with_capacity(count);
+        for i in 0..count {
+            let mut session = self.open().await?;
+            session.round_trip(size, i as u64).await?;
+            sessions.push(session);
+        }
+        Ok(sessions)
+    }
+}
+
+/// One connection to a server child.
+pub enum Session {
+    Product(IpcClient),
+    #[cfg(unix)]
+    RawStd(std::os::unix::net::UnixStream, Vec<u8>),
+    RawTokio(RawTokioStream, Vec<u8>),
+}
+
+#[cfg(unix)]
+type RawTokioStream = tokio::net::UnixStream;
+#[cfg(windows)]
+type RawTokioStream = tokio::net::windows::named_pipe::NamedPipeClient;
+
+/// A task asking for a `size`-byte result.
+fn task(id: String, size: usize) -> DetectionTask {
+    DetectionTask {
+        task_id: id,
+        metadata: Some(format!("size={size}")),
+        ..Default::default()
+    }
+}
+
+impl Session {
+    /// One request for `size` bytes and its answer.
+    pub async fn round_trip(&mut self, size: usize, id: u64) -> Result<(), String> {
         match self {
-            Driver::Product(config) => {
-                let client = IpcClient::new(config.clone()).map_err(|e| e.to_string())?;
+            Session::Product(client) => {
                 client
-                    .send(task("warm".to_owned(), size))
+                    .send(task(id.to_string(), size))
                     .await
                     .map_err(|e| e.to_string())?;
+            }
+            #[cfg(unix)]
+            Session::RawStd(stream, buf) => {
+                use std::io::Write;
+                stream
+                    .write_all(&floors::request(size))
+                    .map_err(|e| e.to_string())?;
+                floors::blocking::read_response(stream, buf).map_err(|e| e.to_string())?;
+            }
+            Session::RawTokio(stream, buf) => {
+                use tokio::io::AsyncWriteExt;
+                stream
+                    .write_all(&floors::request(size))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                floors::read_response_tokio(stream, buf)
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+        }
+        Ok(())
+    }
+
+    pub async fn warm_up(&mut self, size: usize, round_trips: u64) -> Result<(), String> {
+        for i in 0..round_trips {
+            self.round_trip(size, u64::MAX - i).await?;
+        }
+        Ok(())
+    }
+
+    /// `in_flight` tasks outstanding at all times for `window`.
+    pub async fn pipelined(
+        &mut self,
+        size: usize,
+        in_flight: usize,
+        window: Duration,
+    ) -> Result<Throughput, String> {
+        let started = Instant::now();
+        let deadline = started + window;
+        let tasks = match self {
+            Session::Product(client) => {
+                // One sender per slot: each has a task outstanding at all times.
                 let completed = Arc::new(AtomicU64::new(0));
-                let started = Instant::now();
-                let deadline = started + window;
                 let mut senders = tokio::task::JoinSet::new();
-                for worker in 0..in_flight {
-                    let client = client.clone();
-                    let completed = completed.clone();
+                for slot in 0..in_flight {
+                    let (client, completed) = (client.clone(), completed.clone());
                     senders.spawn(async move {
                         let mut n = 0u64;
                         while Instant::now() < deadline {
                             n += 1;
-                            client.send(task(format!("{worker}-{n}"), size)).await?;
+                            client.send(task(format!("{slot}-{n}"), size)).await?;
                             completed.fetch_add(1, Relaxed);
                         }
                         Ok::<(), daemoneye_ipc::IpcError>(())
@@ -235,27 +254,20 @@ impl Driver {
                         .map_err(|e| e.to_string())?
                         .map_err(|e| e.to_string())?;
                 }
-                Ok(Throughput {
-                    tasks: completed.load(Relaxed),
-                    elapsed: started.elapsed(),
-                })
+                completed.load(Relaxed)
             }
+            // The floors keep a window of requests written ahead of the
+            // answers: one more goes out for each that comes back.
             #[cfg(unix)]
-            Driver::RawStd(endpoint) => {
+            Session::RawStd(stream, buf) => {
                 use std::io::Write;
-                let mut stream =
-                    std::os::unix::net::UnixStream::connect(endpoint).map_err(|e| e.to_string())?;
                 let request = floors::request(size);
-                let mut buf = Vec::new();
-                let started = Instant::now();
-                let deadline = started + window;
                 for _ in 0..in_flight {
                     stream.write_all(&request).map_err(|e| e.to_string())?;
                 }
                 let (mut outstanding, mut tasks) = (in_flight, 0);
                 while outstanding > 0 {
-                    floors::blocking::read_response(&mut stream, &mut buf)
-                        .map_err(|e| e.to_string())?;
+                    floors::blocking::read_response(stream, buf).map_err(|e| e.to_string())?;
                     tasks += 1;
                     if Instant::now() < deadline {
                         stream.write_all(&request).map_err(|e| e.to_string())?;
@@ -263,18 +275,11 @@ impl Driver {
                         outstanding -= 1;
                     }
                 }
-                Ok(Throughput {
-                    tasks,
-                    elapsed: started.elapsed(),
-                })
+                tasks
             }
-            Driver::RawTokio(endpoint) => {
+            Session::RawTokio(stream, buf) => {
                 use tokio::io::AsyncWriteExt;
-                let mut stream = connect_raw_tokio(endpoint).await?;
                 let request = floors::request(size);
-                let mut buf = Vec::new();
-                let started = Instant::now();
-                let deadline = started + window;
                 for _ in 0..in_flight {
                     stream
                         .write_all(&request)
@@ -283,7 +288,7 @@ impl Driver {
                 }
                 let (mut outstanding, mut tasks) = (in_flight, 0);
                 while outstanding > 0 {
-                    floors::read_response_tokio(&mut stream, &mut buf)
+                    floors::read_response_tokio(stream, buf)
                         .await
                         .map_err(|e| e.to_string())?;
                     tasks += 1;
@@ -296,116 +301,14 @@ impl Driver {
                         outstanding -= 1;
                     }
                 }
-                Ok(Throughput {
-                    tasks,
-                    elapsed: started.elapsed(),
-                })
+                tasks
             }
-        }
+        };
+        Ok(Throughput {
+            tasks,
+            elapsed: started.elapsed(),
+        })
     }
-
-    /// Connect, then one 64-byte round trip, `plan.connects` times.
-    pub async fn connections(&self, plan: &Plan) -> Result<Latencies, String> {
-        let mut latencies = histogram();
-        for i in 0..plan.connects {
-            let started = Instant::now();
-            match self {
-                Driver::Product(config) => {
-                    let client = IpcClient::connect(config.clone())
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    client
-                        .send(task(format!("c{i}"), 64))
-                        .await
-                        .map_err(|e| e.to_string())?;
-                }
-                #[cfg(unix)]
-                Driver::RawStd(endpoint) => {
-                    use std::io::Write;
-                    let mut stream = std::os::unix::net::UnixStream::connect(endpoint)
-                        .map_err(|e| e.to_string())?;
-                    stream
-                        .write_all(&floors::request(64))
-                        .map_err(|e| e.to_string())?;
-                    floors::blocking::read_response(&mut stream, &mut Vec::new())
-                        .map_err(|e| e.to_string())?;
-                }
-                Driver::RawTokio(endpoint) => {
-                    use tokio::io::AsyncWriteExt;
-                    let mut stream = connect_raw_tokio(endpoint).await?;
-                    stream
-                        .write_all(&floors::request(64))
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    floors::read_response_tokio(&mut stream, &mut Vec::new())
-                        .await
-                        .map_err(|e| e.to_string())?;
-                }
-            }
-            record(&mut latencies, started);
-        }
-        Ok(latencies)
-    }
-
-    /// `count` clients, each having made one round trip of `size`, kept
-    /// connected until the returned value is dropped.
-    pub async fn hold(&self, count: usize, size: usize) -> Result<Held, String> {
-        match self {
-            Driver::Product(config) => {
-                let mut clients = Vec::with_capacity(count);
-                for i in 0..count {
-                    let client = IpcClient::connect(config.clone())
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    client
-                        .send(task(format!("h{i}"), size))
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    clients.push(client);
-                }
-                Ok(Held::Product(clients))
-            }
-            #[cfg(unix)]
-            Driver::RawStd(endpoint) => {
-                use std::io::Write;
-                let mut streams = Vec::with_capacity(count);
-                for _ in 0..count {
-                    let mut stream = std::os::unix::net::UnixStream::connect(endpoint)
-                        .map_err(|e| e.to_string())?;
-                    stream
-                        .write_all(&floors::request(size))
-                        .map_err(|e| e.to_string())?;
-                    floors::blocking::read_response(&mut stream, &mut Vec::new())
-                        .map_err(|e| e.to_string())?;
-                    streams.push(stream);
-                }
-                Ok(Held::RawStd(streams))
-            }
-            Driver::RawTokio(endpoint) => {
-                use tokio::io::AsyncWriteExt;
-                let mut streams = Vec::with_capacity(count);
-                for _ in 0..count {
-                    let mut stream = connect_raw_tokio(endpoint).await?;
-                    stream
-                        .write_all(&floors::request(size))
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    floors::read_response_tokio(&mut stream, &mut Vec::new())
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    streams.push(stream);
-                }
-                Ok(Held::RawTokio(streams))
-            }
-        }
-    }
-}
-
-fn record(latencies: &mut Latencies, started: Instant) {
-    let nanos = u64::try_from(started.elapsed().as_nanos())
-        .unwrap_or(u64::MAX)
-        .max(1);
-    latencies.saturating_record(nanos);
 }
 
 #[cfg(unix)]
