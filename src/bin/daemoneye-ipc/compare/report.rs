@@ -828,27 +828,73 @@ impl Report {
     pub fn write_svg(&self, path: &Path) -> Result<(), String> {
         use plotters::prelude::*;
 
-        let error = |e: &dyn std::fmt::Display| e.to_string();
         let root = SVGBackend::new(path, (1280, 540)).into_drawing_area();
-        root.fill(&WHITE).map_err(|e| error(&e))?;
+        root.fill(&WHITE).map_err(|e| e.to_string())?;
         let title = format!(
             "daemoneye-ipc compare: {} rounds, {}",
             self.rounds, self.placement.description
         );
         let root = root
             .titled(&title, ("sans-serif", 18))
-            .map_err(|e| error(&e))?;
+            .map_err(|e| e.to_string())?;
         let (left, right) = root.split_horizontally(640);
-        let x_range = -0.3f64..(self.sizes.len() as f64 - 0.7);
-        let size_labels: Vec<String> = self.sizes.iter().map(|&s| size_label(s)).collect();
-        let x_label = |x: &f64| {
-            let i = x.round();
-            if (x - i).abs() < 0.01 && i >= 0.0 {
-                size_labels.get(i as usize).cloned().unwrap_or_default()
-            } else {
-                String::new()
-            }
+        let points = |figure: &dyn Fn(&SizeSummary) -> Option<f64>| -> Vec<Vec<(f64, f64)>> {
+            self.backends
+                .iter()
+                .map(|b| {
+                    b.summary
+                        .sizes
+                        .iter()
+                        .enumerate()
+                        .filter_map(|(i, s)| Some((i as f64, figure(s)?)))
+                        .collect()
+                })
+                .collect()
         };
+        let latency = Panel {
+            caption: "round trip, one in flight (us): p50 solid, p99 thin".to_owned(),
+            y_desc: "microseconds",
+            main: points(&|s| Some(s.latency_p50_ns.median / 1000.0)),
+            thin: points(&|s| Some(s.latency_p99_ns?.median / 1000.0)),
+        };
+        let throughput = Panel {
+            caption: format!("throughput, {REFERENCE_IN_FLIGHT} in flight (MB/s of payload)"),
+            y_desc: "MB/s",
+            main: points(&|s| {
+                Some(
+                    s.throughput_at(REFERENCE_IN_FLIGHT)
+                        .megabytes_per_second
+                        .median,
+                )
+            }),
+            thin: Vec::new(),
+        };
+        let names: Vec<&str> = self.backends.iter().map(|b| b.name).collect();
+        latency.draw(&left, &names, &self.sizes)?;
+        throughput.draw(&right, &names, &self.sizes)?;
+        root.present().map_err(|e| e.to_string())
+    }
+}
+
+/// One chart of the SVG: a line per backend across the sizes (log scale),
+/// optionally a thinner second line per backend.
+struct Panel {
+    caption: String,
+    y_desc: &'static str,
+    /// Per backend, (size index, value) points.
+    main: Vec<Vec<(f64, f64)>>,
+    thin: Vec<Vec<(f64, f64)>>,
+}
+
+impl Panel {
+    fn draw<DB: plotters::prelude::DrawingBackend>(
+        &self,
+        area: &plotters::prelude::DrawingArea<DB, plotters::coord::Shift>,
+        names: &[&'static str],
+        sizes: &[usize],
+    ) -> Result<(), String> {
+        use plotters::prelude::*;
+
         let palette = [
             RGBColor(31, 119, 180),
             RGBColor(214, 39, 40),
@@ -856,67 +902,57 @@ impl Report {
             RGBColor(148, 103, 189),
             RGBColor(255, 127, 14),
         ];
-
-        // Latency.
-        let latencies: Vec<f64> = self
-            .backends
+        let error = |e: &dyn std::fmt::Display| e.to_string();
+        let values: Vec<f64> = self
+            .main
             .iter()
-            .flat_map(|b| {
-                b.summary.sizes.iter().flat_map(|s| {
-                    std::iter::once(s.latency_p50_ns.median)
-                        .chain(s.latency_p99_ns.map(|p| p.median))
-                })
-            })
-            .map(|ns| ns / 1000.0)
+            .chain(&self.thin)
+            .flatten()
+            .map(|&(_, v)| v)
             .collect();
-        let (lo, hi) = bounds(&latencies);
-        let mut chart = ChartBuilder::on(&left)
-            .caption(
-                "round trip, one in flight (us): p50 solid, p99 thin",
-                ("sans-serif", 16),
-            )
+        let (lo, hi) = bounds(&values);
+        let labels: Vec<String> = sizes.iter().map(|&s| size_label(s)).collect();
+        let x_label = |x: &f64| {
+            let i = x.round();
+            if (x - i).abs() < 0.01 && i >= 0.0 {
+                labels.get(i as usize).cloned().unwrap_or_default()
+            } else {
+                String::new()
+            }
+        };
+        let mut chart = ChartBuilder::on(area)
+            .caption(&self.caption, ("sans-serif", 16))
             .margin(12)
             .x_label_area_size(36)
             .y_label_area_size(64)
-            .build_cartesian_2d(x_range.clone(), (lo..hi).log_scale())
+            .build_cartesian_2d(-0.3f64..(sizes.len() as f64 - 0.7), (lo..hi).log_scale())
             .map_err(|e| error(&e))?;
         chart
             .configure_mesh()
-            .x_labels(self.sizes.len() * 4)
+            .x_labels(sizes.len() * 4)
             .x_label_formatter(&x_label)
             .y_label_formatter(&|v| format!("{v:.0}"))
-            .y_desc("microseconds")
+            .y_desc(self.y_desc)
             .x_desc("payload size")
             .draw()
             .map_err(|e| error(&e))?;
-        for (b, color) in self.backends.iter().zip(palette.iter().cycle()) {
-            let p50: Vec<(f64, f64)> = b
-                .summary
-                .sizes
-                .iter()
-                .enumerate()
-                .map(|(i, s)| (i as f64, s.latency_p50_ns.median / 1000.0))
-                .collect();
-            let p99: Vec<(f64, f64)> = b
-                .summary
-                .sizes
-                .iter()
-                .enumerate()
-                .filter_map(|(i, s)| Some((i as f64, s.latency_p99_ns?.median / 1000.0)))
-                .collect();
+        for (i, (name, color)) in names.iter().zip(palette.iter().cycle()).enumerate() {
+            let main = self.main[i].clone();
             chart
-                .draw_series(LineSeries::new(p50.clone(), color.stroke_width(3)))
+                .draw_series(LineSeries::new(main.clone(), color.stroke_width(3)))
                 .map_err(|e| error(&e))?
-                .label(b.name)
+                .label(*name)
                 .legend(move |(x, y)| {
                     PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(3))
                 });
             chart
-                .draw_series(p50.iter().map(|&p| Circle::new(p, 4, color.filled())))
+                .draw_series(main.iter().map(|&p| Circle::new(p, 4, color.filled())))
                 .map_err(|e| error(&e))?;
-            chart
-                .draw_series(LineSeries::new(p99, color.stroke_width(1)))
-                .map_err(|e| error(&e))?;
+            if let Some(thin) = self.thin.get(i) {
+                chart
+                    .draw_series(LineSeries::new(thin.clone(), color.stroke_width(1)))
+                    .map_err(|e| error(&e))?;
+            }
         }
         chart
             .configure_series_labels()
@@ -924,74 +960,7 @@ impl Report {
             .background_style(WHITE.mix(0.85))
             .border_style(BLACK)
             .draw()
-            .map_err(|e| error(&e))?;
-
-        // Throughput.
-        let rates: Vec<f64> = self
-            .backends
-            .iter()
-            .flat_map(|b| {
-                b.summary.sizes.iter().map(|s| {
-                    s.throughput_at(REFERENCE_IN_FLIGHT)
-                        .megabytes_per_second
-                        .median
-                })
-            })
-            .collect();
-        let (lo, hi) = bounds(&rates);
-        let mut chart = ChartBuilder::on(&right)
-            .caption(
-                format!("throughput, {REFERENCE_IN_FLIGHT} in flight (MB/s of payload)"),
-                ("sans-serif", 16),
-            )
-            .margin(12)
-            .x_label_area_size(36)
-            .y_label_area_size(64)
-            .build_cartesian_2d(x_range, (lo..hi).log_scale())
-            .map_err(|e| error(&e))?;
-        chart
-            .configure_mesh()
-            .x_labels(self.sizes.len() * 4)
-            .x_label_formatter(&x_label)
-            .y_label_formatter(&|v| format!("{v:.0}"))
-            .y_desc("MB/s")
-            .x_desc("payload size")
-            .draw()
-            .map_err(|e| error(&e))?;
-        for (b, color) in self.backends.iter().zip(palette.iter().cycle()) {
-            let points: Vec<(f64, f64)> = b
-                .summary
-                .sizes
-                .iter()
-                .enumerate()
-                .map(|(i, s)| {
-                    (
-                        i as f64,
-                        s.throughput_at(REFERENCE_IN_FLIGHT)
-                            .megabytes_per_second
-                            .median,
-                    )
-                })
-                .collect();
-            chart
-                .draw_series(LineSeries::new(points.clone(), color.stroke_width(3)))
-                .map_err(|e| error(&e))?
-                .label(b.name)
-                .legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(3))
-                });
-            chart
-                .draw_series(points.iter().map(|&p| Circle::new(p, 4, color.filled())))
-                .map_err(|e| error(&e))?;
-        }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperLeft)
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .draw()
-            .map_err(|e| error(&e))?;
-        root.present().map_err(|e| error(&e))
+            .map_err(|e| error(&e))
     }
 }
 
