@@ -73,7 +73,8 @@
 //! # Where things are
 //!
 //! * [`server`]: [`IpcServer`], the collector's side: accept loop,
-//!   connection limit, peer checks, deadlines, graceful shutdown.
+//!   connection limit, peer checks, deadlines, graceful shutdown; handlers
+//!   answer with a [`Reply`], owned or shared.
 //! * [`client`]: [`IpcClient`], the agent's side: connect with retry,
 //!   concurrent sends correlated by `task_id`.
 //! * [`endpoint`]: endpoint names and the Unix socket-file hardening every
@@ -83,6 +84,8 @@
 //! * [`config`]: [`IpcConfig`], its defaults, layering (file, environment,
 //!   flags) and validation.
 //! * [`proto`]: the generated protobuf messages.
+//! * [`sample`]: realistic results of a chosen size, for benchmarks and
+//!   trials.
 //! * [`error`]: [`IpcError`], one enum for every failure.
 //!
 //! # Cargo features
