@@ -317,6 +317,7 @@ impl ClientConnection {
             endpoint,
             inner: Mutex::new(Pending {
                 entries: HashMap::new(),
+                waiting: 0,
                 next_ticket: 0,
                 closed: None,
                 idle_since: Instant::now(),
@@ -414,6 +415,8 @@ struct PendingTable {
 #[derive(Debug)]
 struct Pending {
     entries: HashMap<String, Entry>,
+    /// How many entries are `Waiting` (kept so that no answer scans the map).
+    waiting: usize,
     next_ticket: u64,
     /// Set once the connection is dead; no one may register after that.
     closed: Option<String>,
@@ -456,6 +459,7 @@ impl PendingTable {
             return Err(Registered::Duplicate);
         }
         pending.next_ticket += 1;
+        pending.waiting += 1;
         let ticket = pending.next_ticket;
         let (answer, receiver) = oneshot::channel();
         pending
@@ -475,17 +479,14 @@ impl PendingTable {
         match pending.entries.remove(task_id) {
             Some(Entry::Waiting { answer, .. }) => {
                 let _ = answer.send(outcome);
+                pending.waiting -= 1;
             }
             Some(Entry::Abandoned) => {
                 tracing::debug!(%task_id, "discarded the result of a task given up on")
             }
             None => tracing::warn!(%task_id, "result for a task this client never sent"),
         }
-        if !pending
-            .entries
-            .values()
-            .any(|entry| matches!(entry, Entry::Waiting { .. }))
-        {
+        if pending.waiting == 0 {
             pending.idle_since = Instant::now();
         }
     }
@@ -494,10 +495,7 @@ impl PendingTable {
     /// `idle_limit` or more.
     fn usable(&self, idle_limit: Duration) -> bool {
         let pending = self.lock();
-        let busy = pending
-            .entries
-            .values()
-            .any(|entry| matches!(entry, Entry::Waiting { .. }));
+        let busy = pending.waiting > 0;
         pending.closed.is_none() && (busy || pending.idle_since.elapsed() < idle_limit)
     }
 
@@ -514,6 +512,7 @@ impl PendingTable {
         let entries = {
             let mut pending = self.lock();
             pending.closed.get_or_insert_with(|| reason.to_owned());
+            pending.waiting = 0;
             std::mem::take(&mut pending.entries)
         };
         self.ended.cancel();
@@ -554,6 +553,7 @@ impl Drop for Registration {
             pending
                 .entries
                 .insert(self.task_id.clone(), Entry::Abandoned);
+            pending.waiting -= 1;
         }
     }
 }
