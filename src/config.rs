@@ -33,6 +33,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::endpoint::Endpoint;
 use crate::error::IpcError;
 use crate::frame::{Crc32Variant, FrameSettings};
 
@@ -219,6 +220,9 @@ impl IpcConfig {
                 "must be a non-empty socket path or pipe name without NUL bytes".into(),
             ));
         }
+        // Its form (abstract names, length, the pipe prefix) is configuration
+        // too: refused here, by every command, before anything binds.
+        Endpoint::parse(&self.endpoint_path)?;
         if !(MIN_FRAME_BYTES..=u32::MAX as usize).contains(&self.max_frame_bytes) {
             return Err(invalid(
                 ConfigField::MaxFrameBytes,

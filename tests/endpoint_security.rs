@@ -171,11 +171,35 @@ fn a_regular_file_at_the_socket_path_is_refused_and_left_untouched() {
 
 #[test]
 fn an_abstract_namespace_name_is_refused_with_the_reason() {
-    let output = serve_once("@daemoneye-procmond");
-    assert_eq!(output.status.code(), Some(1));
-    let message = stderr(&output);
-    assert!(message.contains("abstract-namespace"), "{message}");
-    assert!(message.contains("no file permissions"), "{message}");
+    // An invalid endpoint is configuration: every command refuses it with
+    // the usage exit code, before binding or connecting.
+    let serve = serve_once("@daemoneye-procmond");
+    let send = daemoneye_ipc()
+        .args([
+            "send",
+            "--task-id",
+            "t",
+            "--endpoint",
+            "@daemoneye-procmond",
+        ])
+        .output()
+        .unwrap();
+    let config = daemoneye_ipc()
+        .args(["config", "--endpoint", "@daemoneye-procmond"])
+        .output()
+        .unwrap();
+    for (command, output) in [("serve", serve), ("send", send), ("config", config)] {
+        assert_eq!(output.status.code(), Some(2), "{command}");
+        let message = stderr(&output);
+        assert!(
+            message.contains("abstract-namespace"),
+            "{command}: {message}"
+        );
+        assert!(
+            message.contains("no file permissions"),
+            "{command}: {message}"
+        );
+    }
 }
 
 #[test]

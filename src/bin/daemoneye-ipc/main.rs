@@ -39,7 +39,7 @@ enum Command {
     Serve(serve::ServeCmd),
     /// Send one task to a collector and print the result as JSON.
     Send(send::SendCmd),
-    /// Connect, make one round trip, and print the latency.
+    /// Connect, make round trips (one unless --count), and print the latency.
     Ping(ping::PingCmd),
     /// Print the effective configuration and where each value came from.
     Config(config_cmd::ConfigCmd),
