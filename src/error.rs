@@ -336,7 +336,8 @@ pub enum IpcError {
 
     /// A task was sent without a `task_id`.
     #[error(
-        "refusing to send a task with an empty task_id: the id is what matches the result to the request"
+        "refusing to send a task with an empty task_id: the id is what matches the result to the \
+         request; give each task an id unique among those in flight"
     )]
     EmptyTaskId,
 

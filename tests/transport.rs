@@ -234,7 +234,7 @@ mod cli {
             .args(["send", "--endpoint", &endpoint.name, "--task-id", ""])
             .output()
             .unwrap();
-        assert_eq!(output.status.code(), Some(1));
+        assert_eq!(output.status.code(), Some(2), "a usage error");
         assert!(String::from_utf8_lossy(&output.stderr).contains("empty task_id"));
     }
 

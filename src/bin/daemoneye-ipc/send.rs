@@ -2,11 +2,12 @@
 //!
 //! Exit 0 whenever a result came back (check its `success` field); a failure
 //! to get one (no server, a deadline, a lost connection) is one line on
-//! stderr naming the endpoint and the cause, and exit 1.
+//! stderr naming the endpoint and the cause, and exit 1. Bad arguments
+//! (an empty task id, filters that do not fit the task type) exit 2.
 
 use clap::{Args, ValueEnum};
 use daemoneye_ipc::proto::{HashCheck, ProcessFilter};
-use daemoneye_ipc::{DetectionTask, IpcClient, TaskType};
+use daemoneye_ipc::{DetectionTask, IpcClient, IpcError, TaskType};
 
 use crate::{ConfigArgs, Failure};
 
@@ -73,6 +74,9 @@ impl From<TaskTypeArg> for TaskType {
 
 impl SendCmd {
     fn task(&self) -> Result<DetectionTask, Failure> {
+        if self.task_id.is_empty() {
+            return Err(Failure::usage(IpcError::EmptyTaskId));
+        }
         let task_type = match self.task_type {
             Some(explicit) => TaskType::from(explicit),
             None if self.hash_path.is_some() => TaskType::CheckProcessHash,
