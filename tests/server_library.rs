@@ -531,6 +531,56 @@ async fn graceful_shutdown_finishes_tasks_in_flight_then_removes_the_socket() {
     }
 }
 
+/// The socket file goes when accepting stops, not after the grace period:
+/// a replacement may bind meanwhile, and the old server must not remove the
+/// replacement's socket when it is done.
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replacement_binds_while_the_old_server_drains_and_keeps_its_socket() {
+    for transport in transports() {
+        let endpoint = Endpoint::fresh();
+        let gate = Gate::default();
+        let old = IpcServer::bind(config(&endpoint, transport), gate.handler())
+            .await
+            .unwrap();
+        let client = IpcClient::new(config(&endpoint, transport)).unwrap();
+        let in_flight = tokio::spawn({
+            let client = client.clone();
+            async move { client.send(held("draining")).await }
+        });
+        gate.held.notified().await;
+        let shutdown = tokio::spawn(old.shutdown(PATIENCE));
+        support::eventually("the old server to let go of the socket", PATIENCE, || {
+            (!endpoint.path().exists()).then_some(())
+        })
+        .await;
+
+        let replacement = IpcServer::bind(
+            config(&endpoint, transport),
+            |task: DetectionTask| async move { ok(&task) },
+        )
+        .await
+        .unwrap_or_else(|error| {
+            panic!("{transport}: the endpoint is free while the old server drains: {error}")
+        });
+        gate.released.notify_one();
+        let answer = in_flight.await.unwrap().unwrap();
+        assert_eq!(
+            answer.task_id, "draining",
+            "{transport}: the old server answers its task"
+        );
+        assert!(shutdown.await.unwrap().drained, "{transport}");
+
+        assert!(
+            endpoint.path().exists(),
+            "{transport}: the old server left the replacement's socket alone"
+        );
+        let fresh = IpcClient::new(config(&endpoint, transport)).unwrap();
+        assert_eq!(fresh.send(task("after")).await.unwrap().task_id, "after");
+        assert_eq!(replacement.stats().accepted, 1, "{transport}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shutdown_whose_grace_expires_cuts_the_connection_and_the_client_hears_of_it() {
     let endpoint = Endpoint::fresh();

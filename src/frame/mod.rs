@@ -347,7 +347,12 @@ impl FrameDecoder {
             return Ok(Some(body));
         }
         let (received, expected) = match self.pending {
-            Some(header) => (HEADER_LEN + buf.len(), HEADER_LEN + header.length as usize),
+            // Saturating: on 32-bit targets a u32 length plus the header can
+            // exceed usize.
+            Some(header) => (
+                HEADER_LEN + buf.len(),
+                HEADER_LEN.saturating_add(header.length as usize),
+            ),
             None if buf.is_empty() => return Ok(None),
             None => (buf.len(), HEADER_LEN),
         };

@@ -32,7 +32,7 @@ pub(super) async fn serve<H: TaskHandler>(
     handler: Arc<H>,
 ) -> Result<(), IpcError> {
     let outcome = serve_frames(&mut connection, shared, handler).await;
-    if outcome.is_err() {
+    if outcome.is_err() || shared.abort.is_cancelled() {
         // Whatever we had not delivered is moot: do not hold the connection
         // open on the peer's account (Windows pipes otherwise wait for it).
         connection.discard_unsent();

@@ -184,7 +184,7 @@ impl ServerBuilder {
             shared,
             tasks,
             #[cfg(unix)]
-            _socket_file: socket_file,
+            socket_file: Some(socket_file),
         })
     }
 }
@@ -216,8 +216,9 @@ pub struct IpcServer {
     transport: TransportKind,
     shared: Arc<Shared>,
     tasks: TaskTracker,
+    /// Removed on drop, or as soon as a graceful shutdown starts.
     #[cfg(unix)]
-    _socket_file: crate::endpoint::unix::SocketFile,
+    socket_file: Option<crate::endpoint::unix::SocketFile>,
 }
 
 /// What a graceful shutdown achieved.
@@ -266,10 +267,15 @@ impl IpcServer {
 
     /// Stops accepting and reading new tasks, lets tasks in flight finish
     /// and their results go out for up to `grace`, then cuts whatever is
-    /// left. The socket file is removed.
-    pub async fn shutdown(self, grace: Duration) -> ShutdownReport {
+    /// left.
+    ///
+    /// The socket file is removed at once, with the listener: a replacement
+    /// server may bind the endpoint while this one drains, and this one
+    /// never removes the replacement's socket.
+    pub async fn shutdown(mut self, grace: Duration) -> ShutdownReport {
         tracing::info!(grace_ms = grace.as_millis() as u64, "shutting down");
         self.shared.stop_reading.cancel();
+        self.release_endpoint();
         self.tasks.close();
         let drained = tokio::time::timeout(grace, self.tasks.wait()).await.is_ok();
         if !drained {
@@ -280,6 +286,13 @@ impl IpcServer {
         let stats = self.stats();
         tracing::info!(drained, "shut down");
         ShutdownReport { drained, stats }
+    }
+
+    /// Removes the socket file now. (A Windows pipe name is released with
+    /// the listener's last instance.)
+    fn release_endpoint(&mut self) {
+        #[cfg(unix)]
+        drop(self.socket_file.take());
     }
 }
 

@@ -114,8 +114,8 @@ pub(crate) enum Connection {
 }
 
 impl Connection {
-    /// Closing after an error: unsent data may be dropped rather than kept
-    /// for a peer that has stopped reading.
+    /// Closing after an error or a hard stop: unsent data may be dropped
+    /// rather than kept for a peer that has stopped reading.
     pub(crate) fn discard_unsent(&self) {
         match self {
             #[cfg(feature = "ipc-interprocess")]
