@@ -9,13 +9,19 @@
 //! waiting for its id. When the connection drops, every caller still waiting
 //! gets [`IpcError::ConnectionLost`] at once, and the next `send` connects
 //! again.
+//!
+//! At most [`max_in_flight`](ClientBuilder::max_in_flight) tasks are
+//! outstanding on a connection; further sends wait for one to finish. The
+//! server stops reading a connection at its own limit, so a client that sent
+//! more would find its writes stalled by the server's backpressure and take
+//! that for a dead connection.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio::io::{ReadHalf, WriteHalf};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -27,14 +33,12 @@ use crate::error::IpcError;
 use crate::framed_io::{FrameReader, FrameWriter};
 use crate::peer::PeerPolicy;
 use crate::proto::{DetectionResult, DetectionTask};
+use crate::server::DEFAULT_MAX_IN_FLIGHT_PER_CONNECTION;
 use crate::transport::{self, Connection};
 
 /// First and longest pause between connect attempts.
 const CONNECT_BACKOFF_MIN: Duration = Duration::from_millis(5);
 const CONNECT_BACKOFF_MAX: Duration = Duration::from_millis(250);
-
-/// Tasks queued for the writer before `send` waits for room.
-const OUTBOX_CAPACITY: usize = 64;
 
 /// A client for one endpoint. Cheap to clone; clones share the connection.
 #[derive(Debug, Clone)]
@@ -48,6 +52,8 @@ struct ClientInner {
     endpoint: Endpoint,
     /// Who may serve us (Unix uids).
     servers: PeerPolicy,
+    /// Tasks outstanding on one connection at most.
+    max_in_flight: usize,
     /// The current connection, if any. Held across a connect so that
     /// concurrent callers share one attempt.
     connection: tokio::sync::Mutex<Option<Arc<ClientConnection>>>,
@@ -58,6 +64,7 @@ struct ClientInner {
 pub struct ClientBuilder {
     config: IpcConfig,
     allowed_server_uids: Vec<u32>,
+    max_in_flight: usize,
 }
 
 impl ClientBuilder {
@@ -66,6 +73,18 @@ impl ClientBuilder {
     /// with [`IpcError::UntrustedServer`] before a task is sent.
     pub fn allow_server_uids(mut self, uids: impl IntoIterator<Item = u32>) -> Self {
         self.allowed_server_uids.extend(uids);
+        self
+    }
+
+    /// Tasks outstanding on the connection at most (at least 1); a further
+    /// [`send`](IpcClient::send) waits up to `read_timeout_ms` for one to
+    /// finish, then fails with [`IpcError::InFlightLimit`]. A task given up
+    /// on counts until its result arrives. Default
+    /// [`DEFAULT_MAX_IN_FLIGHT_PER_CONNECTION`], the server's default: keep
+    /// it at or below the server's limit
+    /// ([`ServerBuilder::max_in_flight_per_connection`](crate::server::ServerBuilder::max_in_flight_per_connection)).
+    pub fn max_in_flight(mut self, limit: usize) -> Self {
+        self.max_in_flight = limit.max(1);
         self
     }
 
@@ -78,6 +97,7 @@ impl ClientBuilder {
                 config: self.config,
                 endpoint,
                 servers: PeerPolicy::new(self.allowed_server_uids),
+                max_in_flight: self.max_in_flight,
                 connection: tokio::sync::Mutex::new(None),
             }),
         })
@@ -90,6 +110,7 @@ impl IpcClient {
         ClientBuilder {
             config,
             allowed_server_uids: Vec::new(),
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT_PER_CONNECTION,
         }
     }
 
@@ -126,7 +147,9 @@ impl IpcClient {
     /// Sends `task` and waits for its result.
     ///
     /// Deadlines: connecting (including waiting for another caller's
-    /// connect), `accept_timeout_ms`; writing the frame, `write_timeout_ms`;
+    /// connect), `accept_timeout_ms`; a free in-flight slot, when
+    /// [`max_in_flight`](ClientBuilder::max_in_flight) tasks are already
+    /// outstanding, `read_timeout_ms`; writing the frame, `write_timeout_ms`;
     /// the result, `read_timeout_ms` after the frame is written. Refused: an
     /// empty `task_id`, or one still outstanding on this connection.
     ///
@@ -144,18 +167,19 @@ impl IpcClient {
 
         // A connection can die between being handed out and the
         // registration; nothing was queued on it yet, so one more try on a
-        // fresh connection is safe. Room in the writer's queue is reserved
-        // before the id is registered, so that once registered the task is
-        // certain to be queued: a caller who gives up while waiting for room
-        // leaves nothing behind.
+        // fresh connection is safe. An in-flight permit and room in the
+        // writer's queue are taken before the id is registered, so that
+        // once registered the task is certain to be queued: a caller who
+        // gives up while waiting leaves nothing behind.
         let mut attempts = 0;
         let (connection, registration, answer, slot) = loop {
             attempts += 1;
             let connection = self.current_connection(connect_deadline).await?;
+            let permit = self.in_flight_permit(&connection, &task_id).await?;
             let registered = match connection.outbox.clone().reserve_owned().await {
                 Ok(slot) => connection
                     .pending
-                    .register(&task_id)
+                    .register(&task_id, permit)
                     .map(|(r, a)| (r, a, slot)),
                 Err(_writer_gone) => Err(Registered::Closed),
             };
@@ -186,6 +210,29 @@ impl IpcClient {
             Err(_elapsed) => Err(IpcError::ResponseTimeout {
                 endpoint: self.inner.endpoint.to_string(),
                 task_id,
+                waited_ms: config.read_timeout_ms,
+            }),
+        }
+    }
+
+    /// One of the connection's in-flight permits, waited for up to
+    /// `read_timeout_ms`: the tasks holding them finish (or time out) by then
+    /// unless the server is stuck.
+    async fn in_flight_permit(
+        &self,
+        connection: &ClientConnection,
+        task_id: &str,
+    ) -> Result<OwnedSemaphorePermit, IpcError> {
+        let config = &self.inner.config;
+        let permits = connection.in_flight.clone();
+        match tokio::time::timeout(config.read_timeout(), permits.acquire_owned()).await {
+            Ok(Ok(permit)) => Ok(permit),
+            // The semaphore is never closed; treat it as the connection ending.
+            Ok(Err(_closed)) => Err(self.lost(task_id, connection.pending.closed_reason())),
+            Err(_elapsed) => Err(IpcError::InFlightLimit {
+                endpoint: self.inner.endpoint.to_string(),
+                task_id: task_id.to_owned(),
+                in_flight: self.inner.max_in_flight,
                 waited_ms: config.read_timeout_ms,
             }),
         }
@@ -258,6 +305,7 @@ impl IpcClient {
         Ok(ClientConnection::start(
             connection,
             config,
+            self.inner.max_in_flight,
             endpoint.to_string(),
         ))
     }
@@ -299,10 +347,12 @@ struct Outgoing {
     sent: oneshot::Sender<()>,
 }
 
-/// One connection: the writer's queue, the table of callers waiting for
-/// results, and the two tasks.
+/// One connection: the in-flight permits, the writer's queue, the table of
+/// callers waiting for results, and the two tasks.
 #[derive(Debug)]
 struct ClientConnection {
+    /// One permit per task outstanding; each pending entry holds one.
+    in_flight: Arc<Semaphore>,
     outbox: mpsc::Sender<Outgoing>,
     pending: Arc<PendingTable>,
     reader: JoinHandle<()>,
@@ -310,24 +360,30 @@ struct ClientConnection {
 }
 
 impl ClientConnection {
-    fn start(connection: Connection, config: &IpcConfig, endpoint: String) -> ClientConnection {
+    fn start(
+        connection: Connection,
+        config: &IpcConfig,
+        max_in_flight: usize,
+        endpoint: String,
+    ) -> ClientConnection {
         let settings = config.frame_settings();
         let (read_half, write_half) = tokio::io::split(connection);
         let pending = Arc::new(PendingTable {
             endpoint,
             inner: Mutex::new(Pending {
                 entries: HashMap::new(),
-                waiting: 0,
                 next_ticket: 0,
                 closed: None,
                 idle_since: Instant::now(),
             }),
             ended: CancellationToken::new(),
         });
-        let (outbox, queue) = mpsc::channel(OUTBOX_CAPACITY);
+        // Every queued task holds a permit, so the queue never needs more room.
+        let (outbox, queue) = mpsc::channel(max_in_flight);
         let reader = FrameReader::new(settings, config.read_timeout());
         let writer = FrameWriter::new(settings, config.write_timeout());
         ClientConnection {
+            in_flight: Arc::new(Semaphore::new(max_in_flight)),
             outbox,
             reader: tokio::spawn(read_results(read_half, reader, pending.clone())),
             writer: tokio::spawn(write_tasks(write_half, writer, queue, pending.clone())),
@@ -415,12 +471,10 @@ struct PendingTable {
 #[derive(Debug)]
 struct Pending {
     entries: HashMap<String, Entry>,
-    /// How many entries are `Waiting` (kept so that no answer scans the map).
-    waiting: usize,
     next_ticket: u64,
     /// Set once the connection is dead; no one may register after that.
     closed: Option<String>,
-    /// When the last waiting caller was answered.
+    /// When the last outstanding task was answered.
     idle_since: Instant,
 }
 
@@ -431,9 +485,11 @@ enum Entry {
     Waiting {
         ticket: u64,
         answer: oneshot::Sender<Result<DetectionResult, IpcError>>,
+        permit: OwnedSemaphorePermit,
     },
-    /// The caller gave up; the result, if it comes, is discarded.
-    Abandoned,
+    /// The caller gave up; the result, if it comes, is discarded. The task
+    /// still counts as in flight on the server until then.
+    Abandoned { _permit: OwnedSemaphorePermit },
 }
 
 enum Registered {
@@ -450,7 +506,11 @@ impl PendingTable {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn register(self: &Arc<Self>, task_id: &str) -> Result<(Registration, Answer), Registered> {
+    fn register(
+        self: &Arc<Self>,
+        task_id: &str,
+        permit: OwnedSemaphorePermit,
+    ) -> Result<(Registration, Answer), Registered> {
         let mut pending = self.lock();
         if pending.closed.is_some() {
             return Err(Registered::Closed);
@@ -459,12 +519,16 @@ impl PendingTable {
             return Err(Registered::Duplicate);
         }
         pending.next_ticket += 1;
-        pending.waiting += 1;
         let ticket = pending.next_ticket;
         let (answer, receiver) = oneshot::channel();
-        pending
-            .entries
-            .insert(task_id.to_owned(), Entry::Waiting { ticket, answer });
+        pending.entries.insert(
+            task_id.to_owned(),
+            Entry::Waiting {
+                ticket,
+                answer,
+                permit,
+            },
+        );
         let registration = Registration {
             pending: self.clone(),
             task_id: task_id.to_owned(),
@@ -479,14 +543,13 @@ impl PendingTable {
         match pending.entries.remove(task_id) {
             Some(Entry::Waiting { answer, .. }) => {
                 let _ = answer.send(outcome);
-                pending.waiting -= 1;
             }
-            Some(Entry::Abandoned) => {
+            Some(Entry::Abandoned { .. }) => {
                 tracing::debug!(%task_id, "discarded the result of a task given up on")
             }
             None => tracing::warn!(%task_id, "result for a task this client never sent"),
         }
-        if pending.waiting == 0 {
+        if pending.entries.is_empty() {
             pending.idle_since = Instant::now();
         }
     }
@@ -495,7 +558,9 @@ impl PendingTable {
     /// `idle_limit` or more.
     fn usable(&self, idle_limit: Duration) -> bool {
         let pending = self.lock();
-        let busy = pending.waiting > 0;
+        // A task given up on still runs on the server, whose idle clock
+        // does not run while it has tasks in flight.
+        let busy = !pending.entries.is_empty();
         pending.closed.is_none() && (busy || pending.idle_since.elapsed() < idle_limit)
     }
 
@@ -512,7 +577,6 @@ impl PendingTable {
         let entries = {
             let mut pending = self.lock();
             pending.closed.get_or_insert_with(|| reason.to_owned());
-            pending.waiting = 0;
             std::mem::take(&mut pending.entries)
         };
         self.ended.cancel();
@@ -549,11 +613,12 @@ impl Registration {
 impl Drop for Registration {
     fn drop(&mut self) {
         let mut pending = self.pending.lock();
-        if self.is_ours(pending.entries.get(&self.task_id)) {
+        if self.is_ours(pending.entries.get(&self.task_id))
+            && let Some(Entry::Waiting { permit, .. }) = pending.entries.remove(&self.task_id)
+        {
             pending
                 .entries
-                .insert(self.task_id.clone(), Entry::Abandoned);
-            pending.waiting -= 1;
+                .insert(self.task_id.clone(), Entry::Abandoned { _permit: permit });
         }
     }
 }

@@ -380,6 +380,24 @@ pub enum IpcError {
         waited_ms: u64,
     },
 
+    /// Every in-flight slot of the connection stayed taken for the whole
+    /// read deadline, so the task was not sent.
+    #[error(
+        "task {task_id:?} was not sent to {endpoint}: {in_flight} tasks were already in flight on the \
+         connection and none finished within {waited_ms} ms (read_timeout_ms); the collector is \
+         overloaded or stuck"
+    )]
+    InFlightLimit {
+        /// The endpoint.
+        endpoint: String,
+        /// The task that was not sent.
+        task_id: String,
+        /// The client's in-flight limit, all of it taken.
+        in_flight: usize,
+        /// How long the task waited for a slot.
+        waited_ms: u64,
+    },
+
     // ---- deadlines on a connection ------------------------------------------
     /// A frame did not arrive whole within the read deadline, or the
     /// connection sat idle past it.

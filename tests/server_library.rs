@@ -7,13 +7,14 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
+use daemoneye_ipc::proto::ProcessFilter;
 use daemoneye_ipc::server::TaskHandler;
 use daemoneye_ipc::{
     DetectionResult, DetectionTask, IpcClient, IpcConfig, IpcError, IpcServer, ProcessRecord,
     TransportKind,
 };
 use support::{Endpoint, PATIENCE, transports};
-use tokio::sync::{Notify, oneshot};
+use tokio::sync::{Notify, Semaphore, oneshot};
 
 fn config(endpoint: &Endpoint, transport: TransportKind) -> IpcConfig {
     IpcConfig {
@@ -301,6 +302,129 @@ async fn no_answer_within_the_read_timeout_is_a_response_timeout() {
     }
     gate.released.notify_one();
     assert!(client.send(task("next")).await.unwrap().success);
+}
+
+/// A handler that waits until `open` is closed, then answers.
+fn wait_for(open: &Arc<Semaphore>) -> impl TaskHandler + use<> {
+    let open = open.clone();
+    move |task: DetectionTask| {
+        let open = open.clone();
+        async move {
+            let _closed = open.acquire().await;
+            ok(&task)
+        }
+    }
+}
+
+/// The server stops reading a connection with its limit of tasks in flight.
+/// A client that went on writing would stall on that backpressure and, past
+/// its write deadline, take the connection for dead; the client keeps to the
+/// limit instead, and the tasks beyond it wait their turn.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_beyond_the_in_flight_limit_wait_their_turn_without_stalling_the_connection() {
+    const LIMIT: usize = 4;
+    let endpoint = Endpoint::fresh();
+    let open = Arc::new(Semaphore::new(0));
+    let server = IpcServer::builder(config(&endpoint, transports()[0]))
+        .max_in_flight_per_connection(LIMIT)
+        .bind(wait_for(&open))
+        .await
+        .unwrap();
+    let write_timeout_ms = 200;
+    let client = IpcClient::builder(IpcConfig {
+        write_timeout_ms,
+        ..config(&endpoint, transports()[0])
+    })
+    .max_in_flight(LIMIT)
+    .build()
+    .unwrap();
+
+    // Tasks large enough that the ones beyond the limit would fill the
+    // socket's buffer if they were written.
+    let bulk = "x".repeat(100 * 1024);
+    let sends: Vec<_> = (0..3 * LIMIT)
+        .map(|n| {
+            let client = client.clone();
+            let task = DetectionTask {
+                process_filter: Some(ProcessFilter {
+                    process_names: vec![bulk.clone()],
+                    ..Default::default()
+                }),
+                ..task(&format!("bulk-{n}"))
+            };
+            tokio::spawn(async move { client.send(task).await })
+        })
+        .collect();
+    support::eventually("the server to hold its limit of tasks", PATIENCE, || {
+        (server.stats().frames_in == LIMIT as u64).then_some(())
+    })
+    .await;
+    // The behaviour under test is what happens once the write deadline has
+    // passed with the server holding its limit.
+    tokio::time::sleep(Duration::from_millis(3 * write_timeout_ms)).await;
+    assert_eq!(
+        server.stats().frames_in,
+        LIMIT as u64,
+        "the client sent no more than the limit"
+    );
+
+    open.close();
+    for (n, send) in sends.into_iter().enumerate() {
+        let result = send.await.unwrap().expect("every task is answered");
+        assert_eq!(result.task_id, format!("bulk-{n}"));
+    }
+    let stats = server.stats();
+    assert_eq!(stats.accepted, 1, "one connection carried every task");
+    assert_eq!(stats.frames_in, 3 * LIMIT as u64);
+}
+
+/// With every in-flight slot held by a stuck task, a further send gives up
+/// after the read deadline without sending; the slot frees once the late
+/// result arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_waits_for_an_in_flight_slot_no_longer_than_the_read_timeout() {
+    let endpoint = Endpoint::fresh();
+    let open = Arc::new(Semaphore::new(0));
+    let server = IpcServer::bind(config(&endpoint, transports()[0]), wait_for(&open))
+        .await
+        .unwrap();
+    let client = IpcClient::builder(IpcConfig {
+        read_timeout_ms: 300,
+        ..config(&endpoint, transports()[0])
+    })
+    .max_in_flight(1)
+    .build()
+    .unwrap();
+
+    let stuck = tokio::spawn({
+        let client = client.clone();
+        async move { client.send(task("stuck")).await }
+    });
+    support::eventually("the stuck task to reach the server", PATIENCE, || {
+        (server.stats().frames_in == 1).then_some(())
+    })
+    .await;
+    match client.send(task("waiting")).await {
+        Err(error @ IpcError::InFlightLimit { .. }) => {
+            let message = error.to_string();
+            assert!(
+                message.contains("\"waiting\"")
+                    && message.contains("1 tasks were already in flight")
+                    && message.contains("within 300 ms"),
+                "{message}"
+            );
+        }
+        other => panic!("expected InFlightLimit, got {other:?}"),
+    }
+    assert!(matches!(
+        stuck.await.unwrap(),
+        Err(IpcError::ResponseTimeout { .. })
+    ));
+    assert_eq!(server.stats().frames_in, 1, "the waiting task was not sent");
+
+    open.close();
+    assert_eq!(client.send(task("later")).await.unwrap().task_id, "later");
+    assert_eq!(server.stats().accepted, 1, "the same connection");
 }
 
 /// A caller that gives up leaves its id reserved until the server's late
