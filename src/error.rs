@@ -383,8 +383,8 @@ pub enum IpcError {
     /// Every in-flight slot of the connection stayed taken for the whole
     /// read deadline, so the task was not sent.
     #[error(
-        "task {task_id:?} was not sent to {endpoint}: {in_flight} tasks were already in flight on the \
-         connection and none finished within {waited_ms} ms (read_timeout_ms); the collector is \
+        "task {task_id:?} was not sent to {endpoint}: the connection's in-flight limit ({in_flight}) \
+         was reached and no task finished within {waited_ms} ms (read_timeout_ms); the collector is \
          overloaded or stuck"
     )]
     InFlightLimit {

@@ -409,7 +409,7 @@ async fn a_send_waits_for_an_in_flight_slot_no_longer_than_the_read_timeout() {
             let message = error.to_string();
             assert!(
                 message.contains("\"waiting\"")
-                    && message.contains("1 tasks were already in flight")
+                    && message.contains("in-flight limit (1) was reached")
                     && message.contains("within 300 ms"),
                 "{message}"
             );
