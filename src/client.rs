@@ -276,12 +276,14 @@ impl IpcClient {
                 Ok(Ok(connection)) => match connection.peer_credentials() {
                     Err(error) if server_not_ready(&error) => error.to_string(),
                     credentials => {
-                        self.inner.servers.check(credentials).map_err(|reason| {
-                            IpcError::UntrustedServer {
-                                endpoint: endpoint.to_string(),
-                                reason: format!("it {reason}"),
-                            }
-                        })?;
+                        let untrusted = |reason| IpcError::UntrustedServer {
+                            endpoint: endpoint.to_string(),
+                            reason: format!("it {reason}"),
+                        };
+                        self.inner.servers.check(credentials).map_err(untrusted)?;
+                        #[cfg(windows)]
+                        crate::peer::check_pipe_owner(connection.pipe_owner())
+                            .map_err(untrusted)?;
                         break connection;
                     }
                 },

@@ -323,10 +323,7 @@ pub enum IpcError {
     },
 
     /// The process serving the endpoint is not one this client trusts.
-    #[error(
-        "refusing to send tasks to the server at {endpoint}: {reason}. Another user may be squatting \
-         the endpoint; if that server is legitimate, allow its uid (--allow-uid)"
-    )]
+    #[error("{}", describe_untrusted_server(endpoint, reason))]
     UntrustedServer {
         /// The endpoint.
         endpoint: String,
@@ -425,6 +422,18 @@ pub enum IpcError {
     /// An I/O error while reading or writing frames.
     #[error("I/O error on the IPC connection: {0}")]
     Io(#[from] io::Error),
+}
+
+fn describe_untrusted_server(endpoint: &str, reason: &str) -> String {
+    let remedy = if cfg!(windows) {
+        "stop whatever holds the pipe name, then restart the collector"
+    } else {
+        "if that server is legitimate, allow its uid (--allow-uid)"
+    };
+    format!(
+        "refusing to send tasks to the server at {endpoint}: {reason}. Another user may be squatting \
+         the endpoint; {remedy}"
+    )
 }
 
 fn describe_read_timeout(waited_ms: u64, received: usize) -> String {

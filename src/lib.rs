@@ -97,7 +97,7 @@
 //! At least one backend feature is required.
 
 #![warn(missing_docs)]
-// The only unsafe code is Windows FFI the Tokio backend cannot avoid
+// The only unsafe code is Windows security FFI with no safe wrapper
 // (src/transport/pipe_security.rs), allowed there and nowhere else.
 #![deny(unsafe_code)]
 

@@ -3,8 +3,10 @@
 //!
 //! Unix: the peer's effective uid must be ours, root's, or one explicitly
 //! allowed; a peer whose credentials cannot be read is refused. Windows: the
-//! pipe's security descriptor admits clients, and a client opens pipes at
-//! the identification impersonation level, so the check passes.
+//! pipe's security descriptor admits clients (so [`PeerPolicy::check`]
+//! passes), and a client trusts a pipe only if its owner is our user,
+//! SYSTEM or Administrators ([`check_pipe_owner`]); it also opens pipes at
+//! the identification impersonation level, so a server cannot act as it.
 
 use std::io;
 
@@ -51,5 +53,22 @@ impl PeerPolicy {
             let _ = peer;
             Ok(())
         }
+    }
+}
+
+/// Windows, client side: `Ok` if the pipe reached is owned by our user,
+/// SYSTEM or Administrators, else why not, phrased to follow "the server".
+/// Another user who creates the pipe name first owns it, and is refused.
+#[cfg(windows)]
+pub(crate) fn check_pipe_owner(
+    owner: io::Result<crate::transport::PipeOwner>,
+) -> Result<(), String> {
+    match owner {
+        Ok(owner) if owner.trusted => Ok(()),
+        Ok(owner) => Err(format!(
+            "created the pipe as {}, which is neither this user, SYSTEM nor Administrators",
+            owner.sid
+        )),
+        Err(error) => Err(format!("owns a pipe whose owner cannot be read ({error})")),
     }
 }

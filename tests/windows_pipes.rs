@@ -194,3 +194,87 @@ mod security {
         (flags, aces)
     }
 }
+
+/// A pipe name squatted by another account is refused before any task goes
+/// out. The squatter is this test, creating the pipe with a descriptor that
+/// names LocalService (S-1-5-19) as its owner.
+#[test]
+#[cfg_attr(
+    not(wine),
+    ignore = "naming another account as a pipe's owner needs SeRestorePrivilege on Windows; \
+              Wine (cfg wine) does not check"
+)]
+fn a_client_refuses_a_pipe_owned_by_another_account() {
+    block_on(async {
+        for transport in transports() {
+            // A fresh name each time: a refused client leaves the squatter's
+            // one instance busy.
+            let endpoint = Endpoint::fresh();
+            let _squatter = squatting::create(&endpoint.name, "O:LSD:(A;;GA;;;WD)");
+            let config = daemoneye_ipc::IpcConfig {
+                transport,
+                endpoint_path: endpoint.name.clone(),
+                accept_timeout_ms: 2_000,
+                ..Default::default()
+            };
+            match IpcClient::connect(config).await {
+                Err(error @ daemoneye_ipc::IpcError::UntrustedServer { .. }) => {
+                    let message = error.to_string();
+                    assert!(message.contains("S-1-5-19"), "{transport}: {message}");
+                }
+                other => panic!("{transport}: expected UntrustedServer, got {other:?}"),
+            }
+        }
+    });
+}
+
+/// A pipe created with an arbitrary security descriptor.
+mod squatting {
+    use std::ffi::c_void;
+    use std::ptr;
+
+    use tokio::net::windows::named_pipe::{NamedPipeServer, ServerOptions};
+    use windows_sys::Win32::Foundation::LocalFree;
+    use windows_sys::Win32::Security::Authorization::{
+        ConvertStringSecurityDescriptorToSecurityDescriptorW, SDDL_REVISION_1,
+    };
+    use windows_sys::Win32::Security::{PSECURITY_DESCRIPTOR, SECURITY_ATTRIBUTES};
+
+    pub fn create(name: &str, sddl: &str) -> NamedPipeServer {
+        let wide: Vec<u16> = sddl.encode_utf16().chain(std::iter::once(0)).collect();
+        let mut descriptor: PSECURITY_DESCRIPTOR = ptr::null_mut();
+        // SAFETY: `wide` is NUL-terminated and outlives the call; the
+        // out-pointer is valid.
+        let parsed = unsafe {
+            ConvertStringSecurityDescriptorToSecurityDescriptorW(
+                wide.as_ptr(),
+                SDDL_REVISION_1,
+                &mut descriptor,
+                ptr::null_mut(),
+            )
+        };
+        assert_ne!(
+            parsed,
+            0,
+            "SDDL {sddl:?}: {}",
+            std::io::Error::last_os_error()
+        );
+        let mut attributes = SECURITY_ATTRIBUTES {
+            nLength: std::mem::size_of::<SECURITY_ATTRIBUTES>() as u32,
+            lpSecurityDescriptor: descriptor,
+            bInheritHandle: 0,
+        };
+        // SAFETY: `attributes` and its descriptor are valid for the call.
+        let pipe = unsafe {
+            ServerOptions::new()
+                .first_pipe_instance(true)
+                .create_with_security_attributes_raw(
+                    name,
+                    (&mut attributes as *mut SECURITY_ATTRIBUTES).cast::<c_void>(),
+                )
+        };
+        // SAFETY: allocated by the conversion above, freed once.
+        unsafe { LocalFree(descriptor) };
+        pipe.unwrap_or_else(|error| panic!("creating {name} owned per {sddl:?}: {error}"))
+    }
+}

@@ -145,6 +145,15 @@ pub(crate) fn discard_unsent(stream: &Stream) {
     let _ = stream;
 }
 
+/// The pipe handle under a Windows stream.
+#[cfg(windows)]
+pub(crate) fn pipe_handle(stream: &Stream) -> std::os::windows::io::BorrowedHandle<'_> {
+    use std::os::windows::io::AsHandle;
+    match stream {
+        Stream::NamedPipe(pipe) => pipe.inner().as_handle(),
+    }
+}
+
 pub(crate) fn peer_credentials(stream: &Stream) -> io::Result<PeerCredentials> {
     let creds = stream.peer_creds()?;
     // interprocess' Pid is pid_t (i32) on Unix and already u32 on Windows.

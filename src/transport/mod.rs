@@ -19,7 +19,7 @@
 
 #[cfg(feature = "ipc-interprocess")]
 mod interprocess;
-#[cfg(all(windows, feature = "ipc-tokio"))]
+#[cfg(windows)]
 mod pipe_security;
 #[cfg(feature = "ipc-tokio")]
 mod tokio_native;
@@ -32,6 +32,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::config::TransportKind;
 use crate::endpoint::Endpoint;
+#[cfg(windows)]
+pub(crate) use pipe_security::PipeOwner;
 
 /// Who is on the other end of a connection, as far as the OS tells.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -123,6 +125,18 @@ impl Connection {
             #[cfg(feature = "ipc-tokio")]
             Connection::Tokio(_) => {} // Tokio's pipes never linger.
         }
+    }
+
+    /// Windows, client side: who owns the pipe this connection reached.
+    #[cfg(windows)]
+    pub(crate) fn pipe_owner(&self) -> io::Result<PipeOwner> {
+        let handle = match self {
+            #[cfg(feature = "ipc-interprocess")]
+            Connection::Interprocess(stream) => interprocess::pipe_handle(stream),
+            #[cfg(feature = "ipc-tokio")]
+            Connection::Tokio(stream) => std::os::windows::io::AsHandle::as_handle(stream),
+        };
+        pipe_security::pipe_owner(handle)
     }
 
     /// The peer's credentials. Fields the OS does not report are `None`.

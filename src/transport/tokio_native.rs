@@ -159,6 +159,15 @@ mod windows {
         Ok(PeerCredentials::default())
     }
 
+    impl std::os::windows::io::AsHandle for Stream {
+        fn as_handle(&self) -> std::os::windows::io::BorrowedHandle<'_> {
+            match self {
+                Stream::Server(pipe) => pipe.as_handle(),
+                Stream::Client(pipe) => pipe.as_handle(),
+            }
+        }
+    }
+
     impl tokio::io::AsyncRead for Stream {
         fn poll_read(
             self: std::pin::Pin<&mut Self>,
