@@ -70,7 +70,9 @@ pub struct ClientBuilder {
 impl ClientBuilder {
     /// Unix: also trust servers running as these uids. A server running as
     /// our own effective uid or root is always trusted; any other is refused
-    /// with [`IpcError::UntrustedServer`] before a task is sent.
+    /// with [`IpcError::UntrustedServer`] before a task is sent. (Windows
+    /// ignores this: a pipe is trusted if its owner is our own account,
+    /// SYSTEM or Administrators, and refused the same way otherwise.)
     pub fn allow_server_uids(mut self, uids: impl IntoIterator<Item = u32>) -> Self {
         self.allowed_server_uids.extend(uids);
         self
