@@ -127,6 +127,43 @@ fn a_socket_directory_that_is_a_symlink_is_refused() {
     );
 }
 
+/// A parent reached through a symlink: the link must be ours or root's,
+/// since its owner could point it elsewhere. Needs root, to give the link
+/// to another user.
+#[test]
+fn a_parent_symlink_owned_by_another_user_is_refused() {
+    assert!(
+        rustix::process::geteuid().is_root(),
+        "this test gives a symlink to uid 65534 and so must run as root"
+    );
+    const NOBODY: u32 = 65534;
+    let endpoint = Endpoint::fresh();
+    let real = endpoint.dir.path().join("real");
+    fs::create_dir(&real).unwrap();
+    let via = endpoint.dir.path().join("via");
+    symlink(&real, &via).unwrap();
+    let name = via.join("run").join("procmond.sock");
+    let name = name.to_str().unwrap();
+
+    // Our own link: followed, and the directory created where it leads.
+    let mut server = ServerProcess::start(name, transports()[0], &[]);
+    assert!(real.join("run").join("procmond.sock").exists());
+    assert!(server.terminate().success());
+
+    std::os::unix::fs::lchown(&via, Some(NOBODY), Some(NOBODY)).unwrap();
+    let output = serve_once(name);
+    assert_eq!(output.status.code(), Some(1));
+    let message = stderr(&output);
+    assert!(
+        message.contains(&format!("refusing to use directory {}", via.display())),
+        "{message}"
+    );
+    assert!(
+        message.contains("symbolic link owned by uid 65534"),
+        "{message}"
+    );
+}
+
 #[test]
 fn a_symlink_at_the_socket_path_is_refused_and_not_followed() {
     let endpoint = Endpoint::fresh();

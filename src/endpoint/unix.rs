@@ -131,6 +131,12 @@ pub(crate) async fn prepare(path: &Path, probe_timeout: Duration) -> Result<(), 
 /// only we (or root) own and can write; every parent must be owned by us or
 /// root and writable by no one else unless sticky (like `/tmp`). Otherwise
 /// another user could swap the directory, or the socket in it, for their own.
+///
+/// Parents may be reached through symlinks (`/var/run` -> `/run`). Such a
+/// link must be ours or root's too: in a sticky directory its owner could
+/// replace it with one pointing elsewhere (Linux refuses to follow such
+/// links by default, macOS and the BSDs do not). What the links lead to is
+/// checked on the resolved path.
 fn check_directories(dir: &Path) -> Result<(), IpcError> {
     let expected_owner = effective_uid();
     let unsafe_dir = |dir: &Path, reason: String| IpcError::UnsafeEndpointDirectory {
@@ -146,20 +152,34 @@ fn check_directories(dir: &Path) -> Result<(), IpcError> {
         })
     };
 
+    let trusted_owner = |uid: u32| uid == expected_owner || uid == 0;
+
     let own = inspect(dir, fs::symlink_metadata(dir))?;
     if own.file_type().is_symlink() {
         return Err(unsafe_dir(dir, "it is a symbolic link".to_owned()));
     }
-    for (index, ancestor) in dir.ancestors().enumerate() {
-        // Parents may be reached through symlinks (/var/run -> /run); what
-        // they lead to is what is checked.
-        let meta = if index == 0 {
-            own.clone()
-        } else {
-            inspect(ancestor, fs::metadata(ancestor))?
-        };
+    for parent in dir.ancestors().skip(1) {
+        let link = inspect(parent, fs::symlink_metadata(parent))?;
+        if link.file_type().is_symlink() && !trusted_owner(link.uid()) {
+            return Err(unsafe_dir(
+                parent,
+                format!(
+                    "it is a symbolic link owned by uid {}, who could point it elsewhere",
+                    link.uid()
+                ),
+            ));
+        }
+    }
+
+    let resolved = fs::canonicalize(dir).map_err(|source| IpcError::EndpointIo {
+        endpoint: dir.display().to_string(),
+        action: format!("resolving directory {}", dir.display()),
+        source,
+    })?;
+    for (index, ancestor) in resolved.ancestors().enumerate() {
+        let meta = inspect(ancestor, fs::metadata(ancestor))?;
         let mode = meta.mode() & 0o7777;
-        if meta.uid() != expected_owner && meta.uid() != 0 {
+        if !trusted_owner(meta.uid()) {
             return Err(unsafe_dir(
                 ancestor,
                 format!("it is owned by uid {} (mode {mode:04o})", meta.uid()),
