@@ -21,6 +21,17 @@ fn serve_once(endpoint: &str) -> Output {
         .unwrap()
 }
 
+/// The uid the tests that need another user run things as.
+const NOBODY: u32 = 65534;
+
+/// Tests that act as another user need root to do so.
+fn require_root(what: &str) {
+    assert!(
+        rustix::process::geteuid().is_root(),
+        "this test {what} ({NOBODY}) and so must run as root"
+    );
+}
+
 fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
@@ -132,11 +143,7 @@ fn a_socket_directory_that_is_a_symlink_is_refused() {
 /// to another user.
 #[test]
 fn a_parent_symlink_owned_by_another_user_is_refused() {
-    assert!(
-        rustix::process::geteuid().is_root(),
-        "this test gives a symlink to uid 65534 and so must run as root"
-    );
-    const NOBODY: u32 = 65534;
+    require_root("gives a symlink to another uid");
     let endpoint = Endpoint::fresh();
     let real = endpoint.dir.path().join("real");
     fs::create_dir(&real).unwrap();
@@ -244,35 +251,7 @@ fn a_second_server_on_a_live_endpoint_is_refused() {
     for transport in transports() {
         let endpoint = Endpoint::fresh();
         let first = ServerProcess::start(&endpoint.name, transport, &[]);
-        for second_transport in transports() {
-            let output = daemoneye_ipc()
-                .args([
-                    "serve",
-                    "--endpoint",
-                    &endpoint.name,
-                    "--transport",
-                    second_transport.name(),
-                ])
-                .output()
-                .unwrap();
-            assert_eq!(
-                output.status.code(),
-                Some(1),
-                "{transport} then {second_transport}"
-            );
-            let message = stderr(&output);
-            assert!(
-                message.contains("is in use by a running server"),
-                "{message}"
-            );
-        }
-        // The first server is unharmed: its socket is still there and answers.
-        let client = daemoneye_ipc::IpcClient::new(first.client_config(transport)).unwrap();
-        assert!(
-            block_on(client.send(quick_task("still-alive")))
-                .unwrap()
-                .success
-        );
+        first.assert_second_servers_refused(&endpoint.name);
     }
 }
 
@@ -329,11 +308,7 @@ fn sigterm_exits_0_and_removes_the_socket() {
 /// once allowed with --allow-uid. Needs root, to run the client as `nobody`.
 #[test]
 fn peers_of_another_uid_are_refused_unless_allowed() {
-    assert!(
-        rustix::process::geteuid().is_root(),
-        "this test runs a client as uid 65534 and so must run as root"
-    );
-    const NOBODY: u32 = 65534;
+    require_root("runs a client as another uid");
     for allow in [false, true] {
         let endpoint = Endpoint::fresh();
         let dir = endpoint.path().parent().unwrap();
@@ -389,11 +364,7 @@ fn peers_of_another_uid_are_refused_unless_allowed() {
 /// (non-root) uid is refused before any task is sent, unless allowed.
 #[test]
 fn the_client_refuses_a_server_running_as_another_uid_unless_allowed() {
-    assert!(
-        rustix::process::geteuid().is_root(),
-        "this test runs a server as uid 65534 and so must run as root"
-    );
-    const NOBODY: u32 = 65534;
+    require_root("runs a server as another uid");
     let endpoint = Endpoint::fresh();
     let dir = endpoint.path().parent().unwrap();
     fs::create_dir(dir).unwrap();

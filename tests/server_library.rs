@@ -39,6 +39,15 @@ fn task(id: &str) -> DetectionTask {
     }
 }
 
+/// Sends `task` on a task of its own, so the test can act while it waits.
+fn send_in_background(
+    client: &IpcClient,
+    task: DetectionTask,
+) -> tokio::task::JoinHandle<Result<DetectionResult, IpcError>> {
+    let client = client.clone();
+    tokio::spawn(async move { client.send(task).await })
+}
+
 /// A handler that holds tasks whose metadata is "hold" until released.
 #[derive(Clone, Default)]
 struct Gate {
@@ -80,10 +89,7 @@ async fn answers_come_back_as_they_complete_not_in_request_order() {
             .unwrap();
         let client = IpcClient::new(config(&endpoint, transport)).unwrap();
 
-        let slow = tokio::spawn({
-            let client = client.clone();
-            async move { client.send(held("slow")).await }
-        });
+        let slow = send_in_background(&client, held("slow"));
         gate.held.notified().await;
         // The slow task is running; a later one overtakes it on the same connection.
         let fast = client.send(task("fast")).await.unwrap();
@@ -218,10 +224,7 @@ async fn task_ids_must_be_non_empty_and_unique_while_in_flight() {
         Err(IpcError::EmptyTaskId)
     ));
 
-    let first = tokio::spawn({
-        let client = client.clone();
-        async move { client.send(held("twin")).await }
-    });
+    let first = send_in_background(&client, held("twin"));
     gate.held.notified().await;
     match client.send(task("twin")).await {
         Err(error @ IpcError::DuplicateTaskId { .. }) => {
@@ -344,7 +347,6 @@ async fn tasks_beyond_the_in_flight_limit_wait_their_turn_without_stalling_the_c
     let bulk = "x".repeat(100 * 1024);
     let sends: Vec<_> = (0..3 * LIMIT)
         .map(|n| {
-            let client = client.clone();
             let task = DetectionTask {
                 process_filter: Some(ProcessFilter {
                     process_names: vec![bulk.clone()],
@@ -352,7 +354,7 @@ async fn tasks_beyond_the_in_flight_limit_wait_their_turn_without_stalling_the_c
                 }),
                 ..task(&format!("bulk-{n}"))
             };
-            tokio::spawn(async move { client.send(task).await })
+            send_in_background(&client, task)
         })
         .collect();
     support::eventually("the server to hold its limit of tasks", PATIENCE, || {
@@ -396,10 +398,7 @@ async fn a_send_waits_for_an_in_flight_slot_no_longer_than_the_read_timeout() {
     .build()
     .unwrap();
 
-    let stuck = tokio::spawn({
-        let client = client.clone();
-        async move { client.send(task("stuck")).await }
-    });
+    let stuck = send_in_background(&client, task("stuck"));
     support::eventually("the stuck task to reach the server", PATIENCE, || {
         (server.stats().frames_in == 1).then_some(())
     })
@@ -611,10 +610,7 @@ async fn graceful_shutdown_finishes_tasks_in_flight_then_removes_the_socket() {
             .await
             .unwrap();
         let client = IpcClient::new(config(&endpoint, transport)).unwrap();
-        let in_flight = tokio::spawn({
-            let client = client.clone();
-            async move { client.send(held("finishing")).await }
-        });
+        let in_flight = send_in_background(&client, held("finishing"));
         gate.held.notified().await;
         let shutdown = tokio::spawn(server.shutdown(PATIENCE));
         gate.released.notify_one();
@@ -668,10 +664,7 @@ async fn a_replacement_binds_while_the_old_server_drains_and_keeps_its_socket() 
             .await
             .unwrap();
         let client = IpcClient::new(config(&endpoint, transport)).unwrap();
-        let in_flight = tokio::spawn({
-            let client = client.clone();
-            async move { client.send(held("draining")).await }
-        });
+        let in_flight = send_in_background(&client, held("draining"));
         gate.held.notified().await;
         let shutdown = tokio::spawn(old.shutdown(PATIENCE));
         support::eventually("the old server to let go of the socket", PATIENCE, || {
@@ -713,10 +706,7 @@ async fn a_shutdown_whose_grace_expires_cuts_the_connection_and_the_client_hears
         .await
         .unwrap();
     let client = IpcClient::new(config(&endpoint, transports()[0])).unwrap();
-    let stuck = tokio::spawn({
-        let client = client.clone();
-        async move { client.send(held("never")).await }
-    });
+    let stuck = send_in_background(&client, held("never"));
     gate.held.notified().await;
     let report = server.shutdown(Duration::from_millis(100)).await;
     assert!(!report.drained);

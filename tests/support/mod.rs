@@ -213,6 +213,34 @@ impl ServerProcess {
         self.child.wait().unwrap();
     }
 
+    /// While this server runs, a second `serve` on `endpoint` (this one's,
+    /// possibly written another way) with each backend is refused: exit 1,
+    /// "in use by a running server". This server still answers afterwards.
+    pub fn assert_second_servers_refused(&self, endpoint: &str) {
+        let first = self.transport;
+        for second in transports() {
+            let output = daemoneye_ipc()
+                .args([
+                    "serve",
+                    "--endpoint",
+                    endpoint,
+                    "--transport",
+                    second.name(),
+                ])
+                .output()
+                .unwrap();
+            assert_eq!(output.status.code(), Some(1), "{first} then {second}");
+            let message = String::from_utf8_lossy(&output.stderr);
+            assert!(
+                message.contains("is in use by a running server"),
+                "{first} then {second}: {message}"
+            );
+        }
+        let client = daemoneye_ipc::IpcClient::new(self.client_config(first)).unwrap();
+        let answer = block_on(client.send(quick_task("first-unharmed"))).unwrap();
+        assert!(answer.success, "{first}: the first server still answers");
+    }
+
     /// A client config for this server's endpoint, with `transport`.
     pub fn client_config(&self, transport: TransportKind) -> IpcConfig {
         IpcConfig {
