@@ -11,6 +11,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         std::env::var("TARGET")?
     );
     record_git_commit();
+    // `cfg(async_backend)`: the build has a backend the async driver runs
+    // (interprocess or tokio), as opposed to only the blocking legacy one.
+    println!("cargo:rustc-check-cfg=cfg(async_backend)");
+    if std::env::var_os("CARGO_FEATURE_IPC_INTERPROCESS").is_some()
+        || std::env::var_os("CARGO_FEATURE_IPC_TOKIO").is_some()
+    {
+        println!("cargo:rustc-cfg=async_backend");
+    }
     let descriptors = protox::compile(["proto/common.proto", "proto/ipc.proto"], ["proto"])?;
     prost_build::Config::new()
         // The CLI prints results as JSON with the proto's field names.

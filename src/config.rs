@@ -1,5 +1,5 @@
-//! [`IpcConfig`]: the decision record's eight settings, where they come from,
-//! and what values they may take.
+//! [`IpcConfig`]: the decision record's eight settings plus the task
+//! deadline, where they come from, and what values they may take.
 //!
 //! Values are layered, each layer overriding the one before:
 //!
@@ -15,12 +15,13 @@
 //!
 //! ```toml
 //! [ipc]
-//! transport = "interprocess"      # or "tokio"
+//! transport = "interprocess"      # or "tokio", or "legacy"
 //! endpoint_path = "/run/daemoneye/procmond.sock"
 //! max_frame_bytes = 1048576
 //! accept_timeout_ms = 5000
 //! read_timeout_ms = 30000
 //! write_timeout_ms = 10000
+//! task_timeout_ms = 30000
 //! max_connections = 16
 //! crc32_variant = "ieee"          # or "castagnoli"
 //! ```
@@ -62,17 +63,26 @@ pub enum TransportKind {
     /// `tokio::net` Unix sockets and named pipes (Phase 1). Cargo feature
     /// `ipc-tokio`.
     Tokio,
+    /// The rollback backend: the operating system's blocking sockets and
+    /// pipes on threads of its own, sharing no socket code with the other
+    /// two. Cargo feature `ipc-legacy`.
+    Legacy,
 }
 
 impl TransportKind {
     /// Every transport this crate knows, compiled in or not.
-    pub const ALL: [TransportKind; 2] = [TransportKind::Interprocess, TransportKind::Tokio];
+    pub const ALL: [TransportKind; 3] = [
+        TransportKind::Interprocess,
+        TransportKind::Tokio,
+        TransportKind::Legacy,
+    ];
 
     /// The name used in config files, flags, logs and telemetry.
     pub const fn name(self) -> &'static str {
         match self {
             TransportKind::Interprocess => "interprocess",
             TransportKind::Tokio => "tokio",
+            TransportKind::Legacy => "legacy",
         }
     }
 
@@ -81,6 +91,7 @@ impl TransportKind {
         match self {
             TransportKind::Interprocess => cfg!(feature = "ipc-interprocess"),
             TransportKind::Tokio => cfg!(feature = "ipc-tokio"),
+            TransportKind::Legacy => cfg!(feature = "ipc-legacy"),
         }
     }
 
@@ -159,6 +170,9 @@ pub struct IpcConfig {
     pub read_timeout_ms: u64,
     /// Deadline for writing one frame. Default 10000.
     pub write_timeout_ms: u64,
+    /// Server: how long a handler may take over one task before the task is
+    /// answered with an error and its work stopped. Default 30000.
+    pub task_timeout_ms: u64,
     /// Connections served at once. Default 16.
     pub max_connections: usize,
     /// Frame checksum polynomial. Default IEEE.
@@ -183,6 +197,7 @@ impl IpcConfig {
             accept_timeout_ms: 5_000,
             read_timeout_ms: 30_000,
             write_timeout_ms: 10_000,
+            task_timeout_ms: 30_000,
             max_connections: 16,
             crc32_variant: Crc32Variant::Ieee,
         }
@@ -244,6 +259,7 @@ impl IpcConfig {
             (ConfigField::AcceptTimeoutMs, self.accept_timeout_ms),
             (ConfigField::ReadTimeoutMs, self.read_timeout_ms),
             (ConfigField::WriteTimeoutMs, self.write_timeout_ms),
+            (ConfigField::TaskTimeoutMs, self.task_timeout_ms),
         ] {
             if !(1..=MAX_TIMEOUT_MS).contains(&value) {
                 return Err(invalid(
@@ -280,6 +296,11 @@ impl IpcConfig {
         Duration::from_millis(self.write_timeout_ms)
     }
 
+    /// `task_timeout_ms` as a duration.
+    pub fn task_timeout(&self) -> Duration {
+        Duration::from_millis(self.task_timeout_ms)
+    }
+
     /// The current value of `field`, formatted as in a TOML file.
     pub fn value_as_toml(&self, field: ConfigField) -> String {
         match field {
@@ -289,6 +310,7 @@ impl IpcConfig {
             ConfigField::AcceptTimeoutMs => self.accept_timeout_ms.to_string(),
             ConfigField::ReadTimeoutMs => self.read_timeout_ms.to_string(),
             ConfigField::WriteTimeoutMs => self.write_timeout_ms.to_string(),
+            ConfigField::TaskTimeoutMs => self.task_timeout_ms.to_string(),
             ConfigField::MaxConnections => self.max_connections.to_string(),
             ConfigField::Crc32Variant => format!("{:?}", self.crc32_variant.name()),
         }
@@ -323,7 +345,7 @@ pub fn default_endpoint_path(xdg_runtime_dir: Option<&Path>) -> String {
     }
 }
 
-/// One of the eight settings.
+/// One of the settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ConfigField {
     /// `transport`
@@ -338,6 +360,8 @@ pub enum ConfigField {
     ReadTimeoutMs,
     /// `write_timeout_ms`
     WriteTimeoutMs,
+    /// `task_timeout_ms`
+    TaskTimeoutMs,
     /// `max_connections`
     MaxConnections,
     /// `crc32_variant`
@@ -346,13 +370,14 @@ pub enum ConfigField {
 
 impl ConfigField {
     /// Every setting, in the decision record's order.
-    pub const ALL: [ConfigField; 8] = [
+    pub const ALL: [ConfigField; 9] = [
         ConfigField::Transport,
         ConfigField::EndpointPath,
         ConfigField::MaxFrameBytes,
         ConfigField::AcceptTimeoutMs,
         ConfigField::ReadTimeoutMs,
         ConfigField::WriteTimeoutMs,
+        ConfigField::TaskTimeoutMs,
         ConfigField::MaxConnections,
         ConfigField::Crc32Variant,
     ];
@@ -366,6 +391,7 @@ impl ConfigField {
             ConfigField::AcceptTimeoutMs => "accept_timeout_ms",
             ConfigField::ReadTimeoutMs => "read_timeout_ms",
             ConfigField::WriteTimeoutMs => "write_timeout_ms",
+            ConfigField::TaskTimeoutMs => "task_timeout_ms",
             ConfigField::MaxConnections => "max_connections",
             ConfigField::Crc32Variant => "crc32_variant",
         }
@@ -422,6 +448,8 @@ pub struct ConfigOverrides {
     pub read_timeout_ms: Option<u64>,
     /// See [`IpcConfig::write_timeout_ms`].
     pub write_timeout_ms: Option<u64>,
+    /// See [`IpcConfig::task_timeout_ms`].
+    pub task_timeout_ms: Option<u64>,
     /// See [`IpcConfig::max_connections`].
     pub max_connections: Option<usize>,
     /// See [`IpcConfig::crc32_variant`].
@@ -459,6 +487,7 @@ impl ConfigOverrides {
             }
             ConfigField::ReadTimeoutMs => self.read_timeout_ms = Some(parse(var, value, MILLIS)?),
             ConfigField::WriteTimeoutMs => self.write_timeout_ms = Some(parse(var, value, MILLIS)?),
+            ConfigField::TaskTimeoutMs => self.task_timeout_ms = Some(parse(var, value, MILLIS)?),
             ConfigField::MaxConnections => {
                 self.max_connections = Some(parse(var, value, "a whole number of connections")?);
             }
@@ -634,6 +663,7 @@ impl LoadedConfig {
             accept_timeout_ms => AcceptTimeoutMs,
             read_timeout_ms => ReadTimeoutMs,
             write_timeout_ms => WriteTimeoutMs,
+            task_timeout_ms => TaskTimeoutMs,
             max_connections => MaxConnections,
             crc32_variant => Crc32Variant,
         );

@@ -97,14 +97,18 @@
 //! At least one backend feature is required.
 
 #![warn(missing_docs)]
-// The only unsafe code is Windows security FFI with no safe wrapper
-// (src/transport/pipe_security.rs), allowed there and nowhere else.
+// The only unsafe code is Windows FFI with no safe wrapper (src/win32.rs),
+// allowed there and nowhere else.
 #![deny(unsafe_code)]
 
-#[cfg(not(any(feature = "ipc-interprocess", feature = "ipc-tokio")))]
+#[cfg(not(any(
+    feature = "ipc-interprocess",
+    feature = "ipc-tokio",
+    feature = "ipc-legacy"
+)))]
 compile_error!(
     "daemoneye-ipc needs at least one transport backend: enable the Cargo feature \
-     `ipc-interprocess` (the default) and/or `ipc-tokio`"
+     `ipc-interprocess` (the default), `ipc-tokio` and/or `ipc-legacy`"
 );
 
 #[cfg(not(any(unix, windows)))]
@@ -116,13 +120,15 @@ pub mod config;
 pub mod endpoint;
 pub mod error;
 pub mod frame;
-mod framed_io;
 mod peer;
+mod policy;
 pub mod proto;
 pub mod sample;
 pub mod server;
 pub mod telemetry;
 mod transport;
+#[cfg(windows)]
+mod win32;
 
 pub use client::{ClientBuilder, IpcClient};
 pub use config::{IpcConfig, TransportKind};

@@ -10,7 +10,7 @@ use crate::error::IpcError;
 /// A snapshot of a server's counters since it started.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
 pub struct ServerStats {
-    /// The backend serving (`interprocess`, `tokio`).
+    /// The backend serving (`interprocess`, `tokio`, `legacy`).
     pub transport: &'static str,
     /// Connections handed over by the OS, whether served or rejected.
     pub accepted: u64,
@@ -44,6 +44,9 @@ pub struct ServerStats {
     pub oversize_results: u64,
     /// Tasks whose handler panicked (answered with an error result).
     pub handler_errors: u64,
+    /// Tasks whose handler did not finish within `task_timeout_ms`
+    /// (answered with an error result, their work stopped).
+    pub task_timeouts: u64,
     /// Failed `accept` calls (each followed by a backoff).
     pub accept_errors: u64,
 }
@@ -67,6 +70,7 @@ pub(crate) struct Counters {
     pub(crate) write_timeouts: AtomicU64,
     pub(crate) oversize_results: AtomicU64,
     pub(crate) handler_errors: AtomicU64,
+    pub(crate) task_timeouts: AtomicU64,
     pub(crate) accept_errors: AtomicU64,
 }
 
@@ -101,6 +105,7 @@ impl Counters {
             write_timeouts: get(&self.write_timeouts),
             oversize_results: get(&self.oversize_results),
             handler_errors: get(&self.handler_errors),
+            task_timeouts: get(&self.task_timeouts),
             accept_errors: get(&self.accept_errors),
         }
     }

@@ -91,12 +91,12 @@ fn invalid_settings_exit_2_with_one_line_naming_the_problem() {
     );
 
     let output = daemoneye_ipc()
-        .args(["config", "--transport", "legacy"])
+        .args(["config", "--transport", "shared-memory"])
         .output()
         .unwrap();
     assert_eq!(output.status.code(), Some(2));
     assert!(
-        stderr(&output).contains("unknown transport \"legacy\""),
+        stderr(&output).contains("unknown transport \"shared-memory\""),
         "{}",
         stderr(&output)
     );

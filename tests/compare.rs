@@ -165,7 +165,7 @@ fn bad_arguments_exit_2_with_the_reason() {
         (&["--rounds", "2"][..], "2"),
         (&["--sizes", "0"][..], "sizes run from 1 byte"),
         (&["--sizes", "1G"][..], "unknown unit"),
-        (&["--backends", "legacy"][..], "this build has"),
+        (&["--backends", "shared-memory"][..], "this build has"),
     ] {
         let output = compare(args);
         assert_eq!(output.status.code(), Some(2), "{args:?}");

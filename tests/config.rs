@@ -205,6 +205,7 @@ fn every_setting_can_come_from_the_environment() {
         ("DAEMONEYE_IPC_ACCEPT_TIMEOUT_MS", "11"),
         ("DAEMONEYE_IPC_READ_TIMEOUT_MS", "22"),
         ("DAEMONEYE_IPC_WRITE_TIMEOUT_MS", "33"),
+        ("DAEMONEYE_IPC_TASK_TIMEOUT_MS", "55"),
         ("DAEMONEYE_IPC_MAX_CONNECTIONS", "44"),
         ("DAEMONEYE_IPC_CRC32_VARIANT", "Castagnoli"),
     ];
@@ -216,6 +217,7 @@ fn every_setting_can_come_from_the_environment() {
         accept_timeout_ms: 11,
         read_timeout_ms: 22,
         write_timeout_ms: 33,
+        task_timeout_ms: 55,
         max_connections: 44,
         crc32_variant: Crc32Variant::Castagnoli,
     };
@@ -297,58 +299,62 @@ fn an_unknown_transport_lists_the_known_ones() {
         &message,
         &[
             "unknown transport \"carrier-pigeon\"",
-            "interprocess, tokio",
+            "interprocess, tokio, legacy",
         ],
     );
 
     let message = load_err(
         None,
-        &[("DAEMONEYE_IPC_TRANSPORT", "legacy")],
+        &[("DAEMONEYE_IPC_TRANSPORT", "shared-memory")],
         ConfigOverrides::default(),
     );
     assert_mentions(
         &message,
         &[
-            "DAEMONEYE_IPC_TRANSPORT=\"legacy\"",
-            "interprocess or tokio",
+            "DAEMONEYE_IPC_TRANSPORT=\"shared-memory\"",
+            "interprocess or tokio or legacy",
         ],
     );
 }
 
-#[cfg(not(feature = "ipc-interprocess"))]
+/// Every transport this build lacks is refused, naming where the request
+/// came from, what the build has, and the feature that would add it.
 #[test]
 fn a_transport_not_built_in_is_refused_with_the_available_list() {
-    let message = load_err(
-        None,
-        &[("DAEMONEYE_IPC_TRANSPORT", "interprocess")],
-        ConfigOverrides::default(),
-    );
-    assert_mentions(
-        &message,
-        &[
-            "transport \"interprocess\" (from env DAEMONEYE_IPC_TRANSPORT) is not compiled into this build",
-            "available: tokio",
-            "ipc-interprocess",
-        ],
-    );
-}
-
-#[cfg(not(feature = "ipc-tokio"))]
-#[test]
-fn a_transport_not_built_in_is_refused_with_the_available_list() {
-    let flags = ConfigOverrides {
-        transport: Some(TransportKind::Tokio),
-        ..Default::default()
-    };
-    let message = load_err(None, &[], flags);
-    assert_mentions(
-        &message,
-        &[
-            "transport \"tokio\" (from command-line flag) is not compiled into this build",
-            "available: interprocess",
-            "ipc-tokio",
-        ],
-    );
+    let available: Vec<&str> = TransportKind::compiled().map(TransportKind::name).collect();
+    let missing = TransportKind::ALL
+        .into_iter()
+        .filter(|kind| !kind.is_compiled());
+    for kind in missing {
+        let from_env = load_err(
+            None,
+            &[("DAEMONEYE_IPC_TRANSPORT", kind.name())],
+            ConfigOverrides::default(),
+        );
+        let from_flag = load_err(
+            None,
+            &[],
+            ConfigOverrides {
+                transport: Some(kind),
+                ..Default::default()
+            },
+        );
+        for (message, origin) in [
+            (from_env, "env DAEMONEYE_IPC_TRANSPORT"),
+            (from_flag, "command-line flag"),
+        ] {
+            assert_mentions(
+                &message,
+                &[
+                    &format!(
+                        "transport \"{kind}\" (from {origin}) is not compiled into this build"
+                    ),
+                    &format!("available: {}", available.join(", ")),
+                    &format!("ipc-{kind}"),
+                ],
+            );
+        }
+    }
 }
 
 #[test]

@@ -381,13 +381,15 @@ async fn tasks_beyond_the_in_flight_limit_wait_their_turn_without_stalling_the_c
 }
 
 /// With every in-flight slot held by a stuck task, a further send gives up
-/// after the read deadline without sending; the slot frees once the late
-/// result arrives.
+/// within its deadline without sending. Once the stuck task is past its
+/// deadline, the connection holding it is replaced: the next send is
+/// answered at once on a fresh connection, although the server still holds
+/// the stuck task.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_send_waits_for_an_in_flight_slot_no_longer_than_the_read_timeout() {
     let endpoint = Endpoint::fresh();
-    let open = Arc::new(Semaphore::new(0));
-    let server = IpcServer::bind(config(&endpoint, transports()[0]), wait_for(&open))
+    let gate = Gate::default();
+    let server = IpcServer::bind(config(&endpoint, transports()[0]), gate.handler())
         .await
         .unwrap();
     let client = IpcClient::builder(IpcConfig {
@@ -398,11 +400,8 @@ async fn a_send_waits_for_an_in_flight_slot_no_longer_than_the_read_timeout() {
     .build()
     .unwrap();
 
-    let stuck = send_in_background(&client, task("stuck"));
-    support::eventually("the stuck task to reach the server", PATIENCE, || {
-        (server.stats().frames_in == 1).then_some(())
-    })
-    .await;
+    let stuck = send_in_background(&client, held("stuck"));
+    gate.held.notified().await;
     match client.send(task("waiting")).await {
         Err(error @ IpcError::InFlightLimit { .. }) => {
             let message = error.to_string();
@@ -421,9 +420,13 @@ async fn a_send_waits_for_an_in_flight_slot_no_longer_than_the_read_timeout() {
     ));
     assert_eq!(server.stats().frames_in, 1, "the waiting task was not sent");
 
-    open.close();
     assert_eq!(client.send(task("later")).await.unwrap().task_id, "later");
-    assert_eq!(server.stats().accepted, 1, "the same connection");
+    assert_eq!(
+        server.stats().accepted,
+        2,
+        "a fresh connection replaced the one holding the stuck task"
+    );
+    gate.released.notify_one();
 }
 
 /// A caller that gives up leaves its id reserved until the server's late

@@ -1,11 +1,16 @@
-//! Unix socket paths: validation, a private directory, stale-socket recovery,
-//! owner-only sockets, and removal on shutdown. Shared by every backend.
+//! Unix socket paths: validation, a private directory, one server per
+//! endpoint by a lock, stale-socket recovery, owner-only sockets, and
+//! removal on shutdown. Every backend binds through [`bind`] and wraps the
+//! listening socket it returns.
 
 use std::fs::{self, DirBuilder, FileType, Metadata};
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt};
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+
+use rustix::fs::Mode;
+use rustix::net::SocketAddrUnix;
 
 use crate::error::IpcError;
 
@@ -18,7 +23,7 @@ const MAX_SOCKET_PATH: usize = if cfg!(any(target_os = "linux", target_os = "and
 
 /// The mode every socket file gets before it is visible: owner read/write.
 /// (A socket's execute bit means nothing; only group/other bits matter.)
-pub(crate) const SOCKET_MODE: u32 = 0o600;
+const SOCKET_MODE: u32 = 0o600;
 
 /// The mode a missing parent directory is created with.
 const DIR_MODE: u32 = 0o700;
@@ -57,13 +62,24 @@ pub(crate) fn effective_uid() -> u32 {
     rustix::process::geteuid().as_raw()
 }
 
-/// Gets `path` ready to be bound: a private parent directory, and nothing at
-/// the path itself (a stale socket is removed once probed dead).
+/// A bound endpoint: the socket file (removed when this is dropped, unless
+/// something else has taken the path since) and the lock that makes this
+/// server the endpoint's only one (released after the file is removed).
+#[derive(Debug)]
+pub(crate) struct BoundEndpoint {
+    _socket_file: SocketFile,
+    _lock: EndpointLock,
+}
+
+/// Secures `path` and binds a listening socket on it: the one way every
+/// backend gets its Unix listener, which it then wraps.
 ///
-/// Refuses a parent directory that others can write to or that another user
-/// owns, a symlink or non-socket file at the path, and a socket a live server
-/// answers on.
-pub(crate) async fn prepare(path: &Path, probe_timeout: Duration) -> Result<(), IpcError> {
+/// In order: the parent directory is created 0700 (or refused if another
+/// user could tamper with it); the endpoint's lock is taken, so that no
+/// other server touches the path from here on; what is at the path is
+/// refused if it is not a socket, or removed if it is a stale one; the
+/// socket is created 0600 before its file exists, then checked.
+pub(crate) fn bind(path: &Path) -> Result<(UnixListener, BoundEndpoint), IpcError> {
     let endpoint = path.display().to_string();
     let io_error = |action: String| {
         let endpoint = endpoint.clone();
@@ -83,7 +99,78 @@ pub(crate) async fn prepare(path: &Path, probe_timeout: Duration) -> Result<(), 
         .create(dir)
         .map_err(io_error(format!("creating directory {}", dir.display())))?;
     check_directories(dir)?;
+    let lock = EndpointLock::acquire(path)?;
+    clear_the_path(path)?;
+    let listener =
+        bind_listener(path).map_err(io_error(format!("binding the socket {}", path.display())))?;
+    let socket_file = verify_bound(path)?;
+    Ok((
+        listener,
+        BoundEndpoint {
+            _socket_file: socket_file,
+            _lock: lock,
+        },
+    ))
+}
 
+/// An exclusive `flock` on `<socket path>.lock`, held for the server's
+/// whole life: one server per endpoint, decided by the kernel rather than
+/// by a probe that two servers starting at once could both pass. The file
+/// itself stays (removing it would let a third server lock a new file while
+/// the second still holds the old one).
+#[derive(Debug)]
+struct EndpointLock {
+    _file: fs::File,
+}
+
+impl EndpointLock {
+    fn acquire(socket: &Path) -> Result<EndpointLock, IpcError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut name = socket.as_os_str().to_owned();
+        name.push(".lock");
+        let path = PathBuf::from(name);
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            // Never through a link someone planted: the directory is
+            // private, but the check costs nothing.
+            .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+            .open(&path)
+            .map_err(|source| IpcError::EndpointIo {
+                endpoint: socket.display().to_string(),
+                action: format!("opening the lock file {}", path.display()),
+                source,
+            })?;
+        match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => Ok(EndpointLock { _file: file }),
+            Err(rustix::io::Errno::WOULDBLOCK) => Err(IpcError::EndpointInUse {
+                endpoint: socket.display().to_string(),
+            }),
+            Err(error) => Err(IpcError::EndpointIo {
+                endpoint: socket.display().to_string(),
+                action: format!("locking {}", path.display()),
+                source: error.into(),
+            }),
+        }
+    }
+}
+
+/// With the lock held, nothing but a stale socket may be at the path: a
+/// symlink or any other kind of file is refused and left alone; a socket
+/// is removed, unless a server answers on it (one that predates the lock,
+/// or does not take it).
+fn clear_the_path(path: &Path) -> Result<(), IpcError> {
+    let io_error = |action: String| {
+        let endpoint = path.display().to_string();
+        move |source| IpcError::EndpointIo {
+            endpoint,
+            action,
+            source,
+        }
+    };
     let existing = match fs::symlink_metadata(path) {
         Ok(meta) => meta,
         Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(()),
@@ -101,16 +188,16 @@ pub(crate) async fn prepare(path: &Path, probe_timeout: Duration) -> Result<(), 
             kind: describe(file_type),
         });
     }
-
-    match tokio::time::timeout(probe_timeout, tokio::net::UnixStream::connect(path)).await {
-        // A server accepted (or at least queued) us: it is alive.
-        Ok(Ok(_)) | Err(_) => Err(IpcError::EndpointInUse { endpoint }),
-        // A server is there but its queue is full: alive too.
-        Ok(Err(err)) if err.kind() == io::ErrorKind::WouldBlock => {
-            Err(IpcError::EndpointInUse { endpoint })
-        }
+    match probe(path) {
+        // A server accepted (or queued) us, or its queue is full: alive.
+        Ok(()) => Err(IpcError::EndpointInUse {
+            endpoint: path.display().to_string(),
+        }),
+        Err(err) if err.kind() == io::ErrorKind::WouldBlock => Err(IpcError::EndpointInUse {
+            endpoint: path.display().to_string(),
+        }),
         // Nobody listens: the socket outlived a crashed server.
-        Ok(Err(err)) if err.kind() == io::ErrorKind::ConnectionRefused => {
+        Err(err) if err.kind() == io::ErrorKind::ConnectionRefused => {
             remove_if_same_socket(path, &existing).map_err(io_error(format!(
                 "removing stale socket {}",
                 path.display()
@@ -119,11 +206,64 @@ pub(crate) async fn prepare(path: &Path, probe_timeout: Duration) -> Result<(), 
             Ok(())
         }
         // Removed between our look and the probe: nothing to clean up.
-        Ok(Err(err)) if err.kind() == io::ErrorKind::NotFound => Ok(()),
-        Ok(Err(err)) => Err(io_error(format!(
+        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(err) => Err(io_error(format!(
             "probing the existing socket {}",
             path.display()
         ))(err)),
+    }
+}
+
+/// Connects to `path` without waiting: `Ok` if a server accepted or queued
+/// us, `WouldBlock` if its queue is full, `ConnectionRefused` if nobody
+/// listens.
+fn probe(path: &Path) -> io::Result<()> {
+    let socket = new_socket(rustix::net::SocketFlags::NONBLOCK)?;
+    rustix::net::connect(&socket, &SocketAddrUnix::new(path)?)?;
+    Ok(())
+}
+
+/// Accept queue length; the kernel caps it at `net.core.somaxconn`.
+const BACKLOG: i32 = 1024;
+
+/// Socket, mode, bind, listen: the socket file is 0600 from the moment it
+/// exists, because the mode is set on the socket before `bind` creates the
+/// file (where the OS cannot, as on macOS, a 077 umask does the same).
+fn bind_listener(path: &Path) -> io::Result<UnixListener> {
+    let socket = new_socket(rustix::net::SocketFlags::empty())?;
+    let address = SocketAddrUnix::new(path)?;
+    match rustix::fs::fchmod(&socket, Mode::from_raw_mode(SOCKET_MODE as _)) {
+        Ok(()) => rustix::net::bind(&socket, &address)?,
+        // No mode on unbound sockets here (macOS): restrictive umask.
+        Err(rustix::io::Errno::INVAL) => {
+            with_owner_only_umask(|| Ok(rustix::net::bind(&socket, &address)?))?
+        }
+        Err(err) => return Err(err.into()),
+    }
+    rustix::net::listen(&socket, BACKLOG)?;
+    Ok(UnixListener::from(socket))
+}
+
+/// A close-on-exec Unix stream socket, atomically where the OS can.
+pub(crate) fn new_socket(flags: rustix::net::SocketFlags) -> io::Result<rustix::fd::OwnedFd> {
+    use rustix::net::{AddressFamily, SocketFlags, SocketType};
+    #[cfg(not(target_vendor = "apple"))]
+    {
+        Ok(rustix::net::socket_with(
+            AddressFamily::UNIX,
+            SocketType::STREAM,
+            flags | SocketFlags::CLOEXEC,
+            None,
+        )?)
+    }
+    #[cfg(target_vendor = "apple")]
+    {
+        let socket = rustix::net::socket(AddressFamily::UNIX, SocketType::STREAM, None)?;
+        rustix::io::fcntl_setfd(&socket, rustix::io::FdFlags::CLOEXEC)?;
+        if flags.contains(SocketFlags::NONBLOCK) {
+            rustix::io::ioctl_fionbio(&socket, true)?;
+        }
+        Ok(socket)
     }
 }
 
@@ -230,7 +370,7 @@ fn remove_if_same_socket(path: &Path, expected: &Metadata) -> io::Result<()> {
 
 /// Checks a freshly bound socket is ours and owner-only, and returns the
 /// guard that removes it when the server goes away.
-pub(crate) fn verify_bound(path: &Path) -> Result<SocketFile, IpcError> {
+fn verify_bound(path: &Path) -> Result<SocketFile, IpcError> {
     let meta = fs::symlink_metadata(path).map_err(|source| IpcError::EndpointIo {
         endpoint: path.display().to_string(),
         action: "inspecting the socket just bound".to_owned(),
@@ -256,7 +396,7 @@ pub(crate) fn verify_bound(path: &Path) -> Result<SocketFile, IpcError> {
 /// The socket file of a running server. Dropping it removes the file, unless
 /// something else has taken the path since.
 #[derive(Debug)]
-pub(crate) struct SocketFile {
+struct SocketFile {
     path: PathBuf,
     meta: Metadata,
 }
@@ -280,8 +420,7 @@ impl Drop for SocketFile {
 /// meanwhile come out owner-only too (usable by their owner, never more open
 /// than asked). Concurrent binds are serialised so that each restores the
 /// umask it found.
-pub(crate) fn with_owner_only_umask<T>(bind: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
-    use rustix::fs::Mode;
+fn with_owner_only_umask<T>(bind: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
     static UMASK: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _serialised = UMASK
         .lock()

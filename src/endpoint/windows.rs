@@ -1,22 +1,52 @@
-//! Windows pipe endpoints: refusing to start beside a live server.
+//! Windows pipe endpoints: the one way a secured pipe instance is made, and
+//! refusing to start beside a live server.
 
 use std::io;
+use std::os::windows::fs::OpenOptionsExt;
+use std::os::windows::io::OwnedHandle;
 
-use crate::endpoint::Endpoint;
+use crate::endpoint::{Endpoint, PIPE_SDDL};
 use crate::error::IpcError;
+
+/// `SecurityIdentification << 16` (winbase.h): a server may learn who we
+/// are but not act as us. std adds `SECURITY_SQOS_PRESENT` itself.
+pub(crate) const SECURITY_IDENTIFICATION: u32 = 0x0001_0000;
+
+/// `FILE_FLAG_OVERLAPPED` (winbase.h).
+pub(crate) const FILE_FLAG_OVERLAPPED: u32 = 0x4000_0000;
+
+/// Creates one instance of the endpoint's pipe: the owner-only security
+/// descriptor ([`PIPE_SDDL`]), remote clients refused, opened for
+/// overlapped I/O. With `first`, fails if the name is taken. The `tokio`
+/// and `legacy` backends wrap what this returns; `interprocess` creates its
+/// own instances (see `docs/decisions.md`).
+pub(crate) fn create_pipe_instance(endpoint: &Endpoint, first: bool) -> io::Result<OwnedHandle> {
+    crate::win32::create_pipe_instance(endpoint.pipe_name(), first, PIPE_SDDL)
+}
+
+/// Opens the endpoint's pipe as a client: read and write, overlapped I/O,
+/// at the identification impersonation level. Fails at once (no waiting)
+/// if every instance is busy (`ERROR_PIPE_BUSY`) or there is no pipe.
+pub(crate) fn open_pipe(endpoint: &Endpoint) -> io::Result<OwnedHandle> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(FILE_FLAG_OVERLAPPED)
+        .security_qos_flags(SECURITY_IDENTIFICATION)
+        .open(endpoint.pipe_name())?;
+    Ok(OwnedHandle::from(file))
+}
 
 /// Refuses the endpoint if a server already answers on it.
 ///
 /// The pipe's first instance is also created with
 /// `FILE_FLAG_FIRST_PIPE_INSTANCE`, which closes the race between this probe
 /// and our own bind on Windows; the probe gives the clear error first, and
-/// holds where that flag is not enforced (Wine 8 ignores it).
+/// holds where that flag is not enforced (Wine 8 ignores it). The probe
+/// opens the pipe like a client does, at the identification level, so a
+/// squatter cannot act as the server that probes it.
 pub(crate) fn refuse_if_served(endpoint: &Endpoint) -> Result<(), IpcError> {
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(endpoint.pipe_name())
-    {
+    match open_pipe(endpoint) {
         // No pipe by that name: free.
         Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(()),
         // Connected, all instances busy, or a pipe we may not open: taken.

@@ -126,16 +126,21 @@ impl<Out, In> fmt::Debug for MessageCodec<Out, In> {
 
 impl<Out, In: prost::Message + Default> MessageCodec<Out, In> {
     fn decode_body(body: Option<BytesMut>) -> Result<Option<In>, IpcError> {
-        let Some(body) = body else { return Ok(None) };
-        let length = body.len();
-        In::decode(body)
-            .map(Some)
-            .map_err(|source| IpcError::MalformedMessage {
-                message_type: short_type_name::<In>(),
-                length,
-                source,
-            })
+        body.map(|body| decode_message(&body)).transpose()
     }
+}
+
+/// Decodes one verified frame body as a message of type `M`.
+///
+/// Decoding from a plain slice rather than the `BytesMut` it arrived in:
+/// prost advances its buffer field by field, which a slice does in one
+/// pointer bump and a `BytesMut` in several checks.
+pub(crate) fn decode_message<M: prost::Message + Default>(body: &[u8]) -> Result<M, IpcError> {
+    M::decode(body).map_err(|source| IpcError::MalformedMessage {
+        message_type: short_type_name::<M>(),
+        length: body.len(),
+        source,
+    })
 }
 
 impl<Out, In: prost::Message + Default> Decoder for MessageCodec<Out, In> {

@@ -1,40 +1,48 @@
 //! [`IpcServer`]: the collector's side. Binds the endpoint, accepts agents,
 //! reads [`DetectionTask`]s, runs the handler, writes [`DetectionResult`]s.
 //!
-//! Everything here is the same for every backend: the endpoint hardening,
-//! the connection limit, peer checks, deadlines, telemetry and shutdown. The
-//! backends only move bytes (`src/transport/`).
+//! What the server does is decided once, for every backend: the endpoint
+//! hardening in [`crate::endpoint`], the rules of a connection in the policy
+//! core (`src/policy/`), peer checks, telemetry and shutdown here. Two
+//! drivers feed the policy core: [`async_driver`] for the `interprocess` and
+//! `tokio` backends (a Tokio task per connection), and [`blocking_driver`]
+//! for `legacy` (a thread per connection, handlers still run on the
+//! caller's runtime).
 
-mod connection;
+#[cfg(async_backend)]
+mod async_driver;
+#[cfg(feature = "ipc-legacy")]
+mod blocking_driver;
+mod slots;
 
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::Instrument;
 
-use crate::backoff::Backoff;
 use crate::config::{IpcConfig, TransportKind};
 use crate::endpoint::Endpoint;
 use crate::error::IpcError;
 use crate::peer::PeerPolicy;
-use crate::proto::{DetectionResult, DetectionTask};
-use crate::telemetry::{ActiveConnection, Counters, ServerStats, bump};
-use crate::transport::{Connection, Listener};
+use crate::policy::server::ConnectionLimits;
+use crate::proto::DetectionTask;
+use crate::telemetry::{Counters, ServerStats};
+use crate::transport::PeerCredentials;
+
+pub use crate::policy::server::Reply;
+
+use self::slots::Slots;
 
 /// Tasks one connection may have in flight before the server stops reading
 /// from it (backpressure), unless [`ServerBuilder::max_in_flight_per_connection`]
 /// says otherwise.
 pub const DEFAULT_MAX_IN_FLIGHT_PER_CONNECTION: usize = 32;
-
-/// How long a stale-socket probe waits for an answer before deciding a
-/// server is there but busy.
-#[cfg(unix)]
-const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// Backoff between failed accepts (fd exhaustion, for instance).
 const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
@@ -56,11 +64,12 @@ const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// The server answers with the task's own `task_id` whatever the handler
 /// sets, since that id is how the client matches answers.
 ///
-/// A handler must not block: the server polls it first on the task that
-/// serves its connection (a handler that is done at once is answered without
-/// a task of its own), so blocking there would stall that connection. Put
-/// blocking or CPU-heavy work on `tokio::task::spawn_blocking`, as
-/// `daemoneye-ipc serve` does.
+/// A handler must not block: the server polls it first where the task was
+/// read (a handler that is done at once is answered without a task of its
+/// own), so blocking there would stall that connection. Put blocking or
+/// CPU-heavy work on `tokio::task::spawn_blocking`, as `daemoneye-ipc serve`
+/// does. A handler that has not finished within `task_timeout_ms` is
+/// answered with an error and its future is dropped.
 pub trait TaskHandler: Send + Sync + 'static {
     /// Runs one task. Several run at once: a handler that has to wait
     /// continues as a task of its own while its connection reads the next.
@@ -76,30 +85,6 @@ where
     fn handle(&self, task: DetectionTask) -> impl Future<Output = Reply> + Send {
         let answer = self(task);
         async move { answer.await.into() }
-    }
-}
-
-/// What a handler answers with.
-#[derive(Debug, Clone)]
-pub enum Reply {
-    /// A result of this task's own.
-    Owned(DetectionResult),
-    /// A result shared with other replies (a cached process table, say),
-    /// written without being copied: the frame carries this task's id,
-    /// then the shared result's encoding, which protobuf merges into one
-    /// message. Leave its `task_id` empty.
-    Shared(Arc<DetectionResult>),
-}
-
-impl From<DetectionResult> for Reply {
-    fn from(result: DetectionResult) -> Reply {
-        Reply::Owned(result)
-    }
-}
-
-impl From<Arc<DetectionResult>> for Reply {
-    fn from(result: Arc<DetectionResult>) -> Reply {
-        Reply::Shared(result)
     }
 }
 
@@ -129,7 +114,8 @@ impl ServerBuilder {
     }
 
     /// Validates the config, secures and binds the endpoint, and starts
-    /// accepting. Must be called within a Tokio runtime.
+    /// accepting. Must be called within a Tokio runtime: handlers run on it,
+    /// whichever backend carries the bytes.
     pub async fn bind<H: TaskHandler>(self, handler: H) -> Result<IpcServer, IpcError> {
         let ServerBuilder {
             config,
@@ -139,31 +125,34 @@ impl ServerBuilder {
         config.validate()?;
         let endpoint = Endpoint::parse(&config.endpoint_path)?;
         let transport = config.transport;
-
-        #[cfg(unix)]
-        crate::endpoint::unix::prepare(endpoint.path(), PROBE_TIMEOUT).await?;
-        #[cfg(windows)]
-        crate::endpoint::windows::refuse_if_served(&endpoint)?;
-        let listener = Listener::bind(transport, &endpoint)
-            .map_err(|source| bind_error(&endpoint, transport, source))?;
-        #[cfg(unix)]
-        let socket_file = crate::endpoint::unix::verify_bound(endpoint.path())?;
-
         let shared = Arc::new(Shared {
-            settings: config.frame_settings(),
-            read_timeout: config.read_timeout(),
-            write_timeout: config.write_timeout(),
+            limits: ConnectionLimits {
+                settings: config.frame_settings(),
+                read_timeout: config.read_timeout(),
+                write_timeout: config.write_timeout(),
+                task_timeout: config.task_timeout(),
+                max_in_flight: max_in_flight_per_connection,
+            },
+            slots: Slots::new(config.max_connections, config.accept_timeout()),
             accept_timeout: config.accept_timeout(),
-            max_in_flight: max_in_flight_per_connection,
-            slots: Arc::new(Semaphore::new(config.max_connections)),
-            waiting_room: Arc::new(Semaphore::new(config.max_connections)),
             peers: PeerPolicy::new(allowed_uids),
-            counters: Counters::default(),
+            counters: Arc::new(Counters::default()),
             stop_reading: CancellationToken::new(),
             abort: CancellationToken::new(),
             next_connection_id: AtomicU64::new(1),
         });
         let tasks = TaskTracker::new();
+        let handler = Arc::new(handler);
+        let started = match transport {
+            #[cfg(feature = "ipc-legacy")]
+            TransportKind::Legacy => {
+                blocking_driver::start(&endpoint, shared.clone(), handler, tasks.clone())?
+            }
+            #[cfg(async_backend)]
+            _ => async_driver::start(transport, &endpoint, shared.clone(), handler, tasks.clone())?,
+            #[allow(unreachable_patterns)] // Reached only in a legacy-only build.
+            _ => unreachable!("IpcConfig::validate refuses a transport not compiled in"),
+        };
         tracing::info!(
             transport = %transport,
             endpoint = %endpoint,
@@ -172,20 +161,46 @@ impl ServerBuilder {
             crc32 = %config.crc32_variant,
             "listening"
         );
-        tasks.spawn(accept_loop(
-            listener,
-            shared.clone(),
-            Arc::new(handler),
-            tasks.clone(),
-        ));
         Ok(IpcServer {
             endpoint,
             transport,
             shared,
             tasks,
             #[cfg(unix)]
-            socket_file: Some(socket_file),
+            bound_endpoint: Some(started.endpoint),
+            wake: started.wake,
         })
+    }
+}
+
+/// What a driver hands the server when it has bound the endpoint.
+struct Started {
+    /// Unix: the socket file (removed when dropped) and the endpoint lock.
+    #[cfg(unix)]
+    endpoint: crate::endpoint::unix::BoundEndpoint,
+    /// Wakes the driver's threads, which block in the OS rather than watch
+    /// the cancellation tokens (the blocking driver).
+    wake: DriverWake,
+}
+
+/// How to get the driver's attention after a cancellation token fired.
+enum DriverWake {
+    /// The async driver's tasks watch the tokens themselves.
+    #[cfg(async_backend)]
+    Tokens,
+    /// The blocking driver's threads are woken by this.
+    #[cfg(feature = "ipc-legacy")]
+    Threads(blocking_driver::Wake),
+}
+
+impl std::fmt::Debug for DriverWake {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            #[cfg(async_backend)]
+            DriverWake::Tokens => f.write_str("Tokens"),
+            #[cfg(feature = "ipc-legacy")]
+            DriverWake::Threads(_) => f.write_str("Threads"),
+        }
     }
 }
 
@@ -216,9 +231,10 @@ pub struct IpcServer {
     transport: TransportKind,
     shared: Arc<Shared>,
     tasks: TaskTracker,
-    /// Removed on drop, or as soon as a graceful shutdown starts.
+    /// Released as soon as a graceful shutdown starts.
     #[cfg(unix)]
-    socket_file: Option<crate::endpoint::unix::SocketFile>,
+    bound_endpoint: Option<crate::endpoint::unix::BoundEndpoint>,
+    wake: DriverWake,
 }
 
 /// What a graceful shutdown achieved.
@@ -275,12 +291,14 @@ impl IpcServer {
     pub async fn shutdown(mut self, grace: Duration) -> ShutdownReport {
         tracing::info!(grace_ms = grace.as_millis() as u64, "shutting down");
         self.shared.stop_reading.cancel();
+        self.wake_driver();
         self.release_endpoint();
         self.tasks.close();
         let drained = tokio::time::timeout(grace, self.tasks.wait()).await.is_ok();
         if !drained {
             tracing::warn!("grace period over with tasks in flight; closing their connections");
             self.shared.abort.cancel();
+            self.wake_driver();
             self.tasks.wait().await;
         }
         let stats = self.stats();
@@ -288,11 +306,20 @@ impl IpcServer {
         ShutdownReport { drained, stats }
     }
 
-    /// Removes the socket file now. (A Windows pipe name is released with
-    /// the listener's last instance.)
+    /// Removes the socket file and releases the endpoint's lock now. (A
+    /// Windows pipe name is released with the listener's last instance.)
     fn release_endpoint(&mut self) {
         #[cfg(unix)]
-        drop(self.socket_file.take());
+        drop(self.bound_endpoint.take());
+    }
+
+    fn wake_driver(&self) {
+        match &self.wake {
+            #[cfg(async_backend)]
+            DriverWake::Tokens => {}
+            #[cfg(feature = "ipc-legacy")]
+            DriverWake::Threads(wake) => wake.wake_all(),
+        }
     }
 }
 
@@ -300,24 +327,18 @@ impl Drop for IpcServer {
     fn drop(&mut self) {
         self.shared.stop_reading.cancel();
         self.shared.abort.cancel();
+        self.wake_driver();
     }
 }
 
-/// State every connection task shares.
+/// State every connection shares, whichever driver serves it.
 #[derive(Debug)]
 struct Shared {
-    settings: crate::frame::FrameSettings,
-    read_timeout: Duration,
-    write_timeout: Duration,
+    limits: ConnectionLimits,
+    slots: Slots,
     accept_timeout: Duration,
-    max_in_flight: usize,
-    /// One permit per connection served at once.
-    slots: Arc<Semaphore>,
-    /// One permit per connection waiting for a slot: the queue is bounded
-    /// too, so a flood of connections cannot pile up.
-    waiting_room: Arc<Semaphore>,
     peers: PeerPolicy,
-    counters: Counters,
+    counters: Arc<Counters>,
     /// Graceful shutdown: stop accepting and reading, finish what is in flight.
     stop_reading: CancellationToken,
     /// Hard stop: drop everything now.
@@ -325,78 +346,38 @@ struct Shared {
     next_connection_id: AtomicU64,
 }
 
-async fn accept_loop<H: TaskHandler>(
-    mut listener: Listener,
-    shared: Arc<Shared>,
-    handler: Arc<H>,
-    tasks: TaskTracker,
-) {
-    let mut backoff = Backoff::new(ACCEPT_BACKOFF_MIN, ACCEPT_BACKOFF_MAX);
-    loop {
-        let accepted = tokio::select! {
-            _ = shared.stop_reading.cancelled() => break,
-            accepted = listener.accept() => accepted,
-        };
-        match accepted {
-            Ok(connection) => {
-                backoff.reset();
-                bump(&shared.counters.accepted);
-                let id = shared.next_connection_id.fetch_add(1, Relaxed);
-                tasks.spawn(serve_connection(
-                    connection,
-                    id,
-                    shared.clone(),
-                    handler.clone(),
-                ));
-            }
-            Err(error) => {
-                // Typically EMFILE/ENFILE: retrying at once would spin.
-                bump(&shared.counters.accept_errors);
-                let delay = backoff.next_delay();
-                tracing::warn!(%error, retry_in_ms = delay.as_millis() as u64, "accept failed");
-                tokio::select! {
-                    _ = shared.stop_reading.cancelled() => break,
-                    _ = tokio::time::sleep(delay) => {}
-                }
+impl Shared {
+    fn next_connection_id(&self) -> u64 {
+        self.next_connection_id.fetch_add(1, Relaxed)
+    }
+
+    /// Admits a peer by its credentials, or counts and logs its refusal.
+    fn admit_peer(&self, peer: std::io::Result<PeerCredentials>) -> bool {
+        match self.peers.check(peer) {
+            Ok(()) => true,
+            Err(reason) => {
+                crate::telemetry::bump(&self.counters.rejected_peer);
+                tracing::warn!("peer rejected: it {reason}");
+                false
             }
         }
     }
-    tracing::debug!("stopped accepting");
-}
 
-async fn serve_connection<H: TaskHandler>(
-    connection: Connection,
-    id: u64,
-    shared: Arc<Shared>,
-    handler: Arc<H>,
-) {
-    let peer = connection.peer_credentials();
-    let span = tracing::info_span!(
-        "connection",
-        id,
-        peer_uid = peer.as_ref().ok().and_then(|p| p.uid),
-        peer_pid = peer.as_ref().ok().and_then(|p| p.pid),
-    );
-    async move {
-        if let Err(reason) = shared.peers.check(peer) {
-            bump(&shared.counters.rejected_peer);
-            tracing::warn!("peer rejected: it {reason}");
-            return;
-        }
-        let Some(_slot) = wait_for_slot(&shared).await else {
-            bump(&shared.counters.rejected_limit);
-            tracing::warn!(
-                accept_timeout_ms = shared.accept_timeout.as_millis() as u64,
-                "no connection slot freed in time (max_connections reached); closing"
-            );
-            return;
-        };
-        let _active = ActiveConnection::enter(&shared.counters);
-        tracing::debug!("serving");
-        match connection::serve(connection, &shared, handler).await {
+    /// Counts and logs a connection closed without a slot.
+    fn refused_for_limit(&self) {
+        crate::telemetry::bump(&self.counters.rejected_limit);
+        tracing::warn!(
+            accept_timeout_ms = self.accept_timeout.as_millis() as u64,
+            "no connection slot freed in time (max_connections reached); closing"
+        );
+    }
+
+    /// Counts and logs how a served connection ended.
+    fn connection_ended(&self, outcome: Result<(), IpcError>) {
+        match outcome {
             Ok(()) => tracing::debug!("closed"),
             Err(error) => {
-                if shared.counters.count_connection_error(&error) {
+                if self.counters.count_connection_error(&error) {
                     tracing::warn!(%error, "closing connection");
                 } else {
                     tracing::info!(%error, "connection ended");
@@ -404,22 +385,42 @@ async fn serve_connection<H: TaskHandler>(
             }
         }
     }
-    .instrument(span)
-    .await
 }
 
-/// A serving slot, waited for up to `accept_timeout`; `None` if none freed
-/// (or the waiting room is full, or the server is stopping).
-async fn wait_for_slot(shared: &Shared) -> Option<OwnedSemaphorePermit> {
-    if let Ok(slot) = shared.slots.clone().try_acquire_owned() {
-        return Some(slot);
-    }
-    let _waiting = shared.waiting_room.clone().try_acquire_owned().ok()?;
-    tracing::debug!("all slots taken; waiting for one");
-    tokio::select! {
-        _ = shared.stop_reading.cancelled() => None,
-        slot = tokio::time::timeout(shared.accept_timeout, shared.slots.clone().acquire_owned()) => {
-            slot.ok()?.ok()
-        }
+/// A handler started on a task: finished already, or still running.
+enum Handling<F> {
+    Finished(HandlerOutcome),
+    Running(Pin<Box<F>>),
+}
+
+/// Starts the handler on `task` with one poll: a handler that finishes at
+/// once (nothing to wait for) is answered without the cost of a task of its
+/// own; one that must wait is handed back, to be spawned and polled with a
+/// real waker from then on. A panic on that first poll is caught.
+fn start_handler<H: TaskHandler>(
+    handler: &Arc<H>,
+    task: DetectionTask,
+) -> Handling<impl Future<Output = Reply> + Send + 'static> {
+    let handler = handler.clone();
+    let mut running = Box::pin(async move { handler.handle(task).await });
+    let mut first_poll = Context::from_waker(Waker::noop());
+    match std::panic::catch_unwind(AssertUnwindSafe(|| running.as_mut().poll(&mut first_poll))) {
+        Ok(Poll::Ready(reply)) => Handling::Finished(Ok(reply)),
+        Ok(Poll::Pending) => Handling::Running(running),
+        Err(panic) => Handling::Finished(Err(panicked(&*panic))),
     }
 }
+
+/// How a panic is described in the answer and the log.
+fn panicked(panic: &(dyn std::any::Any + Send)) -> String {
+    let message = panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("a panic without a message");
+    format!("panicked: {message}")
+}
+
+/// A handler's result as the policy core takes it: the reply, or why there
+/// is none.
+type HandlerOutcome = Result<Reply, String>;

@@ -1,13 +1,14 @@
 //! The Phase 2 backend: `interprocess::local_socket`, one code path for Unix
 //! domain sockets and Windows named pipes. The platform differences are the
-//! name (a file path, or a pipe path) and the security option (a mode before
-//! bind, or a security descriptor).
+//! name (a file path, or a pipe path) and how the listener is made (on Unix
+//! it wraps the endpoint's socket; on Windows it creates its pipe instances
+//! with the same security descriptor).
 
 use std::io;
 
 use interprocess::local_socket::tokio::prelude::*;
 #[cfg(unix)]
-use interprocess::local_socket::{GenericFilePath, ListenerOptions, Name};
+use interprocess::local_socket::{GenericFilePath, Name};
 
 use super::PeerCredentials;
 use crate::endpoint::Endpoint;
@@ -18,12 +19,23 @@ pub(crate) use interprocess::local_socket::tokio::Stream;
 pub(crate) struct Listener(interprocess::local_socket::tokio::Listener);
 
 impl Listener {
+    /// Wraps the listening socket the endpoint made (0600 before it
+    /// existed). Made from a descriptor, interprocess has no name to
+    /// reclaim: the socket file stays the endpoint's to remove.
+    #[cfg(unix)]
+    pub(crate) fn wrap(socket: std::os::unix::net::UnixListener) -> io::Result<Listener> {
+        use interprocess::os::unix::uds_local_socket::tokio::Listener as UdsListener;
+        let listener = UdsListener::try_from(std::os::fd::OwnedFd::from(socket))?;
+        Ok(Listener(listener.into()))
+    }
+
+    /// Creates the pipe's first instance. interprocess creates every
+    /// further instance itself, so it cannot wrap the endpoint's pipe
+    /// handle; it gets the same descriptor from the same SDDL instead (see
+    /// [`pipe_listener_options`]).
+    #[cfg(windows)]
     pub(crate) fn bind(endpoint: &Endpoint) -> io::Result<Listener> {
-        #[cfg(unix)]
-        let listener = bind_socket(endpoint)?;
-        #[cfg(windows)]
-        let listener = bind_pipe(endpoint)?;
-        Ok(Listener(listener))
+        bind_pipe(endpoint).map(Listener)
     }
 
     pub(crate) async fn accept(&mut self) -> io::Result<Stream> {
@@ -34,30 +46,6 @@ impl Listener {
 #[cfg(unix)]
 fn name(endpoint: &Endpoint) -> io::Result<Name<'_>> {
     endpoint.path().to_fs_name::<GenericFilePath>()
-}
-
-/// A filesystem socket, 0600 from the moment it exists.
-#[cfg(unix)]
-fn bind_socket(endpoint: &Endpoint) -> io::Result<interprocess::local_socket::tokio::Listener> {
-    use interprocess::os::unix::local_socket::ListenerOptionsExt;
-    // The socket file's lifetime is managed above the seam (removed on
-    // shutdown, stale ones probed before removal), the same for every
-    // backend, so interprocess must not unlink anything itself.
-    let options = || -> io::Result<ListenerOptions<'_>> {
-        Ok(ListenerOptions::new()
-            .name(name(endpoint)?)
-            .reclaim_name(false))
-    };
-    // fchmod before bind; where the OS cannot (macOS), a restrictive umask.
-    match options()?
-        .mode(crate::endpoint::unix::SOCKET_MODE as _)
-        .create_tokio()
-    {
-        Err(err) if err.kind() == io::ErrorKind::Unsupported => {
-            crate::endpoint::unix::with_owner_only_umask(|| options()?.create_tokio())
-        }
-        other => other,
-    }
 }
 
 /// A named pipe, created through interprocess' named-pipe options beneath
@@ -100,9 +88,8 @@ fn pipe_listener_options(
         .security_descriptor(Some(SecurityDescriptor::deserialize(&sddl)?)))
 }
 
-/// Pipe buffer size requested for each direction (Tokio's default too).
 #[cfg(windows)]
-const PIPE_BUFFER_BYTES: u32 = 64 * 1024;
+use crate::win32::PIPE_BUFFER_BYTES;
 
 /// Opens the pipe ourselves rather than through `Stream::connect`, for two
 /// reasons: the handle must carry `SECURITY_SQOS_PRESENT |
@@ -113,20 +100,8 @@ const PIPE_BUFFER_BYTES: u32 = 64 * 1024;
 /// that no deadline can stop.
 #[cfg(windows)]
 pub(crate) async fn connect(endpoint: &Endpoint) -> io::Result<Stream> {
-    use std::os::windows::fs::OpenOptionsExt;
-    use std::os::windows::io::OwnedHandle;
-    // Documented Win32 values (winbase.h): FILE_FLAG_OVERLAPPED, and
-    // SecurityIdentification << 16. std adds SECURITY_SQOS_PRESENT itself.
-    const FILE_FLAG_OVERLAPPED: u32 = 0x4000_0000;
-    const SECURITY_IDENTIFICATION: u32 = 0x0001_0000;
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(FILE_FLAG_OVERLAPPED)
-        .security_qos_flags(SECURITY_IDENTIFICATION)
-        .open(endpoint.pipe_name())?;
     let pipe = interprocess::os::windows::named_pipe::local_socket::tokio::Stream::try_from(
-        OwnedHandle::from(file),
+        crate::endpoint::windows::open_pipe(endpoint)?,
     )
     .map_err(io::Error::from)?;
     Ok(Stream::from(pipe))
@@ -162,8 +137,12 @@ pub(crate) fn peer_credentials(stream: &Stream) -> io::Result<PeerCredentials> {
     Ok(PeerCredentials {
         #[cfg(unix)]
         uid: creds.euid(),
+        #[cfg(unix)]
+        gid: creds.egid(),
         #[cfg(windows)]
         uid: None,
+        #[cfg(windows)]
+        gid: None,
         pid,
     })
 }

@@ -1,50 +1,66 @@
-//! The seam between the backends, which only move bytes, and everything above
-//! them (framing, limits, deadlines, peer checks, telemetry), which is written
-//! once in [`server`](crate::server) and [`client`](crate::client).
+//! The backends, which only move bytes. Everything above them (framing,
+//! limits, deadlines, peer checks, telemetry) is written once, in the policy
+//! core and the two drivers.
 //!
-//! A backend provides three things: bind a listener on an [`Endpoint`],
-//! accept a [`Connection`], connect a client [`Connection`]. A connection is
-//! an `AsyncRead + AsyncWrite` byte stream plus the peer's credentials.
-//! Dispatch is a closed `enum` over the compiled-in backends, so the hot path
-//! has no trait objects.
+//! Two families, one per I/O model:
 //!
-//! Adding a backend touches this folder and the feature list, nothing else.
+//! * **Async** ([`Listener`], [`Connection`]): `interprocess` and `tokio`.
+//!   A connection is an `AsyncRead + AsyncWrite` byte stream plus the
+//!   peer's credentials; the async driver runs it on the caller's runtime.
+//!   Dispatch is a closed `enum` over the compiled-in backends, so the hot
+//!   path has no trait objects.
+//! * **Blocking** ([`legacy`]): the OS's own primitives on threads of their
+//!   own, sharing no socket code with the other two.
+//!
+//! The listening handle itself is made once per OS in
+//! [`crate::endpoint`] (a Unix socket that is 0600 from the moment it
+//! exists; a Windows pipe instance with the owner-only descriptor), and
+//! each backend wraps it where its API allows (see `docs/decisions.md`).
 //!
 //! Behaviour to design around, checked in the backends' sources:
 //!
 //! * `interprocess`' tokio stream makes `flush` and `shutdown` no-ops (no
-//!   half-close) and does not forward vectored writes, so every frame is
-//!   written as one contiguous buffer and no protocol step relies on
-//!   half-close. See `docs/phase2-evaluation.md`.
+//!   half-close) and does not forward vectored writes, so the drivers write
+//!   every ready frame from one contiguous buffer and no protocol step
+//!   relies on half-close. See `docs/phase2-evaluation.md`.
 
 #[cfg(feature = "ipc-interprocess")]
 mod interprocess;
-#[cfg(windows)]
-mod pipe_security;
+#[cfg(feature = "ipc-legacy")]
+pub(crate) mod legacy;
 #[cfg(feature = "ipc-tokio")]
 mod tokio_native;
 
+#[cfg(async_backend)]
 use std::io;
+#[cfg(async_backend)]
 use std::pin::Pin;
+#[cfg(async_backend)]
 use std::task::{Context, Poll};
 
+#[cfg(async_backend)]
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+#[cfg(async_backend)]
 use crate::config::TransportKind;
+#[cfg(async_backend)]
 use crate::endpoint::Endpoint;
 #[cfg(windows)]
-pub(crate) use pipe_security::PipeOwner;
+pub(crate) use crate::win32::PipeOwner;
 
 /// Who is on the other end of a connection, as far as the OS tells.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct PeerCredentials {
     /// Effective uid of the peer process (Unix).
     pub uid: Option<u32>,
+    /// Effective gid of the peer process (Unix).
+    pub gid: Option<u32>,
     /// Process id of the peer, where the OS reports it.
     pub pid: Option<u32>,
 }
 
-/// A bound listener of one of the compiled-in backends.
+#[cfg(async_backend)]
+/// A bound listener of one of the compiled-in async backends.
 #[derive(Debug)]
 pub(crate) enum Listener {
     #[cfg(feature = "ipc-interprocess")]
@@ -53,11 +69,30 @@ pub(crate) enum Listener {
     Tokio(tokio_native::Listener),
 }
 
+#[cfg(async_backend)]
 impl Listener {
-    /// Binds `endpoint` with `kind`. On Unix the caller has prepared the path
-    /// (see [`crate::endpoint`]); the socket file is created 0600 before it
-    /// becomes visible. On Windows the pipe admits only its owner, SYSTEM and
-    /// Administrators, and refuses remote clients.
+    /// Unix: wraps the listening socket [`crate::endpoint::unix::bind`]
+    /// made. Must be called within a Tokio runtime.
+    #[cfg(unix)]
+    pub(crate) fn wrap(
+        kind: TransportKind,
+        socket: std::os::unix::net::UnixListener,
+    ) -> io::Result<Listener> {
+        match kind {
+            #[cfg(feature = "ipc-interprocess")]
+            TransportKind::Interprocess => {
+                interprocess::Listener::wrap(socket).map(Listener::Interprocess)
+            }
+            #[cfg(feature = "ipc-tokio")]
+            TransportKind::Tokio => tokio_native::Listener::wrap(socket).map(Listener::Tokio),
+            #[allow(unreachable_patterns)] // Reached only when a backend is compiled out.
+            other => Err(not_compiled(other)),
+        }
+    }
+
+    /// Windows: creates the pipe's first instance (see the backends for how
+    /// each gets the owner-only descriptor).
+    #[cfg(windows)]
     pub(crate) fn bind(kind: TransportKind, endpoint: &Endpoint) -> io::Result<Listener> {
         match kind {
             #[cfg(feature = "ipc-interprocess")]
@@ -84,8 +119,9 @@ impl Listener {
     }
 }
 
-/// Connects to `endpoint` with `kind`: one attempt, no retry (the client
-/// retries above the seam).
+#[cfg(async_backend)]
+/// Connects to `endpoint` with the async backend `kind`: one attempt, no
+/// retry (the client retries above the seam).
 pub(crate) async fn connect(kind: TransportKind, endpoint: &Endpoint) -> io::Result<Connection> {
     match kind {
         #[cfg(feature = "ipc-interprocess")]
@@ -99,14 +135,17 @@ pub(crate) async fn connect(kind: TransportKind, endpoint: &Endpoint) -> io::Res
     }
 }
 
+#[cfg(async_backend)]
+#[allow(dead_code)] // Unused when every backend is compiled in.
 fn not_compiled(kind: TransportKind) -> io::Error {
     io::Error::new(
         io::ErrorKind::Unsupported,
-        format!("transport {kind} is not compiled into this build"),
+        format!("transport {kind} is not an async backend compiled into this build"),
     )
 }
 
-/// One byte stream, server or client side, of any backend.
+#[cfg(async_backend)]
+/// One byte stream, server or client side, of any async backend.
 #[derive(Debug)]
 pub(crate) enum Connection {
     #[cfg(feature = "ipc-interprocess")]
@@ -115,6 +154,7 @@ pub(crate) enum Connection {
     Tokio(tokio_native::Stream),
 }
 
+#[cfg(async_backend)]
 impl Connection {
     /// Closing after an error or a hard stop: unsent data may be dropped
     /// rather than kept for a peer that has stopped reading.
@@ -136,7 +176,7 @@ impl Connection {
             #[cfg(feature = "ipc-tokio")]
             Connection::Tokio(stream) => std::os::windows::io::AsHandle::as_handle(stream),
         };
-        pipe_security::pipe_owner(handle)
+        crate::win32::pipe_owner(handle)
     }
 
     /// The peer's credentials. Fields the OS does not report are `None`.
@@ -150,6 +190,7 @@ impl Connection {
     }
 }
 
+#[cfg(async_backend)]
 /// Forwards a poll method to whichever backend holds the connection.
 macro_rules! dispatch {
     ($self:ident, $stream:ident => $call:expr) => {
@@ -162,6 +203,7 @@ macro_rules! dispatch {
     };
 }
 
+#[cfg(async_backend)]
 impl AsyncRead for Connection {
     #[inline]
     fn poll_read(
@@ -173,6 +215,7 @@ impl AsyncRead for Connection {
     }
 }
 
+#[cfg(async_backend)]
 impl AsyncWrite for Connection {
     #[inline]
     fn poll_write(

@@ -9,18 +9,10 @@ pub(crate) use self::windows::{Listener, Stream, connect, peer_credentials};
 #[cfg(unix)]
 mod unix {
     use std::io;
-    use std::os::unix::net::UnixListener as StdUnixListener;
-
-    use rustix::fs::Mode;
-    use rustix::io::Errno;
-    use rustix::net::{AddressFamily, SocketAddrUnix, SocketType};
+    use std::os::unix::net::UnixListener;
 
     use crate::endpoint::Endpoint;
-    use crate::endpoint::unix::{SOCKET_MODE, with_owner_only_umask};
     use crate::transport::PeerCredentials;
-
-    /// Accept queue length; the kernel caps it at `net.core.somaxconn`.
-    const BACKLOG: i32 = 1024;
 
     #[derive(Debug)]
     pub(crate) struct Listener(tokio::net::UnixListener);
@@ -28,49 +20,16 @@ mod unix {
     pub(crate) type Stream = tokio::net::UnixStream;
 
     impl Listener {
-        /// `UnixListener::bind` cannot set the mode before the file appears,
-        /// so the socket is built by hand: socket, fchmod 0600, bind, listen,
-        /// then handed to tokio.
-        pub(crate) fn bind(endpoint: &Endpoint) -> io::Result<Listener> {
-            let socket = new_socket()?;
-            let address = SocketAddrUnix::new(endpoint.path())?;
-            match rustix::fs::fchmod(&socket, Mode::from_raw_mode(SOCKET_MODE as _)) {
-                Ok(()) => rustix::net::bind(&socket, &address)?,
-                // No mode on unbound sockets here (macOS): restrictive umask.
-                Err(Errno::INVAL) => {
-                    with_owner_only_umask(|| Ok(rustix::net::bind(&socket, &address)?))?
-                }
-                Err(err) => return Err(err.into()),
-            }
-            rustix::net::listen(&socket, BACKLOG)?;
-            let listener = StdUnixListener::from(socket);
-            listener.set_nonblocking(true)?;
-            tokio::net::UnixListener::from_std(listener).map(Listener)
+        /// Wraps the listening socket the endpoint made (0600 before it
+        /// existed; `UnixListener::bind` could not have done that).
+        pub(crate) fn wrap(socket: UnixListener) -> io::Result<Listener> {
+            socket.set_nonblocking(true)?;
+            tokio::net::UnixListener::from_std(socket).map(Listener)
         }
 
         pub(crate) async fn accept(&mut self) -> io::Result<Stream> {
             let (stream, _address) = self.0.accept().await?;
             Ok(stream)
-        }
-    }
-
-    /// A close-on-exec Unix stream socket, atomically where the OS can.
-    fn new_socket() -> io::Result<rustix::fd::OwnedFd> {
-        #[cfg(not(target_vendor = "apple"))]
-        {
-            use rustix::net::SocketFlags;
-            Ok(rustix::net::socket_with(
-                AddressFamily::UNIX,
-                SocketType::STREAM,
-                SocketFlags::CLOEXEC,
-                None,
-            )?)
-        }
-        #[cfg(target_vendor = "apple")]
-        {
-            let socket = rustix::net::socket(AddressFamily::UNIX, SocketType::STREAM, None)?;
-            rustix::io::fcntl_setfd(&socket, rustix::io::FdFlags::CLOEXEC)?;
-            Ok(socket)
         }
     }
 
@@ -82,6 +41,7 @@ mod unix {
         let creds = stream.peer_cred()?;
         Ok(PeerCredentials {
             uid: Some(creds.uid()),
+            gid: Some(creds.gid()),
             pid: creds.pid().and_then(|pid| u32::try_from(pid).ok()),
         })
     }
@@ -91,21 +51,19 @@ mod unix {
 mod windows {
     use std::io;
 
-    use tokio::net::windows::named_pipe::{
-        ClientOptions, NamedPipeClient, NamedPipeServer, ServerOptions,
-    };
+    use tokio::net::windows::named_pipe::{ClientOptions, NamedPipeClient, NamedPipeServer};
 
-    use crate::endpoint::{Endpoint, PIPE_SDDL};
+    use crate::endpoint::Endpoint;
+    use crate::endpoint::windows::create_pipe_instance;
     use crate::transport::PeerCredentials;
-    use crate::transport::pipe_security::PipeSecurity;
 
     /// Always one instance waiting for the next client: the one `accept`
     /// awaits. The next is created before a connected one is handed off, so
-    /// a client never finds the name missing between two accepts.
+    /// a client never finds the name missing between two accepts. Each
+    /// instance is the endpoint's ([`create_pipe_instance`]), wrapped.
     #[derive(Debug)]
     pub(crate) struct Listener {
-        name: String,
-        security: PipeSecurity,
+        endpoint: Endpoint,
         waiting: NamedPipeServer,
     }
 
@@ -115,21 +73,12 @@ mod windows {
         Client(NamedPipeClient),
     }
 
-    fn instance_options() -> ServerOptions {
-        let mut options = ServerOptions::new();
-        options.reject_remote_clients(true);
-        options
-    }
-
     impl Listener {
         pub(crate) fn bind(endpoint: &Endpoint) -> io::Result<Listener> {
-            let security = PipeSecurity::from_sddl(PIPE_SDDL)?;
-            let name = endpoint.pipe_name().to_owned();
-            // first_pipe_instance: fail if another server already owns the name.
-            let waiting = security.create(instance_options().first_pipe_instance(true), &name)?;
+            // first: fail if another server already owns the name.
+            let waiting = crate::win32::tokio_pipe_server(create_pipe_instance(endpoint, true)?)?;
             Ok(Listener {
-                name,
-                security,
+                endpoint: endpoint.clone(),
                 waiting,
             })
         }
@@ -138,7 +87,8 @@ mod windows {
             let connected = self.waiting.connect().await;
             // Replace the instance whether or not the connect worked: a failed
             // instance is not reused (no disconnect()+connect()).
-            let next = self.security.create(&instance_options(), &self.name)?;
+            let next =
+                crate::win32::tokio_pipe_server(create_pipe_instance(&self.endpoint, false)?)?;
             let instance = std::mem::replace(&mut self.waiting, next);
             connected?;
             Ok(Stream::Server(instance))
@@ -211,15 +161,6 @@ mod windows {
                 Stream::Server(pipe) => std::pin::Pin::new(pipe).poll_shutdown(cx),
                 Stream::Client(pipe) => std::pin::Pin::new(pipe).poll_shutdown(cx),
             }
-        }
-    }
-
-    #[cfg(test)]
-    mod tests {
-        #[test]
-        fn pipe_instances_refuse_remote_clients() {
-            let options = format!("{:?}", super::instance_options());
-            assert!(options.contains("reject_remote_clients: true"), "{options}");
         }
     }
 }

@@ -61,7 +61,7 @@ struct ConfigArgs {
     /// Unix socket path or Windows pipe name.
     #[arg(long, value_name = "PATH")]
     endpoint: Option<String>,
-    /// Backend: interprocess or tokio (those compiled into this build).
+    /// Backend: interprocess, tokio or legacy (those compiled into this build).
     #[arg(long, value_name = "T")]
     transport: Option<TransportKind>,
     /// Frame checksum: ieee or castagnoli.
@@ -80,6 +80,9 @@ struct ConfigArgs {
     /// Deadline for writing one frame.
     #[arg(long, value_name = "N")]
     write_timeout_ms: Option<u64>,
+    /// Server: how long a handler may take over one task.
+    #[arg(long, value_name = "N")]
+    task_timeout_ms: Option<u64>,
     /// Largest message body in bytes.
     #[arg(long, value_name = "N")]
     max_frame_bytes: Option<usize>,
@@ -95,6 +98,7 @@ impl ConfigArgs {
             accept_timeout_ms: self.accept_timeout_ms,
             read_timeout_ms: self.read_timeout_ms,
             write_timeout_ms: self.write_timeout_ms,
+            task_timeout_ms: self.task_timeout_ms,
             max_connections: self.max_connections,
             crc32_variant: self.crc32,
         };

@@ -348,7 +348,7 @@ mod tests {
             assert_eq!(backend.name().parse::<Backend>(), Ok(backend));
         }
         assert!(
-            "legacy"
+            "shared-memory"
                 .parse::<Backend>()
                 .unwrap_err()
                 .contains("this build has")

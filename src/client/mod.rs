@@ -1,0 +1,586 @@
+//! [`IpcClient`]: the agent's side. Connects (retrying while the collector
+//! is not there yet), sends [`DetectionTask`]s and matches the results by
+//! `task_id`.
+//!
+//! One connection carries every concurrent [`send`](IpcClient::send). The
+//! rules of that connection (correlation by `task_id`, tasks given up on,
+//! the in-flight limit, retirement of a connection that stopped answering)
+//! are the policy core's ([`crate::policy::client`]); this module is the
+//! callers' side of it, and a driver per I/O model moves the bytes: a Tokio
+//! task for the `interprocess` and `tokio` backends ([`async_driver`]), a
+//! thread of its own for `legacy` ([`blocking_driver`]).
+//!
+//! A caller registers its task with the core, which queues the frame, and
+//! wakes the driver; the driver writes every queued frame at once, reads
+//! results, and hands each to the caller waiting for it. When the
+//! connection drops, every caller still waiting gets
+//! [`IpcError::ConnectionLost`] at once, and the next `send` connects again.
+//!
+//! At most [`max_in_flight`](ClientBuilder::max_in_flight) tasks are
+//! outstanding on a connection; further sends wait for one to finish. The
+//! server stops reading a connection at its own limit, so a client that sent
+//! more would find its writes stalled by the server's backpressure and take
+//! that for a dead connection.
+
+#[cfg(async_backend)]
+mod async_driver;
+#[cfg(feature = "ipc-legacy")]
+mod blocking_driver;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{Notify, oneshot};
+
+use crate::backoff::Backoff;
+use crate::config::{IpcConfig, TransportKind};
+use crate::endpoint::Endpoint;
+use crate::error::IpcError;
+use crate::peer::PeerPolicy;
+use crate::policy::client::{ClientConnection, Delivery, Outcome, Refusal, Ticket};
+use crate::proto::{DetectionResult, DetectionTask};
+use crate::server::DEFAULT_MAX_IN_FLIGHT_PER_CONNECTION;
+use crate::transport::PeerCredentials;
+
+/// First and longest pause between connect attempts.
+const CONNECT_BACKOFF_MIN: Duration = Duration::from_millis(5);
+const CONNECT_BACKOFF_MAX: Duration = Duration::from_millis(250);
+
+/// A client for one endpoint. Cheap to clone; clones share the connection.
+#[derive(Debug, Clone)]
+pub struct IpcClient {
+    inner: Arc<ClientInner>,
+}
+
+#[derive(Debug)]
+struct ClientInner {
+    config: IpcConfig,
+    endpoint: Endpoint,
+    /// Who may serve us (Unix uids).
+    servers: PeerPolicy,
+    /// Tasks outstanding on one connection at most.
+    max_in_flight: usize,
+    /// The current connection, if any. Held across a connect so that
+    /// concurrent callers share one attempt.
+    link: tokio::sync::Mutex<Option<Arc<LinkHandle>>>,
+}
+
+/// Options beyond [`IpcConfig`].
+#[derive(Debug, Clone)]
+pub struct ClientBuilder {
+    config: IpcConfig,
+    allowed_server_uids: Vec<u32>,
+    max_in_flight: usize,
+}
+
+impl ClientBuilder {
+    /// Unix: also trust servers running as these uids. A server running as
+    /// our own effective uid or root is always trusted; any other is refused
+    /// with [`IpcError::UntrustedServer`] before a task is sent. (Windows
+    /// ignores this: a pipe is trusted if its owner is our own account,
+    /// SYSTEM or Administrators, and refused the same way otherwise.)
+    pub fn allow_server_uids(mut self, uids: impl IntoIterator<Item = u32>) -> Self {
+        self.allowed_server_uids.extend(uids);
+        self
+    }
+
+    /// Tasks outstanding on the connection at most (at least 1); a further
+    /// [`send`](IpcClient::send) waits for one to finish, within its
+    /// deadline, then fails with [`IpcError::InFlightLimit`]. A task given
+    /// up on counts until its result arrives (or its connection is
+    /// replaced). Default [`DEFAULT_MAX_IN_FLIGHT_PER_CONNECTION`], the
+    /// server's default: keep it at or below the server's limit
+    /// ([`ServerBuilder::max_in_flight_per_connection`](crate::server::ServerBuilder::max_in_flight_per_connection)).
+    pub fn max_in_flight(mut self, limit: usize) -> Self {
+        self.max_in_flight = limit.max(1);
+        self
+    }
+
+    /// Validates the config. Connects lazily, on the first send.
+    pub fn build(self) -> Result<IpcClient, IpcError> {
+        self.config.validate()?;
+        let endpoint = Endpoint::parse(&self.config.endpoint_path)?;
+        Ok(IpcClient {
+            inner: Arc::new(ClientInner {
+                config: self.config,
+                endpoint,
+                servers: PeerPolicy::new(self.allowed_server_uids),
+                max_in_flight: self.max_in_flight,
+                link: tokio::sync::Mutex::new(None),
+            }),
+        })
+    }
+}
+
+impl IpcClient {
+    /// A builder for options beyond [`IpcConfig`].
+    pub fn builder(config: IpcConfig) -> ClientBuilder {
+        ClientBuilder {
+            config,
+            allowed_server_uids: Vec::new(),
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT_PER_CONNECTION,
+        }
+    }
+
+    /// A client for `config`'s endpoint and transport. Connects lazily, on
+    /// the first [`send`](Self::send).
+    pub fn new(config: IpcConfig) -> Result<IpcClient, IpcError> {
+        IpcClient::builder(config).build()
+    }
+
+    /// A client that is already connected: fails like [`send`](Self::send)
+    /// would if no trusted server answers within `accept_timeout_ms`.
+    pub async fn connect(config: IpcConfig) -> Result<IpcClient, IpcError> {
+        let client = IpcClient::new(config)?;
+        client.connect_now().await?;
+        Ok(client)
+    }
+
+    /// Connects now rather than on the next send (a no-op if connected).
+    pub async fn connect_now(&self) -> Result<(), IpcError> {
+        let deadline = Instant::now() + self.inner.config.accept_timeout();
+        self.current_link(deadline).await.map(drop)
+    }
+
+    /// The endpoint this client talks to.
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.inner.endpoint
+    }
+
+    /// The backend this client uses.
+    pub fn transport(&self) -> TransportKind {
+        self.inner.config.transport
+    }
+
+    /// Sends `task` and waits for its result.
+    ///
+    /// Deadlines: getting a connection (connecting, or waiting for another
+    /// caller's connect) takes at most `accept_timeout_ms`. From then on one
+    /// deadline, `read_timeout_ms`, covers everything else: waiting for a
+    /// free in-flight slot when [`max_in_flight`](ClientBuilder::max_in_flight)
+    /// tasks are outstanding ([`IpcError::InFlightLimit`]), writing the frame,
+    /// and the answer ([`IpcError::ResponseTimeout`]). So `send` returns
+    /// within `accept_timeout_ms + read_timeout_ms` at most, and within
+    /// `read_timeout_ms` when connected. Refused at once: an empty
+    /// `task_id`, or one still outstanding on this connection.
+    ///
+    /// Cancel-safe: dropping the future never corrupts the connection. The
+    /// task may still reach the server and run; its id stays reserved until
+    /// its result arrives or the connection ends, so a late result can never
+    /// be taken for the answer to a later task with the same id. A
+    /// connection holding a task past its deadline is replaced by the next
+    /// `send`, so tasks the server never answers cannot use up its slots.
+    pub async fn send(&self, task: DetectionTask) -> Result<DetectionResult, IpcError> {
+        if task.task_id.is_empty() {
+            return Err(IpcError::EmptyTaskId);
+        }
+        let config = &self.inner.config;
+        let connect_deadline = Instant::now() + config.accept_timeout();
+        let mut deadline = None;
+
+        // A connection can close between being handed out and the
+        // registration; nothing was queued on it, so one more try on a fresh
+        // connection is safe.
+        for attempt in 1.. {
+            let link = self.current_link(connect_deadline).await?;
+            let deadline = *deadline.get_or_insert_with(|| Instant::now() + config.read_timeout());
+            match self.register(&link, &task, deadline).await? {
+                Some(pending) => return self.answer(pending, deadline).await,
+                None if attempt < 2 => continue,
+                None => {
+                    let reason = link.link.lock().closed_reason().map(str::to_owned);
+                    return Err(self.lost(
+                        &task.task_id,
+                        reason.unwrap_or_else(|| {
+                            "the connection closed as the task was being sent".to_owned()
+                        }),
+                    ));
+                }
+            }
+        }
+        unreachable!("the loop returns on its second attempt")
+    }
+
+    /// Registers `task` on `link`, waiting for an in-flight slot until
+    /// `deadline`; `None` if the connection closed first.
+    async fn register(
+        &self,
+        link: &Arc<LinkHandle>,
+        task: &DetectionTask,
+        deadline: Instant,
+    ) -> Result<Option<Pending>, IpcError> {
+        loop {
+            let freed = link.link.slot_freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            let (waiter, answer) = oneshot::channel();
+            let begun = link
+                .link
+                .lock()
+                .begin(task, waiter, deadline, Instant::now());
+            match begun {
+                Ok(ticket) => {
+                    link.link.wake_io();
+                    return Ok(Some(Pending {
+                        link: link.clone(),
+                        task_id: task.task_id.clone(),
+                        ticket,
+                        answer,
+                        settled: false,
+                    }));
+                }
+                Err((Refusal::Full, _)) => {
+                    if tokio::time::timeout_at(deadline.into(), freed)
+                        .await
+                        .is_err()
+                    {
+                        return Err(IpcError::InFlightLimit {
+                            endpoint: self.inner.endpoint.to_string(),
+                            task_id: task.task_id.clone(),
+                            in_flight: self.inner.max_in_flight,
+                            waited_ms: self.inner.config.read_timeout_ms,
+                        });
+                    }
+                }
+                Err((Refusal::Closed, _)) => return Ok(None),
+                Err((Refusal::Duplicate, _)) => {
+                    return Err(IpcError::DuplicateTaskId {
+                        task_id: task.task_id.clone(),
+                    });
+                }
+                Err((Refusal::TooLarge(error), _)) => return Err(error),
+            }
+        }
+    }
+
+    /// Waits for the answer to a registered task until `deadline`.
+    async fn answer(
+        &self,
+        mut pending: Pending,
+        deadline: Instant,
+    ) -> Result<DetectionResult, IpcError> {
+        let outcome = tokio::time::timeout_at(deadline.into(), &mut pending.answer).await;
+        let task_id = pending.task_id.clone();
+        match outcome {
+            Ok(Ok(Outcome::Answered(result))) => {
+                pending.settled = true;
+                Ok(result)
+            }
+            Ok(Ok(Outcome::Lost(reason))) => {
+                pending.settled = true;
+                Err(self.lost(&task_id, reason))
+            }
+            // The core hands every waiter an outcome before letting it go.
+            Ok(Err(_dropped)) => Err(self.lost(&task_id, "the connection ended".to_owned())),
+            Err(_elapsed) => Err(IpcError::ResponseTimeout {
+                endpoint: self.inner.endpoint.to_string(),
+                task_id,
+                waited_ms: self.inner.config.read_timeout_ms,
+            }),
+        }
+    }
+
+    /// The live connection, or a new one, by `deadline`.
+    async fn current_link(&self, deadline: Instant) -> Result<Arc<LinkHandle>, IpcError> {
+        let config = &self.inner.config;
+        let mut current = tokio::time::timeout_at(deadline.into(), self.inner.link.lock())
+            .await
+            .map_err(|_| self.connect_timeout("another send was still connecting".to_owned()))?;
+        // A connection idle for half the read timeout is about to be closed
+        // by the server (its idle limit is read_timeout_ms too); a task sent
+        // on it now could cross the server's close. Start afresh instead.
+        let idle_limit = config.read_timeout() / 2;
+        if let Some(link) = current.as_ref() {
+            let usable = {
+                let mut core = link.link.lock();
+                let usable = core.usable(Instant::now(), idle_limit);
+                if !usable {
+                    core.retire();
+                }
+                usable
+            };
+            if usable {
+                return Ok(link.clone());
+            }
+            link.link.settle();
+        }
+        let link = Arc::new(self.open(deadline).await?);
+        *current = Some(link.clone());
+        Ok(link)
+    }
+
+    /// Connects, retrying with jittered backoff while the server is not
+    /// there yet, until `deadline`; then checks who the server is and starts
+    /// the connection's driver.
+    async fn open(&self, deadline: Instant) -> Result<LinkHandle, IpcError> {
+        let config = &self.inner.config;
+        let endpoint = &self.inner.endpoint;
+        let mut backoff = Backoff::new(CONNECT_BACKOFF_MIN, CONNECT_BACKOFF_MAX);
+        let connected = loop {
+            let last_error = match Connected::attempt(config.transport, endpoint, deadline).await {
+                // Reading the server's credentials also proves the socket is
+                // connected: interprocess can hand back an unconnected one
+                // when the server's accept queue was full (ENOTCONN here).
+                Ok(connected) => match connected.peer_credentials() {
+                    Err(error) if server_not_ready(&error) => error.to_string(),
+                    credentials => {
+                        let untrusted = |reason| IpcError::UntrustedServer {
+                            endpoint: endpoint.to_string(),
+                            reason: format!("it {reason}"),
+                        };
+                        self.inner.servers.check(credentials).map_err(untrusted)?;
+                        #[cfg(windows)]
+                        crate::peer::check_pipe_owner(connected.pipe_owner()).map_err(untrusted)?;
+                        break connected;
+                    }
+                },
+                Err(error) if server_not_ready(&error) => error.to_string(),
+                Err(error) if error.kind() == std::io::ErrorKind::TimedOut => {
+                    "the connect attempt itself timed out".to_owned()
+                }
+                Err(source) => {
+                    return Err(IpcError::Connect {
+                        endpoint: endpoint.to_string(),
+                        transport: config.transport.name(),
+                        source,
+                    });
+                }
+            };
+            let retry_at = Instant::now() + backoff.next_delay();
+            if retry_at >= deadline {
+                return Err(self.connect_timeout(last_error));
+            }
+            tokio::time::sleep_until(retry_at.into()).await;
+        };
+        tracing::debug!(endpoint = %endpoint, transport = config.transport.name(), "connected");
+        let core = ClientConnection::new(
+            config.frame_settings(),
+            config.read_timeout(),
+            config.write_timeout(),
+            self.inner.max_in_flight,
+            Instant::now(),
+        );
+        connected.start(core).map_err(|source| IpcError::Connect {
+            endpoint: endpoint.to_string(),
+            transport: config.transport.name(),
+            source,
+        })
+    }
+
+    fn lost(&self, task_id: &str, reason: String) -> IpcError {
+        IpcError::ConnectionLost {
+            endpoint: self.inner.endpoint.to_string(),
+            task_id: task_id.to_owned(),
+            reason,
+        }
+    }
+
+    fn connect_timeout(&self, last_error: String) -> IpcError {
+        IpcError::ConnectTimeout {
+            endpoint: self.inner.endpoint.to_string(),
+            transport: self.inner.config.transport.name(),
+            waited_ms: self.inner.config.accept_timeout_ms,
+            last_error,
+        }
+    }
+}
+
+/// Errors that mean "no server yet" rather than "this will never work".
+fn server_not_ready(error: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    const ERROR_PIPE_BUSY: i32 = 231;
+    matches!(
+        error.kind(),
+        NotFound | ConnectionRefused | WouldBlock | ConnectionReset | NotConnected
+    ) || (cfg!(windows) && error.raw_os_error() == Some(ERROR_PIPE_BUSY))
+}
+
+/// A fresh connection of either I/O model, before its driver starts.
+enum Connected {
+    #[cfg(async_backend)]
+    Async(crate::transport::Connection),
+    #[cfg(feature = "ipc-legacy")]
+    Blocking(crate::transport::legacy::Stream),
+}
+
+impl Connected {
+    /// One connect attempt, bounded by `deadline` (`TimedOut` past it).
+    async fn attempt(
+        transport: TransportKind,
+        endpoint: &Endpoint,
+        deadline: Instant,
+    ) -> std::io::Result<Connected> {
+        match transport {
+            #[cfg(feature = "ipc-legacy")]
+            TransportKind::Legacy => {
+                // Never blocks: a full accept queue or a busy pipe is an
+                // error to retry, like any server not ready.
+                let _ = deadline;
+                crate::transport::legacy::connect(endpoint).map(Connected::Blocking)
+            }
+            #[cfg(async_backend)]
+            _ => match tokio::time::timeout_at(
+                deadline.into(),
+                crate::transport::connect(transport, endpoint),
+            )
+            .await
+            {
+                Ok(connected) => connected.map(Connected::Async),
+                Err(_elapsed) => Err(std::io::ErrorKind::TimedOut.into()),
+            },
+            #[allow(unreachable_patterns)] // Reached only in a legacy-only build.
+            _ => unreachable!("IpcConfig::validate refuses a transport not compiled in"),
+        }
+    }
+
+    fn peer_credentials(&self) -> std::io::Result<PeerCredentials> {
+        match self {
+            #[cfg(async_backend)]
+            Connected::Async(connection) => connection.peer_credentials(),
+            #[cfg(feature = "ipc-legacy")]
+            Connected::Blocking(stream) => stream.peer_credentials(),
+        }
+    }
+
+    #[cfg(windows)]
+    fn pipe_owner(&self) -> std::io::Result<crate::transport::PipeOwner> {
+        match self {
+            #[cfg(async_backend)]
+            Connected::Async(connection) => connection.pipe_owner(),
+            #[cfg(feature = "ipc-legacy")]
+            Connected::Blocking(stream) => stream.pipe_owner(),
+        }
+    }
+
+    /// Starts the driver that moves this connection's bytes.
+    fn start(self, core: ClientConnection<Waiter>) -> std::io::Result<LinkHandle> {
+        match self {
+            #[cfg(async_backend)]
+            Connected::Async(connection) => Ok(async_driver::start(connection, core)),
+            #[cfg(feature = "ipc-legacy")]
+            Connected::Blocking(stream) => blocking_driver::start(stream, core),
+        }
+    }
+}
+
+/// How a caller is told what became of its task.
+type Waiter = oneshot::Sender<Outcome>;
+
+/// One connection as the callers and its driver share it.
+pub(crate) struct Link {
+    core: Mutex<ClientConnection<Waiter>>,
+    /// A task was settled (answered, given up on and then answered, or the
+    /// connection ended): callers waiting for an in-flight slot look again.
+    slot_freed: Notify,
+    /// Gets the driver's attention: new output, or the handle dropped.
+    io: IoWake,
+    /// Every [`LinkHandle`] is gone: the driver closes the connection.
+    dropped: AtomicBool,
+}
+
+/// How callers wake a connection's driver.
+enum IoWake {
+    /// The async driver's task waits on this.
+    #[cfg(async_backend)]
+    Task(Notify),
+    /// The blocking driver's thread waits in the OS; this wakes it.
+    #[cfg(feature = "ipc-legacy")]
+    Thread(crate::transport::legacy::Waker),
+}
+
+impl Link {
+    fn new(core: ClientConnection<Waiter>, io: IoWake) -> Link {
+        Link {
+            core: Mutex::new(core),
+            slot_freed: Notify::new(),
+            io,
+            dropped: AtomicBool::new(false),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, ClientConnection<Waiter>> {
+        // Every critical section leaves the core consistent before anything
+        // that could panic; poisoning is ignored.
+        self.core
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn wake_io(&self) {
+        match &self.io {
+            #[cfg(async_backend)]
+            IoWake::Task(notify) => notify.notify_one(),
+            #[cfg(feature = "ipc-legacy")]
+            IoWake::Thread(waker) => waker.wake(),
+        }
+    }
+
+    /// Hands the core's outcomes to their callers (outside the lock), lets
+    /// callers waiting for a slot look again, and, if the connection has
+    /// ended, tells the driver.
+    fn settle(&self) {
+        let (deliveries, closed) = {
+            let mut core = self.lock();
+            (core.take_deliveries(), core.closed_reason().is_some())
+        };
+        deliver(deliveries);
+        self.slot_freed.notify_waiters();
+        if closed {
+            self.wake_io();
+        }
+    }
+
+    /// Whether the driver should stop: the connection ended, or nobody
+    /// holds it any more.
+    fn finished(&self) -> bool {
+        self.dropped.load(Ordering::Acquire) || self.lock().closed_reason().is_some()
+    }
+}
+
+fn deliver(deliveries: Vec<Delivery<Waiter>>) {
+    for delivery in deliveries {
+        // A caller that stopped waiting has dropped its receiver.
+        let _ = delivery.waiter.send(delivery.outcome);
+    }
+}
+
+/// What callers hold of a connection. When the last one goes (the client
+/// replaced the connection, and no caller waits on it), the driver is told
+/// to close it.
+pub(crate) struct LinkHandle {
+    link: Arc<Link>,
+}
+
+impl std::fmt::Debug for LinkHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LinkHandle").finish_non_exhaustive()
+    }
+}
+
+impl Drop for LinkHandle {
+    fn drop(&mut self) {
+        self.link.dropped.store(true, Ordering::Release);
+        self.link.wake_io();
+    }
+}
+
+/// A registered task whose caller waits. Dropped unsettled (the deadline
+/// passed, or the caller was cancelled), it marks the task abandoned, so the
+/// id stays reserved until the server's late answer is out of the way.
+struct Pending {
+    link: Arc<LinkHandle>,
+    task_id: String,
+    ticket: Ticket,
+    answer: oneshot::Receiver<Outcome>,
+    settled: bool,
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.link.link.lock().abandon(&self.task_id, self.ticket);
+            self.link.link.settle();
+        }
+    }
+}

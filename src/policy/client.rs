@@ -1,0 +1,621 @@
+//! One client connection, as a state machine: [`ClientConnection`].
+//!
+//! The rules it keeps, whichever driver feeds it:
+//!
+//! * **Correlation.** Each task sent is registered under its `task_id`
+//!   with the caller waiting for it (the waiter, `W`, is the driver's: a
+//!   channel to wake that caller). A result goes to the caller registered
+//!   for its id, and to no one else. An id is refused while a task with
+//!   that id is outstanding.
+//! * **Tasks given up on.** A caller who stops waiting (its deadline passed,
+//!   or it was cancelled) leaves its entry behind, marked abandoned, until
+//!   the late result arrives and is discarded: the id stays reserved, so a
+//!   late result is never taken for the answer to a later task. The task
+//!   still counts as in flight, as it does on the server.
+//! * **In-flight limit.** At most `max_in_flight` tasks are outstanding;
+//!   the server stops reading a connection at its own limit, and a client
+//!   that sent more would stall behind that backpressure.
+//! * **Retirement.** A connection holding an abandoned task past that
+//!   task's deadline has a server that stopped answering it: it takes no
+//!   new tasks ([`usable`](ClientConnection::usable) says so) and closes as
+//!   soon as no caller waits on it, which releases its slots here and on
+//!   the server. A connection idle for half the read timeout is about to be
+//!   closed by the server and is replaced too.
+//! * **Bad input.** A result frame that fails its checksum, is too large, is
+//!   not a `DetectionResult`, is cut short, arrives incomplete within
+//!   `read_timeout`, or answers a task this connection is not waiting for
+//!   (never sent, or answered already) ends the connection: every waiting
+//!   caller hears why, none gets a wrong answer.
+
+use std::collections::HashMap;
+use std::io;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+
+use super::earliest;
+use super::inbound::Inbound;
+use super::outbound::Outbound;
+use crate::error::IpcError;
+use crate::frame::FrameSettings;
+use crate::proto::{DetectionResult, DetectionTask};
+
+/// Identifies one registration of a task id (the same id may be registered
+/// again once its first task is answered).
+pub(crate) type Ticket = u64;
+
+/// Why a task could not be registered.
+#[derive(Debug)]
+pub(crate) enum Refusal {
+    /// The connection is closed (or retired); try another.
+    Closed,
+    /// A task with this id is outstanding.
+    Duplicate,
+    /// `max_in_flight` tasks are outstanding.
+    Full,
+    /// The task does not fit in a frame.
+    TooLarge(IpcError),
+}
+
+/// What becomes of a task its caller still waits for.
+#[derive(Debug)]
+pub(crate) enum Outcome {
+    /// The server's result.
+    Answered(DetectionResult),
+    /// The connection ended first, for this reason; the task may or may not
+    /// have run.
+    Lost(String),
+}
+
+/// An outcome for the caller behind `waiter`.
+#[derive(Debug)]
+pub(crate) struct Delivery<W> {
+    pub(crate) waiter: W,
+    pub(crate) outcome: Outcome,
+}
+
+#[derive(Debug)]
+enum Entry<W> {
+    Waiting {
+        ticket: Ticket,
+        waiter: W,
+        deadline: Instant,
+    },
+    Abandoned {
+        deadline: Instant,
+    },
+}
+
+/// The policy of one client connection. See the [module docs](self).
+#[derive(Debug)]
+pub(crate) struct ClientConnection<W> {
+    inbound: Inbound<DetectionResult>,
+    outbound: Outbound<DetectionTask>,
+    pending: HashMap<String, Entry<W>>,
+    /// Entries whose caller still waits.
+    waiting: usize,
+    max_in_flight: usize,
+    next_ticket: Ticket,
+    /// Why the connection ended, once it has.
+    closed: Option<String>,
+    retired: bool,
+    /// When the last outstanding task was settled.
+    idle_since: Instant,
+    deliveries: Vec<Delivery<W>>,
+}
+
+impl<W> ClientConnection<W> {
+    pub(crate) fn new(
+        settings: FrameSettings,
+        read_timeout: Duration,
+        write_timeout: Duration,
+        max_in_flight: usize,
+        now: Instant,
+    ) -> Self {
+        ClientConnection {
+            inbound: Inbound::new(settings, read_timeout),
+            outbound: Outbound::new(settings, write_timeout),
+            pending: HashMap::new(),
+            waiting: 0,
+            max_in_flight: max_in_flight.max(1),
+            next_ticket: 0,
+            closed: None,
+            retired: false,
+            idle_since: now,
+            deliveries: Vec::new(),
+        }
+    }
+
+    // ---- sending -------------------------------------------------------------
+
+    /// Registers `task` for `waiter`, who waits until `deadline`, and queues
+    /// its frame. On refusal the waiter is handed back.
+    pub(crate) fn begin(
+        &mut self,
+        task: &DetectionTask,
+        waiter: W,
+        deadline: Instant,
+        now: Instant,
+    ) -> Result<Ticket, (Refusal, W)> {
+        if self.closed.is_some() || self.retired {
+            return Err((Refusal::Closed, waiter));
+        }
+        if self.pending.contains_key(&task.task_id) {
+            return Err((Refusal::Duplicate, waiter));
+        }
+        if self.pending.len() >= self.max_in_flight {
+            return Err((Refusal::Full, waiter));
+        }
+        if let Err(error) = self.outbound.push(&[task], now) {
+            return Err((Refusal::TooLarge(error), waiter));
+        }
+        self.next_ticket += 1;
+        let ticket = self.next_ticket;
+        self.pending.insert(
+            task.task_id.clone(),
+            Entry::Waiting {
+                ticket,
+                waiter,
+                deadline,
+            },
+        );
+        self.waiting += 1;
+        Ok(ticket)
+    }
+
+    /// The caller of `ticket` stopped waiting for `task_id`. Its entry stays
+    /// (abandoned) until the late result arrives or the connection ends.
+    pub(crate) fn abandon(&mut self, task_id: &str, ticket: Ticket) {
+        let Some(entry) = self.pending.get_mut(task_id) else {
+            return;
+        };
+        if let Entry::Waiting {
+            ticket: registered,
+            deadline,
+            ..
+        } = *entry
+            && registered == ticket
+        {
+            *entry = Entry::Abandoned { deadline };
+            self.waiting -= 1;
+            self.close_if_retired_and_unwatched();
+        }
+    }
+
+    /// Bytes to write: every task frame queued, back to back.
+    pub(crate) fn pending_output(&self) -> &[u8] {
+        self.outbound.pending()
+    }
+
+    /// The first `count` bytes of [`pending_output`](Self::pending_output)
+    /// were written.
+    pub(crate) fn on_written(&mut self, count: usize, now: Instant) {
+        self.outbound.on_written(count, now);
+    }
+
+    // ---- receiving -----------------------------------------------------------
+
+    /// The buffer to read into (see [`Inbound::read_buffer`]).
+    pub(crate) fn read_buffer(&mut self) -> &mut BytesMut {
+        self.inbound.read_buffer()
+    }
+
+    /// Whether the driver should read: until the connection ends.
+    pub(crate) fn wants_read(&self) -> bool {
+        self.closed.is_none()
+    }
+
+    /// `count` bytes were read into [`read_buffer`](Self::read_buffer).
+    pub(crate) fn on_read(&mut self, count: usize, now: Instant) {
+        self.inbound.on_read(count, now);
+        while self.closed.is_none() {
+            match self.inbound.next_message(now) {
+                Ok(Some(result)) => self.settle(result, now),
+                Ok(None) => break,
+                Err(error) => self.close(error.to_string()),
+            }
+        }
+    }
+
+    /// The server closed the connection.
+    pub(crate) fn on_eof(&mut self, now: Instant) {
+        let reason = match self.inbound.on_eof(now) {
+            Ok(Some(result)) => {
+                self.settle(result, now);
+                "the server closed the connection".to_owned()
+            }
+            Ok(None) => "the server closed the connection".to_owned(),
+            Err(error) => error.to_string(),
+        };
+        self.close(reason);
+    }
+
+    /// Reading or writing failed.
+    pub(crate) fn on_io_error(&mut self, error: &io::Error) {
+        self.close(error.to_string());
+    }
+
+    fn settle(&mut self, result: DetectionResult, now: Instant) {
+        match self.pending.remove(&result.task_id) {
+            Some(Entry::Waiting { waiter, .. }) => {
+                self.waiting -= 1;
+                self.deliveries.push(Delivery {
+                    waiter,
+                    outcome: Outcome::Answered(result),
+                });
+            }
+            Some(Entry::Abandoned { .. }) => {
+                tracing::debug!(task_id = %result.task_id, "discarded the result of a task given up on");
+            }
+            None => {
+                return self.close(format!(
+                    "the server sent a result for task {:?}, which this connection is not waiting \
+                     for (never sent, or answered already); the server is broken or not the \
+                     collector, so no result on this connection can be trusted",
+                    result.task_id
+                ));
+            }
+        }
+        if self.pending.is_empty() {
+            self.idle_since = now;
+        }
+        self.close_if_retired_and_unwatched();
+    }
+
+    /// Outcomes ready for their callers, to be handed over outside any lock.
+    pub(crate) fn take_deliveries(&mut self) -> Vec<Delivery<W>> {
+        std::mem::take(&mut self.deliveries)
+    }
+
+    // ---- time and the end ----------------------------------------------------
+
+    /// When the driver must call [`handle_timeout`](Self::handle_timeout).
+    pub(crate) fn poll_timeout(&self) -> Option<Instant> {
+        if self.closed.is_some() {
+            return None;
+        }
+        earliest([self.outbound.deadline(), self.inbound.deadline()])
+    }
+
+    /// Ends the connection if a frame could not be written, or a result
+    /// frame did not arrive whole, in time.
+    pub(crate) fn handle_timeout(&mut self, now: Instant) {
+        if self.closed.is_some() {
+            return;
+        }
+        if self
+            .outbound
+            .deadline()
+            .is_some_and(|deadline| deadline <= now)
+        {
+            self.close(self.outbound.timed_out().to_string());
+        } else if self
+            .inbound
+            .deadline()
+            .is_some_and(|deadline| deadline <= now)
+        {
+            self.close(self.inbound.timed_out().to_string());
+        }
+    }
+
+    /// Whether a new task may go on this connection at `now`: it is open,
+    /// not retired, not holding an abandoned task past its deadline, and
+    /// not idle for `idle_limit` or more.
+    pub(crate) fn usable(&self, now: Instant, idle_limit: Duration) -> bool {
+        let stuck = self
+            .pending
+            .values()
+            .any(|entry| matches!(entry, Entry::Abandoned { deadline } if *deadline <= now));
+        let busy = !self.pending.is_empty();
+        self.closed.is_none()
+            && !self.retired
+            && !stuck
+            && (busy || now < self.idle_since + idle_limit)
+    }
+
+    /// Takes no new tasks from now on, and closes once no caller waits.
+    pub(crate) fn retire(&mut self) {
+        self.retired = true;
+        self.close_if_retired_and_unwatched();
+    }
+
+    fn close_if_retired_and_unwatched(&mut self) {
+        if self.retired && self.waiting == 0 && self.closed.is_none() {
+            self.close("replaced by a new connection".to_owned());
+        }
+    }
+
+    /// Ends the connection: every waiting caller gets `reason`.
+    pub(crate) fn close(&mut self, reason: String) {
+        if self.closed.is_some() {
+            return;
+        }
+        for entry in self.pending.drain().map(|(_, entry)| entry) {
+            if let Entry::Waiting { waiter, .. } = entry {
+                self.deliveries.push(Delivery {
+                    waiter,
+                    outcome: Outcome::Lost(reason.clone()),
+                });
+            }
+        }
+        self.waiting = 0;
+        self.closed = Some(reason);
+    }
+
+    /// Why the connection ended, if it has.
+    pub(crate) fn closed_reason(&self) -> Option<&str> {
+        self.closed.as_deref()
+    }
+
+    /// Tasks outstanding (waited for or abandoned).
+    #[cfg(test)]
+    fn in_flight(&self) -> usize {
+        self.pending.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::encode_message;
+
+    const READ: Duration = Duration::from_secs(30);
+    const WRITE: Duration = Duration::from_secs(10);
+
+    type Connection = ClientConnection<&'static str>;
+
+    fn connection(max_in_flight: usize) -> (Connection, Instant) {
+        let t0 = Instant::now();
+        let c = ClientConnection::new(FrameSettings::DEFAULT, READ, WRITE, max_in_flight, t0);
+        (c, t0)
+    }
+
+    fn task(id: &str) -> DetectionTask {
+        DetectionTask {
+            task_id: id.to_owned(),
+            ..Default::default()
+        }
+    }
+
+    fn result_frame(id: &str, marker: &str) -> Vec<u8> {
+        let result = DetectionResult {
+            task_id: id.to_owned(),
+            success: true,
+            error_message: Some(marker.to_owned()),
+            ..Default::default()
+        };
+        let mut wire = BytesMut::new();
+        encode_message(&result, FrameSettings::DEFAULT, &mut wire).unwrap();
+        wire.to_vec()
+    }
+
+    fn receive(c: &mut Connection, bytes: &[u8], now: Instant) {
+        c.read_buffer().extend_from_slice(bytes);
+        c.on_read(bytes.len(), now);
+    }
+
+    /// (waiter, the marker of the result or "lost: reason").
+    fn delivered(c: &mut Connection) -> Vec<(&'static str, String)> {
+        c.take_deliveries()
+            .into_iter()
+            .map(|d| {
+                let what = match d.outcome {
+                    Outcome::Answered(result) => {
+                        format!(
+                            "{}: {}",
+                            result.task_id,
+                            result.error_message.unwrap_or_default()
+                        )
+                    }
+                    Outcome::Lost(reason) => format!("lost: {reason}"),
+                };
+                (d.waiter, what)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn each_result_goes_to_the_caller_waiting_for_its_id() {
+        let (mut c, t0) = connection(32);
+        c.begin(&task("a"), "caller a", t0 + READ, t0).unwrap();
+        c.begin(&task("b"), "caller b", t0 + READ, t0).unwrap();
+        assert!(!c.pending_output().is_empty(), "both frames queued");
+        receive(
+            &mut c,
+            &[result_frame("b", "for b"), result_frame("a", "for a")].concat(),
+            t0,
+        );
+        assert_eq!(
+            delivered(&mut c),
+            [
+                ("caller b", "b: for b".to_owned()),
+                ("caller a", "a: for a".to_owned())
+            ]
+        );
+        assert_eq!(c.in_flight(), 0);
+    }
+
+    #[test]
+    fn an_id_outstanding_is_refused_and_a_late_result_never_answers_its_retry() {
+        let (mut c, t0) = connection(32);
+        let first = c.begin(&task("reused"), "first", t0 + READ, t0).unwrap();
+        assert!(matches!(
+            c.begin(&task("reused"), "twin", t0 + READ, t0),
+            Err((Refusal::Duplicate, "twin"))
+        ));
+        c.abandon("reused", first);
+        assert!(
+            matches!(
+                c.begin(&task("reused"), "retry", t0 + READ, t0),
+                Err((Refusal::Duplicate, _))
+            ),
+            "still reserved while the late result may come"
+        );
+        receive(&mut c, &result_frame("reused", "late"), t0);
+        assert!(delivered(&mut c).is_empty(), "the late result is discarded");
+        c.begin(&task("reused"), "retry", t0 + READ, t0).unwrap();
+        receive(&mut c, &result_frame("reused", "retry's own"), t0);
+        assert_eq!(delivered(&mut c)[0].1, "reused: retry's own");
+    }
+
+    #[test]
+    fn abandoning_with_a_stale_ticket_leaves_a_newer_registration_alone() {
+        let (mut c, t0) = connection(32);
+        let old = c.begin(&task("t"), "old", t0 + READ, t0).unwrap();
+        receive(&mut c, &result_frame("t", "answer"), t0);
+        delivered(&mut c);
+        c.begin(&task("t"), "new", t0 + READ, t0).unwrap();
+        c.abandon("t", old);
+        receive(&mut c, &result_frame("t", "for new"), t0);
+        assert_eq!(delivered(&mut c)[0].0, "new");
+    }
+
+    #[test]
+    fn no_more_than_the_in_flight_limit_is_outstanding_abandoned_tasks_included() {
+        let (mut c, t0) = connection(2);
+        let a = c.begin(&task("a"), "a", t0 + READ, t0).unwrap();
+        c.begin(&task("b"), "b", t0 + READ, t0).unwrap();
+        assert!(matches!(
+            c.begin(&task("c"), "c", t0 + READ, t0),
+            Err((Refusal::Full, "c"))
+        ));
+        c.abandon("a", a);
+        assert!(matches!(
+            c.begin(&task("c"), "c", t0 + READ, t0),
+            Err((Refusal::Full, _))
+        ));
+        receive(&mut c, &result_frame("a", "late"), t0);
+        c.begin(&task("c"), "c", t0 + READ, t0).unwrap();
+    }
+
+    #[test]
+    fn a_connection_holding_an_abandoned_task_past_its_deadline_is_retired() {
+        let (mut c, t0) = connection(32);
+        let deadline = t0 + READ;
+        let stuck = c.begin(&task("stuck"), "stuck", deadline, t0).unwrap();
+        c.begin(&task("other"), "other", deadline + READ, t0)
+            .unwrap();
+        c.abandon("stuck", stuck);
+        let idle = READ / 2;
+        assert!(
+            c.usable(deadline - Duration::from_nanos(1), idle),
+            "given up on early: the server may still answer in time"
+        );
+        assert!(!c.usable(deadline, idle), "past its deadline: retire");
+
+        c.retire();
+        assert!(matches!(
+            c.begin(&task("new"), "new", deadline + READ, deadline),
+            Err((Refusal::Closed, _))
+        ));
+        assert!(
+            c.closed_reason().is_none(),
+            "the other caller still waits on it"
+        );
+        receive(&mut c, &result_frame("other", "done"), deadline);
+        assert_eq!(delivered(&mut c)[0].0, "other");
+        assert_eq!(
+            c.closed_reason(),
+            Some("replaced by a new connection"),
+            "closed once no one waits"
+        );
+    }
+
+    #[test]
+    fn an_idle_connection_is_replaced_before_the_server_would_close_it() {
+        let (mut c, t0) = connection(32);
+        let idle = READ / 2;
+        assert!(c.usable(t0 + idle - Duration::from_nanos(1), idle));
+        assert!(!c.usable(t0 + idle, idle));
+        let t1 = t0 + Duration::from_secs(100);
+        c.begin(&task("a"), "a", t1 + READ, t1).unwrap();
+        assert!(c.usable(t1 + READ - Duration::from_secs(1), idle), "busy");
+        receive(&mut c, &result_frame("a", ""), t1 + Duration::from_secs(1));
+        assert!(c.usable(
+            t1 + Duration::from_secs(1) + idle - Duration::from_nanos(1),
+            idle
+        ));
+    }
+
+    #[test]
+    fn a_result_nobody_waits_for_ends_the_connection_for_everyone_waiting() {
+        for (unexpected, what) in [
+            (result_frame("never-sent", ""), "never sent"),
+            (
+                [result_frame("a", "first"), result_frame("a", "again")].concat(),
+                "twice",
+            ),
+        ] {
+            let (mut c, t0) = connection(32);
+            c.begin(&task("a"), "a", t0 + READ, t0).unwrap();
+            c.begin(&task("b"), "b", t0 + READ, t0).unwrap();
+            receive(&mut c, &unexpected, t0);
+            let outcomes = delivered(&mut c);
+            let lost: Vec<&str> = outcomes
+                .iter()
+                .filter(|(_, what)| what.starts_with("lost: "))
+                .map(|(waiter, _)| *waiter)
+                .collect();
+            assert!(lost.contains(&"b"), "{what}: {outcomes:?}");
+            for (_, outcome) in &outcomes {
+                assert!(
+                    outcome == "a: first" || outcome.contains("is not waiting for"),
+                    "{what}: {outcome}"
+                );
+            }
+            assert!(c.closed_reason().is_some());
+        }
+    }
+
+    #[test]
+    fn a_frame_not_written_within_the_write_timeout_ends_the_connection() {
+        let (mut c, t0) = connection(32);
+        c.begin(&task("a"), "a", t0 + READ, t0).unwrap();
+        assert_eq!(c.poll_timeout(), Some(t0 + WRITE));
+        c.handle_timeout(t0 + WRITE - Duration::from_nanos(1));
+        assert!(c.closed_reason().is_none());
+        c.handle_timeout(t0 + WRITE);
+        let lost = delivered(&mut c);
+        assert!(lost[0].1.contains("write_timeout_ms"), "{lost:?}");
+    }
+
+    #[test]
+    fn a_result_frame_must_arrive_whole_within_the_read_timeout() {
+        let (mut c, t0) = connection(32);
+        c.begin(&task("a"), "a", t0 + READ * 2, t0).unwrap();
+        let count = c.pending_output().len();
+        c.on_written(count, t0);
+        assert_eq!(
+            c.poll_timeout(),
+            None,
+            "waiting for an answer is not timed here"
+        );
+        let frame = result_frame("a", "x");
+        let t1 = t0 + Duration::from_secs(1);
+        receive(&mut c, &frame[..4], t1);
+        assert_eq!(c.poll_timeout(), Some(t1 + READ));
+        c.handle_timeout(t1 + READ);
+        assert!(
+            delivered(&mut c)[0]
+                .1
+                .contains("not complete within 30000 ms")
+        );
+    }
+
+    #[test]
+    fn a_closed_connection_refuses_new_tasks_and_fails_waiting_ones_once() {
+        let (mut c, t0) = connection(32);
+        c.begin(&task("a"), "a", t0 + READ, t0).unwrap();
+        c.on_eof(t0);
+        assert_eq!(
+            delivered(&mut c),
+            [("a", "lost: the server closed the connection".to_owned())]
+        );
+        assert!(matches!(
+            c.begin(&task("b"), "b", t0 + READ, t0),
+            Err((Refusal::Closed, _))
+        ));
+        c.close("again".into());
+        assert!(delivered(&mut c).is_empty());
+    }
+}

@@ -1,0 +1,277 @@
+//! The frames one side reads: a buffer the driver reads into, the frame
+//! decoder, and the per-frame deadline.
+
+use std::marker::PhantomData;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+
+use super::{RETAINED_CAPACITY, millis};
+use crate::error::IpcError;
+use crate::frame::codec::decode_message;
+use crate::frame::{FrameDecoder, FrameSettings, HEADER_LEN};
+
+/// Room set aside for each read: large enough that a small frame arrives in
+/// one read, small enough that an idle connection costs little.
+const READ_CHUNK: usize = 8 * 1024;
+
+/// Messages of type `M` arriving on one connection.
+///
+/// The buffer grows only with bytes that actually arrive, never toward what a
+/// header claims; the decoder refuses a header over `max_frame_bytes` before
+/// a byte of its body is buffered.
+#[derive(Debug)]
+pub(crate) struct Inbound<M> {
+    decoder: FrameDecoder,
+    buf: BytesMut,
+    /// When the first byte of the frame in progress arrived (or when reading
+    /// resumed after a pause). `None` between frames.
+    frame_started: Option<Instant>,
+    frame_timeout: Duration,
+    _messages: PhantomData<fn() -> M>,
+}
+
+impl<M: prost::Message + Default> Inbound<M> {
+    /// `frame_timeout` bounds each frame from its first byte to its last.
+    pub(crate) fn new(settings: FrameSettings, frame_timeout: Duration) -> Self {
+        Inbound {
+            decoder: FrameDecoder::new(settings),
+            buf: BytesMut::new(),
+            frame_started: None,
+            frame_timeout,
+            _messages: PhantomData,
+        }
+    }
+
+    /// The buffer to read into: bytes go into its spare capacity, and
+    /// [`on_read`](Self::on_read) is told how many arrived. There is always
+    /// some spare capacity.
+    pub(crate) fn read_buffer(&mut self) -> &mut BytesMut {
+        if self.buf.capacity() - self.buf.len() < READ_CHUNK / 2 {
+            self.buf.reserve(READ_CHUNK);
+        }
+        &mut self.buf
+    }
+
+    /// `count` bytes were appended to the read buffer at `now`.
+    pub(crate) fn on_read(&mut self, count: usize, now: Instant) {
+        if count > 0 && self.frame_started.is_none() {
+            self.frame_started = Some(now);
+        }
+    }
+
+    /// The next complete message in the buffer, if there is one. An error is
+    /// final: the stream can no longer be trusted to be aligned on frames.
+    pub(crate) fn next_message(&mut self, now: Instant) -> Result<Option<M>, IpcError> {
+        let Some(body) = self.decoder.decode(&mut self.buf)? else {
+            return Ok(None);
+        };
+        self.frame_done(now);
+        decode_message(&body).map(Some)
+    }
+
+    /// The peer closed its side: `Ok(None)` if it did so between frames,
+    /// [`IpcError::TruncatedFrame`] if inside one.
+    pub(crate) fn on_eof(&mut self, now: Instant) -> Result<Option<M>, IpcError> {
+        let Some(body) = self.decoder.decode_eof(&mut self.buf)? else {
+            return Ok(None);
+        };
+        self.frame_done(now);
+        decode_message(&body).map(Some)
+    }
+
+    fn frame_done(&mut self, now: Instant) {
+        // Bytes left over belong to the next frame, which has begun.
+        self.frame_started = (!self.buf.is_empty()).then_some(now);
+        self.shrink_after_large_frame();
+    }
+
+    /// After a large frame, the buffer goes back to its retained size even
+    /// if the peer keeps sending (and so the buffer never empties): what is
+    /// left over is copied into a buffer of the retained size.
+    fn shrink_after_large_frame(&mut self) {
+        let left_over = self.buf.len();
+        if self.buf.capacity() > RETAINED_CAPACITY && left_over <= RETAINED_CAPACITY / 2 {
+            let mut smaller = BytesMut::with_capacity(RETAINED_CAPACITY);
+            smaller.extend_from_slice(&self.buf);
+            self.buf = smaller;
+        }
+    }
+
+    /// Capacity of the read buffer now.
+    #[cfg(test)]
+    fn capacity(&self) -> usize {
+        self.buf.capacity()
+    }
+
+    /// When the frame in progress must be complete, if one is in progress.
+    pub(crate) fn deadline(&self) -> Option<Instant> {
+        self.frame_started
+            .map(|started| started + self.frame_timeout)
+    }
+
+    /// Restarts the clock of a frame in progress: for a reader that stopped
+    /// reading for a while (backpressure), since the time it did not read is
+    /// not the peer's delay.
+    pub(crate) fn resume(&mut self, now: Instant) {
+        if self.frame_started.is_some() {
+            self.frame_started = Some(now);
+        }
+    }
+
+    /// True while part of a frame has arrived.
+    pub(crate) fn is_mid_frame(&self) -> bool {
+        self.frame_started.is_some()
+    }
+
+    /// The error for a frame (or, with `idle`, a connection) whose time ran
+    /// out: both limits are the same duration, `read_timeout_ms`.
+    pub(crate) fn timed_out(&self) -> IpcError {
+        let received = match self.frame_started {
+            Some(_) => {
+                self.buf.len()
+                    + if self.decoder.is_mid_frame() {
+                        HEADER_LEN
+                    } else {
+                        0
+                    }
+            }
+            None => 0,
+        };
+        IpcError::ReadTimeout {
+            waited_ms: millis(self.frame_timeout),
+            received,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::encode_message;
+    use crate::proto::DetectionTask;
+
+    fn frame(task_id: &str, size: usize) -> Vec<u8> {
+        let task = DetectionTask {
+            task_id: task_id.to_owned(),
+            metadata: Some("x".repeat(size)),
+            ..Default::default()
+        };
+        let mut wire = BytesMut::new();
+        encode_message(&task, FrameSettings::DEFAULT, &mut wire).unwrap();
+        wire.to_vec()
+    }
+
+    fn arrive(inbound: &mut Inbound<DetectionTask>, bytes: &[u8], now: Instant) {
+        inbound.read_buffer().extend_from_slice(bytes);
+        inbound.on_read(bytes.len(), now);
+    }
+
+    #[test]
+    fn the_frame_clock_starts_at_the_first_byte_and_restarts_with_the_next_frame() {
+        let start = Instant::now();
+        let timeout = Duration::from_secs(5);
+        let mut inbound = Inbound::<DetectionTask>::new(FrameSettings::DEFAULT, timeout);
+        assert_eq!(inbound.deadline(), None, "no frame, no deadline");
+
+        let two = [frame("a", 10), frame("b", 10)].concat();
+        let split = two.len() - 3;
+        arrive(&mut inbound, &two[..split], start);
+        assert_eq!(inbound.deadline(), Some(start + timeout));
+
+        let later = start + Duration::from_secs(1);
+        let first = inbound.next_message(later).unwrap().unwrap();
+        assert_eq!(first.task_id, "a");
+        assert_eq!(
+            inbound.deadline(),
+            Some(later + timeout),
+            "the second frame began when the first was taken off"
+        );
+        assert_eq!(inbound.next_message(later).unwrap(), None);
+
+        arrive(&mut inbound, &two[split..], later);
+        assert_eq!(inbound.next_message(later).unwrap().unwrap().task_id, "b");
+        assert_eq!(inbound.deadline(), None, "between frames");
+    }
+
+    #[test]
+    fn a_buffer_grown_for_a_large_frame_shrinks_even_while_the_peer_keeps_sending() {
+        let now = Instant::now();
+        let mut inbound =
+            Inbound::<DetectionTask>::new(FrameSettings::DEFAULT, Duration::from_secs(5));
+        let large = frame("large", 900 * 1024);
+        let small = frame("small", 10);
+        // The large frame and the start of the next arrive together, so the
+        // buffer never empties.
+        arrive(&mut inbound, &large, now);
+        arrive(&mut inbound, &small[..5], now);
+        assert!(inbound.capacity() > RETAINED_CAPACITY);
+        assert_eq!(inbound.next_message(now).unwrap().unwrap().task_id, "large");
+        assert!(
+            inbound.capacity() <= RETAINED_CAPACITY,
+            "capacity {} after the large frame",
+            inbound.capacity()
+        );
+        arrive(&mut inbound, &small[5..], now);
+        assert_eq!(inbound.next_message(now).unwrap().unwrap().task_id, "small");
+    }
+
+    #[test]
+    fn a_header_over_the_limit_is_refused_before_its_body_is_buffered() {
+        let now = Instant::now();
+        let settings = FrameSettings {
+            max_frame_bytes: 1024,
+            ..FrameSettings::DEFAULT
+        };
+        let mut inbound = Inbound::<DetectionTask>::new(settings, Duration::from_secs(5));
+        let header = crate::frame::FrameHeader {
+            length: 1025,
+            checksum: 0,
+        };
+        arrive(&mut inbound, &header.to_bytes(), now);
+        assert!(matches!(
+            inbound.next_message(now),
+            Err(IpcError::FrameTooLarge {
+                length: 1025,
+                limit: 1024
+            })
+        ));
+        assert!(inbound.capacity() <= READ_CHUNK * 2);
+    }
+
+    #[test]
+    fn a_stream_cut_inside_a_frame_is_truncated_and_a_clean_end_is_not() {
+        let now = Instant::now();
+        let whole = frame("cut", 10);
+        let mut inbound =
+            Inbound::<DetectionTask>::new(FrameSettings::DEFAULT, Duration::from_secs(5));
+        arrive(&mut inbound, &whole[..whole.len() - 1], now);
+        assert_eq!(inbound.next_message(now).unwrap(), None);
+        assert!(matches!(
+            inbound.on_eof(now),
+            Err(IpcError::TruncatedFrame { .. })
+        ));
+
+        let mut clean =
+            Inbound::<DetectionTask>::new(FrameSettings::DEFAULT, Duration::from_secs(5));
+        arrive(&mut clean, &whole, now);
+        assert!(clean.next_message(now).unwrap().is_some());
+        assert_eq!(clean.on_eof(now).unwrap(), None);
+    }
+
+    #[test]
+    fn a_timeout_reports_what_had_arrived() {
+        let now = Instant::now();
+        let mut inbound =
+            Inbound::<DetectionTask>::new(FrameSettings::DEFAULT, Duration::from_millis(1500));
+        arrive(&mut inbound, &[1, 0, 0], now);
+        assert!(inbound.next_message(now).unwrap().is_none());
+        match inbound.timed_out() {
+            IpcError::ReadTimeout {
+                waited_ms: 1500,
+                received: 3,
+            } => {}
+            other => panic!("{other:?}"),
+        }
+    }
+}

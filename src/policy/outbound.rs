@@ -1,0 +1,195 @@
+//! The frames one side writes: every frame that is ready, back to back in one
+//! buffer, so that a driver writes them all with one system call.
+
+use std::collections::VecDeque;
+use std::marker::PhantomData;
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, BytesMut};
+
+use super::{RETAINED_CAPACITY, millis};
+use crate::error::IpcError;
+use crate::frame::{FrameSettings, encode_message_parts};
+
+/// Messages of type `M` waiting to be written on one connection.
+///
+/// Each frame has `write_timeout` from the moment it reaches the head of
+/// the queue (the moment the peer's reading is what holds it up) until its
+/// last byte is written; a peer that reads nothing for that long fails the
+/// connection.
+#[derive(Debug)]
+pub(crate) struct Outbound<M> {
+    settings: FrameSettings,
+    buf: BytesMut,
+    /// Unwritten bytes of each queued frame, oldest first.
+    frames: VecDeque<usize>,
+    /// When the frame at the head of the queue became the head.
+    head_since: Option<Instant>,
+    write_timeout: Duration,
+    _messages: PhantomData<fn(M)>,
+}
+
+impl<M: prost::Message> Outbound<M> {
+    pub(crate) fn new(settings: FrameSettings, write_timeout: Duration) -> Self {
+        Outbound {
+            settings,
+            buf: BytesMut::new(),
+            frames: VecDeque::new(),
+            head_since: None,
+            write_timeout,
+            _messages: PhantomData,
+        }
+    }
+
+    /// Queues one frame whose body is the encodings of `parts` (see
+    /// [`encode_message_parts`]), and returns its size. A message over
+    /// `max_frame_bytes` fails with [`IpcError::MessageTooLarge`] and queues
+    /// nothing.
+    pub(crate) fn push(&mut self, parts: &[&M], now: Instant) -> Result<usize, IpcError> {
+        let before = self.buf.len();
+        encode_message_parts(parts, self.settings, &mut self.buf)?;
+        let length = self.buf.len() - before;
+        if self.frames.is_empty() {
+            self.head_since = Some(now);
+        }
+        self.frames.push_back(length);
+        Ok(length)
+    }
+
+    /// Every byte not written yet.
+    pub(crate) fn pending(&self) -> &[u8] {
+        &self.buf
+    }
+
+    /// Whole frames not completely written yet.
+    pub(crate) fn queued_frames(&self) -> usize {
+        self.frames.len()
+    }
+
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
+        self.frames.is_empty()
+    }
+
+    /// The first `count` pending bytes were written at `now`; returns how
+    /// many frames that completed.
+    pub(crate) fn on_written(&mut self, count: usize, now: Instant) -> usize {
+        debug_assert!(count <= self.buf.len(), "wrote more than was pending");
+        let count = count.min(self.buf.len());
+        self.buf.advance(count);
+        let mut left = count;
+        let mut completed = 0;
+        while left > 0 {
+            let Some(head) = self.frames.front_mut() else {
+                break;
+            };
+            if left < *head {
+                *head -= left;
+                break;
+            }
+            left -= *head;
+            self.frames.pop_front();
+            completed += 1;
+        }
+        if completed > 0 {
+            self.head_since = (!self.frames.is_empty()).then_some(now);
+        }
+        if self.frames.is_empty() && self.buf.capacity() > RETAINED_CAPACITY {
+            // The next frame is encoded into a buffer of its own size.
+            self.buf = BytesMut::new();
+        }
+        completed
+    }
+
+    /// When the frame at the head must be written by.
+    pub(crate) fn deadline(&self) -> Option<Instant> {
+        self.head_since.map(|since| since + self.write_timeout)
+    }
+
+    /// The error for a head frame whose time ran out.
+    pub(crate) fn timed_out(&self) -> IpcError {
+        IpcError::WriteTimeout {
+            waited_ms: millis(self.write_timeout),
+            length: self.frames.front().copied().unwrap_or(0),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::DetectionResult;
+
+    fn result(id: &str) -> DetectionResult {
+        DetectionResult {
+            task_id: id.to_owned(),
+            success: true,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn frames_queue_back_to_back_and_complete_as_their_last_byte_is_written() {
+        let start = Instant::now();
+        let timeout = Duration::from_secs(10);
+        let mut out = Outbound::new(FrameSettings::DEFAULT, timeout);
+        let first = out.push(&[&result("a")], start).unwrap();
+        let second = out
+            .push(&[&result("bb")], start + Duration::from_secs(1))
+            .unwrap();
+        assert_eq!(out.pending().len(), first + second);
+        assert_eq!(
+            out.deadline(),
+            Some(start + timeout),
+            "the head frame's clock"
+        );
+
+        let later = start + Duration::from_secs(3);
+        assert_eq!(out.on_written(first - 1, later), 0);
+        assert_eq!(out.deadline(), Some(start + timeout), "no frame completed");
+        assert_eq!(out.on_written(2, later), 1);
+        assert_eq!(
+            out.deadline(),
+            Some(later + timeout),
+            "the next frame's clock starts when it becomes the head"
+        );
+        assert_eq!(out.queued_frames(), 1);
+        assert_eq!(out.on_written(second - 1, later), 1);
+        assert!(out.is_empty());
+        assert_eq!(out.deadline(), None);
+    }
+
+    #[test]
+    fn a_message_over_the_limit_queues_nothing() {
+        let now = Instant::now();
+        let settings = FrameSettings {
+            max_frame_bytes: 1024,
+            ..FrameSettings::DEFAULT
+        };
+        let mut out = Outbound::new(settings, Duration::from_secs(1));
+        let huge = DetectionResult {
+            error_message: Some("x".repeat(2000)),
+            ..result("huge")
+        };
+        assert!(matches!(
+            out.push(&[&huge], now),
+            Err(IpcError::MessageTooLarge { limit: 1024, .. })
+        ));
+        assert!(out.is_empty() && out.pending().is_empty());
+        assert_eq!(out.deadline(), None);
+    }
+
+    #[test]
+    fn a_timed_out_head_names_its_size_and_the_limit() {
+        let now = Instant::now();
+        let mut out = Outbound::new(FrameSettings::DEFAULT, Duration::from_millis(250));
+        let size = out.push(&[&result("a")], now).unwrap();
+        match out.timed_out() {
+            IpcError::WriteTimeout {
+                waited_ms: 250,
+                length,
+            } => assert_eq!(length, size),
+            other => panic!("{other:?}"),
+        }
+    }
+}

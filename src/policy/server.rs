@@ -1,0 +1,918 @@
+//! One served connection, as a state machine: [`ServerConnection`].
+//!
+//! The rules it keeps, whichever driver feeds it:
+//!
+//! * **Frames and idleness.** Once a frame's first byte has arrived, the
+//!   whole frame must arrive within `read_timeout`, however its bytes are
+//!   spaced. Between frames, with nothing in flight, the connection may sit
+//!   idle for `read_timeout`; a client waiting on a slow handler is not idle.
+//! * **In-flight limit and backpressure.** A task is in flight from the
+//!   moment its frame is decoded until its result is written. With
+//!   `max_in_flight` tasks in flight the connection is not read (frames
+//!   already buffered wait too), so a client cannot queue unbounded work or
+//!   make the server hold unbounded results for a peer that does not read.
+//!   Time spent not reading is not charged to the peer's frame.
+//! * **Results as they finish.** Each result is encoded into the output as
+//!   its handler finishes, in completion order, every ready frame written
+//!   together. A result too large for a frame is replaced by an error result
+//!   naming the size and the limit; a handler that panicked, or that did not
+//!   finish within `task_timeout`, is answered with an error result too.
+//! * **Writes.** A result frame must be written within `write_timeout` of
+//!   reaching the head of the output.
+//! * **Bad input.** A frame that fails its checksum, announces more than
+//!   `max_frame_bytes`, is not a `DetectionTask`, or is cut short, closes
+//!   this connection, and only this one.
+//! * **Draining.** After [`stop_reading`](ServerConnection::stop_reading)
+//!   (graceful shutdown) or the peer closing its side, nothing more is read;
+//!   tasks in flight are answered, then the connection closes.
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::io;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+
+use super::inbound::Inbound;
+use super::outbound::Outbound;
+use super::{earliest, millis};
+use crate::error::IpcError;
+use crate::frame::FrameSettings;
+use crate::proto::{DetectionResult, DetectionTask};
+use crate::telemetry::{Counters, add, bump};
+
+/// What a handler answers with.
+#[derive(Debug, Clone)]
+pub enum Reply {
+    /// A result of this task's own.
+    Owned(DetectionResult),
+    /// A result shared with other replies (a cached process table, say),
+    /// written without being copied: the frame carries this task's id,
+    /// then the shared result's encoding, which protobuf merges into one
+    /// message. Leave its `task_id` empty.
+    Shared(Arc<DetectionResult>),
+}
+
+impl From<DetectionResult> for Reply {
+    fn from(result: DetectionResult) -> Reply {
+        Reply::Owned(result)
+    }
+}
+
+impl From<Arc<DetectionResult>> for Reply {
+    fn from(result: Arc<DetectionResult>) -> Reply {
+        Reply::Shared(result)
+    }
+}
+
+/// The limits one connection is served under.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ConnectionLimits {
+    pub(crate) settings: FrameSettings,
+    /// Per frame, and the idle limit between frames.
+    pub(crate) read_timeout: Duration,
+    /// Per result frame, from when it reaches the head of the output.
+    pub(crate) write_timeout: Duration,
+    /// Per task, from its decoding to its handler finishing.
+    pub(crate) task_timeout: Duration,
+    /// Tasks in flight (running, or answered and not yet written).
+    pub(crate) max_in_flight: usize,
+}
+
+/// Identifies one task for as long as it is in flight on its connection.
+/// (Task ids are the client's and need not be unique on the server.)
+pub(crate) type TaskTicket = u64;
+
+/// What the driver must do.
+#[derive(Debug, PartialEq)]
+pub(crate) enum ServerEvent {
+    /// Run the handler on `task`, then report with
+    /// [`task_finished`](ServerConnection::task_finished).
+    StartTask {
+        ticket: TaskTicket,
+        task: DetectionTask,
+    },
+    /// The task ran out of time and has been answered already: stop its
+    /// work (drop its future). A later `task_finished` for it is ignored.
+    CancelTask { ticket: TaskTicket },
+}
+
+/// Whether more tasks may be read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reading {
+    Open,
+    /// Graceful shutdown: the server stopped reading.
+    Stopped,
+    /// The peer closed its side between frames.
+    PeerClosed,
+}
+
+#[derive(Debug)]
+struct Running {
+    task_id: String,
+    deadline: Instant,
+}
+
+/// The policy of one served connection. See the [module docs](self).
+#[derive(Debug)]
+pub(crate) struct ServerConnection {
+    limits: ConnectionLimits,
+    counters: Arc<Counters>,
+    inbound: Inbound<DetectionTask>,
+    outbound: Outbound<DetectionResult>,
+    running: HashMap<TaskTicket, Running>,
+    /// Task deadlines, earliest first.
+    deadlines: BTreeSet<(Instant, TaskTicket)>,
+    next_ticket: TaskTicket,
+    events: VecDeque<ServerEvent>,
+    reading: Reading,
+    /// Reading was held back (in-flight limit) the last time we looked.
+    read_paused: bool,
+    /// The last task received or result written: the idle clock.
+    last_activity: Instant,
+    /// Set once the connection is over; taken by `poll_close`.
+    close: Option<Result<(), IpcError>>,
+    closed: bool,
+}
+
+impl ServerConnection {
+    pub(crate) fn new(limits: ConnectionLimits, counters: Arc<Counters>, now: Instant) -> Self {
+        ServerConnection {
+            inbound: Inbound::new(limits.settings, limits.read_timeout),
+            outbound: Outbound::new(limits.settings, limits.write_timeout),
+            limits,
+            counters,
+            running: HashMap::new(),
+            deadlines: BTreeSet::new(),
+            next_ticket: 0,
+            events: VecDeque::new(),
+            reading: Reading::Open,
+            read_paused: false,
+            last_activity: now,
+            close: None,
+            closed: false,
+        }
+    }
+
+    // ---- reading -------------------------------------------------------------
+
+    /// Whether the driver should read now.
+    pub(crate) fn wants_read(&self) -> bool {
+        !self.closed && self.reading == Reading::Open && self.has_room()
+    }
+
+    fn has_room(&self) -> bool {
+        self.in_flight() < self.limits.max_in_flight
+    }
+
+    /// Tasks running or answered but not yet written.
+    pub(crate) fn in_flight(&self) -> usize {
+        self.running.len() + self.outbound.queued_frames()
+    }
+
+    /// The buffer to read into (see [`Inbound::read_buffer`]).
+    pub(crate) fn read_buffer(&mut self) -> &mut BytesMut {
+        self.inbound.read_buffer()
+    }
+
+    /// `count` bytes were read into [`read_buffer`](Self::read_buffer).
+    pub(crate) fn on_read(&mut self, count: usize, now: Instant) {
+        add(&self.counters.bytes_in, count as u64);
+        self.inbound.on_read(count, now);
+        self.decode_buffered(now);
+        self.refresh(now);
+    }
+
+    /// The peer closed its side (a read returned 0 bytes).
+    pub(crate) fn on_eof(&mut self, now: Instant) {
+        if self.closed {
+            return;
+        }
+        match self.inbound.on_eof(now) {
+            Ok(Some(task)) => self.start(task, now),
+            Ok(None) => {}
+            Err(error) => return self.fail(error),
+        }
+        self.reading = Reading::PeerClosed;
+        self.refresh(now);
+    }
+
+    /// Reading or writing failed: the connection is over.
+    pub(crate) fn on_io_error(&mut self, error: io::Error) {
+        self.fail(IpcError::Io(error));
+    }
+
+    /// Decodes buffered frames while there is room for their tasks.
+    fn decode_buffered(&mut self, now: Instant) {
+        while !self.closed && self.reading == Reading::Open && self.has_room() {
+            match self.inbound.next_message(now) {
+                Ok(Some(task)) => self.start(task, now),
+                Ok(None) => break,
+                Err(error) => self.fail(error),
+            }
+        }
+    }
+
+    fn start(&mut self, task: DetectionTask, now: Instant) {
+        bump(&self.counters.frames_in);
+        tracing::debug!(task_id = %task.task_id, task_type = task.task_type, "task received");
+        self.next_ticket += 1;
+        let ticket = self.next_ticket;
+        let deadline = now + self.limits.task_timeout;
+        self.running.insert(
+            ticket,
+            Running {
+                task_id: task.task_id.clone(),
+                deadline,
+            },
+        );
+        self.deadlines.insert((deadline, ticket));
+        self.last_activity = now;
+        self.events
+            .push_back(ServerEvent::StartTask { ticket, task });
+    }
+
+    /// Graceful shutdown: read nothing more, answer what is in flight.
+    pub(crate) fn stop_reading(&mut self, now: Instant) {
+        if self.reading == Reading::Open {
+            self.reading = Reading::Stopped;
+        }
+        self.refresh(now);
+    }
+
+    // ---- tasks ---------------------------------------------------------------
+
+    /// The next thing the driver must do, if any.
+    pub(crate) fn poll_event(&mut self) -> Option<ServerEvent> {
+        self.events.pop_front()
+    }
+
+    /// The handler of `ticket` finished: with its reply, or with the reason
+    /// it has none (it panicked). Ignored for a task already answered (timed
+    /// out) or a connection already closed.
+    pub(crate) fn task_finished(
+        &mut self,
+        ticket: TaskTicket,
+        outcome: Result<Reply, String>,
+        now: Instant,
+    ) {
+        let Some(running) = self.running.remove(&ticket) else {
+            return;
+        };
+        self.deadlines.remove(&(running.deadline, ticket));
+        if self.closed {
+            return;
+        }
+        let task_id = running.task_id;
+        let reply = match outcome {
+            Ok(reply) => reply,
+            Err(failure) => {
+                bump(&self.counters.handler_errors);
+                tracing::error!(%task_id, error = %failure, "handler failed");
+                Reply::Owned(failed(
+                    &task_id,
+                    format!(
+                        "the collector's handler failed on this task ({failure}); the collector is \
+                         still running, other tasks are unaffected"
+                    ),
+                ))
+            }
+        };
+        self.answer(task_id, reply, now);
+        self.refresh(now);
+    }
+
+    /// Queues the reply's frame; a result too large for a frame is replaced
+    /// by an error result naming its size and the limit.
+    fn answer(&mut self, task_id: String, reply: Reply, now: Instant) {
+        let queued = match &reply {
+            Reply::Owned(result) if result.task_id == task_id => self.outbound.push(&[result], now),
+            Reply::Owned(result) => {
+                tracing::debug!(handler_said = %result.task_id, %task_id, "result task_id set to the task's");
+                let result = DetectionResult {
+                    task_id: task_id.clone(),
+                    ..result.clone()
+                };
+                self.outbound.push(&[&result], now)
+            }
+            Reply::Shared(result) if result.task_id.is_empty() => {
+                // This reply's id, then the shared result, merged by the reader.
+                let head = DetectionResult {
+                    task_id: task_id.clone(),
+                    ..Default::default()
+                };
+                self.outbound.push(&[&head, result], now)
+            }
+            Reply::Shared(result) => {
+                // Merging would let the shared id win: fall back to a copy.
+                tracing::debug!(handler_said = %result.task_id, %task_id, "shared result carries a task_id; copied");
+                let result = DetectionResult {
+                    task_id: task_id.clone(),
+                    ..DetectionResult::clone(result)
+                };
+                self.outbound.push(&[&result], now)
+            }
+        };
+        match queued {
+            Ok(_) => {}
+            Err(IpcError::MessageTooLarge { length, limit }) => {
+                bump(&self.counters.oversize_results);
+                tracing::warn!(%task_id, length, limit, "result exceeds max_frame_bytes; answering with an error");
+                let refusal = failed(
+                    &task_id,
+                    format!(
+                        "the result is {length} bytes, over max_frame_bytes = {limit}; narrow the \
+                         task (for example a process_filter with pids or names) or raise \
+                         ipc.max_frame_bytes on both sides"
+                    ),
+                );
+                // max_frame_bytes is at least MIN_FRAME_BYTES, room for this
+                // answer whatever the id (ids longer than that cannot have
+                // arrived in a frame either).
+                if let Err(error) = self.outbound.push(&[&refusal], now) {
+                    self.fail(error);
+                }
+            }
+            Err(error) => self.fail(error),
+        }
+    }
+
+    // ---- writing -------------------------------------------------------------
+
+    /// Bytes to write: every result frame ready, back to back.
+    pub(crate) fn pending_output(&self) -> &[u8] {
+        self.outbound.pending()
+    }
+
+    /// The first `count` bytes of [`pending_output`](Self::pending_output)
+    /// were written.
+    pub(crate) fn on_written(&mut self, count: usize, now: Instant) {
+        add(&self.counters.bytes_out, count as u64);
+        let frames = self.outbound.on_written(count, now);
+        if frames > 0 {
+            add(&self.counters.frames_out, frames as u64);
+            self.last_activity = now;
+            self.decode_buffered(now);
+        }
+        self.refresh(now);
+    }
+
+    // ---- time ----------------------------------------------------------------
+
+    /// When the driver must call [`handle_timeout`](Self::handle_timeout)
+    /// next, if anything is timed.
+    pub(crate) fn poll_timeout(&self) -> Option<Instant> {
+        if self.closed {
+            return None;
+        }
+        earliest([
+            self.read_deadline(),
+            self.outbound.deadline(),
+            self.deadlines.first().map(|(deadline, _)| *deadline),
+        ])
+    }
+
+    /// The frame deadline while a frame is arriving, the idle deadline while
+    /// nothing is in flight; nothing while reading is held back.
+    fn read_deadline(&self) -> Option<Instant> {
+        if !self.wants_read() {
+            return None;
+        }
+        if self.inbound.is_mid_frame() {
+            return self.inbound.deadline();
+        }
+        (self.in_flight() == 0).then(|| self.last_activity + self.limits.read_timeout)
+    }
+
+    /// Applies every limit that has passed by `now`.
+    pub(crate) fn handle_timeout(&mut self, now: Instant) {
+        if self.closed {
+            return;
+        }
+        if self.read_deadline().is_some_and(|deadline| deadline <= now) {
+            return self.fail(self.inbound.timed_out());
+        }
+        if self
+            .outbound
+            .deadline()
+            .is_some_and(|deadline| deadline <= now)
+        {
+            return self.fail(self.outbound.timed_out());
+        }
+        while let Some(&(deadline, ticket)) = self.deadlines.first() {
+            if deadline > now {
+                break;
+            }
+            self.deadlines.pop_first();
+            if let Some(running) = self.running.remove(&ticket) {
+                self.task_timed_out(ticket, running.task_id, now);
+            }
+        }
+        self.refresh(now);
+    }
+
+    fn task_timed_out(&mut self, ticket: TaskTicket, task_id: String, now: Instant) {
+        bump(&self.counters.task_timeouts);
+        let limit = millis(self.limits.task_timeout);
+        tracing::warn!(%task_id, task_timeout_ms = limit, "handler did not finish in time; answered with an error and stopped");
+        self.events.push_back(ServerEvent::CancelTask { ticket });
+        let answer = failed(
+            &task_id,
+            format!(
+                "the collector's handler did not finish this task within task_timeout_ms = {limit} \
+                 and was stopped; retry later, narrow the task, or raise ipc.task_timeout_ms on \
+                 the collector"
+            ),
+        );
+        self.answer(task_id, Reply::Owned(answer), now);
+    }
+
+    // ---- the end -------------------------------------------------------------
+
+    /// `Some` once, when the connection is over: `Ok` after a clean end
+    /// (drained, or the peer left between frames), the error otherwise.
+    /// The driver then closes the connection and drops every task still
+    /// running.
+    pub(crate) fn poll_close(&mut self) -> Option<Result<(), IpcError>> {
+        self.close.take()
+    }
+
+    fn fail(&mut self, error: IpcError) {
+        if !self.closed {
+            self.closed = true;
+            self.events.clear();
+            self.close = Some(Err(error));
+        }
+    }
+
+    /// Re-evaluates after any event: a frame clock paused by backpressure
+    /// restarts when reading resumes, and a drained connection ends.
+    fn refresh(&mut self, now: Instant) {
+        if self.closed {
+            return;
+        }
+        let reading = self.wants_read();
+        if reading && self.read_paused {
+            self.inbound.resume(now);
+        }
+        self.read_paused = self.reading == Reading::Open && !reading;
+        if self.reading != Reading::Open && self.in_flight() == 0 {
+            self.closed = true;
+            self.close = Some(Ok(()));
+        }
+    }
+}
+
+fn failed(task_id: &str, message: String) -> DetectionResult {
+    DetectionResult {
+        task_id: task_id.to_owned(),
+        success: false,
+        error_message: Some(message),
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::codec::decode_message;
+    use crate::frame::{FrameHeader, encode_message};
+
+    const READ: Duration = Duration::from_secs(30);
+    const WRITE: Duration = Duration::from_secs(10);
+    const TASK: Duration = Duration::from_secs(60);
+
+    fn limits(max_in_flight: usize) -> ConnectionLimits {
+        ConnectionLimits {
+            settings: FrameSettings::DEFAULT,
+            read_timeout: READ,
+            write_timeout: WRITE,
+            task_timeout: TASK,
+            max_in_flight,
+        }
+    }
+
+    /// A connection, its counters, and the instant it started.
+    fn connection(max_in_flight: usize) -> (ServerConnection, Arc<Counters>, Instant) {
+        let counters = Arc::new(Counters::default());
+        let t0 = Instant::now();
+        let connection = ServerConnection::new(limits(max_in_flight), counters.clone(), t0);
+        (connection, counters, t0)
+    }
+
+    fn task(id: &str) -> DetectionTask {
+        DetectionTask {
+            task_id: id.to_owned(),
+            ..Default::default()
+        }
+    }
+
+    fn frame(id: &str) -> Vec<u8> {
+        let mut wire = BytesMut::new();
+        encode_message(&task(id), FrameSettings::DEFAULT, &mut wire).unwrap();
+        wire.to_vec()
+    }
+
+    fn receive(connection: &mut ServerConnection, bytes: &[u8], now: Instant) {
+        connection.read_buffer().extend_from_slice(bytes);
+        connection.on_read(bytes.len(), now);
+    }
+
+    /// Every task started so far, by ticket and id.
+    fn started(connection: &mut ServerConnection) -> Vec<(TaskTicket, String)> {
+        std::iter::from_fn(|| connection.poll_event())
+            .map(|event| match event {
+                ServerEvent::StartTask { ticket, task } => (ticket, task.task_id),
+                other => panic!("expected a task to start, got {other:?}"),
+            })
+            .collect()
+    }
+
+    fn ok(id: &str) -> Result<Reply, String> {
+        Ok(Reply::Owned(DetectionResult {
+            task_id: id.to_owned(),
+            success: true,
+            ..Default::default()
+        }))
+    }
+
+    /// The results in the output, decoded, and everything marked written.
+    fn written(connection: &mut ServerConnection, now: Instant) -> Vec<DetectionResult> {
+        let mut wire = BytesMut::from(connection.pending_output());
+        let count = wire.len();
+        let mut decoder = crate::frame::FrameDecoder::new(FrameSettings::DEFAULT);
+        let mut results = Vec::new();
+        while let Some(body) = decoder.decode(&mut wire).unwrap() {
+            results.push(decode_message(&body).unwrap());
+        }
+        connection.on_written(count, now);
+        results
+    }
+
+    fn closed_with(connection: &mut ServerConnection) -> IpcError {
+        match connection.poll_close() {
+            Some(Err(error)) => error,
+            other => panic!("expected the connection to fail, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_idle_limit_runs_only_while_nothing_is_in_flight() {
+        let (mut c, _, t0) = connection(32);
+        assert_eq!(c.poll_timeout(), Some(t0 + READ), "idle from the start");
+
+        let t1 = t0 + Duration::from_secs(5);
+        receive(&mut c, &frame("slow"), t1);
+        let [(ticket, _)] = started(&mut c)[..] else {
+            panic!()
+        };
+        assert_eq!(
+            c.poll_timeout(),
+            Some(t1 + TASK),
+            "a client waiting on its task is not idle: only the task's own deadline runs"
+        );
+        // Long past what would have been the idle limit, the connection stands.
+        c.handle_timeout(t1 + READ + Duration::from_secs(1));
+        assert!(c.poll_close().is_none());
+
+        let t2 = t1 + Duration::from_secs(40);
+        c.task_finished(ticket, ok("slow"), t2);
+        assert_eq!(c.poll_timeout(), Some(t2 + WRITE), "the result must go out");
+        assert_eq!(written(&mut c, t2)[0].task_id, "slow");
+        assert_eq!(
+            c.poll_timeout(),
+            Some(t2 + READ),
+            "idle again from the last result"
+        );
+
+        c.handle_timeout(t2 + READ - Duration::from_nanos(1));
+        assert!(c.poll_close().is_none(), "not a moment early");
+        c.handle_timeout(t2 + READ);
+        match closed_with(&mut c) {
+            IpcError::ReadTimeout {
+                waited_ms: 30_000,
+                received: 0,
+            } => {}
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_frame_must_arrive_whole_within_the_read_timeout_of_its_first_byte() {
+        let (mut c, counters, t0) = connection(32);
+        let bytes = frame("trickled");
+        let t1 = t0 + Duration::from_secs(1);
+        receive(&mut c, &bytes[..3], t1);
+        assert_eq!(c.poll_timeout(), Some(t1 + READ));
+        // Steady progress does not move the deadline.
+        receive(&mut c, &bytes[3..6], t1 + Duration::from_secs(20));
+        assert_eq!(c.poll_timeout(), Some(t1 + READ));
+        c.handle_timeout(t1 + READ);
+        match closed_with(&mut c) {
+            IpcError::ReadTimeout { received: 6, .. } => {}
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            counters
+                .frames_in
+                .load(std::sync::atomic::Ordering::Relaxed),
+            0
+        );
+    }
+
+    #[test]
+    fn at_the_in_flight_limit_nothing_more_is_read_and_buffered_frames_wait() {
+        let (mut c, _, t0) = connection(2);
+        let burst = [frame("a"), frame("b"), frame("c")].concat();
+        receive(&mut c, &burst, t0);
+        let tickets = started(&mut c);
+        assert_eq!(
+            tickets
+                .iter()
+                .map(|(_, id)| id.as_str())
+                .collect::<Vec<_>>(),
+            ["a", "b"],
+            "only up to the limit"
+        );
+        assert!(!c.wants_read(), "held back at the limit");
+        assert_eq!(
+            c.poll_timeout(),
+            Some(t0 + TASK),
+            "no read deadline while reading is held back"
+        );
+
+        // A finished task whose result is not written yet still counts.
+        let t1 = t0 + Duration::from_secs(50);
+        c.task_finished(tickets[0].0, ok("a"), t1);
+        assert!(started(&mut c).is_empty());
+        assert!(!c.wants_read());
+
+        // Once written, the buffered frame is taken at once, without a read.
+        let t2 = t1 + Duration::from_secs(1);
+        assert_eq!(written(&mut c, t2).len(), 1);
+        assert_eq!(started(&mut c)[0].1, "c");
+        assert!(!c.wants_read(), "b and c are in flight");
+    }
+
+    #[test]
+    fn time_held_back_is_not_charged_to_a_frame_in_progress() {
+        let (mut c, _, t0) = connection(1);
+        let second = frame("second");
+        let both = [frame("first"), second[..4].to_vec()].concat();
+        receive(&mut c, &both, t0);
+        let [(ticket, _)] = started(&mut c)[..] else {
+            panic!()
+        };
+        // Held back for longer than a frame may take.
+        let t1 = t0 + READ + Duration::from_secs(10);
+        c.task_finished(ticket, ok("first"), t1);
+        written(&mut c, t1);
+        assert!(c.wants_read());
+        assert_eq!(
+            c.poll_timeout(),
+            Some(t1 + READ),
+            "the frame clock restarted when reading resumed"
+        );
+        c.handle_timeout(t1);
+        assert!(c.poll_close().is_none());
+    }
+
+    #[test]
+    fn results_go_out_in_completion_order_all_ready_frames_together() {
+        let (mut c, counters, t0) = connection(32);
+        receive(&mut c, &[frame("a"), frame("b"), frame("c")].concat(), t0);
+        let tickets = started(&mut c);
+        c.task_finished(tickets[2].0, ok("c"), t0);
+        c.task_finished(tickets[0].0, ok("a"), t0);
+        let ids: Vec<String> = written(&mut c, t0).into_iter().map(|r| r.task_id).collect();
+        assert_eq!(ids, ["c", "a"]);
+        assert_eq!(
+            counters
+                .frames_out
+                .load(std::sync::atomic::Ordering::Relaxed),
+            2
+        );
+        assert_eq!(c.in_flight(), 1);
+    }
+
+    #[test]
+    fn the_result_carries_the_tasks_own_id_whatever_the_handler_says() {
+        let (mut c, _, t0) = connection(32);
+        receive(&mut c, &[frame("mine"), frame("shared")].concat(), t0);
+        let tickets = started(&mut c);
+        c.task_finished(tickets[0].0, ok("not mine"), t0);
+        let shared = Arc::new(DetectionResult {
+            task_id: "someone else's".into(),
+            success: true,
+            ..Default::default()
+        });
+        c.task_finished(tickets[1].0, Ok(Reply::Shared(shared)), t0);
+        let results = written(&mut c, t0);
+        assert_eq!(results[0].task_id, "mine");
+        assert_eq!(results[1].task_id, "shared");
+        assert!(results[1].success);
+    }
+
+    #[test]
+    fn a_result_too_large_is_answered_with_its_size_and_the_limit() {
+        let counters = Arc::new(Counters::default());
+        let t0 = Instant::now();
+        let small = ConnectionLimits {
+            settings: FrameSettings {
+                max_frame_bytes: 1024,
+                ..FrameSettings::DEFAULT
+            },
+            ..limits(32)
+        };
+        let mut c = ServerConnection::new(small, counters.clone(), t0);
+        receive(&mut c, &frame("huge"), t0);
+        let [(ticket, _)] = started(&mut c)[..] else {
+            panic!()
+        };
+        let huge = DetectionResult {
+            error_message: Some("x".repeat(4000)),
+            ..Default::default()
+        };
+        c.task_finished(ticket, Ok(Reply::Owned(huge)), t0);
+        let answer = &written(&mut c, t0)[0];
+        assert_eq!(answer.task_id, "huge");
+        assert!(!answer.success);
+        let message = answer.error_message.as_deref().unwrap();
+        assert!(message.contains("max_frame_bytes = 1024"), "{message}");
+        assert_eq!(
+            counters
+                .oversize_results
+                .load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
+    }
+
+    #[test]
+    fn a_task_past_its_deadline_is_answered_stopped_and_frees_its_slot() {
+        let (mut c, counters, t0) = connection(1);
+        receive(&mut c, &[frame("stuck"), frame("next")].concat(), t0);
+        let [(ticket, _)] = started(&mut c)[..] else {
+            panic!()
+        };
+        assert_eq!(c.poll_timeout(), Some(t0 + TASK));
+        c.handle_timeout(t0 + TASK - Duration::from_nanos(1));
+        assert!(c.poll_event().is_none(), "not a moment early");
+
+        c.handle_timeout(t0 + TASK);
+        assert_eq!(c.poll_event(), Some(ServerEvent::CancelTask { ticket }));
+        let answer = &written(&mut c, t0 + TASK)[0];
+        assert_eq!(answer.task_id, "stuck");
+        assert!(!answer.success);
+        assert!(
+            answer
+                .error_message
+                .as_deref()
+                .unwrap()
+                .contains("within task_timeout_ms = 60000"),
+            "{answer:?}"
+        );
+        assert_eq!(
+            started(&mut c)[0].1,
+            "next",
+            "the slot went to the next task"
+        );
+        // The stopped handler's late finish is ignored.
+        c.task_finished(ticket, ok("stuck"), t0 + TASK + Duration::from_secs(1));
+        assert!(c.pending_output().is_empty());
+        assert_eq!(
+            counters
+                .task_timeouts
+                .load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
+    }
+
+    #[test]
+    fn a_panicking_handler_is_answered_with_an_error() {
+        let (mut c, counters, t0) = connection(32);
+        receive(&mut c, &frame("boom"), t0);
+        let [(ticket, _)] = started(&mut c)[..] else {
+            panic!()
+        };
+        c.task_finished(ticket, Err("panicked: oops".into()), t0);
+        let answer = &written(&mut c, t0)[0];
+        assert!(!answer.success);
+        assert!(
+            answer
+                .error_message
+                .as_deref()
+                .unwrap()
+                .contains("handler failed on this task (panicked: oops)")
+        );
+        assert_eq!(
+            counters
+                .handler_errors
+                .load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
+    }
+
+    #[test]
+    fn a_result_must_be_written_within_the_write_timeout() {
+        let (mut c, _, t0) = connection(32);
+        receive(&mut c, &frame("a"), t0);
+        let [(ticket, _)] = started(&mut c)[..] else {
+            panic!()
+        };
+        c.task_finished(ticket, ok("a"), t0);
+        c.on_written(3, t0 + Duration::from_secs(9));
+        assert_eq!(
+            c.poll_timeout(),
+            Some(t0 + WRITE),
+            "partial progress does not extend it"
+        );
+        c.handle_timeout(t0 + WRITE);
+        assert!(matches!(
+            closed_with(&mut c),
+            IpcError::WriteTimeout {
+                waited_ms: 10_000,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn bad_frames_close_the_connection_and_are_named() {
+        let t0 = Instant::now();
+        let mut corrupt = frame("x");
+        *corrupt.last_mut().unwrap() ^= 1;
+        let oversize = FrameHeader {
+            length: u32::MAX,
+            checksum: 0,
+        }
+        .to_bytes()
+        .to_vec();
+        let body = [0x0a, 100, b'x'];
+        let garbage = [
+            FrameHeader::for_body(&body, crate::Crc32Variant::Ieee)
+                .unwrap()
+                .to_bytes()
+                .to_vec(),
+            body.to_vec(),
+        ]
+        .concat();
+        for (bytes, expected) in [
+            (corrupt, "checksum mismatch"),
+            (oversize, "over the limit max_frame_bytes"),
+            (garbage, "not a valid DetectionTask"),
+        ] {
+            let (mut c, _, _) = connection(32);
+            receive(&mut c, &bytes, t0);
+            assert!(c.poll_event().is_none(), "no task from a bad frame");
+            let error = closed_with(&mut c).to_string();
+            assert!(error.contains(expected), "{error}");
+            assert_eq!(c.poll_timeout(), None);
+            assert!(!c.wants_read());
+        }
+    }
+
+    #[test]
+    fn a_peer_that_leaves_mid_frame_is_a_truncated_frame_and_between_frames_a_clean_end() {
+        let (mut c, _, t0) = connection(32);
+        let bytes = frame("cut");
+        receive(&mut c, &bytes[..bytes.len() - 1], t0);
+        c.on_eof(t0);
+        assert!(matches!(
+            closed_with(&mut c),
+            IpcError::TruncatedFrame { .. }
+        ));
+
+        let (mut c, _, t0) = connection(32);
+        receive(&mut c, &bytes, t0);
+        let [(ticket, _)] = started(&mut c)[..] else {
+            panic!()
+        };
+        c.on_eof(t0);
+        assert!(
+            c.poll_close().is_none(),
+            "the task in flight is answered first"
+        );
+        assert!(!c.wants_read());
+        c.task_finished(ticket, ok("cut"), t0);
+        written(&mut c, t0);
+        assert!(matches!(c.poll_close(), Some(Ok(()))));
+    }
+
+    #[test]
+    fn a_graceful_stop_answers_what_is_in_flight_and_reads_nothing_more() {
+        let (mut c, _, t0) = connection(32);
+        let second = frame("late");
+        receive(&mut c, &[frame("a"), second[..5].to_vec()].concat(), t0);
+        let [(ticket, _)] = started(&mut c)[..] else {
+            panic!()
+        };
+        c.stop_reading(t0);
+        assert!(!c.wants_read());
+        assert_eq!(c.poll_timeout(), Some(t0 + TASK), "no frame deadline now");
+        c.task_finished(ticket, ok("a"), t0);
+        assert!(c.poll_close().is_none(), "the result is not out yet");
+        assert_eq!(written(&mut c, t0)[0].task_id, "a");
+        assert!(matches!(c.poll_close(), Some(Ok(()))));
+        assert!(c.poll_close().is_none(), "reported once");
+    }
+}

@@ -1,0 +1,291 @@
+//! The legacy backend on Unix: non-blocking `std::os::unix::net` sockets,
+//! `poll(2)` for readiness, deadlines and wake-ups.
+
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use rustix::event::{PollFd, PollFlags, Timespec};
+use rustix::net::{SocketAddrUnix, SocketFlags};
+
+use super::Interest;
+use crate::endpoint::Endpoint;
+use crate::transport::PeerCredentials;
+
+/// The smallest and largest room read into at once. The room is zeroed
+/// before each read (safe code cannot hand the kernel uninitialised
+/// memory), so it adapts: it doubles while reads fill it and shrinks back
+/// when they do not, and a stream of small frames zeroes little.
+const MIN_READ: usize = 4 * 1024;
+const MAX_READ: usize = 256 * 1024;
+
+/// A listening socket, the one [`crate::endpoint::unix::bind`] made.
+#[derive(Debug)]
+pub(crate) struct Listener {
+    socket: UnixListener,
+}
+
+impl Listener {
+    pub(crate) fn wrap(socket: UnixListener) -> io::Result<Listener> {
+        socket.set_nonblocking(true)?;
+        Ok(Listener { socket })
+    }
+
+    /// The next connection if one is queued; `WouldBlock` if none is.
+    pub(crate) fn accept(&mut self) -> io::Result<Stream> {
+        let (socket, _address) = self.socket.accept()?;
+        Stream::new(socket)
+    }
+
+    /// Blocks until a connection may be queued (if `accepting`), `waker` is
+    /// woken, or `deadline` passes.
+    pub(crate) fn wait(
+        &mut self,
+        accepting: bool,
+        waker: &Waker,
+        deadline: Option<Instant>,
+    ) -> io::Result<()> {
+        let socket = accepting.then(|| (self.socket.as_fd(), PollFlags::IN));
+        wait(socket, waker, deadline)
+    }
+}
+
+/// One connected socket, server or client side, in non-blocking mode.
+#[derive(Debug)]
+pub(crate) struct Stream {
+    socket: UnixStream,
+    /// How much room the next read gets (see [`MIN_READ`]).
+    read_room: usize,
+}
+
+impl Stream {
+    fn new(socket: UnixStream) -> io::Result<Stream> {
+        socket.set_nonblocking(true)?;
+        Ok(Stream {
+            socket,
+            read_room: MIN_READ,
+        })
+    }
+
+    /// Reads what has arrived into the end of `buf`. `Ok(0)` is the end of
+    /// the stream; `WouldBlock` means nothing has arrived.
+    pub(crate) fn read_into(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
+        let start = buf.len();
+        buf.resize(start + self.read_room, 0);
+        let outcome = loop {
+            match self.socket.read(&mut buf[start..]) {
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+                other => break other,
+            }
+        };
+        let read = *outcome.as_ref().unwrap_or(&0);
+        buf.truncate(start + read);
+        self.read_room = if read == self.read_room {
+            (self.read_room * 2).min(MAX_READ)
+        } else {
+            read.next_power_of_two().clamp(MIN_READ, MAX_READ)
+        };
+        outcome
+    }
+
+    /// Writes as much of `data` as the socket takes now; `WouldBlock` if it
+    /// takes nothing.
+    pub(crate) fn write_from(&mut self, data: &[u8]) -> io::Result<usize> {
+        loop {
+            match self.socket.write(data) {
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+                other => return other,
+            }
+        }
+    }
+
+    /// Blocks until the socket is ready for what `interest` asks, `waker`
+    /// is woken, or `deadline` passes. A socket with no interest is not
+    /// watched at all (a peer that hung up meanwhile is noticed at the next
+    /// read or write, not by a poll that would keep returning at once).
+    pub(crate) fn wait(
+        &mut self,
+        interest: Interest,
+        waker: &Waker,
+        deadline: Option<Instant>,
+    ) -> io::Result<()> {
+        let mut flags = PollFlags::empty();
+        if interest.read {
+            flags |= PollFlags::IN;
+        }
+        if interest.write {
+            flags |= PollFlags::OUT;
+        }
+        let socket = (!flags.is_empty()).then(|| (self.socket.as_fd(), flags));
+        wait(socket, waker, deadline)
+    }
+
+    pub(crate) fn peer_credentials(&self) -> io::Result<PeerCredentials> {
+        peer_credentials(&self.socket)
+    }
+}
+
+/// Connects to `endpoint` without waiting: a server whose accept queue is
+/// full is `WouldBlock`, for the client to retry like a server not there
+/// yet.
+pub(crate) fn connect(endpoint: &Endpoint) -> io::Result<Stream> {
+    let socket = crate::endpoint::unix::new_socket(SocketFlags::NONBLOCK)?;
+    rustix::net::connect(&socket, &SocketAddrUnix::new(endpoint.path())?)?;
+    Stream::new(UnixStream::from(socket))
+}
+
+/// `SO_PEERCRED`: the peer's pid, uid and gid as of its connect.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+fn peer_credentials(socket: &UnixStream) -> io::Result<PeerCredentials> {
+    let credentials = rustix::net::sockopt::socket_peercred(socket)?;
+    Ok(PeerCredentials {
+        uid: Some(credentials.uid.as_raw()),
+        gid: Some(credentials.gid.as_raw()),
+        pid: u32::try_from(credentials.pid.as_raw_nonzero().get()).ok(),
+    })
+}
+
+/// `getpeereid`: the peer's effective uid and gid; these systems do not
+/// report a pid this way.
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+fn peer_credentials(socket: &UnixStream) -> io::Result<PeerCredentials> {
+    let (uid, gid) = nix::unistd::getpeereid(socket).map_err(io::Error::from)?;
+    Ok(PeerCredentials {
+        uid: Some(uid.as_raw()),
+        gid: Some(gid.as_raw()),
+        pid: None,
+    })
+}
+
+/// Wakes a thread blocked in a [`Stream::wait`] or [`Listener::wait`] from
+/// another thread: a byte written to a pipe that the wait watches. Cheap to
+/// clone; clones wake the same thread.
+#[derive(Debug, Clone)]
+pub(crate) struct Waker {
+    pipe: Arc<(OwnedFd, OwnedFd)>,
+}
+
+impl Waker {
+    pub(crate) fn new() -> io::Result<Waker> {
+        let pipe = pipe()?;
+        Ok(Waker {
+            pipe: Arc::new(pipe),
+        })
+    }
+
+    /// Makes the waiting thread's current or next wait return.
+    pub(crate) fn wake(&self) {
+        // A full pipe means a wake-up is pending already: nothing is lost.
+        let _ = rustix::io::write(&self.pipe.1, &[1]);
+    }
+
+    /// Empties the pipe, so the next wait blocks again.
+    fn drain(&self) {
+        let mut sink = [0u8; 64];
+        while matches!(rustix::io::read(&self.pipe.0, &mut sink), Ok(n) if n > 0) {}
+    }
+}
+
+/// A non-blocking, close-on-exec pipe (read end, write end).
+fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    #[cfg(not(target_vendor = "apple"))]
+    {
+        use rustix::pipe::PipeFlags;
+        Ok(rustix::pipe::pipe_with(
+            PipeFlags::CLOEXEC | PipeFlags::NONBLOCK,
+        )?)
+    }
+    #[cfg(target_vendor = "apple")]
+    {
+        let (read, write) = rustix::pipe::pipe()?;
+        for end in [&read, &write] {
+            rustix::io::fcntl_setfd(end, rustix::io::FdFlags::CLOEXEC)?;
+            rustix::io::ioctl_fionbio(end, true)?;
+        }
+        Ok((read, write))
+    }
+}
+
+/// Polls the waker and, if given, a socket for `flags`, until `deadline`.
+fn wait(
+    socket: Option<(std::os::fd::BorrowedFd<'_>, PollFlags)>,
+    waker: &Waker,
+    deadline: Option<Instant>,
+) -> io::Result<()> {
+    let mut fds = Vec::with_capacity(2);
+    fds.push(PollFd::new(&waker.pipe.0, PollFlags::IN));
+    if let Some((socket, flags)) = socket {
+        fds.push(PollFd::from_borrowed_fd(socket, flags));
+    }
+    let timeout = match deadline {
+        Some(deadline) => Some(timespec_until(deadline)?),
+        None => None,
+    };
+    match rustix::event::poll(&mut fds, timeout.as_ref()) {
+        Ok(_) | Err(rustix::io::Errno::INTR) => {}
+        Err(error) => return Err(error.into()),
+    }
+    if !fds[0].revents().is_empty() {
+        waker.drain();
+    }
+    Ok(())
+}
+
+/// The time left until `deadline`, rounded up to a whole millisecond, so a
+/// wait never ends just before its deadline and spins to reach it.
+fn timespec_until(deadline: Instant) -> io::Result<Timespec> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    let millis = left.as_nanos().div_ceil(1_000_000);
+    let rounded = Duration::from_millis(u64::try_from(millis).unwrap_or(u64::MAX));
+    Timespec::try_from(rounded).map_err(|_| io::ErrorKind::InvalidInput.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_waker_ends_a_wait_from_another_thread_and_then_resets() {
+        let waker = Waker::new().unwrap();
+        let remote = waker.clone();
+        let woken = std::thread::spawn(move || remote.wake());
+        // No socket, no deadline: only the waker can end this wait.
+        wait(None, &waker, None).unwrap();
+        woken.join().unwrap();
+        let started = Instant::now();
+        wait(None, &waker, Some(started + Duration::from_millis(20))).unwrap();
+        assert!(
+            started.elapsed() >= Duration::from_millis(20),
+            "drained: the second wait ran to its deadline"
+        );
+    }
+
+    #[test]
+    fn reads_adapt_their_room_to_what_arrives() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let mut reader = Stream::new(a).unwrap();
+        let mut writer = Stream::new(b).unwrap();
+        let mut buf = BytesMut::new();
+        assert_eq!(
+            reader.read_into(&mut buf).unwrap_err().kind(),
+            io::ErrorKind::WouldBlock
+        );
+        writer.write_from(&[7; MIN_READ]).unwrap();
+        assert_eq!(reader.read_into(&mut buf).unwrap(), MIN_READ);
+        assert_eq!(reader.read_room, MIN_READ * 2, "a full read doubles it");
+        writer.write_from(b"small").unwrap();
+        assert_eq!(reader.read_into(&mut buf).unwrap(), 5);
+        assert_eq!(reader.read_room, MIN_READ);
+        assert_eq!(buf.len(), MIN_READ + 5, "nothing but what was read is kept");
+        assert_eq!(&buf[MIN_READ..], b"small");
+        drop(writer);
+        assert_eq!(
+            reader.read_into(&mut buf).unwrap(),
+            0,
+            "the end of the stream"
+        );
+    }
+}

@@ -1,0 +1,668 @@
+//! The one module with `unsafe`: Windows calls with no safe wrapper in the
+//! crates we use, each behind a safe function or type.
+//!
+//! * Pipe instances with the owner-only security descriptor, the one way
+//!   the `tokio` and `legacy` backends create them
+//!   ([`create_pipe_instance`]), and their hand-over to Tokio.
+//! * Reading who owns a pipe a client has reached, so that the client can
+//!   refuse a pipe name squatted by another user ([`pipe_owner`]).
+//! * The `legacy` backend's overlapped pipe I/O ([`PipeIo`]), its events,
+//!   and the wait that puts a deadline on them ([`wait_any`]).
+
+#![allow(unsafe_code)]
+
+use std::ffi::c_void;
+use std::io;
+use std::os::windows::io::{AsRawHandle, BorrowedHandle, FromRawHandle, OwnedHandle};
+use std::ptr;
+
+use windows_sys::Win32::Foundation::{HANDLE, INVALID_HANDLE_VALUE, LocalFree};
+use windows_sys::Win32::Security::Authorization::{
+    ConvertSidToStringSidW, ConvertStringSecurityDescriptorToSecurityDescriptorW, GetSecurityInfo,
+    SDDL_REVISION_1, SE_KERNEL_OBJECT,
+};
+use windows_sys::Win32::Security::{
+    EqualSid, GetTokenInformation, IsWellKnownSid, OWNER_SECURITY_INFORMATION,
+    PSECURITY_DESCRIPTOR, PSID, SECURITY_ATTRIBUTES, TOKEN_INFORMATION_CLASS, TOKEN_OWNER,
+    TOKEN_QUERY, TOKEN_USER, TokenOwner, TokenUser, WinBuiltinAdministratorsSid, WinLocalSystemSid,
+};
+use windows_sys::Win32::Storage::FileSystem::{
+    FILE_FLAG_FIRST_PIPE_INSTANCE, FILE_FLAG_OVERLAPPED, PIPE_ACCESS_DUPLEX,
+};
+use windows_sys::Win32::System::Pipes::{
+    CreateNamedPipeW, PIPE_READMODE_BYTE, PIPE_REJECT_REMOTE_CLIENTS, PIPE_TYPE_BYTE,
+    PIPE_UNLIMITED_INSTANCES, PIPE_WAIT,
+};
+use windows_sys::Win32::System::Threading::{GetCurrentProcess, OpenProcessToken};
+
+#[cfg(feature = "ipc-legacy")]
+pub(crate) use self::overlapped::{Event, PipeIo, client_process_id, wait_any};
+
+// ---- pipe instances ---------------------------------------------------------
+
+/// A self-relative security descriptor owned by this value (freed on drop).
+struct SecurityDescriptor(PSECURITY_DESCRIPTOR);
+
+impl SecurityDescriptor {
+    /// Parses a security descriptor in SDDL.
+    fn from_sddl(sddl: &str) -> io::Result<SecurityDescriptor> {
+        let wide = wide(sddl);
+        let mut descriptor: PSECURITY_DESCRIPTOR = ptr::null_mut();
+        // SAFETY: `wide` is NUL-terminated UTF-16 that outlives the call;
+        // `descriptor` is a valid out-pointer; the size out-pointer may be null.
+        let ok = unsafe {
+            ConvertStringSecurityDescriptorToSecurityDescriptorW(
+                wide.as_ptr(),
+                SDDL_REVISION_1,
+                &mut descriptor,
+                ptr::null_mut(),
+            )
+        };
+        if ok == 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(SecurityDescriptor(descriptor))
+    }
+}
+
+impl Drop for SecurityDescriptor {
+    fn drop(&mut self) {
+        // SAFETY: the descriptor was allocated with LocalAlloc by
+        // ConvertStringSecurityDescriptorToSecurityDescriptorW and is freed
+        // exactly once, here.
+        unsafe {
+            LocalFree(self.0);
+        }
+    }
+}
+
+/// `text` as NUL-terminated UTF-16.
+fn wide(text: &str) -> Vec<u16> {
+    text.encode_utf16().chain(std::iter::once(0)).collect()
+}
+
+/// Pipe buffer size requested for each direction (Tokio's default too).
+pub(crate) const PIPE_BUFFER_BYTES: u32 = 64 * 1024;
+
+/// Creates one instance of the named pipe `name`, with the security
+/// descriptor `sddl`: duplex, byte mode, opened for overlapped I/O, 64 KiB
+/// buffers, remote clients refused (`PIPE_REJECT_REMOTE_CLIENTS`). With
+/// `first`, the creation fails if the name exists already
+/// (`FILE_FLAG_FIRST_PIPE_INSTANCE`), so a second server cannot start.
+pub(crate) fn create_pipe_instance(name: &str, first: bool, sddl: &str) -> io::Result<OwnedHandle> {
+    let descriptor = SecurityDescriptor::from_sddl(sddl)?;
+    let attributes = SECURITY_ATTRIBUTES {
+        nLength: std::mem::size_of::<SECURITY_ATTRIBUTES>() as u32,
+        lpSecurityDescriptor: descriptor.0,
+        bInheritHandle: 0,
+    };
+    let mut open_mode = PIPE_ACCESS_DUPLEX | FILE_FLAG_OVERLAPPED;
+    if first {
+        open_mode |= FILE_FLAG_FIRST_PIPE_INSTANCE;
+    }
+    let name = wide(name);
+    // SAFETY: `name` is NUL-terminated UTF-16 and `attributes` a properly
+    // sized SECURITY_ATTRIBUTES whose descriptor is valid; all outlive the
+    // call, which copies what it keeps.
+    let handle = unsafe {
+        CreateNamedPipeW(
+            name.as_ptr(),
+            open_mode,
+            PIPE_TYPE_BYTE | PIPE_READMODE_BYTE | PIPE_WAIT | PIPE_REJECT_REMOTE_CLIENTS,
+            PIPE_UNLIMITED_INSTANCES,
+            PIPE_BUFFER_BYTES,
+            PIPE_BUFFER_BYTES,
+            0,
+            &attributes,
+        )
+    };
+    if handle == INVALID_HANDLE_VALUE {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a valid handle just created for us, closed once by its owner.
+    Ok(unsafe { OwnedHandle::from_raw_handle(handle) })
+}
+
+/// Hands a pipe instance from [`create_pipe_instance`] to Tokio.
+#[cfg(feature = "ipc-tokio")]
+pub(crate) fn tokio_pipe_server(
+    instance: OwnedHandle,
+) -> io::Result<tokio::net::windows::named_pipe::NamedPipeServer> {
+    use std::os::windows::io::IntoRawHandle;
+    let raw = instance.into_raw_handle();
+    // SAFETY: `raw` is a named pipe server handle opened for overlapped I/O
+    // (create_pipe_instance), whose ownership passes to Tokio here: nothing
+    // else closes it. Must be called within a runtime, as the callers are.
+    unsafe { tokio::net::windows::named_pipe::NamedPipeServer::from_raw_handle(raw) }
+}
+
+// ---- who owns a pipe --------------------------------------------------------
+
+/// Who owns a named pipe: the account its first instance was created under
+/// (a server's descriptor names no owner, so Windows fills in the creator's).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct PipeOwner {
+    /// The owner's SID in string form, e.g. `S-1-5-18`.
+    pub(crate) sid: String,
+    /// The owner is this process's own account (its user, or the default
+    /// owner its token gives new objects), SYSTEM or Administrators: the
+    /// accounts a server's descriptor admits, and the only ones a client
+    /// trusts to serve it.
+    pub(crate) trusted: bool,
+}
+
+/// The owner of the pipe behind `handle`, read from its security descriptor
+/// (the handle needs `READ_CONTROL`, which `GENERIC_READ` includes).
+pub(crate) fn pipe_owner(handle: BorrowedHandle<'_>) -> io::Result<PipeOwner> {
+    let mut owner: PSID = ptr::null_mut();
+    let mut descriptor: PSECURITY_DESCRIPTOR = ptr::null_mut();
+    // SAFETY: the handle is open for the duration of the call (borrowed);
+    // the out-pointers are valid; group, DACL and SACL are not requested.
+    let status = unsafe {
+        GetSecurityInfo(
+            handle.as_raw_handle(),
+            SE_KERNEL_OBJECT,
+            OWNER_SECURITY_INFORMATION,
+            &mut owner,
+            ptr::null_mut(),
+            ptr::null_mut(),
+            ptr::null_mut(),
+            &mut descriptor,
+        )
+    };
+    if status != 0 {
+        return Err(io::Error::from_raw_os_error(status as i32));
+    }
+    // `owner` points into the descriptor: it lives as long as this guard.
+    let _descriptor = LocalAllocation(descriptor);
+    if owner.is_null() {
+        return Err(io::Error::other(
+            "the pipe's security descriptor names no owner",
+        ));
+    }
+    // SAFETY (both calls): `owner` is a valid SID inside the descriptor.
+    let well_known = |kind| unsafe { IsWellKnownSid(owner, kind) } != 0;
+    let trusted = well_known(WinLocalSystemSid)
+        || well_known(WinBuiltinAdministratorsSid)
+        || is_own_account(owner)?;
+    Ok(PipeOwner {
+        sid: sid_string(owner)?,
+        trusted,
+    })
+}
+
+/// Whether `sid` is one this process creates objects as: its user, or its
+/// token's default owner (the user, or Administrators for some elevated
+/// accounts; Wine uses a group of its own).
+fn is_own_account(sid: PSID) -> io::Result<bool> {
+    let mut raw_token: HANDLE = ptr::null_mut();
+    // SAFETY: GetCurrentProcess returns a pseudo-handle that needs no
+    // closing; `raw_token` is a valid out-pointer.
+    if unsafe { OpenProcessToken(GetCurrentProcess(), TOKEN_QUERY, &mut raw_token) } == 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the token handle was just opened for us and is closed once, by
+    // this owner.
+    let token = unsafe { OwnedHandle::from_raw_handle(raw_token) };
+    let user = token_information(&token, TokenUser)?;
+    let owner = token_information(&token, TokenOwner)?;
+    // SAFETY: each buffer holds the structure its class asked for, written
+    // by GetTokenInformation, aligned for it, and the SID it points to lies
+    // within the same buffer, alive for the comparison. `sid` is valid.
+    let matches = unsafe {
+        let user_sid = (*user.as_ptr().cast::<TOKEN_USER>()).User.Sid;
+        let owner_sid = (*owner.as_ptr().cast::<TOKEN_OWNER>()).Owner;
+        EqualSid(sid, user_sid) != 0 || EqualSid(sid, owner_sid) != 0
+    };
+    Ok(matches)
+}
+
+/// One class of information about `token`, in a buffer aligned for the
+/// pointers the structures hold.
+fn token_information(token: &OwnedHandle, class: TOKEN_INFORMATION_CLASS) -> io::Result<Vec<u64>> {
+    let mut needed = 0u32;
+    // SAFETY: a size query: no buffer, a valid out-pointer for the size. It
+    // fails with ERROR_INSUFFICIENT_BUFFER by design.
+    unsafe {
+        GetTokenInformation(
+            token.as_raw_handle(),
+            class,
+            ptr::null_mut(),
+            0,
+            &mut needed,
+        );
+    }
+    let mut buffer = vec![0u64; (needed as usize).div_ceil(8).max(1)];
+    let capacity = u32::try_from(buffer.len() * 8).unwrap_or(u32::MAX);
+    // SAFETY: `buffer` is writable for `capacity` bytes and 8-byte aligned;
+    // the token is open.
+    let filled = unsafe {
+        GetTokenInformation(
+            token.as_raw_handle(),
+            class,
+            buffer.as_mut_ptr().cast::<c_void>(),
+            capacity,
+            &mut needed,
+        )
+    };
+    if filled == 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(buffer)
+}
+
+/// `sid` as text (`S-1-5-...`).
+fn sid_string(sid: PSID) -> io::Result<String> {
+    let mut text: *mut u16 = ptr::null_mut();
+    // SAFETY: `sid` is a valid SID; `text` is a valid out-pointer.
+    if unsafe { ConvertSidToStringSidW(sid, &mut text) } == 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let _text = LocalAllocation(text.cast());
+    // SAFETY: the call above returned a NUL-terminated UTF-16 string, alive
+    // until the guard frees it; reads stop at the NUL.
+    let units = unsafe {
+        let length = (0..).take_while(|&i| *text.add(i) != 0).count();
+        std::slice::from_raw_parts(text, length)
+    };
+    Ok(String::from_utf16_lossy(units))
+}
+
+/// Memory a Win32 call allocated with `LocalAlloc` for us; freed on drop.
+struct LocalAllocation(*mut c_void);
+
+impl Drop for LocalAllocation {
+    fn drop(&mut self) {
+        // SAFETY: the pointer came from LocalAlloc (through the call that
+        // returned it) and is freed exactly once, here.
+        unsafe {
+            LocalFree(self.0);
+        }
+    }
+}
+
+// ---- overlapped pipe I/O (the legacy backend) -------------------------------
+
+#[cfg(feature = "ipc-legacy")]
+mod overlapped {
+    use std::io;
+    use std::os::windows::io::{AsHandle, AsRawHandle, BorrowedHandle, FromRawHandle, OwnedHandle};
+    use std::ptr;
+    use std::time::Duration;
+
+    use windows_sys::Win32::Foundation::{
+        ERROR_BROKEN_PIPE, ERROR_IO_INCOMPLETE, ERROR_IO_PENDING, ERROR_NO_DATA,
+        ERROR_PIPE_CONNECTED, HANDLE, WAIT_FAILED, WAIT_TIMEOUT,
+    };
+    use windows_sys::Win32::Storage::FileSystem::{ReadFile, WriteFile};
+    use windows_sys::Win32::System::IO::{CancelIoEx, GetOverlappedResult, OVERLAPPED};
+    use windows_sys::Win32::System::Pipes::{ConnectNamedPipe, GetNamedPipeClientProcessId};
+    use windows_sys::Win32::System::Threading::{
+        CreateEventW, INFINITE, SetEvent, WaitForMultipleObjects,
+    };
+
+    /// A Win32 event object.
+    #[derive(Debug)]
+    pub(crate) struct Event(OwnedHandle);
+
+    impl Event {
+        /// A new, unsignalled event. An auto-reset one unsignals itself when
+        /// a wait returns for it; a manual-reset one stays signalled until
+        /// the next overlapped operation that uses it starts.
+        pub(crate) fn new(manual_reset: bool) -> io::Result<Event> {
+            // SAFETY: no security attributes, no name: plain arguments.
+            let handle =
+                unsafe { CreateEventW(ptr::null(), i32::from(manual_reset), 0, ptr::null()) };
+            if handle.is_null() {
+                return Err(io::Error::last_os_error());
+            }
+            // SAFETY: a valid handle just created for us, closed once.
+            Ok(Event(unsafe { OwnedHandle::from_raw_handle(handle) }))
+        }
+
+        /// Signals the event.
+        pub(crate) fn set(&self) {
+            // SAFETY: the handle is a live event owned by `self`. Failure is
+            // impossible for a valid event handle.
+            unsafe {
+                SetEvent(self.0.as_raw_handle());
+            }
+        }
+
+        pub(crate) fn handle(&self) -> BorrowedHandle<'_> {
+            self.0.as_handle()
+        }
+    }
+
+    /// Waits until one of `handles` is signalled or `timeout` passes
+    /// (`None`: no limit).
+    pub(crate) fn wait_any(
+        handles: &[BorrowedHandle<'_>],
+        timeout: Option<Duration>,
+    ) -> io::Result<()> {
+        let raw: Vec<HANDLE> = handles.iter().map(AsRawHandle::as_raw_handle).collect();
+        let millis = match timeout {
+            // Rounded up, so a wait never ends just before its deadline.
+            Some(timeout) => u32::try_from(timeout.as_nanos().div_ceil(1_000_000))
+                .unwrap_or(INFINITE - 1)
+                .min(INFINITE - 1),
+            None => INFINITE,
+        };
+        // SAFETY: `raw` holds `raw.len()` (at most a handful) handles, each
+        // borrowed and so open for the call.
+        let outcome = unsafe { WaitForMultipleObjects(raw.len() as u32, raw.as_ptr(), 0, millis) };
+        if outcome == WAIT_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        debug_assert!(outcome == WAIT_TIMEOUT || (outcome as usize) < raw.len());
+        Ok(())
+    }
+
+    /// The process id of the client connected to a server pipe instance.
+    pub(crate) fn client_process_id(pipe: BorrowedHandle<'_>) -> io::Result<u32> {
+        let mut pid = 0u32;
+        // SAFETY: the handle is open (borrowed); `pid` is a valid out-pointer.
+        if unsafe { GetNamedPipeClientProcessId(pipe.as_raw_handle(), &mut pid) } == 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(pid)
+    }
+
+    /// One overlapped operation's state: its `OVERLAPPED` (whose event is
+    /// signalled on completion) and its buffer. Kept in a `Box` by
+    /// [`PipeIo`], so neither moves while the kernel may write to them.
+    struct Operation {
+        overlapped: OVERLAPPED,
+        event: Event,
+        buffer: Vec<u8>,
+        /// Issued and not yet seen complete: the kernel may use
+        /// `overlapped` and `buffer`.
+        pending: bool,
+    }
+
+    impl Operation {
+        fn new(buffer_size: usize) -> io::Result<Operation> {
+            let event = Event::new(true)?;
+            let overlapped = OVERLAPPED {
+                hEvent: event.0.as_raw_handle(),
+                ..OVERLAPPED::default()
+            };
+            Ok(Operation {
+                overlapped,
+                event,
+                buffer: vec![0; buffer_size],
+                pending: false,
+            })
+        }
+
+        /// Resets the `OVERLAPPED` for a new operation (keeping its event).
+        fn prepare(&mut self) -> *mut OVERLAPPED {
+            self.overlapped = OVERLAPPED {
+                hEvent: self.event.0.as_raw_handle(),
+                ..OVERLAPPED::default()
+            };
+            &mut self.overlapped
+        }
+    }
+
+    /// How an operation that was started turned out so far.
+    enum Started {
+        Pending,
+        Failed(io::Error),
+    }
+
+    /// After ReadFile/WriteFile/ConnectNamedPipe returned: an operation
+    /// that completed at once or is pending is `Pending` (its completion is
+    /// collected like any other, through GetOverlappedResult); anything else
+    /// failed and is not pending.
+    fn started(succeeded: bool) -> Started {
+        if succeeded {
+            return Started::Pending;
+        }
+        let error = io::Error::last_os_error();
+        if error.raw_os_error() == Some(ERROR_IO_PENDING as i32) {
+            Started::Pending
+        } else {
+            Started::Failed(error)
+        }
+    }
+
+    /// A pipe handle opened for overlapped I/O with one read and one write
+    /// slot. Dropping it cancels whatever is in flight and waits for the
+    /// kernel to let go of the buffers before freeing them, then closes
+    /// the handle.
+    pub(crate) struct PipeIo {
+        read: Box<Operation>,
+        write: Box<Operation>,
+        pipe: OwnedHandle,
+    }
+
+    // SAFETY: what is not Send in a PipeIo is the OVERLAPPED's raw fields:
+    // its event handle (a process-wide value owned by the same operation)
+    // and the kernel's bookkeeping. The kernel finds an operation by the
+    // OVERLAPPED's address, which the Box keeps fixed, so the PipeIo may
+    // move to, and be used from, another thread; it is used from one thread
+    // at a time (it is not Sync).
+    unsafe impl Send for PipeIo {}
+
+    impl std::fmt::Debug for PipeIo {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("PipeIo")
+                .field("pipe", &self.pipe)
+                .field("read_pending", &self.read.pending)
+                .field("write_pending", &self.write.pending)
+                .finish()
+        }
+    }
+
+    impl PipeIo {
+        /// `pipe` must have been opened with `FILE_FLAG_OVERLAPPED`.
+        pub(crate) fn new(pipe: OwnedHandle, buffer_size: usize) -> io::Result<PipeIo> {
+            Ok(PipeIo {
+                read: Box::new(Operation::new(buffer_size)?),
+                write: Box::new(Operation::new(buffer_size)?),
+                pipe,
+            })
+        }
+
+        pub(crate) fn handle(&self) -> BorrowedHandle<'_> {
+            self.pipe.as_handle()
+        }
+
+        /// The event signalled when the read (or connect) completes.
+        pub(crate) fn read_event(&self) -> BorrowedHandle<'_> {
+            self.read.event.handle()
+        }
+
+        /// The event signalled when the write completes.
+        pub(crate) fn write_event(&self) -> BorrowedHandle<'_> {
+            self.write.event.handle()
+        }
+
+        pub(crate) fn read_pending(&self) -> bool {
+            self.read.pending
+        }
+
+        pub(crate) fn write_pending(&self) -> bool {
+            self.write.pending
+        }
+
+        /// Server instance: starts waiting for a client (in the read slot).
+        /// `Ok(true)` if one is connected already.
+        pub(crate) fn start_connect(&mut self) -> io::Result<bool> {
+            debug_assert!(!self.read.pending);
+            let overlapped = self.read.prepare();
+            // SAFETY: the pipe is an open server instance; `overlapped` lives
+            // in a Box owned by `self`, which does not free it while the
+            // operation is pending (see Drop).
+            let ok = unsafe { ConnectNamedPipe(self.pipe.as_raw_handle(), overlapped) } != 0;
+            if !ok && io::Error::last_os_error().raw_os_error() == Some(ERROR_PIPE_CONNECTED as i32)
+            {
+                return Ok(true);
+            }
+            match started(ok) {
+                Started::Pending => {
+                    self.read.pending = true;
+                    Ok(false)
+                }
+                // A client that connected and left already: nothing to serve.
+                Started::Failed(error) if error.raw_os_error() == Some(ERROR_NO_DATA as i32) => {
+                    Err(io::ErrorKind::ConnectionAborted.into())
+                }
+                Started::Failed(error) => Err(error),
+            }
+        }
+
+        /// Starts reading into the read slot's buffer (if no read is in
+        /// flight).
+        pub(crate) fn start_read(&mut self) -> io::Result<()> {
+            if self.read.pending {
+                return Ok(());
+            }
+            let length = self.read.buffer.len() as u32;
+            let buffer = self.read.buffer.as_mut_ptr();
+            let overlapped = self.read.prepare();
+            // SAFETY: `buffer` is writable for `length` bytes; it and
+            // `overlapped` live in a Box owned by `self` and stay put (the
+            // buffer is never resized) until the operation completes or Drop
+            // has cancelled and awaited it.
+            let ok = unsafe {
+                ReadFile(
+                    self.pipe.as_raw_handle(),
+                    buffer,
+                    length,
+                    ptr::null_mut(),
+                    overlapped,
+                )
+            } != 0;
+            match started(ok) {
+                Started::Pending => {
+                    self.read.pending = true;
+                    Ok(())
+                }
+                Started::Failed(error) => Err(error),
+            }
+        }
+
+        /// Starts writing the first bytes of `data` (as many as the write
+        /// slot holds), if no write is in flight; returns how many were
+        /// handed to the kernel (0 if a write is in flight already).
+        pub(crate) fn start_write(&mut self, data: &[u8]) -> io::Result<usize> {
+            if self.write.pending || data.is_empty() {
+                return Ok(0);
+            }
+            let length = data.len().min(self.write.buffer.len());
+            self.write.buffer[..length].copy_from_slice(&data[..length]);
+            let buffer = self.write.buffer.as_ptr();
+            let overlapped = self.write.prepare();
+            // SAFETY: `buffer` holds `length` initialised bytes; it and
+            // `overlapped` stay put until the operation completes or Drop has
+            // cancelled and awaited it.
+            let ok = unsafe {
+                WriteFile(
+                    self.pipe.as_raw_handle(),
+                    buffer,
+                    length as u32,
+                    ptr::null_mut(),
+                    overlapped,
+                )
+            } != 0;
+            match started(ok) {
+                Started::Pending => {
+                    self.write.pending = true;
+                    Ok(length)
+                }
+                Started::Failed(error) => Err(error),
+            }
+        }
+
+        /// The read (or connect) in flight, if it has completed: the bytes
+        /// read (empty at the end of the stream, or for a connect).
+        pub(crate) fn poll_read(&mut self) -> Option<io::Result<&[u8]>> {
+            match self.poll(Slot::Read)? {
+                Ok(count) => Some(Ok(&self.read.buffer[..count])),
+                // The peer closed its end: the end of the stream.
+                Err(error) if error.raw_os_error() == Some(ERROR_BROKEN_PIPE as i32) => {
+                    Some(Ok(&[]))
+                }
+                Err(error) => Some(Err(error)),
+            }
+        }
+
+        /// The write in flight, if it has completed: the bytes written.
+        pub(crate) fn poll_write(&mut self) -> Option<io::Result<usize>> {
+            self.poll(Slot::Write)
+        }
+
+        fn poll(&mut self, slot: Slot) -> Option<io::Result<usize>> {
+            let operation = match slot {
+                Slot::Read => &mut self.read,
+                Slot::Write => &mut self.write,
+            };
+            if !operation.pending {
+                return None;
+            }
+            let mut count = 0u32;
+            // SAFETY: the operation was issued on this pipe with this
+            // OVERLAPPED; bWait = FALSE only asks how it stands.
+            let done = unsafe {
+                GetOverlappedResult(
+                    self.pipe.as_raw_handle(),
+                    &operation.overlapped,
+                    &mut count,
+                    0,
+                )
+            } != 0;
+            if !done {
+                let error = io::Error::last_os_error();
+                if error.raw_os_error() == Some(ERROR_IO_INCOMPLETE as i32) {
+                    return None;
+                }
+                operation.pending = false;
+                return Some(Err(error));
+            }
+            operation.pending = false;
+            Some(Ok(count as usize))
+        }
+
+        /// Cancels the operation in `slot`, if one is in flight, and waits
+        /// until the kernel has let go of its buffer.
+        fn cancel(&mut self, slot: Slot) {
+            let operation = match slot {
+                Slot::Read => &mut self.read,
+                Slot::Write => &mut self.write,
+            };
+            if !operation.pending {
+                return;
+            }
+            let mut count = 0u32;
+            // SAFETY: cancelling and then waiting (bWait = TRUE) for the one
+            // operation issued with this OVERLAPPED on this open pipe; after
+            // the wait the kernel no longer touches it or its buffer.
+            unsafe {
+                CancelIoEx(self.pipe.as_raw_handle(), &operation.overlapped);
+                GetOverlappedResult(
+                    self.pipe.as_raw_handle(),
+                    &operation.overlapped,
+                    &mut count,
+                    1,
+                );
+            }
+            operation.pending = false;
+        }
+    }
+
+    #[derive(Clone, Copy)]
+    enum Slot {
+        Read,
+        Write,
+    }
+
+    impl Drop for PipeIo {
+        fn drop(&mut self) {
+            self.cancel(Slot::Read);
+            self.cancel(Slot::Write);
+            // Then the fields drop: the buffers, then the pipe handle.
+        }
+    }
+}
