@@ -8,6 +8,7 @@ use std::fs;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt, symlink};
 use std::process::Output;
 
+use daemoneye_ipc::TransportKind;
 use support::*;
 
 fn mode(path: &std::path::Path) -> u32 {
@@ -36,29 +37,27 @@ fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
-#[test]
-fn the_directory_is_created_0700_and_the_socket_is_0600() {
-    for transport in transports() {
-        let endpoint = Endpoint::fresh();
-        let _server = ServerProcess::start(&endpoint.name, transport, &[]);
-        let socket = endpoint.path();
-        assert_eq!(
-            mode(socket.parent().unwrap()),
-            0o700,
-            "{transport}: directory mode"
-        );
-        assert!(
-            fs::symlink_metadata(socket)
-                .unwrap()
-                .file_type()
-                .is_socket()
-        );
-        assert_eq!(mode(socket), 0o600, "{transport}: socket mode");
-        assert_eq!(
-            fs::metadata(socket).unwrap().uid(),
-            rustix::process::geteuid().as_raw()
-        );
-    }
+each_backend!(the_directory_is_created_0700_and_the_socket_is_0600);
+fn the_directory_is_created_0700_and_the_socket_is_0600(transport: TransportKind) {
+    let endpoint = Endpoint::fresh();
+    let _server = ServerProcess::start(&endpoint.name, transport, &[]);
+    let socket = endpoint.path();
+    assert_eq!(
+        mode(socket.parent().unwrap()),
+        0o700,
+        "{transport}: directory mode"
+    );
+    assert!(
+        fs::symlink_metadata(socket)
+            .unwrap()
+            .file_type()
+            .is_socket()
+    );
+    assert_eq!(mode(socket), 0o600, "{transport}: socket mode");
+    assert_eq!(
+        fs::metadata(socket).unwrap().uid(),
+        rustix::process::geteuid().as_raw()
+    );
 }
 
 #[test]
@@ -246,68 +245,62 @@ fn an_abstract_namespace_name_is_refused_with_the_reason() {
     }
 }
 
-#[test]
-fn a_second_server_on_a_live_endpoint_is_refused() {
-    for transport in transports() {
-        let endpoint = Endpoint::fresh();
-        let first = ServerProcess::start(&endpoint.name, transport, &[]);
-        first.assert_second_servers_refused(&endpoint.name);
-    }
+each_backend!(a_second_server_on_a_live_endpoint_is_refused);
+fn a_second_server_on_a_live_endpoint_is_refused(transport: TransportKind) {
+    let endpoint = Endpoint::fresh();
+    let first = ServerProcess::start(&endpoint.name, transport, &[]);
+    first.assert_second_servers_refused(&endpoint.name);
 }
 
-#[test]
-fn a_stale_socket_left_by_kill_9_is_recovered() {
-    for transport in transports() {
-        let endpoint = Endpoint::fresh();
-        let mut crashed = ServerProcess::start(&endpoint.name, transport, &[]);
-        crashed.kill();
-        assert!(
-            fs::symlink_metadata(endpoint.path())
-                .unwrap()
-                .file_type()
-                .is_socket(),
-            "SIGKILL leaves the socket file behind"
-        );
-        let mut restarted = ServerProcess::start(&endpoint.name, transport, &[]);
-        assert!(
-            restarted.logs().contains("removed a stale socket"),
-            "{}",
-            restarted.logs()
-        );
-        let client = daemoneye_ipc::IpcClient::new(restarted.client_config(transport)).unwrap();
-        assert!(
-            block_on(client.send(quick_task("after-crash")))
-                .unwrap()
-                .success
-        );
-        assert!(restarted.terminate().success());
-    }
+each_backend!(a_stale_socket_left_by_kill_9_is_recovered);
+fn a_stale_socket_left_by_kill_9_is_recovered(transport: TransportKind) {
+    let endpoint = Endpoint::fresh();
+    let mut crashed = ServerProcess::start(&endpoint.name, transport, &[]);
+    crashed.kill();
+    assert!(
+        fs::symlink_metadata(endpoint.path())
+            .unwrap()
+            .file_type()
+            .is_socket(),
+        "SIGKILL leaves the socket file behind"
+    );
+    let mut restarted = ServerProcess::start(&endpoint.name, transport, &[]);
+    assert!(
+        restarted.logs().contains("removed a stale socket"),
+        "{}",
+        restarted.logs()
+    );
+    let client = daemoneye_ipc::IpcClient::new(restarted.client_config(transport)).unwrap();
+    assert!(
+        block_on(client.send(quick_task("after-crash")))
+            .unwrap()
+            .success
+    );
+    assert!(restarted.terminate().success());
 }
 
-#[test]
-fn sigterm_exits_0_and_removes_the_socket() {
-    for transport in transports() {
-        let endpoint = Endpoint::fresh();
-        let mut server = ServerProcess::start(&endpoint.name, transport, &[]);
-        assert!(endpoint.path().exists());
-        let status = server.terminate();
-        assert_eq!(status.code(), Some(0), "{transport}: {}", server.logs());
-        assert!(
-            !endpoint.path().exists(),
-            "{transport}: socket removed on clean shutdown"
-        );
-        assert!(
-            endpoint.path().parent().unwrap().exists(),
-            "the directory stays"
-        );
-    }
+each_backend!(sigterm_exits_0_and_removes_the_socket);
+fn sigterm_exits_0_and_removes_the_socket(transport: TransportKind) {
+    let endpoint = Endpoint::fresh();
+    let mut server = ServerProcess::start(&endpoint.name, transport, &[]);
+    assert!(endpoint.path().exists());
+    let status = server.terminate();
+    assert_eq!(status.code(), Some(0), "{transport}: {}", server.logs());
+    assert!(
+        !endpoint.path().exists(),
+        "{transport}: socket removed on clean shutdown"
+    );
+    assert!(
+        endpoint.path().parent().unwrap().exists(),
+        "the directory stays"
+    );
 }
 
+each_backend!(peers_of_another_uid_are_refused_unless_allowed);
 /// Peer credentials are checked even if the socket's mode is loosened by
 /// mistake: a client running as another uid is refused, and admitted only
 /// once allowed with --allow-uid. Needs root, to run the client as `nobody`.
-#[test]
-fn peers_of_another_uid_are_refused_unless_allowed() {
+fn peers_of_another_uid_are_refused_unless_allowed(transport: TransportKind) {
     require_root("runs a client as another uid");
     for allow in [false, true] {
         let endpoint = Endpoint::fresh();
@@ -323,7 +316,7 @@ fn peers_of_another_uid_are_refused_unless_allowed() {
         } else {
             &[]
         };
-        let mut server = ServerProcess::start(&endpoint.name, transports()[0], args);
+        let mut server = ServerProcess::start(&endpoint.name, transport, args);
         fs::set_permissions(endpoint.path(), fs::Permissions::from_mode(0o666)).unwrap();
 
         let output = {
@@ -331,6 +324,8 @@ fn peers_of_another_uid_are_refused_unless_allowed() {
             daemoneye_ipc()
                 .args([
                     "send",
+                    "--transport",
+                    transport.name(),
                     "--endpoint",
                     &endpoint.name,
                     "--task-id",
@@ -360,10 +355,10 @@ fn peers_of_another_uid_are_refused_unless_allowed() {
     }
 }
 
+each_backend!(the_client_refuses_a_server_running_as_another_uid_unless_allowed);
 /// The client checks who serves the endpoint: a server running as another
 /// (non-root) uid is refused before any task is sent, unless allowed.
-#[test]
-fn the_client_refuses_a_server_running_as_another_uid_unless_allowed() {
+fn the_client_refuses_a_server_running_as_another_uid_unless_allowed(transport: TransportKind) {
     require_root("runs a server as another uid");
     let endpoint = Endpoint::fresh();
     let dir = endpoint.path().parent().unwrap();
@@ -380,6 +375,7 @@ fn the_client_refuses_a_server_running_as_another_uid_unless_allowed() {
         let mut command = daemoneye_ipc();
         command
             .args(["serve", "--endpoint", &endpoint.name])
+            .args(["--transport", transport.name()])
             .env("RUST_LOG", "daemoneye_ipc=info")
             .stderr(std::process::Stdio::piped())
             .uid(NOBODY)
@@ -394,6 +390,8 @@ fn the_client_refuses_a_server_running_as_another_uid_unless_allowed() {
         daemoneye_ipc()
             .args([
                 "send",
+                "--transport",
+                transport.name(),
                 "--endpoint",
                 &endpoint.name,
                 "--task-id",

@@ -5,6 +5,7 @@ mod support;
 
 use std::time::Duration;
 
+use daemoneye_ipc::TransportKind;
 use support::*;
 
 async fn served_client(endpoint: &str, id: &str) -> RawClient {
@@ -14,12 +15,16 @@ async fn served_client(endpoint: &str, id: &str) -> RawClient {
     client
 }
 
-#[test]
-fn a_third_client_is_not_served_while_two_are_held_and_is_closed_after_the_accept_timeout() {
+each_backend!(
+    a_third_client_is_not_served_while_two_are_held_and_is_closed_after_the_accept_timeout
+);
+fn a_third_client_is_not_served_while_two_are_held_and_is_closed_after_the_accept_timeout(
+    transport: TransportKind,
+) {
     let endpoint = Endpoint::fresh();
     let mut server = ServerProcess::start(
         &endpoint.name,
-        transports()[0],
+        transport,
         &["--max-connections", "2", "--accept-timeout-ms", "1000"],
     );
     block_on(async {
@@ -42,16 +47,22 @@ fn a_third_client_is_not_served_while_two_are_held_and_is_closed_after_the_accep
             waited >= Duration::from_millis(900),
             "closed before accept_timeout_ms: {waited:?}"
         );
+        assert!(
+            waited < Duration::from_millis(5 * 1000),
+            "closed long after accept_timeout_ms: {waited:?}"
+        );
     });
     server.wait_for_log("no connection slot freed in time", 1);
 }
 
-#[test]
-fn a_waiting_client_is_served_as_soon_as_a_slot_frees() {
+each_backend!(a_waiting_client_is_served_as_soon_as_a_slot_frees);
+/// The third client waits (its task is not read while both slots are held)
+/// and is served once the first leaves.
+fn a_waiting_client_is_served_as_soon_as_a_slot_frees(transport: TransportKind) {
     let endpoint = Endpoint::fresh();
-    let server = ServerProcess::start(
+    let mut server = ServerProcess::start(
         &endpoint.name,
-        transports()[0],
+        transport,
         &["--max-connections", "2", "--accept-timeout-ms", "15000"],
     );
     block_on(async {
@@ -63,23 +74,31 @@ fn a_waiting_client_is_served_as_soon_as_a_slot_frees() {
             .write(&frame_bytes(&quick_task("third")))
             .await
             .unwrap();
+        tokio::task::block_in_place(|| server.wait_for_log("all slots taken; waiting for one", 1));
+        #[cfg(unix)]
+        assert_eq!(
+            server.counters()["frames_in"],
+            2,
+            "the waiting client's task is not read while it waits"
+        );
         drop(first);
         let answer = third.read_result(PATIENCE).await;
         assert_eq!(answer.task_id, "third");
     });
 }
 
+#[cfg(target_os = "linux")]
+each_backend!(accept_errors_back_off_instead_of_spinning_and_recover);
 /// With its file descriptors exhausted, the server's accept fails again and
 /// again (the connection stays queued): it must back off between attempts,
 /// not spin, and recover once descriptors free up.
 #[cfg(target_os = "linux")]
-#[test]
-fn accept_errors_back_off_instead_of_spinning_and_recover() {
+fn accept_errors_back_off_instead_of_spinning_and_recover(transport: TransportKind) {
     use rustix::process::{Pid, Resource, Rlimit, prlimit};
     use std::time::Instant;
 
     let endpoint = Endpoint::fresh();
-    let mut server = ServerProcess::start(&endpoint.name, transports()[0], &[]);
+    let mut server = ServerProcess::start(&endpoint.name, transport, &[]);
     let pid = Pid::from_raw(server.pid() as i32).unwrap();
     let open_fds = std::fs::read_dir(format!("/proc/{}/fd", server.pid()))
         .unwrap()

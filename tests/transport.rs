@@ -3,41 +3,40 @@
 
 mod support;
 
-use daemoneye_ipc::{IpcClient, TaskType};
+use daemoneye_ipc::{IpcClient, TaskType, TransportKind};
 use support::*;
 
-#[test]
-fn every_backend_round_trips_and_interoperates_with_every_other() {
-    for server_transport in transports() {
-        let endpoint = Endpoint::fresh();
-        let server = ServerProcess::start(&endpoint.name, server_transport, &[]);
-        assert!(
-            server
-                .logs()
-                .contains(&format!("transport={server_transport}")),
-            "the active transport is logged at start: {}",
-            server.logs()
+each_backend!(every_backend_round_trips_and_interoperates_with_every_other);
+fn every_backend_round_trips_and_interoperates_with_every_other(transport: TransportKind) {
+    let server_transport = transport;
+    let endpoint = Endpoint::fresh();
+    let server = ServerProcess::start(&endpoint.name, server_transport, &[]);
+    assert!(
+        server
+            .logs()
+            .contains(&format!("transport={server_transport}")),
+        "the active transport is logged at start: {}",
+        server.logs()
+    );
+    for client_transport in transports() {
+        let client = IpcClient::new(server.client_config(client_transport)).unwrap();
+        let task_id = format!("{server_transport}-serves-{client_transport}");
+        let result = block_on(client.send(quick_task(&task_id))).unwrap();
+        assert_eq!(result.task_id, task_id);
+        assert!(result.success, "{result:?}");
+        assert_eq!(
+            result.processes.len(),
+            1,
+            "exactly this test process: {result:?}"
         );
-        for client_transport in transports() {
-            let client = IpcClient::new(server.client_config(client_transport)).unwrap();
-            let task_id = format!("{server_transport}-serves-{client_transport}");
-            let result = block_on(client.send(quick_task(&task_id))).unwrap();
-            assert_eq!(result.task_id, task_id);
-            assert!(result.success, "{result:?}");
-            assert_eq!(
-                result.processes.len(),
-                1,
-                "exactly this test process: {result:?}"
-            );
-            assert_eq!(result.processes[0].pid, std::process::id());
-        }
+        assert_eq!(result.processes[0].pid, std::process::id());
     }
 }
 
-#[test]
-fn an_unsupported_task_type_is_answered_and_the_connection_stays_usable() {
+each_backend!(an_unsupported_task_type_is_answered_and_the_connection_stays_usable);
+fn an_unsupported_task_type_is_answered_and_the_connection_stays_usable(transport: TransportKind) {
     let endpoint = Endpoint::fresh();
-    let server = ServerProcess::start(&endpoint.name, transports()[0], &[]);
+    let server = ServerProcess::start(&endpoint.name, transport, &[]);
     block_on(async {
         let mut raw = RawClient::connect(&server.endpoint).await;
         let mut task = quick_task("unsupported");
@@ -58,10 +57,10 @@ fn an_unsupported_task_type_is_answered_and_the_connection_stays_usable() {
     });
 }
 
-#[test]
-fn pipelined_tasks_on_one_connection_are_answered_by_id() {
+each_backend!(pipelined_tasks_on_one_connection_are_answered_by_id);
+fn pipelined_tasks_on_one_connection_are_answered_by_id(transport: TransportKind) {
     let endpoint = Endpoint::fresh();
-    let server = ServerProcess::start(&endpoint.name, transports()[0], &[]);
+    let server = ServerProcess::start(&endpoint.name, transport, &[]);
     block_on(async {
         let mut raw = RawClient::connect(&server.endpoint).await;
         // Five frames in one write: the server must take them apart.
@@ -81,51 +80,51 @@ fn pipelined_tasks_on_one_connection_are_answered_by_id() {
     });
 }
 
-#[test]
-fn concurrent_sends_share_one_client_and_each_gets_its_own_result() {
+each_backend!(concurrent_sends_share_one_client_and_each_gets_its_own_result);
+fn concurrent_sends_share_one_client_and_each_gets_its_own_result(transport: TransportKind) {
     let endpoint = Endpoint::fresh();
-    let server = ServerProcess::start(&endpoint.name, transports()[0], &[]);
-    let client = IpcClient::new(server.client_config(transports()[0])).unwrap();
-    let file = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(file.path(), vec![7u8; 256 * 1024]).unwrap();
-    let hash_path = file.path().to_string_lossy().into_owned();
-    block_on(async {
+    let server = ServerProcess::start(&endpoint.name, transport, &[]);
+    let client = IpcClient::new(server.client_config(transport)).unwrap();
+    // Sixteen files of different contents and sizes: every answer differs
+    // from every other, so an answer given to the wrong task shows.
+    let files: Vec<tempfile::NamedTempFile> = (0..16u8)
+        .map(|i| {
+            let file = tempfile::NamedTempFile::new().unwrap();
+            std::fs::write(file.path(), vec![i; 16 * 1024 * (1 + usize::from(i))]).unwrap();
+            file
+        })
+        .collect();
+    let hashes = block_on(async {
         let mut sends = tokio::task::JoinSet::new();
-        for i in 0..16 {
+        for (i, file) in files.iter().enumerate() {
             let client = client.clone();
-            let hash_path = hash_path.clone();
+            let path = file.path().to_string_lossy().into_owned();
             sends.spawn(async move {
-                let task = if i % 2 == 0 {
-                    quick_task(&format!("enum-{i}"))
-                } else {
-                    daemoneye_ipc::DetectionTask {
-                        task_id: format!("hash-{i}"),
-                        task_type: TaskType::CheckProcessHash.into(),
-                        hash_check: Some(daemoneye_ipc::proto::HashCheck {
-                            executable_path: hash_path,
-                            ..Default::default()
-                        }),
+                let task = daemoneye_ipc::DetectionTask {
+                    task_id: format!("hash-{i}"),
+                    task_type: TaskType::CheckProcessHash.into(),
+                    hash_check: Some(daemoneye_ipc::proto::HashCheck {
+                        executable_path: path.clone(),
                         ..Default::default()
-                    }
+                    }),
+                    ..Default::default()
                 };
-                (task.task_id.clone(), client.send(task).await.unwrap())
+                (task.task_id.clone(), path, client.send(task).await.unwrap())
             });
         }
+        let mut hashes = std::collections::HashSet::new();
         while let Some(joined) = sends.join_next().await {
-            let (task_id, result) = joined.unwrap();
+            let (task_id, path, result) = joined.unwrap();
             assert_eq!(result.task_id, task_id);
             assert!(result.success, "{result:?}");
-            if task_id.starts_with("hash") {
-                assert_eq!(
-                    result.hash_result.unwrap().hash_value.len(),
-                    64,
-                    "a sha256 for {task_id}"
-                );
-            } else {
-                assert_eq!(result.processes.len(), 1, "a process list for {task_id}");
-            }
+            let hash = result.hash_result.unwrap();
+            assert_eq!(hash.file_path, path, "{task_id} got another task's answer");
+            assert_eq!(hash.hash_value.len(), 64, "a sha256 for {task_id}");
+            hashes.insert(hash.hash_value);
         }
+        hashes
     });
+    assert_eq!(hashes.len(), 16, "sixteen different files, sixteen hashes");
     let accepted = server.logs().matches("serving").count();
     assert_eq!(
         accepted,
@@ -138,14 +137,16 @@ fn concurrent_sends_share_one_client_and_each_gets_its_own_result() {
 mod cli {
     use super::*;
 
-    #[test]
-    fn send_prints_the_result_as_json_with_proto_field_names() {
+    each_backend!(send_prints_the_result_as_json_with_proto_field_names);
+    fn send_prints_the_result_as_json_with_proto_field_names(transport: TransportKind) {
         let endpoint = Endpoint::fresh();
-        let server = ServerProcess::start(&endpoint.name, transports()[0], &[]);
+        let server = ServerProcess::start(&endpoint.name, transport, &[]);
         let me = std::process::id().to_string();
         let output = daemoneye_ipc()
             .args([
                 "send",
+                "--transport",
+                transport.name(),
                 "--endpoint",
                 &server.endpoint,
                 "--task-id",
@@ -178,10 +179,10 @@ mod cli {
         }
     }
 
-    #[test]
-    fn send_hashes_a_file_and_reports_a_mismatch() {
+    each_backend!(send_hashes_a_file_and_reports_a_mismatch);
+    fn send_hashes_a_file_and_reports_a_mismatch(transport: TransportKind) {
         let endpoint = Endpoint::fresh();
-        let server = ServerProcess::start(&endpoint.name, transports()[0], &[]);
+        let server = ServerProcess::start(&endpoint.name, transport, &[]);
         let file = tempfile::NamedTempFile::new().unwrap();
         std::fs::write(file.path(), b"abc").unwrap();
         let abc = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
@@ -189,6 +190,7 @@ mod cli {
         for (expected, matches) in [(abc, true), ("0000", false)] {
             let output = daemoneye_ipc()
                 .args(["send", "--endpoint", &server.endpoint, "--task-id", "h"])
+                .args(["--transport", transport.name()])
                 .args(["--hash-path", &path, "--expected-hash", expected])
                 .output()
                 .unwrap();
@@ -204,12 +206,14 @@ mod cli {
         }
     }
 
-    #[test]
-    fn send_without_a_server_fails_in_one_line_naming_the_endpoint() {
+    each_backend!(send_without_a_server_fails_in_one_line_naming_the_endpoint);
+    fn send_without_a_server_fails_in_one_line_naming_the_endpoint(transport: TransportKind) {
         let endpoint = Endpoint::fresh();
         let output = daemoneye_ipc()
             .args([
                 "send",
+                "--transport",
+                transport.name(),
                 "--endpoint",
                 &endpoint.name,
                 "--task-id",
@@ -238,12 +242,13 @@ mod cli {
         assert!(String::from_utf8_lossy(&output.stderr).contains("empty task_id"));
     }
 
-    #[test]
-    fn ping_reports_the_round_trip() {
+    each_backend!(ping_reports_the_round_trip);
+    fn ping_reports_the_round_trip(transport: TransportKind) {
         let endpoint = Endpoint::fresh();
-        let server = ServerProcess::start(&endpoint.name, transports()[0], &[]);
+        let server = ServerProcess::start(&endpoint.name, transport, &[]);
         let output = daemoneye_ipc()
             .args(["ping", "--endpoint", &server.endpoint, "--count", "3"])
+            .args(["--transport", transport.name()])
             .output()
             .unwrap();
         assert!(
@@ -253,7 +258,7 @@ mod cli {
         );
         let stdout = String::from_utf8(output.stdout).unwrap();
         assert!(
-            stdout.contains(&format!("transport={}", transports()[0])),
+            stdout.contains(&format!("transport={}", transport)),
             "{stdout}"
         );
         assert_eq!(stdout.matches("round trip ").count(), 3, "{stdout}");

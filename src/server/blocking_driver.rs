@@ -126,11 +126,17 @@ struct Acceptor<H> {
     tasks: TaskTracker,
 }
 
-/// An accepted connection waiting for a slot.
-struct Waiting {
+/// An accepted connection, with the waker its thread will use.
+struct Accepted {
     stream: Stream,
+    waker: Waker,
     id: u64,
     peer: PeerCredentials,
+}
+
+/// An accepted connection waiting for a slot.
+struct Waiting {
+    accepted: Accepted,
     deadline: Instant,
 }
 
@@ -140,11 +146,15 @@ impl<H: TaskHandler> Acceptor<H> {
         let mut waiting: HashMap<ArrivalId, Waiting> = HashMap::new();
         let mut backoff = Backoff::new(ACCEPT_BACKOFF_MIN, ACCEPT_BACKOFF_MAX);
         let mut retry_at: Option<Instant> = None;
+        // The waker of the next connection's thread, made before accepting:
+        // short of descriptors, it is the accept that waits (and backs off),
+        // not a connection accepted and then dropped.
+        let mut spare: Option<Waker> = None;
         while !self.shared.stop_reading.is_cancelled() {
             // Waiters a freed slot went to.
             while let Ok(arrival) = admitted.try_recv() {
                 if let Some(admitted) = waiting.remove(&arrival) {
-                    self.serve(admitted.stream, admitted.id, admitted.peer);
+                    self.serve(admitted.accepted);
                 }
             }
             // Waiters whose time is up.
@@ -157,8 +167,8 @@ impl<H: TaskHandler> Acceptor<H> {
             for arrival in expired {
                 // Not withdrawn: admitted just now, and in the channel.
                 if self.shared.slots.withdraw(arrival) {
-                    let waiter = waiting.remove(&arrival).expect("listed above");
-                    let _span = connection_span(waiter.id, &Ok(waiter.peer)).entered();
+                    let accepted = waiting.remove(&arrival).expect("listed above").accepted;
+                    let _span = connection_span(accepted.id, &Ok(accepted.peer)).entered();
                     self.shared.refused_for_limit();
                 }
             }
@@ -166,12 +176,21 @@ impl<H: TaskHandler> Acceptor<H> {
                 retry_at = None;
             }
             if retry_at.is_none() {
-                match self.listener.accept() {
-                    Ok(stream) => {
+                let accepted = match spare.take() {
+                    Some(waker) => self.listener.accept().map(|stream| (stream, waker)),
+                    None => Waker::new().and_then(|waker| {
+                        spare = Some(waker);
+                        Err(std::io::ErrorKind::Interrupted.into())
+                    }),
+                };
+                match accepted {
+                    Ok((stream, waker)) => {
                         backoff.reset();
-                        self.arrive(stream, &admitted_tx, &mut waiting);
+                        self.arrive(stream, waker, &admitted_tx, &mut waiting);
                         continue;
                     }
+                    // A spare waker was just made: accept now.
+                    Err(error) if error.kind() == std::io::ErrorKind::Interrupted => continue,
                     Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {}
                     Err(error) => {
                         // Typically EMFILE/ENFILE: retrying at once would spin.
@@ -209,6 +228,7 @@ impl<H: TaskHandler> Acceptor<H> {
     fn arrive(
         &mut self,
         stream: Stream,
+        waker: Waker,
         admitted: &mpsc::Sender<ArrivalId>,
         waiting: &mut HashMap<ArrivalId, Waiting>,
     ) {
@@ -231,22 +251,20 @@ impl<H: TaskHandler> Acceptor<H> {
                 delivered
             }
         };
+        let accepted = Accepted {
+            stream,
+            waker,
+            id,
+            peer: credentials,
+        };
         match self.shared.slots.arrive(handoff) {
-            Admitted::Now => self.serve(stream, id, credentials),
+            Admitted::Now => self.serve(accepted),
             Admitted::Later {
                 id: arrival,
                 deadline,
             } => {
                 tracing::debug!("all slots taken; waiting for one");
-                waiting.insert(
-                    arrival,
-                    Waiting {
-                        stream,
-                        id,
-                        peer: credentials,
-                        deadline,
-                    },
-                );
+                waiting.insert(arrival, Waiting { accepted, deadline });
             }
             Admitted::Refused => self.shared.refused_for_limit(),
         }
@@ -254,16 +272,13 @@ impl<H: TaskHandler> Acceptor<H> {
 
     /// Starts the thread that serves an admitted connection (holding its
     /// slot until it ends).
-    fn serve(&self, stream: Stream, id: u64, peer: PeerCredentials) {
-        let waker = match Waker::new() {
-            Ok(waker) => waker,
-            Err(error) => {
-                let _span = connection_span(id, &Ok(peer)).entered();
-                tracing::warn!(%error, "cannot serve the connection");
-                self.shared.slots.release();
-                return;
-            }
-        };
+    fn serve(&self, accepted: Accepted) {
+        let Accepted {
+            stream,
+            waker,
+            id,
+            peer,
+        } = accepted;
         self.wake.register(id, waker.clone());
         let worker = Worker {
             stream,
@@ -274,7 +289,6 @@ impl<H: TaskHandler> Acceptor<H> {
             _token: self.tasks.token(),
         };
         let wake = self.wake.clone();
-        let shared = self.shared.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("daemoneye-ipc-conn-{id}"))
             .spawn(move || {
@@ -284,9 +298,9 @@ impl<H: TaskHandler> Acceptor<H> {
             });
         if let Err(error) = spawned {
             let _span = connection_span(id, &Ok(peer)).entered();
-            tracing::warn!(%error, "cannot start a thread for the connection");
+            tracing::warn!(%error, "cannot start a thread for the connection; closing it");
             self.wake.unregister(id);
-            shared.slots.release();
+            self.shared.slots.release();
         }
     }
 }

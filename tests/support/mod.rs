@@ -39,6 +39,67 @@ pub fn transports() -> Vec<TransportKind> {
     TransportKind::compiled().collect()
 }
 
+/// Runs the test function `NAME(transport: TransportKind)` once per
+/// compiled-in backend, as the tests `NAME::interprocess`, `NAME::tokio` and
+/// `NAME::legacy` (those built in). Every backend gets every test that
+/// applies, written once, as a plain function:
+///
+/// ```ignore
+/// each_backend!(a_bad_frame_closes_the_connection);
+/// /// What the test shows.
+/// fn a_bad_frame_closes_the_connection(transport: TransportKind) { ... }
+///
+/// each_backend!(async answers_come_back_as_they_complete);
+/// async fn answers_come_back_as_they_complete(transport: TransportKind) { ... }
+/// ```
+///
+/// An `async fn` runs on a fresh two-worker Tokio runtime.
+#[macro_export]
+macro_rules! each_backend {
+    (async $name:ident) => {
+        $crate::each_backend!(@tests $name, |transport| {
+            $crate::support::runtime().block_on(super::$name(transport))
+        });
+    };
+    ($name:ident) => {
+        $crate::each_backend!(@tests $name, |transport| super::$name(transport));
+    };
+    (@tests $name:ident, |$transport:ident| $run:expr) => {
+        mod $name {
+            #[cfg(feature = "ipc-interprocess")]
+            #[test]
+            fn interprocess() {
+                let $transport = daemoneye_ipc::TransportKind::Interprocess;
+                $run
+            }
+
+            #[cfg(feature = "ipc-tokio")]
+            #[test]
+            fn tokio() {
+                let $transport = daemoneye_ipc::TransportKind::Tokio;
+                $run
+            }
+
+            #[cfg(feature = "ipc-legacy")]
+            #[test]
+            fn legacy() {
+                let $transport = daemoneye_ipc::TransportKind::Legacy;
+                $run
+            }
+        }
+    };
+}
+
+/// A fresh multi-threaded runtime with two workers (the machines the tests
+/// run on have two cores).
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
 /// A fresh endpoint: a socket in a private temporary directory (Unix), or a
 /// uniquely named pipe (Windows). Keep the directory alive with the endpoint.
 pub struct Endpoint {
@@ -205,6 +266,30 @@ impl ServerProcess {
         let pid = Pid::from_raw(self.child.id() as i32).unwrap();
         kill_process(pid, Signal::TERM).unwrap();
         self.wait_for_exit()
+    }
+
+    /// The server's counters, as `serve` logs them on SIGUSR1: every
+    /// numeric field of that log line, by name (`accepted`, `bytes_in`, ...).
+    #[cfg(unix)]
+    pub fn counters(&mut self) -> std::collections::HashMap<String, u64> {
+        use rustix::process::{Pid, Signal, kill_process};
+        const MARKER: &str = ": counters ";
+        let before = self.logs().matches(MARKER).count();
+        let pid = Pid::from_raw(self.child.id() as i32).unwrap();
+        kill_process(pid, Signal::USR1).unwrap();
+        self.wait_for_log(MARKER, before + 1);
+        let logs = self.logs();
+        let line = logs
+            .lines()
+            .filter(|line| line.contains(MARKER))
+            .nth(before)
+            .expect("the counters line just waited for");
+        line.split_whitespace()
+            .filter_map(|field| {
+                let (name, value) = field.split_once('=')?;
+                Some((name.to_owned(), value.parse().ok()?))
+            })
+            .collect()
     }
 
     /// SIGKILL: no cleanup runs.
@@ -413,10 +498,5 @@ pub async fn eventually<T>(
 
 /// Runs `future` on a fresh multi-threaded runtime.
 pub fn block_on<F: std::future::Future>(future: F) -> F::Output {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(future)
+    runtime().block_on(future)
 }

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use clap::Args;
-use daemoneye_ipc::IpcServer;
+use daemoneye_ipc::{IpcServer, ServerStats};
 
 use crate::collector::Collector;
 use crate::{ConfigArgs, Failure};
@@ -35,22 +35,66 @@ impl ServeCmd {
             .bind(move |task| collector.clone().handle(task))
             .await
             .map_err(Failure::runtime)?;
-        let signal = stop.recv().await.map_err(Failure::runtime)?;
+        let signal = loop {
+            match stop.recv().await.map_err(Failure::runtime)? {
+                Signal::Stop(signal) => break signal,
+                Signal::Counters => log_counters(&server.stats(), "requested (SIGUSR1)"),
+            }
+        };
         tracing::info!(signal, "stop requested");
         let report = server
             .shutdown(Duration::from_millis(self.shutdown_grace_ms))
             .await;
-        tracing::info!(drained = report.drained, stats = ?report.stats, "stopped");
+        log_counters(&report.stats, "at shutdown");
+        tracing::info!(drained = report.drained, "stopped");
         Ok(())
     }
 }
 
-/// SIGINT and SIGTERM (Ctrl-C and Ctrl-Break on Windows), hooked at once.
+/// The server's counters as one log line, each counter a field.
+fn log_counters(stats: &ServerStats, when: &str) {
+    tracing::info!(
+        when,
+        transport = stats.transport,
+        accepted = stats.accepted,
+        rejected_limit = stats.rejected_limit,
+        rejected_peer = stats.rejected_peer,
+        active = stats.active,
+        frames_in = stats.frames_in,
+        frames_out = stats.frames_out,
+        bytes_in = stats.bytes_in,
+        bytes_out = stats.bytes_out,
+        crc_errors = stats.crc_errors,
+        oversize_frames = stats.oversize_frames,
+        malformed_frames = stats.malformed_frames,
+        truncated_frames = stats.truncated_frames,
+        read_timeouts = stats.read_timeouts,
+        write_timeouts = stats.write_timeouts,
+        oversize_results = stats.oversize_results,
+        handler_errors = stats.handler_errors,
+        task_timeouts = stats.task_timeouts,
+        accept_errors = stats.accept_errors,
+        "counters"
+    );
+}
+
+/// What a signal asks for.
+enum Signal {
+    /// Stop, named.
+    Stop(&'static str),
+    /// Log the counters (SIGUSR1).
+    Counters,
+}
+
+/// SIGINT and SIGTERM (Ctrl-C and Ctrl-Break on Windows) to stop, and on
+/// Unix SIGUSR1 for the counters, all hooked at once.
 struct StopSignals {
     #[cfg(unix)]
     terminate: tokio::signal::unix::Signal,
     #[cfg(unix)]
     interrupt: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    counters: tokio::signal::unix::Signal,
     #[cfg(windows)]
     ctrl_c: tokio::signal::windows::CtrlC,
     #[cfg(windows)]
@@ -65,6 +109,7 @@ impl StopSignals {
             Ok(StopSignals {
                 terminate: signal(SignalKind::terminate())?,
                 interrupt: signal(SignalKind::interrupt())?,
+                counters: signal(SignalKind::user_defined1())?,
             })
         }
         #[cfg(windows)]
@@ -76,20 +121,21 @@ impl StopSignals {
         }
     }
 
-    /// Waits for the first stop request and names it.
-    async fn recv(&mut self) -> std::io::Result<&'static str> {
+    /// Waits for the next signal.
+    async fn recv(&mut self) -> std::io::Result<Signal> {
         #[cfg(unix)]
         {
             Ok(tokio::select! {
-                _ = self.terminate.recv() => "SIGTERM",
-                _ = self.interrupt.recv() => "SIGINT",
+                _ = self.terminate.recv() => Signal::Stop("SIGTERM"),
+                _ = self.interrupt.recv() => Signal::Stop("SIGINT"),
+                _ = self.counters.recv() => Signal::Counters,
             })
         }
         #[cfg(windows)]
         {
             Ok(tokio::select! {
-                _ = self.ctrl_c.recv() => "Ctrl-C",
-                _ = self.ctrl_break.recv() => "Ctrl-Break",
+                _ = self.ctrl_c.recv() => Signal::Stop("Ctrl-C"),
+                _ = self.ctrl_break.recv() => Signal::Stop("Ctrl-Break"),
             })
         }
     }

@@ -6,7 +6,8 @@
 //!
 //! * Unix ([`unix`]): `std::os::unix::net` sockets in non-blocking mode,
 //!   `poll(2)` (through rustix) to wait for readiness, a deadline, or a
-//!   wake-up from another thread (a self-pipe), and the peer's credentials
+//!   wake-up from another thread (an eventfd, or a pipe where there is
+//!   none), and the peer's credentials
 //!   from `SO_PEERCRED` (Linux) or `getpeereid` (macOS, the BSDs).
 //! * Windows (`windows`): named pipes opened for overlapped I/O through
 //!   the Win32 API, each operation waited on with an event, a deadline,

@@ -1,5 +1,5 @@
 //! The legacy backend on Unix: non-blocking `std::os::unix::net` sockets,
-//! `poll(2)` for readiness, deadlines and wake-ups.
+//! `poll(2)` for readiness, deadlines and wake-ups (an eventfd or a pipe).
 
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
@@ -161,35 +161,62 @@ fn peer_credentials(socket: &UnixStream) -> io::Result<PeerCredentials> {
 }
 
 /// Wakes a thread blocked in a [`Stream::wait`] or [`Listener::wait`] from
-/// another thread: a byte written to a pipe that the wait watches. Cheap to
-/// clone; clones wake the same thread.
+/// another thread: an eventfd (Linux) or a self-pipe (elsewhere) that the
+/// wait watches. Cheap to clone; clones wake the same thread.
 #[derive(Debug, Clone)]
 pub(crate) struct Waker {
-    pipe: Arc<(OwnedFd, OwnedFd)>,
+    inner: Arc<WakeFd>,
+}
+
+/// What a waker writes to, and a wait watches.
+#[derive(Debug)]
+struct WakeFd {
+    /// Watched by the wait, and drained after it.
+    watched: OwnedFd,
+    /// Written to by `wake` (the same descriptor for an eventfd).
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    written: OwnedFd,
 }
 
 impl Waker {
+    /// One descriptor on Linux (an eventfd), two elsewhere (a pipe).
     pub(crate) fn new() -> io::Result<Waker> {
-        let pipe = pipe()?;
+        #[cfg(any(target_os = "linux", target_os = "android"))]
+        let inner = {
+            use rustix::event::EventfdFlags;
+            WakeFd {
+                watched: rustix::event::eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)?,
+            }
+        };
+        #[cfg(not(any(target_os = "linux", target_os = "android")))]
+        let inner = {
+            let (watched, written) = pipe()?;
+            WakeFd { watched, written }
+        };
         Ok(Waker {
-            pipe: Arc::new(pipe),
+            inner: Arc::new(inner),
         })
     }
 
     /// Makes the waiting thread's current or next wait return.
     pub(crate) fn wake(&self) {
-        // A full pipe means a wake-up is pending already: nothing is lost.
-        let _ = rustix::io::write(&self.pipe.1, &[1]);
+        // A full pipe, or a saturated counter, means a wake-up is pending
+        // already: nothing is lost.
+        #[cfg(any(target_os = "linux", target_os = "android"))]
+        let _ = rustix::io::write(&self.inner.watched, &1u64.to_ne_bytes());
+        #[cfg(not(any(target_os = "linux", target_os = "android")))]
+        let _ = rustix::io::write(&self.inner.written, &[1]);
     }
 
-    /// Empties the pipe, so the next wait blocks again.
+    /// Empties it, so the next wait blocks again.
     fn drain(&self) {
         let mut sink = [0u8; 64];
-        while matches!(rustix::io::read(&self.pipe.0, &mut sink), Ok(n) if n > 0) {}
+        while matches!(rustix::io::read(&self.inner.watched, &mut sink), Ok(n) if n > 0) {}
     }
 }
 
 /// A non-blocking, close-on-exec pipe (read end, write end).
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
 fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     #[cfg(not(target_vendor = "apple"))]
     {
@@ -216,7 +243,7 @@ fn wait(
     deadline: Option<Instant>,
 ) -> io::Result<()> {
     let mut fds = Vec::with_capacity(2);
-    fds.push(PollFd::new(&waker.pipe.0, PollFlags::IN));
+    fds.push(PollFd::new(&waker.inner.watched, PollFlags::IN));
     if let Some((socket, flags)) = socket {
         fds.push(PollFd::from_borrowed_fd(socket, flags));
     }
