@@ -32,23 +32,28 @@ cargo test --locked --doc --all-features
 step "benches run (each once, in test mode)"
 cargo test --locked --all-features --benches
 
-step "feature matrix: ipc-tokio alone builds, passes its tests, and pulls in no interprocess"
-cargo nextest run --locked --no-default-features --features ipc-tokio --profile ci
-tokio_only_deps=$(cargo tree --locked --no-default-features --features ipc-tokio -e normal --prefix none)
-if grep -q '^interprocess ' <<<"$tokio_only_deps"; then
+for backend in ipc-interprocess ipc-tokio ipc-legacy; do
+    step "feature matrix: $backend alone (with the CLI) passes every test that applies to it"
+    cargo nextest run --locked --no-default-features --features "$backend,cli" --profile ci
+done
+
+step "feature matrix: a single-backend library pulls in no other backend's socket code"
+deps_of() { cargo tree --locked --no-default-features --features "$1" -e normal --prefix none; }
+if grep -q '^interprocess ' <<<"$(deps_of ipc-tokio)"; then
     echo "ipc-tokio alone must not depend on interprocess" >&2
     exit 1
 fi
-
-step "feature matrix: ipc-interprocess alone builds"
-cargo check --locked --all-targets --no-default-features --features ipc-interprocess
+if grep -qE '^(interprocess|mio) ' <<<"$(deps_of ipc-legacy)"; then
+    echo "ipc-legacy alone must depend on neither interprocess nor mio (tokio's sockets)" >&2
+    exit 1
+fi
 
 step "feature matrix: no backend feature fails with a message naming the features"
 if cargo check --locked --no-default-features --message-format short >target/no-backend.log 2>&1; then
     echo "building with no backend feature must fail" >&2
     exit 1
 fi
-grep -q 'needs at least one transport backend.*ipc-interprocess.*ipc-tokio' target/no-backend.log || {
+grep -q 'needs at least one transport backend.*ipc-interprocess.*ipc-tokio.*ipc-legacy' target/no-backend.log || {
     cat target/no-backend.log >&2
     echo "the no-backend build failed without the expected compile_error! message" >&2
     exit 1

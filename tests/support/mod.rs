@@ -199,23 +199,43 @@ impl ServerProcess {
 
     /// Starts `serve` without waiting (for tests that expect it to fail).
     pub fn spawn(endpoint: &str, transport: TransportKind, args: &[&str]) -> ServerProcess {
+        let mut server = ServerProcess::spawn_with(
+            endpoint,
+            &[],
+            &[&["--transport", transport.name()], args].concat(),
+        );
+        server.transport = transport;
+        server
+    }
+
+    /// Starts `serve` with extra environment variables (`DAEMONEYE_IPC_*`
+    /// among them, as an operator would set them) and waits until it is
+    /// listening. Its transport is whatever the environment and `args` say.
+    pub fn start_with_env(endpoint: &str, env: &[(&str, &str)], args: &[&str]) -> ServerProcess {
+        let mut server = ServerProcess::spawn_with(endpoint, env, args);
+        server.wait_until_listening();
+        server
+    }
+
+    fn spawn_with(endpoint: &str, env: &[(&str, &str)], args: &[&str]) -> ServerProcess {
         let log_dir = tempfile::tempdir().unwrap();
         let log = log_dir.path().join("server.log");
         let child = daemoneye_ipc()
-            .args([
-                "serve",
-                "--endpoint",
-                endpoint,
-                "--transport",
-                transport.name(),
-            ])
+            .args(["serve", "--endpoint", endpoint])
             .args(args)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "daemoneye_ipc=debug")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(File::create(&log).unwrap())
             .spawn()
             .unwrap();
+        let transport = env
+            .iter()
+            .find(|(var, _)| *var == "DAEMONEYE_IPC_TRANSPORT")
+            .map_or_else(TransportKind::default_for_build, |(_, name)| {
+                name.parse().unwrap()
+            });
         ServerProcess {
             child,
             endpoint: endpoint.to_owned(),

@@ -1,0 +1,353 @@
+//! Rollback, proven on real processes: every client backend talks to every
+//! server backend with both checksums and every size of task and result,
+//! and one client rides through server restarts that switch the backend
+//! with the operator's switch, `DAEMONEYE_IPC_TRANSPORT`.
+
+mod support;
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::{Arc, Mutex};
+
+use daemoneye_ipc::proto::ProcessFilter;
+use daemoneye_ipc::{
+    Crc32Variant, DetectionResult, DetectionTask, IpcClient, IpcConfig, IpcServer, TransportKind,
+};
+use support::*;
+
+/// Sizes of task payloads and of results: empty, small, and about 900 KiB
+/// (frames up to the default `max_frame_bytes` of 1 MiB).
+const SIZES: [usize; 3] = [0, 100, 900 * 1024];
+
+/// How the matrix server is told what to serve, in its environment.
+const SERVER_SPEC: &str = "DAEMONEYE_TEST_MATRIX_SERVER";
+/// What it prints once it is listening.
+const READY: &str = "matrix-server-ready";
+
+/// The matrix tests' server process: this test binary run again, with only
+/// this test selected and [`SERVER_SPEC`] set to `TRANSPORT CRC ENDPOINT`.
+/// It serves, with the library, results of the size each task asks for,
+/// until its standard input closes.
+#[test]
+#[ignore = "the server process of the matrix tests, which start it themselves"]
+fn matrix_server_process() {
+    let spec = std::env::var(SERVER_SPEC)
+        .expect("started by the matrix tests, with DAEMONEYE_TEST_MATRIX_SERVER set");
+    let [transport, crc32, endpoint] = spec.splitn(3, ' ').collect::<Vec<_>>()[..] else {
+        panic!("{SERVER_SPEC} is `TRANSPORT CRC ENDPOINT`, not {spec:?}");
+    };
+    let config = IpcConfig {
+        transport: transport.parse().unwrap(),
+        crc32_variant: crc32.parse().unwrap(),
+        endpoint_path: endpoint.to_owned(),
+        ..IpcConfig::default()
+    };
+    block_on(async {
+        let server = IpcServer::bind(config, |task: DetectionTask| async move { answer(&task) })
+            .await
+            .unwrap();
+        println!("{READY}");
+        tokio::task::spawn_blocking(|| {
+            std::io::Read::read_to_end(&mut std::io::stdin(), &mut Vec::new())
+        })
+        .await
+        .unwrap()
+        .unwrap();
+        server.shutdown(PATIENCE).await;
+    });
+}
+
+/// The task names the result size it wants in its metadata; the answer
+/// says what the task carried, so the client can check it arrived whole.
+fn answer(task: &DetectionTask) -> DetectionResult {
+    let wanted: usize = task
+        .metadata
+        .as_deref()
+        .and_then(|metadata| metadata.strip_prefix("result="))
+        .and_then(|size| size.parse().ok())
+        .expect("the task names its result size");
+    DetectionResult {
+        task_id: task.task_id.clone(),
+        success: true,
+        error_message: Some(describe(payload_of(task))),
+        processes: processes(&task.task_id, wanted),
+        ..Default::default()
+    }
+}
+
+/// The process records of a result of about `size` bytes (none for 0).
+fn processes(task_id: &str, size: usize) -> Vec<daemoneye_ipc::ProcessRecord> {
+    match size {
+        0 => Vec::new(),
+        size => daemoneye_ipc::sample::detection_result(task_id, size).processes,
+    }
+}
+
+fn payload_of(task: &DetectionTask) -> &str {
+    task.process_filter
+        .as_ref()
+        .and_then(|filter| filter.process_names.first())
+        .map_or("", String::as_str)
+}
+
+/// A short account of a payload that differs when any byte differs.
+fn describe(payload: &str) -> String {
+    let crc = Crc32Variant::Ieee.checksum(payload.as_bytes());
+    format!("payload of {} bytes, crc {crc:08x}", payload.len())
+}
+
+/// A running matrix server; stops when dropped (its standard input closes).
+struct MatrixServer {
+    child: Child,
+    stdin: Option<ChildStdin>,
+}
+
+impl MatrixServer {
+    fn start(transport: TransportKind, crc32: Crc32Variant, endpoint: &str) -> MatrixServer {
+        let runner = emulator();
+        let mut runner = runner.split_whitespace();
+        let test_binary = std::env::current_exe().unwrap();
+        let mut command = match runner.next() {
+            Some(emulator) => {
+                let mut command = Command::new(emulator);
+                command.args(runner).arg(&test_binary);
+                command
+            }
+            None => Command::new(&test_binary),
+        };
+        let mut child = command
+            .args([
+                "--exact",
+                "matrix_server_process",
+                "--ignored",
+                "--nocapture",
+            ])
+            .args(["--test-threads", "1"])
+            .env(SERVER_SPEC, format!("{transport} {crc32} {endpoint}"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        let ready = stdout
+            .lines()
+            .map_while(Result::ok)
+            .any(|line| line.contains(READY));
+        assert!(ready, "the {transport} matrix server did not start");
+        let stdin = child.stdin.take();
+        MatrixServer { child, stdin }
+    }
+}
+
+impl Drop for MatrixServer {
+    fn drop(&mut self) {
+        drop(self.stdin.take());
+        let _ = self.child.wait();
+    }
+}
+
+each_backend!(every_client_backend_talks_to_this_server_backend);
+/// The 3 x 3 matrix, one server backend per test: every client backend, both
+/// CRC variants, every pair of task and result sizes, all in flight at once
+/// on one connection (twice over). Each answer is checked to be the one for
+/// its task, of the size asked, with the task's payload seen intact.
+fn every_client_backend_talks_to_this_server_backend(server_transport: TransportKind) {
+    for crc32 in Crc32Variant::ALL {
+        let endpoint = Endpoint::fresh();
+        let _server = MatrixServer::start(server_transport, crc32, &endpoint.name);
+        for client_transport in transports() {
+            let client = IpcClient::new(IpcConfig {
+                transport: client_transport,
+                crc32_variant: crc32,
+                endpoint_path: endpoint.name.clone(),
+                ..IpcConfig::default()
+            })
+            .unwrap();
+            let case = format!("{client_transport} client, {server_transport} server, {crc32}");
+            block_on(async {
+                let mut sends = tokio::task::JoinSet::new();
+                for round in 0..2 {
+                    for task_size in SIZES {
+                        for result_size in SIZES {
+                            let client = client.clone();
+                            let id = format!("{round}-{task_size}-{result_size}");
+                            let payload: String = (0..task_size)
+                                .map(|i| char::from(b'a' + (i % 26) as u8))
+                                .collect();
+                            sends.spawn(async move {
+                                let task = DetectionTask {
+                                    task_id: id.clone(),
+                                    metadata: Some(format!("result={result_size}")),
+                                    process_filter: Some(ProcessFilter {
+                                        process_names: vec![payload.clone()],
+                                        ..Default::default()
+                                    }),
+                                    ..Default::default()
+                                };
+                                let result = client.send(task).await;
+                                (id, payload, result_size, result)
+                            });
+                        }
+                    }
+                }
+                let mut answered = 0;
+                while let Some(joined) = sends.join_next().await {
+                    let (id, payload, result_size, result) = joined.unwrap();
+                    let result =
+                        result.unwrap_or_else(|error| panic!("{case}, task {id}: {error}"));
+                    assert_eq!(result.task_id, id, "{case}");
+                    assert!(result.success, "{case}, task {id}");
+                    assert_eq!(
+                        result.error_message.as_deref(),
+                        Some(describe(&payload).as_str()),
+                        "{case}, task {id}: the task arrived whole"
+                    );
+                    assert_eq!(
+                        result.processes,
+                        processes(&id, result_size),
+                        "{case}, task {id}: the result of the size asked"
+                    );
+                    answered += 1;
+                }
+                assert_eq!(answered, 2 * SIZES.len() * SIZES.len(), "{case}");
+            });
+        }
+    }
+}
+
+/// What became of each task the rollback client sent, by task id.
+#[derive(Default)]
+struct Ledger {
+    /// Task ids in the order they were sent, with the restart they were
+    /// sent after (0: before any).
+    sent: Vec<(String, usize)>,
+    /// Outcomes by task id: the answer's id, or the error's text.
+    outcomes: HashMap<String, Vec<Result<String, String>>>,
+}
+
+#[cfg(unix)]
+each_backend!(a_client_rides_through_restarts_that_switch_the_server_backend);
+/// Hot rollback: a client keeps sending (four tasks in flight) while the
+/// server is stopped with SIGTERM and started again with
+/// `DAEMONEYE_IPC_TRANSPORT=legacy`, then `interprocess`, then `tokio`. The
+/// same client reconnects by itself; every task gets exactly one outcome
+/// (its own answer, or a lost connection the caller can retry), and tasks
+/// sent after each restart are answered by the new server.
+#[cfg(unix)]
+fn a_client_rides_through_restarts_that_switch_the_server_backend(client_transport: TransportKind) {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    let endpoint = Endpoint::fresh();
+    let restarts: Vec<TransportKind> = ["legacy", "interprocess", "tokio"]
+        .into_iter()
+        .filter_map(|name| name.parse::<TransportKind>().ok())
+        .filter(|kind| kind.is_compiled())
+        .collect();
+    let mut server = ServerProcess::start_with_env(&endpoint.name, &[], &[]);
+    let client = IpcClient::new(IpcConfig {
+        transport: client_transport,
+        endpoint_path: endpoint.name.clone(),
+        // Long enough to ride through a restart.
+        accept_timeout_ms: 20_000,
+        ..IpcConfig::default()
+    })
+    .unwrap();
+    let ledger = Arc::new(Mutex::new(Ledger::default()));
+    let epoch = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+
+    let runtime = runtime();
+    let senders: Vec<_> = (0..4)
+        .map(|sender| {
+            let (client, ledger, epoch, stop) =
+                (client.clone(), ledger.clone(), epoch.clone(), stop.clone());
+            runtime.spawn(async move {
+                let mut n = 0;
+                while !stop.load(Ordering::Acquire) {
+                    n += 1;
+                    let id = format!("s{sender}-{n}");
+                    let sent_after = epoch.load(Ordering::Acquire);
+                    ledger.lock().unwrap().sent.push((id.clone(), sent_after));
+                    let outcome = match client.send(quick_task(&id)).await {
+                        Ok(result) => Ok(result.task_id),
+                        Err(error) => Err(error.to_string()),
+                    };
+                    let mut ledger = ledger.lock().unwrap();
+                    ledger.outcomes.entry(id).or_default().push(outcome);
+                }
+            })
+        })
+        .collect();
+
+    // Tasks sent after `restart` (and so served by that server) answered.
+    let answered_since = |restart: usize| {
+        let ledger = ledger.lock().unwrap();
+        ledger
+            .sent
+            .iter()
+            .filter(|(id, sent_after)| {
+                *sent_after == restart
+                    && ledger
+                        .outcomes
+                        .get(id)
+                        .is_some_and(|outcomes| matches!(outcomes[..], [Ok(_)]))
+            })
+            .count()
+    };
+    wait_until("answers from the first server", PATIENCE, || {
+        (answered_since(0) >= 20).then_some(())
+    });
+    for (restart, transport) in restarts.iter().enumerate() {
+        assert_eq!(server.terminate().code(), Some(0), "{}", server.logs());
+        epoch.store(restart + 1, Ordering::Release);
+        server = ServerProcess::start_with_env(
+            &endpoint.name,
+            &[("DAEMONEYE_IPC_TRANSPORT", transport.name())],
+            &[],
+        );
+        assert!(
+            server.logs().contains(&format!("transport={transport}")),
+            "the restarted server says which backend it runs: {}",
+            server.logs()
+        );
+        wait_until(
+            &format!("answers from the {transport} server"),
+            PATIENCE,
+            || (answered_since(restart + 1) >= 20).then_some(()),
+        );
+    }
+    stop.store(true, Ordering::Release);
+    runtime.block_on(async {
+        for sender in senders {
+            sender.await.unwrap();
+        }
+    });
+
+    let ledger = ledger.lock().unwrap();
+    let mut lost = 0;
+    for (id, _) in &ledger.sent {
+        let outcomes = &ledger.outcomes[id];
+        assert_eq!(
+            outcomes.len(),
+            1,
+            "task {id}: exactly one outcome, got {outcomes:?}"
+        );
+        match &outcomes[0] {
+            Ok(answered) => assert_eq!(answered, id, "an answer for the wrong task"),
+            Err(error) => {
+                assert!(
+                    error.contains("lost while task") && error.contains("The next send reconnects"),
+                    "task {id}: an error the caller can retry, got {error}"
+                );
+                lost += 1;
+            }
+        }
+    }
+    // At most the tasks in flight at each restart.
+    assert!(
+        lost <= 4 * restarts.len(),
+        "{lost} tasks lost over {} restarts",
+        restarts.len()
+    );
+}
