@@ -77,8 +77,11 @@
 //!   answer with a [`Reply`], owned or shared.
 //! * [`client`]: [`IpcClient`], the agent's side: connect with retry,
 //!   concurrent sends correlated by `task_id`.
-//! * [`endpoint`]: endpoint names and the Unix socket-file hardening every
-//!   backend shares.
+//! * `policy` (private): the rules of a connection as sans-I/O state
+//!   machines, which the server's and client's drivers feed; read
+//!   `src/policy/mod.rs` first to see what a connection does.
+//! * [`endpoint`]: endpoint names, the one secured listening handle per OS,
+//!   and the Unix socket-file hardening every backend shares.
 //! * [`telemetry`]: the server counters, [`ServerStats`].
 //! * [`frame`]: the sans-I/O wire format and its tokio-util codecs.
 //! * [`config`]: [`IpcConfig`], its defaults, layering (file, environment,
@@ -90,11 +93,15 @@
 //!
 //! # Cargo features
 //!
-//! * `ipc-interprocess` (default): the `interprocess` local-socket backend.
-//! * `ipc-tokio`: the Tokio-native backend (Phase 1).
+//! * `ipc-interprocess` (default): the `interprocess` local-socket backend,
+//!   the default transport.
+//! * `ipc-tokio` (default): the Tokio-native backend (Phase 1).
+//! * `ipc-legacy` (default): the rollback backend, the OS's blocking sockets
+//!   and pipes on threads of its own.
 //! * `cli` (default): what only the `daemoneye-ipc` binary needs.
 //!
-//! At least one backend feature is required.
+//! At least one backend feature is required. Which one carries the bytes is
+//! chosen at run time by [`IpcConfig::transport`]; see `docs/rollback.md`.
 
 #![warn(missing_docs)]
 // The only unsafe code is Windows FFI with no safe wrapper (src/win32.rs),
