@@ -13,7 +13,11 @@ use crate::transport::legacy::{Interest, Stream, Waker};
 /// Starts the thread that drives `stream`.
 pub(super) fn start(stream: Stream, core: ClientConnection<Waiter>) -> std::io::Result<LinkHandle> {
     let waker = Waker::new()?;
-    let link = Arc::new(Link::new(core, IoWake::Thread(waker.clone())));
+    let io = IoWake::Thread {
+        waker: waker.clone(),
+        writer: stream.writer(),
+    };
+    let link = Arc::new(Link::new(core, io));
     let driven = link.clone();
     std::thread::Builder::new()
         .name("daemoneye-ipc-client".to_owned())

@@ -215,13 +215,16 @@ impl IpcClient {
             tokio::pin!(freed);
             freed.as_mut().enable();
             let (waiter, answer) = oneshot::channel();
-            let begun = link
-                .link
-                .lock()
-                .begin(task, waiter, deadline, Instant::now());
+            let begun = {
+                let mut core = link.link.lock();
+                let begun = core.begin(task, waiter, deadline, Instant::now());
+                if begun.is_ok() {
+                    link.link.flush(&mut core);
+                }
+                begun
+            };
             match begun {
                 Ok(ticket) => {
-                    link.link.wake_io();
                     return Ok(Some(Pending {
                         link: link.clone(),
                         task_id: task.task_id.clone(),
@@ -479,14 +482,20 @@ pub(crate) struct Link {
     dropped: AtomicBool,
 }
 
-/// How callers wake a connection's driver.
+/// How callers get queued frames written.
 enum IoWake {
-    /// The async driver's task waits on this.
+    /// The async driver's task writes them; this wakes it.
     #[cfg(async_backend)]
     Task(Notify),
-    /// The blocking driver's thread waits in the OS; this wakes it.
+    /// The blocking driver's thread waits in the OS; the waker wakes it.
+    /// Where the backend allows, a caller writes its frame itself (with the
+    /// core's lock held, so writes never interleave) and wakes the thread
+    /// only for what the socket did not take.
     #[cfg(feature = "ipc-legacy")]
-    Thread(crate::transport::legacy::Waker),
+    Thread {
+        waker: crate::transport::legacy::Waker,
+        writer: Option<crate::transport::legacy::Writer>,
+    },
 }
 
 impl Link {
@@ -512,8 +521,30 @@ impl Link {
             #[cfg(async_backend)]
             IoWake::Task(notify) => notify.notify_one(),
             #[cfg(feature = "ipc-legacy")]
-            IoWake::Thread(waker) => waker.wake(),
+            IoWake::Thread { waker, .. } => waker.wake(),
         }
+    }
+
+    /// Gets what a caller just queued written: at once where the caller can
+    /// write itself, otherwise by waking the driver.
+    fn flush(&self, core: &mut ClientConnection<Waiter>) {
+        #[cfg(feature = "ipc-legacy")]
+        if let IoWake::Thread {
+            writer: Some(writer),
+            ..
+        } = &self.io
+        {
+            match writer.write_from(core.pending_output()) {
+                Ok(written) => core.on_written(written, Instant::now()),
+                Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(error) => core.on_io_error(&error),
+            }
+            if core.pending_output().is_empty() && core.closed_reason().is_none() {
+                return;
+            }
+        }
+        let _ = core;
+        self.wake_io();
     }
 
     /// Hands the core's outcomes to their callers (outside the lock), lets

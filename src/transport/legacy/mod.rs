@@ -25,9 +25,9 @@ mod unix;
 mod windows;
 
 #[cfg(unix)]
-pub(crate) use self::unix::{Listener, Stream, Waker, connect};
+pub(crate) use self::unix::{Listener, Stream, Waker, Writer, connect};
 #[cfg(windows)]
-pub(crate) use self::windows::{Listener, Stream, Waker, connect};
+pub(crate) use self::windows::{Listener, Stream, Waker, Writer, connect};
 
 /// What a driver wants from a stream while it waits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -56,17 +56,48 @@ impl Listener {
 /// One connected socket, server or client side, in non-blocking mode.
 #[derive(Debug)]
 pub(crate) struct Stream {
-    socket: UnixStream,
+    socket: Arc<UnixStream>,
     /// How much room the next read gets (see [`MIN_READ`]).
     read_room: usize,
+}
+
+/// Writes to a [`Stream`] from another thread than the one that reads and
+/// waits on it (a client's caller, sparing a hand-over to the connection's
+/// thread). Writes are non-blocking; callers serialise them.
+#[derive(Debug, Clone)]
+pub(crate) struct Writer {
+    socket: Arc<UnixStream>,
+}
+
+impl Writer {
+    /// As [`Stream::write_from`].
+    pub(crate) fn write_from(&self, data: &[u8]) -> io::Result<usize> {
+        write(&self.socket, data)
+    }
+}
+
+fn write(mut socket: &UnixStream, data: &[u8]) -> io::Result<usize> {
+    loop {
+        match socket.write(data) {
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+            other => return other,
+        }
+    }
 }
 
 impl Stream {
     fn new(socket: UnixStream) -> io::Result<Stream> {
         socket.set_nonblocking(true)?;
         Ok(Stream {
-            socket,
+            socket: Arc::new(socket),
             read_room: MIN_READ,
+        })
+    }
+
+    /// A handle for writing from another thread.
+    pub(crate) fn writer(&self) -> Option<Writer> {
+        Some(Writer {
+            socket: self.socket.clone(),
         })
     }
 
@@ -76,7 +107,7 @@ impl Stream {
         let start = buf.len();
         buf.resize(start + self.read_room, 0);
         let outcome = loop {
-            match self.socket.read(&mut buf[start..]) {
+            match (&*self.socket).read(&mut buf[start..]) {
                 Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
                 other => break other,
             }
@@ -94,12 +125,7 @@ impl Stream {
     /// Writes as much of `data` as the socket takes now; `WouldBlock` if it
     /// takes nothing.
     pub(crate) fn write_from(&mut self, data: &[u8]) -> io::Result<usize> {
-        loop {
-            match self.socket.write(data) {
-                Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
-                other => return other,
-            }
-        }
+        write(&self.socket, data)
     }
 
     /// Blocks until the socket is ready for what `interest` asks, `waker`

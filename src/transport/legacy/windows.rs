@@ -135,6 +135,13 @@ impl Stream {
         }
     }
 
+    /// Writing from another thread than the one that waits: not offered
+    /// (an overlapped write's state lives with the stream), so callers hand
+    /// their frames to the stream's thread.
+    pub(crate) fn writer(&self) -> Option<Writer> {
+        None
+    }
+
     /// Blocks until the read or write in flight completes (as `interest`
     /// asks), `waker` is woken, or `deadline` passes.
     pub(crate) fn wait(
@@ -172,6 +179,17 @@ impl Stream {
 
     fn handle(&self) -> BorrowedHandle<'_> {
         self.io.handle()
+    }
+}
+
+/// Writes to a stream from another thread: none on Windows (see
+/// [`Stream::writer`]).
+#[derive(Debug, Clone)]
+pub(crate) enum Writer {}
+
+impl Writer {
+    pub(crate) fn write_from(&self, _data: &[u8]) -> io::Result<usize> {
+        match *self {}
     }
 }
 
