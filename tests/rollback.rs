@@ -5,10 +5,8 @@
 
 mod support;
 
-use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::{Arc, Mutex};
 
 use daemoneye_ipc::proto::ProcessFilter;
 use daemoneye_ipc::{
@@ -217,13 +215,14 @@ fn every_client_backend_talks_to_this_server_backend(server_transport: Transport
 }
 
 /// What became of each task the rollback client sent, by task id.
+#[cfg(unix)]
 #[derive(Default)]
 struct Ledger {
     /// Task ids in the order they were sent, with the restart they were
     /// sent after (0: before any).
     sent: Vec<(String, usize)>,
     /// Outcomes by task id: the answer's id, or the error's text.
-    outcomes: HashMap<String, Vec<Result<String, String>>>,
+    outcomes: std::collections::HashMap<String, Vec<Result<String, String>>>,
 }
 
 #[cfg(unix)]
@@ -237,6 +236,7 @@ each_backend!(a_client_rides_through_restarts_that_switch_the_server_backend);
 #[cfg(unix)]
 fn a_client_rides_through_restarts_that_switch_the_server_backend(client_transport: TransportKind) {
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
 
     let endpoint = Endpoint::fresh();
     let restarts: Vec<TransportKind> = ["legacy", "interprocess", "tokio"]

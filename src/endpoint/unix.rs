@@ -218,7 +218,7 @@ fn clear_the_path(path: &Path) -> Result<(), IpcError> {
 /// us, `WouldBlock` if its queue is full, `ConnectionRefused` if nobody
 /// listens.
 fn probe(path: &Path) -> io::Result<()> {
-    let socket = new_socket(rustix::net::SocketFlags::NONBLOCK)?;
+    let socket = new_socket(true)?;
     rustix::net::connect(&socket, &SocketAddrUnix::new(path)?)?;
     Ok(())
 }
@@ -230,7 +230,7 @@ const BACKLOG: i32 = 1024;
 /// exists, because the mode is set on the socket before `bind` creates the
 /// file (where the OS cannot, as on macOS, a 077 umask does the same).
 fn bind_listener(path: &Path) -> io::Result<UnixListener> {
-    let socket = new_socket(rustix::net::SocketFlags::empty())?;
+    let socket = new_socket(false)?;
     let address = SocketAddrUnix::new(path)?;
     match rustix::fs::fchmod(&socket, Mode::from_raw_mode(SOCKET_MODE as _)) {
         Ok(()) => rustix::net::bind(&socket, &address)?,
@@ -244,15 +244,21 @@ fn bind_listener(path: &Path) -> io::Result<UnixListener> {
     Ok(UnixListener::from(socket))
 }
 
-/// A close-on-exec Unix stream socket, atomically where the OS can.
-pub(crate) fn new_socket(flags: rustix::net::SocketFlags) -> io::Result<rustix::fd::OwnedFd> {
-    use rustix::net::{AddressFamily, SocketFlags, SocketType};
+/// A close-on-exec Unix stream socket, non-blocking if asked, atomically
+/// where the OS can.
+pub(crate) fn new_socket(nonblocking: bool) -> io::Result<rustix::fd::OwnedFd> {
+    use rustix::net::{AddressFamily, SocketType};
     #[cfg(not(target_vendor = "apple"))]
     {
+        use rustix::net::SocketFlags;
+        let mut flags = SocketFlags::CLOEXEC;
+        if nonblocking {
+            flags |= SocketFlags::NONBLOCK;
+        }
         Ok(rustix::net::socket_with(
             AddressFamily::UNIX,
             SocketType::STREAM,
-            flags | SocketFlags::CLOEXEC,
+            flags,
             None,
         )?)
     }
@@ -260,7 +266,7 @@ pub(crate) fn new_socket(flags: rustix::net::SocketFlags) -> io::Result<rustix::
     {
         let socket = rustix::net::socket(AddressFamily::UNIX, SocketType::STREAM, None)?;
         rustix::io::fcntl_setfd(&socket, rustix::io::FdFlags::CLOEXEC)?;
-        if flags.contains(SocketFlags::NONBLOCK) {
+        if nonblocking {
             rustix::io::ioctl_fionbio(&socket, true)?;
         }
         Ok(socket)

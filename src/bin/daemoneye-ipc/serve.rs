@@ -35,9 +35,12 @@ impl ServeCmd {
             .bind(move |task| collector.clone().handle(task))
             .await
             .map_err(Failure::runtime)?;
+        // Only a stop ends the loop; on Windows nothing else arrives.
+        #[cfg_attr(windows, allow(clippy::never_loop))]
         let signal = loop {
             match stop.recv().await.map_err(Failure::runtime)? {
                 Signal::Stop(signal) => break signal,
+                #[cfg(unix)]
                 Signal::Counters => log_counters(&server.stats(), "requested (SIGUSR1)"),
             }
         };
@@ -83,6 +86,7 @@ enum Signal {
     /// Stop, named.
     Stop(&'static str),
     /// Log the counters (SIGUSR1).
+    #[cfg(unix)]
     Counters,
 }
 

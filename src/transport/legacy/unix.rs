@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use rustix::event::{PollFd, PollFlags, Timespec};
-use rustix::net::{SocketAddrUnix, SocketFlags};
+use rustix::net::SocketAddrUnix;
 
 use super::Interest;
 use crate::endpoint::Endpoint;
@@ -158,7 +158,7 @@ impl Stream {
 /// full is `WouldBlock`, for the client to retry like a server not there
 /// yet.
 pub(crate) fn connect(endpoint: &Endpoint) -> io::Result<Stream> {
-    let socket = crate::endpoint::unix::new_socket(SocketFlags::NONBLOCK)?;
+    let socket = crate::endpoint::unix::new_socket(true)?;
     rustix::net::connect(&socket, &SocketAddrUnix::new(endpoint.path())?)?;
     Stream::new(UnixStream::from(socket))
 }
