@@ -24,6 +24,7 @@
 //! task_timeout_ms = 30000
 //! max_connections = 16
 //! crc32_variant = "ieee"          # or "castagnoli"
+//! socket_group = ""               # Unix: a group whose members may connect
 //! ```
 
 use std::ffi::OsString;
@@ -44,6 +45,11 @@ pub const ENV_PREFIX: &str = "DAEMONEYE_IPC_";
 /// Smallest accepted `max_frame_bytes`: below this even the server's error
 /// answer ("result too large") might not fit in a frame.
 pub const MIN_FRAME_BYTES: usize = 1024;
+
+/// Largest accepted `max_frame_bytes`: 64 MiB. A frame is held whole in
+/// memory, by both ends; a larger limit only lets one peer make the other
+/// allocate more.
+pub const MAX_FRAME_BYTES: usize = 64 * 1024 * 1024;
 
 /// Largest accepted `max_connections`.
 pub const MAX_CONNECTIONS_LIMIT: usize = 65_536;
@@ -177,6 +183,11 @@ pub struct IpcConfig {
     pub max_connections: usize,
     /// Frame checksum polynomial. Default IEEE.
     pub crc32_variant: Crc32Variant,
+    /// Unix: the group (name or gid) whose members may connect: the socket
+    /// is made 0660 and its directory 0750, both owned by this group.
+    /// `None` (the default; an empty string means the same): socket 0600
+    /// in a 0700 directory, only the server's user and root.
+    pub socket_group: Option<String>,
 }
 
 impl Default for IpcConfig {
@@ -200,6 +211,7 @@ impl IpcConfig {
             task_timeout_ms: 30_000,
             max_connections: 16,
             crc32_variant: Crc32Variant::Ieee,
+            socket_group: None,
         }
     }
 
@@ -238,15 +250,20 @@ impl IpcConfig {
         // Its form (abstract names, length, the pipe prefix) is configuration
         // too: refused here, by every command, before anything binds.
         Endpoint::parse(&self.endpoint_path)?;
-        if !(MIN_FRAME_BYTES..=u32::MAX as usize).contains(&self.max_frame_bytes) {
+        if !(MIN_FRAME_BYTES..=MAX_FRAME_BYTES).contains(&self.max_frame_bytes) {
             return Err(invalid(
                 ConfigField::MaxFrameBytes,
                 self.max_frame_bytes.to_string(),
                 format!(
-                    "must be between {MIN_FRAME_BYTES} and {} (the length field is a u32)",
-                    u32::MAX
+                    "must be between {MIN_FRAME_BYTES} and {MAX_FRAME_BYTES} (64 MiB: every frame \
+                     is held whole in memory on both sides)"
                 ),
             ));
+        }
+        if let Some(group) = &self.socket_group {
+            crate::endpoint::SocketGroup::resolve(group).map_err(|reason| {
+                invalid(ConfigField::SocketGroup, format!("{group:?}"), reason)
+            })?;
         }
         if !(1..=MAX_CONNECTIONS_LIMIT).contains(&self.max_connections) {
             return Err(invalid(
@@ -313,6 +330,9 @@ impl IpcConfig {
             ConfigField::TaskTimeoutMs => self.task_timeout_ms.to_string(),
             ConfigField::MaxConnections => self.max_connections.to_string(),
             ConfigField::Crc32Variant => format!("{:?}", self.crc32_variant.name()),
+            ConfigField::SocketGroup => {
+                toml::Value::from(self.socket_group.as_deref().unwrap_or_default()).to_string()
+            }
         }
     }
 }
@@ -366,11 +386,13 @@ pub enum ConfigField {
     MaxConnections,
     /// `crc32_variant`
     Crc32Variant,
+    /// `socket_group`
+    SocketGroup,
 }
 
 impl ConfigField {
     /// Every setting, in the decision record's order.
-    pub const ALL: [ConfigField; 9] = [
+    pub const ALL: [ConfigField; 10] = [
         ConfigField::Transport,
         ConfigField::EndpointPath,
         ConfigField::MaxFrameBytes,
@@ -380,6 +402,7 @@ impl ConfigField {
         ConfigField::TaskTimeoutMs,
         ConfigField::MaxConnections,
         ConfigField::Crc32Variant,
+        ConfigField::SocketGroup,
     ];
 
     /// The key under `[ipc]`.
@@ -394,6 +417,7 @@ impl ConfigField {
             ConfigField::TaskTimeoutMs => "task_timeout_ms",
             ConfigField::MaxConnections => "max_connections",
             ConfigField::Crc32Variant => "crc32_variant",
+            ConfigField::SocketGroup => "socket_group",
         }
     }
 
@@ -454,6 +478,8 @@ pub struct ConfigOverrides {
     pub max_connections: Option<usize>,
     /// See [`IpcConfig::crc32_variant`].
     pub crc32_variant: Option<Crc32Variant>,
+    /// See [`IpcConfig::socket_group`].
+    pub socket_group: Option<String>,
 }
 
 impl ConfigOverrides {
@@ -494,6 +520,7 @@ impl ConfigOverrides {
             ConfigField::Crc32Variant => {
                 self.crc32_variant = Some(parse(var, value, "ieee or castagnoli")?);
             }
+            ConfigField::SocketGroup => self.socket_group = Some(value.to_owned()),
         }
         Ok(())
     }
@@ -667,6 +694,11 @@ impl LoadedConfig {
             max_connections => MaxConnections,
             crc32_variant => Crc32Variant,
         );
+        if let Some(group) = layer.socket_group {
+            // An empty value clears a group set by a lower layer.
+            self.config.socket_group = (!group.trim().is_empty()).then_some(group);
+            self.origins[ConfigField::SocketGroup.index()] = origin(ConfigField::SocketGroup);
+        }
     }
 }
 

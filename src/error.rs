@@ -255,21 +255,28 @@ pub enum IpcError {
         endpoint: String,
     },
 
-    /// The socket file did not come out owner-only.
+    /// The socket file did not come out as restricted as it should.
     #[error(
-        "socket {} was created with mode {mode:04o} and owner uid {owner}, not 0600 and uid \
-         {expected_owner}; refusing to serve on it",
-        path.display()
+        "socket {} was created with mode {mode:04o}, owner uid {owner} and group {group}, not at most \
+         {expected_mode:04o}, uid {expected_owner}{}; refusing to serve on it",
+        path.display(),
+        expected_group.map(|gid| format!(" and group {gid}")).unwrap_or_default()
     )]
     InsecureSocket {
         /// The socket path.
         path: PathBuf,
         /// Its permission bits.
         mode: u32,
+        /// The most open its permission bits may be.
+        expected_mode: u32,
         /// Its owner.
         owner: u32,
+        /// Its group.
+        group: u32,
         /// The uid that should own it.
         expected_owner: u32,
+        /// The group that should own it (`socket_group`), if any.
+        expected_group: Option<u32>,
     },
 
     /// Preparing the endpoint (directory, stale socket, permissions) failed.

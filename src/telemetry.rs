@@ -49,6 +49,12 @@ pub struct ServerStats {
     pub task_timeouts: u64,
     /// Failed `accept` calls (each followed by a backoff).
     pub accept_errors: u64,
+    /// Bytes held now for tasks in flight, every connection together: tasks
+    /// decoded and not yet answered, results encoded and not yet written.
+    pub bytes_held: u64,
+    /// Times a connection stopped reading because the server held its
+    /// budget of bytes for tasks in flight.
+    pub budget_pauses: u64,
 }
 
 /// The live counters behind [`ServerStats`].
@@ -72,6 +78,7 @@ pub(crate) struct Counters {
     pub(crate) handler_errors: AtomicU64,
     pub(crate) task_timeouts: AtomicU64,
     pub(crate) accept_errors: AtomicU64,
+    pub(crate) budget_pauses: AtomicU64,
 }
 
 /// Adds one.
@@ -85,7 +92,8 @@ pub(crate) fn add(counter: &AtomicU64, n: u64) {
 }
 
 impl Counters {
-    pub(crate) fn snapshot(&self, transport: &'static str) -> ServerStats {
+    /// The counters now; `bytes_held` is the budget's, read by the caller.
+    pub(crate) fn snapshot(&self, transport: &'static str, bytes_held: u64) -> ServerStats {
         let get = |counter: &AtomicU64| counter.load(Relaxed);
         ServerStats {
             transport,
@@ -107,6 +115,8 @@ impl Counters {
             handler_errors: get(&self.handler_errors),
             task_timeouts: get(&self.task_timeouts),
             accept_errors: get(&self.accept_errors),
+            bytes_held,
+            budget_pauses: get(&self.budget_pauses),
         }
     }
 

@@ -208,6 +208,9 @@ fn every_setting_can_come_from_the_environment() {
         ("DAEMONEYE_IPC_TASK_TIMEOUT_MS", "55"),
         ("DAEMONEYE_IPC_MAX_CONNECTIONS", "44"),
         ("DAEMONEYE_IPC_CRC32_VARIANT", "Castagnoli"),
+        // A group every Unix has (gid 0); Windows has no socket groups.
+        #[cfg(unix)]
+        ("DAEMONEYE_IPC_SOCKET_GROUP", "0"),
     ];
     let loaded = load(None, &env, ConfigOverrides::default()).unwrap();
     let expected = IpcConfig {
@@ -220,9 +223,13 @@ fn every_setting_can_come_from_the_environment() {
         task_timeout_ms: 55,
         max_connections: 44,
         crc32_variant: Crc32Variant::Castagnoli,
+        socket_group: cfg!(unix).then(|| "0".to_owned()),
     };
     assert_eq!(loaded.config, expected);
     for field in ConfigField::ALL {
+        if cfg!(windows) && field == ConfigField::SocketGroup {
+            continue;
+        }
         assert_eq!(loaded.origin(field), &ConfigOrigin::Env(field.env_var()));
     }
 }
@@ -417,7 +424,7 @@ fn flag_err(flags: ConfigOverrides) -> String {
 }
 
 #[test]
-fn max_frame_bytes_must_fit_a_u32_and_carry_an_error_answer() {
+fn max_frame_bytes_runs_from_room_for_an_error_answer_to_64_mib() {
     let message = flag_err(ConfigOverrides {
         max_frame_bytes: Some(0),
         ..Default::default()
@@ -426,26 +433,34 @@ fn max_frame_bytes_must_fit_a_u32_and_carry_an_error_answer() {
         &message,
         &[
             "invalid ipc.max_frame_bytes = 0 (from command-line flag)",
-            "between 1024 and 4294967295",
+            "between 1024 and 67108864",
         ],
     );
 
-    #[cfg(target_pointer_width = "64")]
-    {
-        let too_big = u32::MAX as usize + 1;
-        let message = load_err(
-            None,
-            &[("DAEMONEYE_IPC_MAX_FRAME_BYTES", &too_big.to_string())],
-            ConfigOverrides::default(),
-        );
-        assert_mentions(
-            &message,
-            &[
-                "max_frame_bytes = 4294967296 (from env DAEMONEYE_IPC_MAX_FRAME_BYTES)",
-                "u32",
-            ],
-        );
-    }
+    let message = load_err(
+        None,
+        &[("DAEMONEYE_IPC_MAX_FRAME_BYTES", "67108865")],
+        ConfigOverrides::default(),
+    );
+    assert_mentions(
+        &message,
+        &[
+            "max_frame_bytes = 67108865 (from env DAEMONEYE_IPC_MAX_FRAME_BYTES)",
+            "64 MiB",
+        ],
+    );
+
+    let ceiling = load(
+        None,
+        &[("DAEMONEYE_IPC_MAX_FRAME_BYTES", "67108864")],
+        ConfigOverrides::default(),
+    )
+    .unwrap();
+    assert_eq!(
+        ceiling.config.max_frame_bytes,
+        64 << 20,
+        "the ceiling itself is allowed"
+    );
 }
 
 #[test]

@@ -15,10 +15,20 @@ fn requests_in_flight_fail_within_their_deadline_and_the_client_reconnects(
     transport: TransportKind,
 ) {
     let endpoint = Endpoint::fresh();
-    let mut server = ServerProcess::start(&endpoint.name, transport, &[]);
     // Hashing a 64 GiB sparse file keeps each task in flight for minutes.
-    let huge = tempfile::NamedTempFile::new().unwrap();
+    let huge = tempfile::NamedTempFile::new_in(endpoint.dir.path()).unwrap();
     huge.as_file().set_len(64 << 30).unwrap();
+    let allowed = endpoint.dir.path().to_str().unwrap();
+    let mut server = ServerProcess::start(
+        &endpoint.name,
+        transport,
+        &[
+            "--hash-allow",
+            allowed,
+            "--max-hash-bytes",
+            &(128u64 << 30).to_string(),
+        ],
+    );
     let client = IpcClient::new(server.client_config(transport)).unwrap();
 
     let outcomes = block_on(async {

@@ -83,13 +83,14 @@ fn pipelined_tasks_on_one_connection_are_answered_by_id(transport: TransportKind
 each_backend!(concurrent_sends_share_one_client_and_each_gets_its_own_result);
 fn concurrent_sends_share_one_client_and_each_gets_its_own_result(transport: TransportKind) {
     let endpoint = Endpoint::fresh();
-    let server = ServerProcess::start(&endpoint.name, transport, &[]);
+    let allowed = endpoint.dir.path().to_str().unwrap();
+    let server = ServerProcess::start(&endpoint.name, transport, &["--hash-allow", allowed]);
     let client = IpcClient::new(server.client_config(transport)).unwrap();
     // Sixteen files of different contents and sizes: every answer differs
     // from every other, so an answer given to the wrong task shows.
     let files: Vec<tempfile::NamedTempFile> = (0..16u8)
         .map(|i| {
-            let file = tempfile::NamedTempFile::new().unwrap();
+            let file = tempfile::NamedTempFile::new_in(endpoint.dir.path()).unwrap();
             std::fs::write(file.path(), vec![i; 16 * 1024 * (1 + usize::from(i))]).unwrap();
             file
         })
@@ -182,8 +183,9 @@ mod cli {
     each_backend!(send_hashes_a_file_and_reports_a_mismatch);
     fn send_hashes_a_file_and_reports_a_mismatch(transport: TransportKind) {
         let endpoint = Endpoint::fresh();
-        let server = ServerProcess::start(&endpoint.name, transport, &[]);
-        let file = tempfile::NamedTempFile::new().unwrap();
+        let allowed = endpoint.dir.path().to_str().unwrap();
+        let server = ServerProcess::start(&endpoint.name, transport, &["--hash-allow", allowed]);
+        let file = tempfile::NamedTempFile::new_in(endpoint.dir.path()).unwrap();
         std::fs::write(file.path(), b"abc").unwrap();
         let abc = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
         let path = file.path().to_string_lossy().into_owned();

@@ -27,6 +27,57 @@ use std::path::{Path, PathBuf};
 
 use crate::error::IpcError;
 
+/// Unix: the group whose members may connect, from `ipc.socket_group`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SocketGroup {
+    /// The group's id.
+    pub(crate) gid: u32,
+    /// How it was named, for messages.
+    pub(crate) name: String,
+}
+
+impl SocketGroup {
+    /// Resolves a group name or a numeric gid; an error says why not, to
+    /// follow "invalid ipc.socket_group = ...: ".
+    pub(crate) fn resolve(spec: &str) -> Result<SocketGroup, String> {
+        #[cfg(unix)]
+        {
+            let spec = spec.trim();
+            let found = match spec.parse::<u32>() {
+                Ok(gid) => nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(gid)),
+                Err(_) => nix::unistd::Group::from_name(spec),
+            };
+            match found {
+                Ok(Some(group)) => Ok(SocketGroup {
+                    gid: group.gid.as_raw(),
+                    name: group.name,
+                }),
+                // A gid with no name in the group database is still a gid.
+                Ok(None) => match spec.parse::<u32>() {
+                    Ok(gid) => Ok(SocketGroup {
+                        gid,
+                        name: gid.to_string(),
+                    }),
+                    Err(_) => Err(format!(
+                        "no group named {spec:?} on this system; give an existing group's name or \
+                         numeric gid"
+                    )),
+                },
+                Err(error) => Err(format!("looking up the group failed: {error}")),
+            }
+        }
+        #[cfg(windows)]
+        {
+            let _ = spec;
+            Err(
+                "socket groups are for Unix sockets; a Windows pipe admits its owner, SYSTEM \
+                 and Administrators"
+                    .to_owned(),
+            )
+        }
+    }
+}
+
 /// The security descriptor of every pipe the server creates, in SDDL:
 /// a protected DACL (`P`, nothing inherited) granting full access (`GA`) to
 /// the pipe's owner (`OW`), LocalSystem (`SY`) and the built-in

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use rustix::fs::Mode;
 use rustix::net::SocketAddrUnix;
 
+use super::SocketGroup;
 use crate::error::IpcError;
 
 /// Longest usable `sun_path` (the kernel needs one byte for the NUL).
@@ -21,12 +22,19 @@ const MAX_SOCKET_PATH: usize = if cfg!(any(target_os = "linux", target_os = "and
     103
 };
 
-/// The mode every socket file gets before it is visible: owner read/write.
-/// (A socket's execute bit means nothing; only group/other bits matter.)
+/// The mode every socket file gets before it is visible: owner read/write,
+/// and with a socket group, group read/write too. (A socket's execute bit
+/// means nothing; only group/other bits matter.)
 const SOCKET_MODE: u32 = 0o600;
+const GROUP_SOCKET_MODE: u32 = 0o660;
 
-/// The mode a missing parent directory is created with.
+/// The mode a missing directory is created with.
 const DIR_MODE: u32 = 0o700;
+
+/// The socket's directory with a socket group: the group may enter it (not
+/// write to it), and the set-group-id bit makes the socket created in it
+/// belong to the group from the start.
+const GROUP_DIR_MODE: u32 = 0o2750;
 
 /// Validates an endpoint path and makes it absolute.
 pub(crate) fn parse(endpoint_path: &str) -> Result<PathBuf, IpcError> {
@@ -79,7 +87,15 @@ pub(crate) struct BoundEndpoint {
 /// other server touches the path from here on; what is at the path is
 /// refused if it is not a socket, or removed if it is a stale one; the
 /// socket is created 0600 before its file exists, then checked.
-pub(crate) fn bind(path: &Path) -> Result<(UnixListener, BoundEndpoint), IpcError> {
+///
+/// With a socket `group`, the directory is 0750 (and set-group-id) and the
+/// socket 0660, both owned by that group, and never more open than that on
+/// the way: the directory is created 0700 and handed to the group before it
+/// opens, and the socket is born in it 0660 with the directory's group.
+pub(crate) fn bind(
+    path: &Path,
+    group: Option<&SocketGroup>,
+) -> Result<(UnixListener, BoundEndpoint), IpcError> {
     let endpoint = path.display().to_string();
     let io_error = |action: String| {
         let endpoint = endpoint.clone();
@@ -98,12 +114,16 @@ pub(crate) fn bind(path: &Path) -> Result<(UnixListener, BoundEndpoint), IpcErro
         .mode(DIR_MODE)
         .create(dir)
         .map_err(io_error(format!("creating directory {}", dir.display())))?;
+    if let Some(group) = group {
+        open_to_group(dir, group)?;
+    }
     check_directories(dir)?;
     let lock = EndpointLock::acquire(path)?;
     clear_the_path(path)?;
-    let listener =
-        bind_listener(path).map_err(io_error(format!("binding the socket {}", path.display())))?;
-    let socket_file = verify_bound(path)?;
+    let mode = group.map_or(SOCKET_MODE, |_| GROUP_SOCKET_MODE);
+    let listener = bind_listener(path, mode)
+        .map_err(io_error(format!("binding the socket {}", path.display())))?;
+    let socket_file = verify_bound(path, mode, group)?;
     Ok((
         listener,
         BoundEndpoint {
@@ -111,6 +131,50 @@ pub(crate) fn bind(path: &Path) -> Result<(UnixListener, BoundEndpoint), IpcErro
             _lock: lock,
         },
     ))
+}
+
+/// Hands the socket's directory to `group`: 0750 and set-group-id, owned
+/// by the group. A directory of ours is changed (it is never more open than
+/// that on the way: group first, then mode); one of another owner (root's,
+/// for a server that is not root) must be so already.
+fn open_to_group(dir: &Path, group: &SocketGroup) -> Result<(), IpcError> {
+    use rustix::fs::{AtFlags, CWD, Gid};
+    let failed = |action: String| {
+        move |source: rustix::io::Errno| IpcError::EndpointIo {
+            endpoint: dir.display().to_string(),
+            action,
+            source: source.into(),
+        }
+    };
+    let meta = fs::symlink_metadata(dir).map_err(|source| IpcError::EndpointIo {
+        endpoint: dir.display().to_string(),
+        action: format!("inspecting directory {}", dir.display()),
+        source,
+    })?;
+    if meta.gid() == group.gid && meta.mode() & 0o7777 == GROUP_DIR_MODE {
+        return Ok(());
+    }
+    if meta.uid() != effective_uid() {
+        return Err(IpcError::UnsafeEndpointDirectory {
+            dir: dir.to_owned(),
+            reason: format!(
+                "socket_group {} needs it owned by group {} with mode {GROUP_DIR_MODE:04o}, and it \
+                 belongs to uid {}, so this server cannot make it so",
+                group.name,
+                group.gid,
+                meta.uid()
+            ),
+            expected_owner: effective_uid(),
+        });
+    }
+    let gid = Gid::from_raw(group.gid);
+    rustix::fs::chownat(CWD, dir, None, Some(gid), AtFlags::SYMLINK_NOFOLLOW).map_err(failed(
+        format!("giving directory {} to group {}", dir.display(), group.name),
+    ))?;
+    rustix::fs::chmod(dir, Mode::from_raw_mode(GROUP_DIR_MODE as _)).map_err(failed(format!(
+        "setting directory {} to mode {GROUP_DIR_MODE:04o}",
+        dir.display()
+    )))
 }
 
 /// An exclusive `flock` on `<socket path>.lock`, held for the server's
@@ -226,17 +290,17 @@ fn probe(path: &Path) -> io::Result<()> {
 /// Accept queue length; the kernel caps it at `net.core.somaxconn`.
 const BACKLOG: i32 = 1024;
 
-/// Socket, mode, bind, listen: the socket file is 0600 from the moment it
-/// exists, because the mode is set on the socket before `bind` creates the
-/// file (where the OS cannot, as on macOS, a 077 umask does the same).
-fn bind_listener(path: &Path) -> io::Result<UnixListener> {
+/// Socket, mode, bind, listen: the socket file has `mode` from the moment
+/// it exists, because the mode is set on the socket before `bind` creates
+/// the file (where the OS cannot, as on macOS, a umask does the same).
+fn bind_listener(path: &Path, mode: u32) -> io::Result<UnixListener> {
     let socket = new_socket(false)?;
     let address = SocketAddrUnix::new(path)?;
-    match rustix::fs::fchmod(&socket, Mode::from_raw_mode(SOCKET_MODE as _)) {
+    match rustix::fs::fchmod(&socket, Mode::from_raw_mode(mode as _)) {
         Ok(()) => rustix::net::bind(&socket, &address)?,
-        // No mode on unbound sockets here (macOS): restrictive umask.
+        // No mode on unbound sockets here (macOS): a umask leaving `mode`.
         Err(rustix::io::Errno::INVAL) => {
-            with_owner_only_umask(|| Ok(rustix::net::bind(&socket, &address)?))?
+            with_umask_for(mode, || Ok(rustix::net::bind(&socket, &address)?))?
         }
         Err(err) => return Err(err.into()),
     }
@@ -374,23 +438,52 @@ fn remove_if_same_socket(path: &Path, expected: &Metadata) -> io::Result<()> {
     }
 }
 
-/// Checks a freshly bound socket is ours and owner-only, and returns the
+/// Checks a freshly bound socket is ours, no more open than
+/// `expected_mode`, and (with a socket group) the group's, and returns the
 /// guard that removes it when the server goes away.
-fn verify_bound(path: &Path) -> Result<SocketFile, IpcError> {
-    let meta = fs::symlink_metadata(path).map_err(|source| IpcError::EndpointIo {
-        endpoint: path.display().to_string(),
-        action: "inspecting the socket just bound".to_owned(),
-        source,
-    })?;
+fn verify_bound(
+    path: &Path,
+    expected_mode: u32,
+    group: Option<&SocketGroup>,
+) -> Result<SocketFile, IpcError> {
+    let inspect = || {
+        fs::symlink_metadata(path).map_err(|source| IpcError::EndpointIo {
+            endpoint: path.display().to_string(),
+            action: "inspecting the socket just bound".to_owned(),
+            source,
+        })
+    };
+    let mut meta = inspect()?;
+    if let Some(group) = group.filter(|group| meta.gid() != group.gid) {
+        // The directory is the group's, but its set-group-id bit did not
+        // pass to the socket here: hand the socket over (it is 0660 with a
+        // group the peer check does not admit until then).
+        let _ = rustix::fs::chownat(
+            rustix::fs::CWD,
+            path,
+            None,
+            Some(rustix::fs::Gid::from_raw(group.gid)),
+            rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+        );
+        meta = inspect()?;
+    }
     let expected_owner = effective_uid();
     let mode = meta.mode() & 0o7777;
-    if !meta.file_type().is_socket() || meta.uid() != expected_owner || mode & 0o077 != 0 {
+    let wrong_group = group.is_some_and(|group| meta.gid() != group.gid);
+    if !meta.file_type().is_socket()
+        || meta.uid() != expected_owner
+        || mode & !expected_mode & 0o777 != 0
+        || wrong_group
+    {
         let _ = remove_if_same_socket(path, &meta);
         return Err(IpcError::InsecureSocket {
             path: path.to_owned(),
             mode,
+            expected_mode,
             owner: meta.uid(),
+            group: meta.gid(),
             expected_owner,
+            expected_group: group.map(|group| group.gid),
         });
     }
     Ok(SocketFile {
@@ -418,20 +511,21 @@ impl Drop for SocketFile {
     }
 }
 
-/// Runs `bind` with the process umask at 077, so that the socket file is
-/// created owner-only, for platforms where `fchmod` before `bind` is not
-/// supported (macOS).
+/// Runs `bind` with the process umask leaving at most `mode` (077 for an
+/// owner-only socket), so that the socket file is created no more open
+/// than that, for platforms where `fchmod` before `bind` is not supported
+/// (macOS).
 ///
 /// The umask is process-wide: files and directories another thread creates
-/// meanwhile come out owner-only too (usable by their owner, never more open
-/// than asked). Concurrent binds are serialised so that each restores the
-/// umask it found.
-fn with_owner_only_umask<T>(bind: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
+/// meanwhile come out as restricted too (usable by their owner, never more
+/// open than asked). Concurrent binds are serialised so that each restores
+/// the umask it found.
+fn with_umask_for<T>(mode: u32, bind: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
     static UMASK: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _serialised = UMASK
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
-    let previous = rustix::process::umask(Mode::from_raw_mode(0o077));
+    let previous = rustix::process::umask(Mode::from_raw_mode((!mode & 0o777) as _));
     let outcome = bind();
     rustix::process::umask(previous);
     outcome

@@ -210,7 +210,7 @@ impl<W> ClientConnection<W> {
         self.inbound.on_read(count, now);
         while self.closed.is_none() {
             match self.inbound.next_message(now) {
-                Ok(Some(result)) => self.settle(result, now),
+                Ok(Some((result, _))) => self.settle(result, now),
                 Ok(None) => break,
                 Err(error) => self.close(error.to_string()),
             }
@@ -220,7 +220,7 @@ impl<W> ClientConnection<W> {
     /// The server closed the connection.
     pub(crate) fn on_eof(&mut self, now: Instant) {
         let reason = match self.inbound.on_eof(now) {
-            Ok(Some(result)) => {
+            Ok(Some((result, _))) => {
                 self.settle(result, now);
                 "the server closed the connection".to_owned()
             }
@@ -245,7 +245,7 @@ impl<W> ClientConnection<W> {
                 });
             }
             Some(Entry::Abandoned { .. }) => {
-                tracing::debug!(task_id = %result.task_id, "discarded the result of a task given up on");
+                tracing::debug!(task_id = ?result.task_id, "discarded the result of a task given up on");
             }
             None => {
                 return self.close(format!(

@@ -60,24 +60,25 @@ impl<M: prost::Message + Default> Inbound<M> {
         }
     }
 
-    /// The next complete message in the buffer, if there is one. An error is
-    /// final: the stream can no longer be trusted to be aligned on frames.
-    pub(crate) fn next_message(&mut self, now: Instant) -> Result<Option<M>, IpcError> {
+    /// The next complete message in the buffer, if there is one, with its
+    /// frame's size. An error is final: the stream can no longer be trusted
+    /// to be aligned on frames.
+    pub(crate) fn next_message(&mut self, now: Instant) -> Result<Option<(M, usize)>, IpcError> {
         let Some(body) = self.decoder.decode(&mut self.buf)? else {
             return Ok(None);
         };
         self.frame_done(now);
-        decode_message(&body).map(Some)
+        decode_message(&body).map(|message| Some((message, HEADER_LEN + body.len())))
     }
 
     /// The peer closed its side: `Ok(None)` if it did so between frames,
     /// [`IpcError::TruncatedFrame`] if inside one.
-    pub(crate) fn on_eof(&mut self, now: Instant) -> Result<Option<M>, IpcError> {
+    pub(crate) fn on_eof(&mut self, now: Instant) -> Result<Option<(M, usize)>, IpcError> {
         let Some(body) = self.decoder.decode_eof(&mut self.buf)? else {
             return Ok(None);
         };
         self.frame_done(now);
-        decode_message(&body).map(Some)
+        decode_message(&body).map(|message| Some((message, HEADER_LEN + body.len())))
     }
 
     fn frame_done(&mut self, now: Instant) {
@@ -180,7 +181,7 @@ mod tests {
         assert_eq!(inbound.deadline(), Some(start + timeout));
 
         let later = start + Duration::from_secs(1);
-        let first = inbound.next_message(later).unwrap().unwrap();
+        let (first, _) = inbound.next_message(later).unwrap().unwrap();
         assert_eq!(first.task_id, "a");
         assert_eq!(
             inbound.deadline(),
@@ -190,7 +191,7 @@ mod tests {
         assert_eq!(inbound.next_message(later).unwrap(), None);
 
         arrive(&mut inbound, &two[split..], later);
-        assert_eq!(inbound.next_message(later).unwrap().unwrap().task_id, "b");
+        assert_eq!(inbound.next_message(later).unwrap().unwrap().0.task_id, "b");
         assert_eq!(inbound.deadline(), None, "between frames");
     }
 
@@ -206,14 +207,19 @@ mod tests {
         arrive(&mut inbound, &large, now);
         arrive(&mut inbound, &small[..5], now);
         assert!(inbound.capacity() > RETAINED_CAPACITY);
-        assert_eq!(inbound.next_message(now).unwrap().unwrap().task_id, "large");
+        assert_eq!(
+            inbound.next_message(now).unwrap().unwrap().0.task_id,
+            "large"
+        );
         assert!(
             inbound.capacity() <= RETAINED_CAPACITY,
             "capacity {} after the large frame",
             inbound.capacity()
         );
         arrive(&mut inbound, &small[5..], now);
-        assert_eq!(inbound.next_message(now).unwrap().unwrap().task_id, "small");
+        let (small_task, size) = inbound.next_message(now).unwrap().unwrap();
+        assert_eq!(small_task.task_id, "small");
+        assert_eq!(size, small.len(), "the whole frame's size, header included");
     }
 
     #[test]

@@ -34,10 +34,13 @@
 //!   limit, retirement of a connection that stopped answering.
 //! * [`admission`]: connection slots and the bounded waiting room in front
 //!   of them.
+//! * [`budget`]: the bytes a server holds for tasks in flight, across its
+//!   connections.
 //! * [`inbound`] and [`outbound`]: the frame streams each side reads and
 //!   writes, with their deadlines and buffer limits.
 
 pub(crate) mod admission;
+pub(crate) mod budget;
 pub(crate) mod client;
 pub(crate) mod inbound;
 pub(crate) mod outbound;

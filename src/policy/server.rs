@@ -22,6 +22,10 @@
 //! * **Bad input.** A frame that fails its checksum, announces more than
 //!   `max_frame_bytes`, is not a `DetectionTask`, or is cut short, closes
 //!   this connection, and only this one.
+//! * **Memory.** Every task in flight and every result not yet written holds
+//!   its frame's size against the server-wide [`MemoryBudget`]; past it, a
+//!   connection with something in flight stops reading until enough has
+//!   been written, and one with nothing in flight may still take one task.
 //! * **Draining.** After [`stop_reading`](ServerConnection::stop_reading)
 //!   (graceful shutdown) or the peer closing its side, nothing more is read;
 //!   tasks in flight are answered, then the connection closes.
@@ -33,6 +37,7 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 
+use super::budget::MemoryBudget;
 use super::inbound::Inbound;
 use super::outbound::Outbound;
 use super::{earliest, millis};
@@ -111,13 +116,24 @@ enum Reading {
 struct Running {
     task_id: String,
     deadline: Instant,
+    /// The task's frame size, held against the budget until it is answered.
+    bytes: usize,
 }
+
+/// How soon a connection held back by the memory budget looks again (other
+/// connections free the budget; they cannot wake this one).
+const BUDGET_RECHECK: Duration = Duration::from_millis(5);
 
 /// The policy of one served connection. See the [module docs](self).
 #[derive(Debug)]
 pub(crate) struct ServerConnection {
     limits: ConnectionLimits,
     counters: Arc<Counters>,
+    budget: Arc<MemoryBudget>,
+    /// What this connection holds against the budget.
+    held: usize,
+    /// When to look at the budget again, while it holds reading back.
+    budget_recheck: Option<Instant>,
     inbound: Inbound<DetectionTask>,
     outbound: Outbound<DetectionResult>,
     running: HashMap<TaskTicket, Running>,
@@ -136,12 +152,20 @@ pub(crate) struct ServerConnection {
 }
 
 impl ServerConnection {
-    pub(crate) fn new(limits: ConnectionLimits, counters: Arc<Counters>, now: Instant) -> Self {
+    pub(crate) fn new(
+        limits: ConnectionLimits,
+        counters: Arc<Counters>,
+        budget: Arc<MemoryBudget>,
+        now: Instant,
+    ) -> Self {
         ServerConnection {
             inbound: Inbound::new(limits.settings, limits.read_timeout),
             outbound: Outbound::new(limits.settings, limits.write_timeout),
             limits,
             counters,
+            budget,
+            held: 0,
+            budget_recheck: None,
             running: HashMap::new(),
             deadlines: BTreeSet::new(),
             next_ticket: 0,
@@ -162,7 +186,19 @@ impl ServerConnection {
     }
 
     fn has_room(&self) -> bool {
-        self.in_flight() < self.limits.max_in_flight
+        let in_flight = self.in_flight();
+        in_flight < self.limits.max_in_flight && (in_flight == 0 || self.budget.has_room())
+    }
+
+    fn hold(&mut self, bytes: usize) {
+        self.held += bytes;
+        self.budget.hold(bytes);
+    }
+
+    fn release(&mut self, bytes: usize) {
+        let bytes = bytes.min(self.held);
+        self.held -= bytes;
+        self.budget.release(bytes);
     }
 
     /// Tasks running or answered but not yet written.
@@ -189,7 +225,7 @@ impl ServerConnection {
             return;
         }
         match self.inbound.on_eof(now) {
-            Ok(Some(task)) => self.start(task, now),
+            Ok(Some((task, bytes))) => self.start(task, bytes, now),
             Ok(None) => {}
             Err(error) => return self.fail(error),
         }
@@ -206,24 +242,26 @@ impl ServerConnection {
     fn decode_buffered(&mut self, now: Instant) {
         while !self.closed && self.reading == Reading::Open && self.has_room() {
             match self.inbound.next_message(now) {
-                Ok(Some(task)) => self.start(task, now),
+                Ok(Some((task, bytes))) => self.start(task, bytes, now),
                 Ok(None) => break,
                 Err(error) => self.fail(error),
             }
         }
     }
 
-    fn start(&mut self, task: DetectionTask, now: Instant) {
+    fn start(&mut self, task: DetectionTask, bytes: usize, now: Instant) {
         bump(&self.counters.frames_in);
-        tracing::debug!(task_id = %task.task_id, task_type = task.task_type, "task received");
+        tracing::debug!(task_id = ?task.task_id, task_type = task.task_type, "task received");
         self.next_ticket += 1;
         let ticket = self.next_ticket;
         let deadline = now + self.limits.task_timeout;
+        self.hold(bytes);
         self.running.insert(
             ticket,
             Running {
                 task_id: task.task_id.clone(),
                 deadline,
+                bytes,
             },
         );
         self.deadlines.insert((deadline, ticket));
@@ -260,6 +298,7 @@ impl ServerConnection {
             return;
         };
         self.deadlines.remove(&(running.deadline, ticket));
+        self.release(running.bytes);
         if self.closed {
             return;
         }
@@ -268,7 +307,7 @@ impl ServerConnection {
             Ok(reply) => reply,
             Err(failure) => {
                 bump(&self.counters.handler_errors);
-                tracing::error!(%task_id, error = %failure, "handler failed");
+                tracing::error!(task_id = ?task_id, error = %failure, "handler failed");
                 Reply::Owned(failed(
                     &task_id,
                     format!(
@@ -288,7 +327,7 @@ impl ServerConnection {
         let queued = match &reply {
             Reply::Owned(result) if result.task_id == task_id => self.outbound.push(&[result], now),
             Reply::Owned(result) => {
-                tracing::debug!(handler_said = %result.task_id, %task_id, "result task_id set to the task's");
+                tracing::debug!(handler_said = ?result.task_id, task_id = ?task_id, "result task_id set to the task's");
                 let result = DetectionResult {
                     task_id: task_id.clone(),
                     ..result.clone()
@@ -305,7 +344,7 @@ impl ServerConnection {
             }
             Reply::Shared(result) => {
                 // Merging would let the shared id win: fall back to a copy.
-                tracing::debug!(handler_said = %result.task_id, %task_id, "shared result carries a task_id; copied");
+                tracing::debug!(handler_said = ?result.task_id, task_id = ?task_id, "shared result carries a task_id; copied");
                 let result = DetectionResult {
                     task_id: task_id.clone(),
                     ..DetectionResult::clone(result)
@@ -314,10 +353,10 @@ impl ServerConnection {
             }
         };
         match queued {
-            Ok(_) => {}
+            Ok(bytes) => self.hold(bytes),
             Err(IpcError::MessageTooLarge { length, limit }) => {
                 bump(&self.counters.oversize_results);
-                tracing::warn!(%task_id, length, limit, "result exceeds max_frame_bytes; answering with an error");
+                tracing::warn!(task_id = ?task_id, length, limit, "result exceeds max_frame_bytes; answering with an error");
                 let refusal = failed(
                     &task_id,
                     format!(
@@ -329,8 +368,9 @@ impl ServerConnection {
                 // max_frame_bytes is at least MIN_FRAME_BYTES, room for this
                 // answer whatever the id (ids longer than that cannot have
                 // arrived in a frame either).
-                if let Err(error) = self.outbound.push(&[&refusal], now) {
-                    self.fail(error);
+                match self.outbound.push(&[&refusal], now) {
+                    Ok(bytes) => self.hold(bytes),
+                    Err(error) => self.fail(error),
                 }
             }
             Err(error) => self.fail(error),
@@ -348,6 +388,7 @@ impl ServerConnection {
     /// were written.
     pub(crate) fn on_written(&mut self, count: usize, now: Instant) {
         add(&self.counters.bytes_out, count as u64);
+        self.release(count);
         let frames = self.outbound.on_written(count, now);
         if frames > 0 {
             add(&self.counters.frames_out, frames as u64);
@@ -369,6 +410,7 @@ impl ServerConnection {
             self.read_deadline(),
             self.outbound.deadline(),
             self.deadlines.first().map(|(deadline, _)| *deadline),
+            self.budget_recheck,
         ])
     }
 
@@ -405,8 +447,13 @@ impl ServerConnection {
             }
             self.deadlines.pop_first();
             if let Some(running) = self.running.remove(&ticket) {
+                self.release(running.bytes);
                 self.task_timed_out(ticket, running.task_id, now);
             }
+        }
+        if self.budget_recheck.is_some_and(|recheck| recheck <= now) {
+            self.budget_recheck = None;
+            self.decode_buffered(now);
         }
         self.refresh(now);
     }
@@ -414,7 +461,7 @@ impl ServerConnection {
     fn task_timed_out(&mut self, ticket: TaskTicket, task_id: String, now: Instant) {
         bump(&self.counters.task_timeouts);
         let limit = millis(self.limits.task_timeout);
-        tracing::warn!(%task_id, task_timeout_ms = limit, "handler did not finish in time; answered with an error and stopped");
+        tracing::warn!(task_id = ?task_id, task_timeout_ms = limit, "handler did not finish in time; answered with an error and stopped");
         self.events.push_back(ServerEvent::CancelTask { ticket });
         let answer = failed(
             &task_id,
@@ -442,6 +489,7 @@ impl ServerConnection {
             self.closed = true;
             self.events.clear();
             self.close = Some(Err(error));
+            self.release(self.held);
         }
     }
 
@@ -456,10 +504,24 @@ impl ServerConnection {
             self.inbound.resume(now);
         }
         self.read_paused = self.reading == Reading::Open && !reading;
+        let held_back_by_budget = self.read_paused
+            && self.in_flight() < self.limits.max_in_flight
+            && !self.budget.has_room();
+        if held_back_by_budget && self.budget_recheck.is_none() {
+            bump(&self.counters.budget_pauses);
+        }
+        self.budget_recheck = held_back_by_budget.then(|| now + BUDGET_RECHECK);
         if self.reading != Reading::Open && self.in_flight() == 0 {
             self.closed = true;
             self.close = Some(Ok(()));
         }
+    }
+}
+
+impl Drop for ServerConnection {
+    /// What the connection still held goes back to the budget.
+    fn drop(&mut self) {
+        self.release(self.held);
     }
 }
 
@@ -496,7 +558,8 @@ mod tests {
     fn connection(max_in_flight: usize) -> (ServerConnection, Arc<Counters>, Instant) {
         let counters = Arc::new(Counters::default());
         let t0 = Instant::now();
-        let connection = ServerConnection::new(limits(max_in_flight), counters.clone(), t0);
+        let budget = Arc::new(MemoryBudget::new(usize::MAX));
+        let connection = ServerConnection::new(limits(max_in_flight), counters.clone(), budget, t0);
         (connection, counters, t0)
     }
 
@@ -724,7 +787,8 @@ mod tests {
             },
             ..limits(32)
         };
-        let mut c = ServerConnection::new(small, counters.clone(), t0);
+        let budget = Arc::new(MemoryBudget::new(usize::MAX));
+        let mut c = ServerConnection::new(small, counters.clone(), budget, t0);
         receive(&mut c, &frame("huge"), t0);
         let [(ticket, _)] = started(&mut c)[..] else {
             panic!()

@@ -38,7 +38,8 @@ pub(super) fn start<H: TaskHandler>(
 ) -> Result<Started, IpcError> {
     #[cfg(unix)]
     let (listener, bound) = {
-        let (socket, bound) = crate::endpoint::unix::bind(endpoint.path())?;
+        let (socket, bound) =
+            crate::endpoint::unix::bind(endpoint.path(), shared.socket_group.as_ref())?;
         let listener = Listener::wrap(transport, socket)
             .map_err(|source| bind_error(endpoint, transport, source))?;
         (listener, bound)
@@ -161,7 +162,12 @@ async fn serve<H: TaskHandler>(
     shared: &Shared,
     handler: Arc<H>,
 ) -> Result<(), IpcError> {
-    let mut core = ServerConnection::new(shared.limits, shared.counters.clone(), Instant::now());
+    let mut core = ServerConnection::new(
+        shared.limits,
+        shared.counters.clone(),
+        shared.budget.clone(),
+        Instant::now(),
+    );
     let mut handlers = Handlers::default();
     let abort = shared.abort.cancelled();
     let stop_reading = shared.stop_reading.cancelled();

@@ -80,7 +80,8 @@ pub(super) fn start<H: TaskHandler>(
     let failed = |source| bind_error(endpoint, TransportKind::Legacy, source);
     #[cfg(unix)]
     let (listener, bound) = {
-        let (socket, bound) = crate::endpoint::unix::bind(endpoint.path())?;
+        let (socket, bound) =
+            crate::endpoint::unix::bind(endpoint.path(), shared.socket_group.as_ref())?;
         (Listener::wrap(socket).map_err(failed)?, bound)
     };
     #[cfg(windows)]
@@ -344,8 +345,12 @@ impl<H: TaskHandler> Worker<H> {
     /// the server stops.
     fn serve(&mut self) -> Result<(), IpcError> {
         let shared = self.shared.clone();
-        let mut core =
-            ServerConnection::new(shared.limits, shared.counters.clone(), Instant::now());
+        let mut core = ServerConnection::new(
+            shared.limits,
+            shared.counters.clone(),
+            shared.budget.clone(),
+            Instant::now(),
+        );
         let (finished, done) = mpsc::channel::<(TaskTicket, HandlerOutcome)>();
         let mut running: HashMap<TaskTicket, AbortHandle> = HashMap::new();
         let mut stopping = false;

@@ -27,9 +27,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{IpcConfig, TransportKind};
-use crate::endpoint::Endpoint;
+use crate::endpoint::{Endpoint, SocketGroup};
 use crate::error::IpcError;
 use crate::peer::PeerPolicy;
+use crate::policy::budget::MemoryBudget;
 use crate::policy::server::ConnectionLimits;
 use crate::proto::DetectionTask;
 use crate::telemetry::{Counters, ServerStats};
@@ -43,6 +44,11 @@ use self::slots::Slots;
 /// from it (backpressure), unless [`ServerBuilder::max_in_flight_per_connection`]
 /// says otherwise.
 pub const DEFAULT_MAX_IN_FLIGHT_PER_CONNECTION: usize = 32;
+
+/// Bytes a server holds for tasks in flight, every connection together,
+/// before its connections stop reading, unless
+/// [`ServerBuilder::max_bytes_in_flight`] says otherwise: 64 MiB.
+pub const DEFAULT_MAX_BYTES_IN_FLIGHT: usize = 64 * 1024 * 1024;
 
 /// Backoff between failed accepts (fd exhaustion, for instance).
 const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
@@ -94,6 +100,7 @@ pub struct ServerBuilder {
     config: IpcConfig,
     allowed_uids: Vec<u32>,
     max_in_flight_per_connection: usize,
+    max_bytes_in_flight: usize,
 }
 
 impl ServerBuilder {
@@ -113,6 +120,18 @@ impl ServerBuilder {
         self
     }
 
+    /// Bytes the server holds for tasks in flight, every connection together
+    /// (tasks decoded and not yet answered, results encoded and not yet
+    /// written, each counted by its frame's size). Past it, connections that
+    /// have something in flight stop reading until results have been
+    /// written; a connection with nothing in flight may still take one
+    /// task, so none is starved. Default [`DEFAULT_MAX_BYTES_IN_FLIGHT`];
+    /// [`ServerStats::bytes_held`] says how much is held.
+    pub fn max_bytes_in_flight(mut self, bytes: usize) -> Self {
+        self.max_bytes_in_flight = bytes;
+        self
+    }
+
     /// Validates the config, secures and binds the endpoint, and starts
     /// accepting. Must be called within a Tokio runtime: handlers run on it,
     /// whichever backend carries the bytes.
@@ -121,10 +140,23 @@ impl ServerBuilder {
             config,
             allowed_uids,
             max_in_flight_per_connection,
+            max_bytes_in_flight,
         } = self;
         config.validate()?;
         let endpoint = Endpoint::parse(&config.endpoint_path)?;
         let transport = config.transport;
+        let socket_group = match config.socket_group.as_deref() {
+            // validate() has resolved it once already.
+            Some(group) => Some(SocketGroup::resolve(group).map_err(|requirement| {
+                IpcError::InvalidConfig {
+                    field: "socket_group",
+                    value: format!("{group:?}"),
+                    origin: None,
+                    requirement,
+                }
+            })?),
+            None => None,
+        };
         let shared = Arc::new(Shared {
             limits: ConnectionLimits {
                 settings: config.frame_settings(),
@@ -135,8 +167,11 @@ impl ServerBuilder {
             },
             slots: Slots::new(config.max_connections, config.accept_timeout()),
             accept_timeout: config.accept_timeout(),
-            peers: PeerPolicy::new(allowed_uids),
+            peers: PeerPolicy::new(allowed_uids)
+                .admitting_group(socket_group.as_ref().map(|group| group.gid)),
+            socket_group,
             counters: Arc::new(Counters::default()),
+            budget: Arc::new(MemoryBudget::new(max_bytes_in_flight)),
             stop_reading: CancellationToken::new(),
             abort: CancellationToken::new(),
             next_connection_id: AtomicU64::new(1),
@@ -255,6 +290,7 @@ impl IpcServer {
             config,
             allowed_uids: Vec::new(),
             max_in_flight_per_connection: DEFAULT_MAX_IN_FLIGHT_PER_CONNECTION,
+            max_bytes_in_flight: DEFAULT_MAX_BYTES_IN_FLIGHT,
         }
     }
 
@@ -278,7 +314,8 @@ impl IpcServer {
 
     /// The counters, with the active transport's name.
     pub fn stats(&self) -> ServerStats {
-        self.shared.counters.snapshot(self.transport.name())
+        let held = self.shared.budget.held() as u64;
+        self.shared.counters.snapshot(self.transport.name(), held)
     }
 
     /// Stops accepting and reading new tasks, lets tasks in flight finish
@@ -338,7 +375,11 @@ struct Shared {
     slots: Slots,
     accept_timeout: Duration,
     peers: PeerPolicy,
+    /// Unix: whose members may connect besides the allowed uids.
+    #[cfg_attr(windows, allow(dead_code))]
+    socket_group: Option<SocketGroup>,
     counters: Arc<Counters>,
+    budget: Arc<MemoryBudget>,
     /// Graceful shutdown: stop accepting and reading, finish what is in flight.
     stop_reading: CancellationToken,
     /// Hard stop: drop everything now.

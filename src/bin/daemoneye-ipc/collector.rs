@@ -1,58 +1,131 @@
 //! The handler `daemoneye-ipc serve` runs: a real, if small, collector.
 //!
 //! * `ENUMERATE_PROCESSES`: this machine's processes, filtered by the task's
-//!   `process_filter` (pids, names, and `executable_pattern` with `*` and `?`
-//!   wildcards; empty parts match everything).
+//!   `process_filter` (pids, names, and an `executable_pattern` glob; empty
+//!   parts match everything). Filters are bounded ([`FilterLimits`]).
 //! * `CHECK_PROCESS_HASH`: the SHA-256 of `hash_check.executable_path`,
-//!   compared with `expected_hash`.
+//!   compared with `expected_hash`, for the executable of a running process
+//!   or a file under a directory the operator allowed ([`HashPolicy`]).
 //! * Anything else: `success = false` naming the unsupported type.
 //!
-//! Work runs on Tokio's blocking pool: process tables and file hashing are
-//! blocking I/O.
+//! Process tables and file hashing are blocking work: it runs on Tokio's
+//! blocking pool, at most [`Collector::max_jobs`] jobs at once. A job waits
+//! for its turn without holding a thread, so the job of a task whose
+//! connection has gone (its future dropped) never starts; a hash that is
+//! running stops when its task is dropped (a cancel flag checked between
+//! chunks). A process scan holds the process table; a task waits for it no
+//! longer than [`Collector::scan_wait`], so one scan stuck in a `/proc` read
+//! cannot stall every later task.
 
+use std::collections::HashSet;
 use std::io::Read;
-use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use daemoneye_ipc::proto::{HashCheck, HashResult, ProcessFilter};
 use daemoneye_ipc::{DetectionResult, DetectionTask, ProcessRecord, TaskType};
 use sha2::{Digest, Sha256};
 use sysinfo::{Pid, Process, ProcessRefreshKind, ProcessesToUpdate, System, UpdateKind};
+use tokio::sync::{Mutex, Semaphore};
 
 /// The hash algorithm this collector computes.
 const HASH_ALGORITHM: &str = "sha256";
 
-/// Shared by every connection; the process table is reused between tasks.
+/// Bytes read from a file at a time while hashing; the cancel flag is
+/// checked between reads.
+const HASH_CHUNK: usize = 64 * 1024;
+
+/// How much a task's process filter may ask for. Past a limit the task is
+/// answered with `success = false` naming it, before any work is done.
+#[derive(Debug, Clone, Copy)]
+pub struct FilterLimits {
+    /// `process_filter.pids` entries.
+    pub pids: usize,
+    /// `process_filter.process_names` entries.
+    pub process_names: usize,
+    /// Bytes of `process_filter.executable_pattern`.
+    pub pattern_bytes: usize,
+}
+
+impl FilterLimits {
+    pub const DEFAULT: FilterLimits = FilterLimits {
+        pids: 4096,
+        process_names: 1024,
+        pattern_bytes: 4096,
+    };
+}
+
+/// Which files `CHECK_PROCESS_HASH` may read, and how much of them.
+#[derive(Debug, Clone)]
+pub struct HashPolicy {
+    /// Files under these directories (resolved) may be hashed, besides the
+    /// executables of running processes.
+    pub allowed_dirs: Vec<PathBuf>,
+    /// Larger files are refused without being read.
+    pub max_bytes: u64,
+}
+
+/// Shared by every connection.
 pub struct Collector {
-    system: Mutex<System>,
+    /// The process table, reused between scans; a scan holds it.
+    system: Arc<Mutex<System>>,
+    /// Blocking jobs running or about to.
+    jobs: Arc<Semaphore>,
+    max_jobs: usize,
+    scan_wait: Duration,
+    filters: FilterLimits,
+    hashing: HashPolicy,
 }
 
 impl Collector {
-    pub fn new() -> Arc<Collector> {
+    pub fn new(hashing: HashPolicy) -> Arc<Collector> {
+        let max_jobs =
+            std::thread::available_parallelism().map_or(2, |cpus| (cpus.get() * 2).clamp(2, 16));
+        Collector::with_limits(
+            hashing,
+            max_jobs,
+            Duration::from_secs(5),
+            FilterLimits::DEFAULT,
+        )
+    }
+
+    /// A collector running at most `max_jobs` blocking jobs at once, whose
+    /// tasks wait at most `scan_wait` for the process table.
+    pub fn with_limits(
+        hashing: HashPolicy,
+        max_jobs: usize,
+        scan_wait: Duration,
+        filters: FilterLimits,
+    ) -> Arc<Collector> {
         Arc::new(Collector {
-            system: Mutex::new(System::new()),
+            system: Arc::new(Mutex::new(System::new())),
+            jobs: Arc::new(Semaphore::new(max_jobs)),
+            max_jobs,
+            scan_wait,
+            filters,
+            hashing,
         })
+    }
+
+    /// Blocking jobs that may run at once.
+    pub fn max_jobs(&self) -> usize {
+        self.max_jobs
+    }
+
+    /// How long a task waits for a process scan in progress.
+    pub fn scan_wait(&self) -> Duration {
+        self.scan_wait
     }
 
     pub async fn handle(self: Arc<Self>, task: DetectionTask) -> DetectionResult {
         let task_id = task.task_id.clone();
-        match tokio::task::spawn_blocking(move || self.run(task)).await {
-            Ok(result) => result,
-            Err(error) => failure(
-                task_id,
-                format!("the task failed inside the collector: {error}"),
-            ),
-        }
-    }
-
-    fn run(&self, task: DetectionTask) -> DetectionResult {
         match TaskType::try_from(task.task_type) {
-            Ok(TaskType::EnumerateProcesses) => {
-                self.enumerate(task.task_id, task.process_filter.unwrap_or_default())
-            }
-            Ok(TaskType::CheckProcessHash) => check_hash(task.task_id, task.hash_check),
+            Ok(TaskType::EnumerateProcesses) => self.enumerate(task).await,
+            Ok(TaskType::CheckProcessHash) => self.check_hash(task).await,
             Ok(other) => failure(
-                task.task_id,
+                task_id,
                 format!(
                     "task type {} is not supported by this collector (supported: ENUMERATE_PROCESSES, \
                      CHECK_PROCESS_HASH)",
@@ -60,59 +133,198 @@ impl Collector {
                 ),
             ),
             Err(_) => failure(
-                task.task_id,
+                task_id,
                 format!("task type {} is unknown to this collector", task.task_type),
             ),
         }
     }
 
-    fn enumerate(&self, task_id: String, filter: ProcessFilter) -> DetectionResult {
-        let refresh = ProcessRefreshKind::nothing()
-            .with_memory()
-            .with_user(UpdateKind::OnlyIfNotSet)
-            .with_cmd(UpdateKind::Always)
-            .with_exe(UpdateKind::OnlyIfNotSet)
-            .without_tasks();
-        let pids: Vec<Pid> = filter.pids.iter().map(|&pid| Pid::from_u32(pid)).collect();
-        let scope = if pids.is_empty() {
-            ProcessesToUpdate::All
-        } else {
-            ProcessesToUpdate::Some(&pids)
+    async fn enumerate(&self, task: DetectionTask) -> DetectionResult {
+        let task_id = task.task_id;
+        let filter = match Filter::new(task.process_filter.unwrap_or_default(), self.filters) {
+            Ok(filter) => filter,
+            Err(reason) => return failure(task_id, reason),
         };
-        let collection_time = unix_millis();
-        let mut system = self
-            .system
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        system.refresh_processes_specifics(scope, true, refresh);
-        let mut processes: Vec<ProcessRecord> = system
-            .processes()
-            .values()
-            .filter(|process| matches_filter(process, &filter))
-            .map(|process| record(process, collection_time))
-            .collect();
-        processes.sort_unstable_by_key(|record| record.pid);
-        DetectionResult {
-            task_id,
-            success: true,
-            processes,
-            ..Default::default()
+        let Ok(job) = self.jobs.clone().acquire_owned().await else {
+            unreachable!("the job semaphore is never closed")
+        };
+        let Ok(mut system) =
+            tokio::time::timeout(self.scan_wait, self.system.clone().lock_owned()).await
+        else {
+            return failure(
+                task_id,
+                format!(
+                    "the process table is busy: a scan has been running for over {} ms; retry later",
+                    self.scan_wait.as_millis()
+                ),
+            );
+        };
+        let scan = tokio::task::spawn_blocking(move || {
+            let _job = job;
+            scan(&mut system, &filter)
+        });
+        match scan.await {
+            Ok(processes) => DetectionResult {
+                task_id,
+                success: true,
+                processes,
+                ..Default::default()
+            },
+            Err(error) => failure(task_id, format!("the process scan failed: {error}")),
         }
+    }
+
+    async fn check_hash(&self, task: DetectionTask) -> DetectionResult {
+        let task_id = task.task_id;
+        let Some(check) = task
+            .hash_check
+            .filter(|check| !check.executable_path.is_empty())
+        else {
+            return failure(
+                task_id,
+                "CHECK_PROCESS_HASH needs hash_check.executable_path".to_owned(),
+            );
+        };
+        let algorithm = check.hash_algorithm.trim();
+        if !(algorithm.is_empty()
+            || algorithm.eq_ignore_ascii_case("sha256")
+            || algorithm.eq_ignore_ascii_case("sha-256"))
+        {
+            return failure(
+                task_id,
+                format!(
+                    "hash algorithm {algorithm:?} is not supported; this collector computes sha256"
+                ),
+            );
+        }
+        let Ok(job) = self.jobs.clone().acquire_owned().await else {
+            unreachable!("the job semaphore is never closed")
+        };
+        // Dropping this future (the task timed out, or its connection went)
+        // tells the hash loop to stop.
+        let cancel = CancelOnDrop::default();
+        let cancelled = cancel.flag();
+        let policy = self.hashing.clone();
+        let id = task_id.clone();
+        let hashed = tokio::task::spawn_blocking(move || {
+            let _job = job;
+            hash_result(id, check, &policy, &cancelled)
+        })
+        .await;
+        drop(cancel);
+        hashed.unwrap_or_else(|error| failure(task_id, format!("the hash failed: {error}")))
     }
 }
 
-fn matches_filter(process: &Process, filter: &ProcessFilter) -> bool {
-    let pid_ok = filter.pids.is_empty() || filter.pids.contains(&process.pid().as_u32());
-    let name = process.name().to_string_lossy();
-    let name_ok = filter.process_names.is_empty()
-        || filter.process_names.iter().any(|wanted| *wanted == name);
-    let exe_ok = match &filter.executable_pattern {
-        None => true,
-        Some(pattern) => process
-            .exe()
-            .is_some_and(|exe| wildcard_match(pattern, &exe.to_string_lossy())),
+/// A flag set when this guard is dropped: how an async handler tells its
+/// blocking work to stop.
+#[derive(Default)]
+struct CancelOnDrop(Arc<AtomicBool>);
+
+impl CancelOnDrop {
+    fn flag(&self) -> Arc<AtomicBool> {
+        self.0.clone()
+    }
+}
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
+    }
+}
+
+/// A task's process filter, checked against the limits and made ready to
+/// match: pids in a set, names in a set, the pattern compiled once.
+struct Filter {
+    pids: HashSet<u32>,
+    names: HashSet<String>,
+    pattern: Option<globset::GlobMatcher>,
+}
+
+impl Filter {
+    fn new(filter: ProcessFilter, limits: FilterLimits) -> Result<Filter, String> {
+        let over = |what: &str, count: usize, limit: usize| {
+            format!(
+                "process_filter.{what} has {count} entries, over this collector's limit of {limit}; \
+                 split the task"
+            )
+        };
+        if filter.pids.len() > limits.pids {
+            return Err(over("pids", filter.pids.len(), limits.pids));
+        }
+        if filter.process_names.len() > limits.process_names {
+            return Err(over(
+                "process_names",
+                filter.process_names.len(),
+                limits.process_names,
+            ));
+        }
+        let pattern = match filter.executable_pattern {
+            Some(pattern) if pattern.len() > limits.pattern_bytes => {
+                return Err(format!(
+                    "process_filter.executable_pattern is {} bytes, over this collector's limit of \
+                     {}",
+                    pattern.len(),
+                    limits.pattern_bytes
+                ));
+            }
+            Some(pattern) => Some(
+                globset::GlobBuilder::new(&pattern)
+                    .literal_separator(false)
+                    .build()
+                    .map_err(|error| {
+                        format!("process_filter.executable_pattern {pattern:?} is not a valid glob: {error}")
+                    })?
+                    .compile_matcher(),
+            ),
+            None => None,
+        };
+        Ok(Filter {
+            pids: filter.pids.into_iter().collect(),
+            names: filter.process_names.into_iter().collect(),
+            pattern,
+        })
+    }
+
+    fn matches(&self, process: &Process) -> bool {
+        let pid_ok = self.pids.is_empty() || self.pids.contains(&process.pid().as_u32());
+        let name_ok = self.names.is_empty()
+            || self
+                .names
+                .contains(process.name().to_string_lossy().as_ref());
+        let exe_ok = match &self.pattern {
+            None => true,
+            Some(pattern) => process.exe().is_some_and(|exe| pattern.is_match(exe)),
+        };
+        pid_ok && name_ok && exe_ok
+    }
+}
+
+/// Refreshes the table (only the wanted pids, if the filter names some) and
+/// returns the matching processes, by pid.
+fn scan(system: &mut System, filter: &Filter) -> Vec<ProcessRecord> {
+    let refresh = ProcessRefreshKind::nothing()
+        .with_memory()
+        .with_user(UpdateKind::OnlyIfNotSet)
+        .with_cmd(UpdateKind::Always)
+        .with_exe(UpdateKind::OnlyIfNotSet)
+        .without_tasks();
+    let pids: Vec<Pid> = filter.pids.iter().map(|&pid| Pid::from_u32(pid)).collect();
+    let scope = if pids.is_empty() {
+        ProcessesToUpdate::All
+    } else {
+        ProcessesToUpdate::Some(&pids)
     };
-    pid_ok && name_ok && exe_ok
+    let collection_time = unix_millis();
+    system.refresh_processes_specifics(scope, true, refresh);
+    let mut processes: Vec<ProcessRecord> = system
+        .processes()
+        .values()
+        .filter(|process| filter.matches(process))
+        .map(|process| record(process, collection_time))
+        .collect();
+    processes.sort_unstable_by_key(|record| record.pid);
+    processes
 }
 
 fn record(process: &Process, collection_time: i64) -> ProcessRecord {
@@ -137,52 +349,15 @@ fn record(process: &Process, collection_time: i64) -> ProcessRecord {
     }
 }
 
-/// `*` matches any run of characters, `?` any one character.
-fn wildcard_match(pattern: &str, text: &str) -> bool {
-    let (pattern, text): (Vec<char>, Vec<char>) =
-        (pattern.chars().collect(), text.chars().collect());
-    let (mut p, mut t) = (0, 0);
-    // Where the last `*` was, and the text position it is currently matched up to.
-    let mut star: Option<(usize, usize)> = None;
-    while t < text.len() {
-        if p < pattern.len() && (pattern[p] == '?' || pattern[p] == text[t]) {
-            p += 1;
-            t += 1;
-        } else if p < pattern.len() && pattern[p] == '*' {
-            star = Some((p, t));
-            p += 1;
-        } else if let Some((star_p, star_t)) = star {
-            p = star_p + 1;
-            t = star_t + 1;
-            star = Some((star_p, star_t + 1));
-        } else {
-            return false;
-        }
-    }
-    pattern[p..].iter().all(|&c| c == '*')
-}
-
-fn check_hash(task_id: String, check: Option<HashCheck>) -> DetectionResult {
-    let Some(check) = check.filter(|check| !check.executable_path.is_empty()) else {
-        return failure(
-            task_id,
-            "CHECK_PROCESS_HASH needs hash_check.executable_path".to_owned(),
-        );
-    };
-    let algorithm = check.hash_algorithm.trim();
-    if !(algorithm.is_empty()
-        || algorithm.eq_ignore_ascii_case("sha256")
-        || algorithm.eq_ignore_ascii_case("sha-256"))
-    {
-        return failure(
-            task_id,
-            format!(
-                "hash algorithm {algorithm:?} is not supported; this collector computes sha256"
-            ),
-        );
-    }
+/// The hash of the task's file, as a result, or why there is none.
+fn hash_result(
+    task_id: String,
+    check: HashCheck,
+    policy: &HashPolicy,
+    cancelled: &AtomicBool,
+) -> DetectionResult {
     let path = check.executable_path;
-    match sha256_of_file(&path) {
+    match hash_file(&path, policy, cancelled) {
         Ok(hash_value) => {
             let expected = check.expected_hash.trim();
             let matches = expected.is_empty() || expected.eq_ignore_ascii_case(&hash_value);
@@ -217,38 +392,55 @@ fn check_hash(task_id: String, check: Option<HashCheck>) -> DetectionResult {
     }
 }
 
-/// Hashes a regular file. Devices, FIFOs and directories are refused: reading
-/// one could block a worker forever. On Unix the file is opened non-blocking,
-/// so not even opening a FIFO with no writer can hang.
-fn sha256_of_file(path: &str) -> Result<String, String> {
-    // Checked before opening too: Windows cannot open a directory as a file.
-    let metadata =
-        std::fs::metadata(path).map_err(|error| format!("cannot open {path}: {error}"))?;
-    if !metadata.is_file() {
-        return Err(format!("{path} is not a regular file"));
-    }
-    let mut options = std::fs::OpenOptions::new();
-    options.read(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::custom_flags(
-        &mut options,
-        rustix::fs::OFlags::NONBLOCK.bits() as i32,
-    );
-    let mut file = options
-        .open(path)
-        .map_err(|error| format!("cannot open {path}: {error}"))?;
-    let metadata = file
+/// Hashes `path` if the policy allows it: the collector runs as root, so an
+/// agent must not learn through it what exists or what a file holds beyond
+/// what it may ask about.
+///
+/// Allowed: the executable of a process running now (`path` exactly as the
+/// OS reports it), or a file whose directory, resolved, lies under an
+/// allowed directory. Anything else is refused with the same message
+/// whether or not the file exists. The file is then opened without
+/// following a final symlink, must be a regular file, and is read up to
+/// `max_bytes`.
+fn hash_file(path: &str, policy: &HashPolicy, cancelled: &AtomicBool) -> Result<String, String> {
+    let Some(target) = allowed_target(Path::new(path), policy) else {
+        return Err(format!(
+            "{path} is neither the executable of a running process nor under a directory this \
+             collector allows (serve --hash-allow DIR); refusing to hash it"
+        ));
+    };
+    let mut file = open_regular(&target).map_err(|error| format!("cannot hash {path}: {error}"))?;
+    let length = file
         .metadata()
-        .map_err(|error| format!("cannot inspect {path}: {error}"))?;
-    if !metadata.is_file() {
-        return Err(format!("{path} is not a regular file"));
+        .map_err(|error| format!("cannot inspect {path}: {error}"))?
+        .len();
+    if length > policy.max_bytes {
+        return Err(format!(
+            "{path} is {length} bytes, over this collector's limit of {} (serve --max-hash-bytes); \
+             not read",
+            policy.max_bytes
+        ));
     }
     let mut hasher = Sha256::new();
-    let mut buffer = vec![0; 64 * 1024];
+    let mut buffer = vec![0; HASH_CHUNK];
+    let mut read_so_far: u64 = 0;
     loop {
+        if cancelled.load(Ordering::Acquire) {
+            return Err(format!("hashing {path} was stopped: its task was given up"));
+        }
         match file.read(&mut buffer) {
             Ok(0) => break,
-            Ok(count) => hasher.update(&buffer[..count]),
+            Ok(count) => {
+                read_so_far += count as u64;
+                if read_so_far > policy.max_bytes {
+                    return Err(format!(
+                        "{path} grew past this collector's limit of {} bytes while it was read \
+                         (serve --max-hash-bytes)",
+                        policy.max_bytes
+                    ));
+                }
+                hasher.update(&buffer[..count]);
+            }
             Err(error) if error.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(error) => return Err(format!("cannot read {path}: {error}")),
         }
@@ -258,6 +450,89 @@ fn sha256_of_file(path: &str) -> Result<String, String> {
         .iter()
         .map(|byte| format!("{byte:02x}"))
         .collect())
+}
+
+/// The file to open for `path`, if the policy allows it.
+fn allowed_target(path: &Path, policy: &HashPolicy) -> Option<PathBuf> {
+    // Only plain absolute paths: no `.` or `..` to step out of a directory.
+    if !path.is_absolute()
+        || path
+            .components()
+            .any(|part| matches!(part, Component::CurDir | Component::ParentDir))
+    {
+        return None;
+    }
+    if is_running_executable(path) {
+        return Some(path.to_owned());
+    }
+    // The directory is resolved (its symlinks followed) and must lie under
+    // an allowed directory, also resolved; the file name itself is opened
+    // without following a symlink.
+    let name = path.file_name()?;
+    let dir = std::fs::canonicalize(path.parent()?).ok()?;
+    policy
+        .allowed_dirs
+        .iter()
+        .filter_map(|allowed| std::fs::canonicalize(allowed).ok())
+        .any(|allowed| dir.starts_with(allowed))
+        .then(|| dir.join(name))
+}
+
+/// Whether `path` is exactly the executable of a process running now.
+fn is_running_executable(path: &Path) -> bool {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    {
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return false;
+        };
+        entries
+            .filter_map(Result::ok)
+            .filter(|entry| {
+                entry
+                    .file_name()
+                    .to_string_lossy()
+                    .bytes()
+                    .all(|b| b.is_ascii_digit())
+            })
+            .any(|entry| std::fs::read_link(entry.path().join("exe")).is_ok_and(|exe| exe == path))
+    }
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    {
+        let mut system = System::new();
+        system.refresh_processes_specifics(
+            ProcessesToUpdate::All,
+            true,
+            ProcessRefreshKind::nothing().with_exe(UpdateKind::Always),
+        );
+        system
+            .processes()
+            .values()
+            .any(|process| process.exe() == Some(path))
+    }
+}
+
+/// Opens `path` for reading without following a final symlink and without
+/// blocking (a FIFO without a writer would block an open), and checks it is
+/// a regular file.
+fn open_regular(path: &Path) -> std::io::Result<std::fs::File> {
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::custom_flags(
+        &mut options,
+        (rustix::fs::OFlags::NONBLOCK | rustix::fs::OFlags::NOFOLLOW).bits() as i32,
+    );
+    #[cfg(windows)]
+    {
+        // FILE_FLAG_OPEN_REPARSE_POINT: open a symlink itself, not its target.
+        std::os::windows::fs::OpenOptionsExt::custom_flags(&mut options, 0x0020_0000);
+    }
+    let file = options.open(path)?;
+    let metadata = file.metadata()?;
+    if !metadata.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    Ok(file)
 }
 
 fn failure(task_id: String, message: String) -> DetectionResult {
@@ -279,62 +554,170 @@ fn unix_millis() -> i64 {
 mod tests {
     use super::*;
 
-    #[test]
-    fn wildcards() {
-        assert!(wildcard_match("/usr/*", "/usr/bin/sshd"));
-        assert!(wildcard_match("*sshd", "/usr/sbin/sshd"));
-        assert!(wildcard_match("/usr/?bin/*d", "/usr/sbin/sshd"));
-        assert!(wildcard_match("*", ""));
-        assert!(wildcard_match("a*b*c", "aXXbYYc"));
-        assert!(!wildcard_match("/usr/*", "/opt/x"));
-        assert!(!wildcard_match("a*b", "aXXc"));
-        assert!(!wildcard_match("?", ""));
+    fn policy(allowed: &[&Path]) -> HashPolicy {
+        HashPolicy {
+            allowed_dirs: allowed.iter().map(|dir| dir.to_path_buf()).collect(),
+            max_bytes: 1 << 20,
+        }
     }
 
-    #[test]
-    fn hashes_a_file_and_compares() {
-        let mut file = tempfile::NamedTempFile::new().unwrap();
-        std::io::Write::write_all(&mut file, b"abc").unwrap();
-        let path = file.path().to_string_lossy().into_owned();
+    fn hash_task(path: &Path, expected: &str) -> DetectionTask {
+        DetectionTask {
+            task_id: "t".into(),
+            task_type: TaskType::CheckProcessHash.into(),
+            hash_check: Some(HashCheck {
+                expected_hash: expected.to_owned(),
+                hash_algorithm: "SHA256".into(),
+                executable_path: path.to_string_lossy().into_owned(),
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn message(result: &DetectionResult) -> &str {
+        result.error_message.as_deref().unwrap_or_default()
+    }
+
+    #[tokio::test]
+    async fn hashes_an_allowed_file_and_compares() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("abc");
+        std::fs::write(&file, b"abc").unwrap();
+        let collector = Collector::new(policy(&[dir.path()]));
         // SHA-256("abc"), FIPS 180-2 appendix B.1.
         let abc = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
-        assert_eq!(sha256_of_file(&path).unwrap(), abc);
+        let matching = collector
+            .clone()
+            .handle(hash_task(&file, &abc.to_uppercase()))
+            .await;
+        assert!(matching.success, "{matching:?}");
+        assert_eq!(matching.hash_result.as_ref().unwrap().hash_value, abc);
+        assert!(matching.hash_result.unwrap().success);
 
-        let matching = check_hash(
-            "t".into(),
-            Some(HashCheck {
-                expected_hash: abc.to_uppercase(),
-                hash_algorithm: "SHA256".into(),
-                executable_path: path.clone(),
-            }),
-        );
-        assert!(matching.success);
-        assert!(matching.hash_result.as_ref().unwrap().success);
-
-        let mismatch = check_hash(
-            "t".into(),
-            Some(HashCheck {
-                expected_hash: "00".into(),
-                hash_algorithm: String::new(),
-                executable_path: path,
-            }),
-        );
+        let mismatch = collector.handle(hash_task(&file, "00")).await;
         assert!(mismatch.success, "the hash was computed");
         let hash = mismatch.hash_result.unwrap();
         assert!(!hash.success);
         assert!(hash.error_message.unwrap().contains("hash mismatch"));
     }
 
-    #[test]
-    fn refuses_what_is_not_a_regular_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let error = sha256_of_file(&dir.path().to_string_lossy()).unwrap_err();
-        assert!(error.ends_with("is not a regular file"), "{error}");
+    #[tokio::test]
+    async fn a_file_outside_the_allowed_places_is_refused_alike_whether_it_exists_or_not() {
+        let allowed = tempfile::tempdir().unwrap();
+        let elsewhere = tempfile::tempdir().unwrap();
+        let existing = elsewhere.path().join("secret");
+        std::fs::write(&existing, b"secret").unwrap();
+        let missing = elsewhere.path().join("missing");
+        let collector = Collector::new(policy(&[allowed.path()]));
+        let answers = [
+            collector.clone().handle(hash_task(&existing, "")).await,
+            collector.clone().handle(hash_task(&missing, "")).await,
+        ];
+        for answer in &answers {
+            assert!(!answer.success);
+            assert!(
+                message(answer).contains("refusing to hash it"),
+                "{answer:?}"
+            );
+        }
+        let [a, b] = &answers;
+        assert_eq!(
+            message(a).replace("secret", "X"),
+            message(b).replace("missing", "X"),
+            "the same answer whether or not the file exists"
+        );
+        // `..` cannot climb out of an allowed directory.
+        let climbing = allowed
+            .path()
+            .join("..")
+            .join(elsewhere.path().file_name().unwrap())
+            .join("secret");
+        assert!(!collector.handle(hash_task(&climbing, "")).await.success);
+    }
+
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn symlinks_are_not_followed_out_of_an_allowed_directory() {
+        let allowed = tempfile::tempdir().unwrap();
+        let elsewhere = tempfile::tempdir().unwrap();
+        let secret = elsewhere.path().join("secret");
+        std::fs::write(&secret, b"secret").unwrap();
+        // A final symlink, and a directory symlink, both leading out.
+        std::os::unix::fs::symlink(&secret, allowed.path().join("link")).unwrap();
+        std::os::unix::fs::symlink(elsewhere.path(), allowed.path().join("dir")).unwrap();
+        let collector = Collector::new(policy(&[allowed.path()]));
+        let through_file = collector
+            .clone()
+            .handle(hash_task(&allowed.path().join("link"), ""))
+            .await;
+        assert!(!through_file.success);
+        let through_dir = collector
+            .handle(hash_task(&allowed.path().join("dir").join("secret"), ""))
+            .await;
+        assert!(!through_dir.success);
+        assert!(
+            message(&through_dir).contains("refusing to hash it"),
+            "{through_dir:?}"
+        );
     }
 
     #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn the_executable_of_a_running_process_may_be_hashed() {
+        let me = std::fs::read_link("/proc/self/exe").unwrap();
+        let collector = Collector::new(HashPolicy {
+            max_bytes: u64::MAX,
+            ..policy(&[])
+        });
+        let answer = collector.handle(hash_task(&me, "")).await;
+        assert!(answer.success, "{answer:?}");
+        assert_eq!(answer.hash_result.unwrap().hash_value.len(), 64);
+    }
+
+    #[tokio::test]
+    async fn a_file_over_the_size_limit_is_refused_without_being_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let big = dir.path().join("big");
+        std::fs::File::create(&big)
+            .unwrap()
+            .set_len((1 << 20) + 1)
+            .unwrap();
+        let collector = Collector::new(policy(&[dir.path()]));
+        let answer = collector.handle(hash_task(&big, "")).await;
+        assert!(!answer.success);
+        assert!(
+            message(&answer).contains("1048577 bytes, over this collector's limit of 1048576"),
+            "{answer:?}"
+        );
+    }
+
     #[test]
-    fn a_fifo_without_writer_is_refused_without_blocking() {
+    fn a_cancelled_hash_stops_between_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("file");
+        std::fs::write(&file, vec![0; 4 * HASH_CHUNK]).unwrap();
+        let cancelled = AtomicBool::new(true);
+        let error =
+            hash_file(&file.to_string_lossy(), &policy(&[dir.path()]), &cancelled).unwrap_err();
+        assert!(error.contains("was stopped"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn what_is_not_a_regular_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let sub = dir.path().join("sub");
+        std::fs::create_dir(&sub).unwrap();
+        let collector = Collector::new(policy(&[dir.path()]));
+        let answer = collector.handle(hash_task(&sub, "")).await;
+        assert!(
+            message(&answer).ends_with("not a regular file"),
+            "{answer:?}"
+        );
+    }
+
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn a_fifo_without_writer_is_refused_without_blocking() {
         let dir = tempfile::tempdir().unwrap();
         let fifo = dir.path().join("fifo");
         rustix::fs::mknodat(
@@ -345,7 +728,149 @@ mod tests {
             0,
         )
         .unwrap();
-        let error = sha256_of_file(&fifo.to_string_lossy()).unwrap_err();
-        assert!(error.ends_with("is not a regular file"), "{error}");
+        let collector = Collector::new(policy(&[dir.path()]));
+        let answer = collector.handle(hash_task(&fifo, "")).await;
+        assert!(
+            message(&answer).ends_with("not a regular file"),
+            "{answer:?}"
+        );
+    }
+
+    fn enumerate(filter: ProcessFilter) -> DetectionTask {
+        DetectionTask {
+            task_id: "e".into(),
+            task_type: TaskType::EnumerateProcesses.into(),
+            process_filter: Some(filter),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn filters_over_their_limits_are_answered_naming_the_limit() {
+        let limits = FilterLimits {
+            pids: 2,
+            process_names: 1,
+            pattern_bytes: 8,
+        };
+        let collector = Collector::with_limits(policy(&[]), 2, Duration::from_secs(5), limits);
+        for (filter, expected) in [
+            (
+                ProcessFilter {
+                    pids: vec![1, 2, 3],
+                    ..Default::default()
+                },
+                "process_filter.pids has 3 entries, over this collector's limit of 2",
+            ),
+            (
+                ProcessFilter {
+                    process_names: vec!["a".into(), "b".into()],
+                    ..Default::default()
+                },
+                "process_filter.process_names has 2 entries, over this collector's limit of 1",
+            ),
+            (
+                ProcessFilter {
+                    executable_pattern: Some("/usr/bin/*sshd".into()),
+                    ..Default::default()
+                },
+                "executable_pattern is 14 bytes, over this collector's limit of 8",
+            ),
+        ] {
+            let answer = collector.clone().handle(enumerate(filter)).await;
+            assert!(!answer.success);
+            assert!(message(&answer).contains(expected), "{answer:?}");
+        }
+    }
+
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn the_pattern_is_a_glob_matched_against_the_executable_path() {
+        let me = std::process::id();
+        let exe = std::fs::read_link("/proc/self/exe").unwrap();
+        let dir = exe.parent().unwrap().to_string_lossy().into_owned();
+        let collector = Collector::new(policy(&[]));
+        for (pattern, found) in [(format!("{dir}/*"), true), ("/nowhere/*".to_owned(), false)] {
+            let answer = collector
+                .clone()
+                .handle(enumerate(ProcessFilter {
+                    pids: vec![me],
+                    executable_pattern: Some(pattern.clone()),
+                    ..Default::default()
+                }))
+                .await;
+            assert!(answer.success, "{answer:?}");
+            assert_eq!(answer.processes.len(), usize::from(found), "{pattern}");
+        }
+        let invalid = collector
+            .handle(enumerate(ProcessFilter {
+                executable_pattern: Some("[".into()),
+                ..Default::default()
+            }))
+            .await;
+        assert!(
+            message(&invalid).contains("is not a valid glob"),
+            "{invalid:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_scan_that_holds_the_process_table_stalls_later_tasks_no_longer_than_the_scan_wait() {
+        let collector = Collector::with_limits(
+            policy(&[]),
+            4,
+            Duration::from_millis(50),
+            FilterLimits::DEFAULT,
+        );
+        // A scan stuck in a /proc read, as far as the table is concerned.
+        let stuck = collector.system.clone().lock_owned().await;
+        let answer = collector
+            .clone()
+            .handle(enumerate(ProcessFilter::default()))
+            .await;
+        assert!(!answer.success);
+        assert!(
+            message(&answer).contains("the process table is busy"),
+            "{answer:?}"
+        );
+        drop(stuck);
+        assert!(
+            collector
+                .handle(enumerate(ProcessFilter::default()))
+                .await
+                .success
+        );
+    }
+
+    #[tokio::test]
+    async fn blocking_jobs_are_bounded_and_a_job_whose_task_is_dropped_never_starts() {
+        let collector = Collector::with_limits(
+            policy(&[]),
+            1,
+            Duration::from_secs(5),
+            FilterLimits::DEFAULT,
+        );
+        let only_job = collector.jobs.clone().acquire_owned().await.unwrap();
+        // The task waits for a job without starting one.
+        let waiting = tokio::spawn(
+            collector
+                .clone()
+                .handle(enumerate(ProcessFilter::default())),
+        );
+        tokio::task::yield_now().await;
+        assert_eq!(collector.jobs.available_permits(), 0);
+        waiting.abort();
+        assert!(waiting.await.unwrap_err().is_cancelled());
+        drop(only_job);
+        assert_eq!(
+            collector.jobs.available_permits(),
+            1,
+            "the dropped task took no job with it"
+        );
+        assert!(
+            collector
+                .handle(enumerate(ProcessFilter::default()))
+                .await
+                .success
+        );
     }
 }

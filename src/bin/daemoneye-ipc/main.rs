@@ -22,6 +22,10 @@ const EXIT_FAILURE: u8 = 1;
 /// Exit code for bad usage or an invalid configuration (clap uses it too).
 const EXIT_USAGE: u8 = 2;
 
+/// How long `serve` waits, after its graceful shutdown, for blocking work
+/// that is still running before it exits anyway.
+const SHUTDOWN_STRAGGLERS: std::time::Duration = std::time::Duration::from_millis(500);
+
 #[derive(Parser)]
 #[command(
     name = "daemoneye-ipc",
@@ -86,6 +90,10 @@ struct ConfigArgs {
     /// Largest message body in bytes.
     #[arg(long, value_name = "N")]
     max_frame_bytes: Option<usize>,
+    /// Unix server: the group (name or gid) whose members may connect; the
+    /// socket is then 0660 and its directory 0750, both the group's.
+    #[arg(long, value_name = "NAME|GID")]
+    socket_group: Option<String>,
 }
 
 impl ConfigArgs {
@@ -101,6 +109,7 @@ impl ConfigArgs {
             task_timeout_ms: self.task_timeout_ms,
             max_connections: self.max_connections,
             crc32_variant: self.crc32,
+            socket_group: self.socket_group.clone(),
         };
         let mut loader = ConfigLoader::new().env_from_process().flags(flags);
         if let Some(path) = &self.config {
@@ -136,7 +145,13 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(matches!(cli.command, Command::Serve(_)));
     let outcome = match cli.command {
-        Command::Serve(cmd) => runtime().and_then(|rt| rt.block_on(cmd.run())),
+        Command::Serve(cmd) => runtime().and_then(|rt| {
+            let served = rt.block_on(cmd.run());
+            // Blocking work still running (a hash, a stuck /proc read) is not
+            // waited for: the process ends within the grace period and this.
+            rt.shutdown_timeout(SHUTDOWN_STRAGGLERS);
+            served
+        }),
         Command::Send(cmd) => runtime().and_then(|rt| rt.block_on(cmd.run())),
         Command::Ping(cmd) => runtime().and_then(|rt| rt.block_on(cmd.run())),
         Command::Config(cmd) => cmd.run(),

@@ -1,12 +1,13 @@
 //! `daemoneye-ipc serve`: a collector on the configured endpoint until SIGINT
 //! or SIGTERM, then a graceful shutdown and exit 0.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
 use daemoneye_ipc::{IpcServer, ServerStats};
 
-use crate::collector::Collector;
+use crate::collector::{Collector, HashPolicy};
 use crate::{ConfigArgs, Failure};
 
 #[derive(Args)]
@@ -17,9 +18,18 @@ pub struct ServeCmd {
     /// server's own uid and root are always admitted.
     #[arg(long = "allow-uid", value_name = "UID")]
     allow_uids: Vec<u32>,
-    /// On SIGINT/SIGTERM, how long tasks in flight may take to finish.
+    /// On SIGINT/SIGTERM, how long tasks in flight may take to finish. The
+    /// process exits within this plus one second, whatever is still running.
     #[arg(long, value_name = "N", default_value_t = 10_000)]
     shutdown_grace_ms: u64,
+    /// CHECK_PROCESS_HASH may also read files under this directory
+    /// (repeatable; none by default: only executables of running processes).
+    #[arg(long = "hash-allow", value_name = "DIR")]
+    hash_allow: Vec<PathBuf>,
+    /// CHECK_PROCESS_HASH refuses files larger than this, without reading
+    /// them.
+    #[arg(long, value_name = "N", default_value_t = 1 << 30)]
+    max_hash_bytes: u64,
 }
 
 impl ServeCmd {
@@ -29,7 +39,15 @@ impl ServeCmd {
         // soon as the socket is visible must not find the default handler,
         // which would kill the process without cleaning up.
         let mut stop = StopSignals::install().map_err(Failure::runtime)?;
-        let collector = Collector::new();
+        let collector = Collector::new(HashPolicy {
+            allowed_dirs: self.hash_allow,
+            max_bytes: self.max_hash_bytes,
+        });
+        tracing::info!(
+            max_blocking_jobs = collector.max_jobs(),
+            scan_wait_ms = collector.scan_wait().as_millis() as u64,
+            "collector ready"
+        );
         let server = IpcServer::builder(config)
             .allow_uids(self.allow_uids)
             .bind(move |task| collector.clone().handle(task))
