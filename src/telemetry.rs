@@ -1,7 +1,9 @@
 //! Server counters: updated lock-free on the hot path, read as a consistent
 //! enough [`ServerStats`] snapshot by [`IpcServer::stats`](crate::IpcServer::stats).
 
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
@@ -150,5 +152,69 @@ impl<'a> ActiveConnection<'a> {
 impl Drop for ActiveConnection<'_> {
     fn drop(&mut self) {
         self.0.active.fetch_sub(1, Relaxed);
+    }
+}
+
+/// Lets a kind of event be logged at most once per `interval`, saying how
+/// many happened since the last line: a flood of rejected connections is
+/// counted in full but logged a line a second.
+#[derive(Debug)]
+pub(crate) struct LogThrottle {
+    interval: Duration,
+    state: Mutex<Throttled>,
+}
+
+#[derive(Debug, Default)]
+struct Throttled {
+    last_line: Option<Instant>,
+    since_last_line: u64,
+}
+
+impl LogThrottle {
+    pub(crate) fn per_second() -> LogThrottle {
+        LogThrottle {
+            interval: Duration::from_secs(1),
+            state: Mutex::default(),
+        }
+    }
+
+    /// One event at `now`: `Some(n)` if it may be logged, `n` counting it and
+    /// those not logged since the last line; `None` if it must not be.
+    pub(crate) fn admit(&self, now: Instant) -> Option<u64> {
+        let mut state = self
+            .state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        state.since_last_line += 1;
+        let due = state
+            .last_line
+            .is_none_or(|last| now.duration_since(last) >= self.interval);
+        if !due {
+            return None;
+        }
+        state.last_line = Some(now);
+        Some(std::mem::take(&mut state.since_last_line))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_flood_is_logged_once_a_second_with_the_count_since_the_last_line() {
+        let throttle = LogThrottle::per_second();
+        let t0 = Instant::now();
+        assert_eq!(throttle.admit(t0), Some(1), "the first is logged");
+        for n in 1..=99 {
+            let now = t0 + Duration::from_millis(10 * n);
+            assert_eq!(throttle.admit(now), None, "not within the second");
+        }
+        assert_eq!(
+            throttle.admit(t0 + Duration::from_secs(1)),
+            Some(100),
+            "a second later: this one and the 99 held back"
+        );
+        assert_eq!(throttle.admit(t0 + Duration::from_secs(5)), Some(1));
     }
 }

@@ -420,3 +420,103 @@ fn the_client_refuses_a_server_running_as_another_uid_unless_allowed(transport: 
     let _ = server.kill();
     let _ = server.wait();
 }
+
+each_backend!(of_ten_servers_started_at_once_on_one_endpoint_exactly_one_serves);
+/// One server per endpoint, by the endpoint's lock: ten servers started at
+/// once on one endpoint, exactly one serves and the nine others exit 1
+/// naming the endpoint; the one that serves is reachable.
+fn of_ten_servers_started_at_once_on_one_endpoint_exactly_one_serves(transport: TransportKind) {
+    let endpoint = Endpoint::fresh();
+    let mut servers: Vec<ServerProcess> = (0..10)
+        .map(|_| ServerProcess::spawn(&endpoint.name, transport, &[]))
+        .collect();
+    let exited = wait_until("nine of the ten servers to exit", PATIENCE, || {
+        let exited: Vec<(usize, std::process::ExitStatus)> = servers
+            .iter_mut()
+            .enumerate()
+            .filter_map(|(n, server)| server.try_exit().map(|status| (n, status)))
+            .collect();
+        (exited.len() >= 9).then_some(exited)
+    });
+    assert_eq!(exited.len(), 9, "exactly one keeps running");
+    for (n, status) in &exited {
+        assert_eq!(status.code(), Some(1), "server {n}: {}", servers[*n].logs());
+        let message = servers[*n].logs();
+        assert!(
+            message.contains(&format!(
+                "endpoint {} is in use by a running server",
+                endpoint.name
+            )),
+            "server {n}: {message}"
+        );
+    }
+    let serving = (0..10)
+        .find(|n| exited.iter().all(|(m, _)| m != n))
+        .unwrap();
+    let mut serving = servers.swap_remove(serving);
+    serving.wait_for_log("listening", 1);
+    let client = daemoneye_ipc::IpcClient::new(serving.client_config(transport)).unwrap();
+    assert!(
+        block_on(client.send(quick_task("to-the-one")))
+            .unwrap()
+            .success
+    );
+}
+
+each_backend!(members_of_the_socket_group_get_in_and_others_are_refused_at_connect);
+/// `--socket-group`: the socket is 0660 and its directory 0750 (and
+/// set-group-id), both owned by the group; a client running as another uid
+/// in the group is served, one outside it cannot even connect. Needs root,
+/// to run clients as another user.
+fn members_of_the_socket_group_get_in_and_others_are_refused_at_connect(transport: TransportKind) {
+    require_root("runs clients as another uid, in and out of the socket group");
+    const GROUP: u32 = NOBODY;
+    const OTHER_GROUP: u32 = 12345;
+    let endpoint = Endpoint::fresh();
+    // The parents let other users through to the socket's directory.
+    fs::set_permissions(endpoint.dir.path(), fs::Permissions::from_mode(0o711)).unwrap();
+    let group = GROUP.to_string();
+    let _server = ServerProcess::start(&endpoint.name, transport, &["--socket-group", &group]);
+    let dir = endpoint.path().parent().unwrap();
+    let dir_meta = fs::metadata(dir).unwrap();
+    assert_eq!(dir_meta.mode() & 0o7777, 0o2750, "directory mode");
+    assert_eq!(dir_meta.gid(), GROUP, "directory group");
+    let socket_meta = fs::symlink_metadata(endpoint.path()).unwrap();
+    assert_eq!(socket_meta.mode() & 0o7777, 0o660, "socket mode");
+    assert_eq!(socket_meta.gid(), GROUP, "socket group");
+
+    let send_as = |gid: u32| {
+        use std::os::unix::process::CommandExt;
+        daemoneye_ipc()
+            .args(["send", "--transport", transport.name()])
+            .args(["--endpoint", &endpoint.name, "--task-id", "grouped"])
+            .args(["--accept-timeout-ms", "2000"])
+            .uid(NOBODY)
+            .gid(gid)
+            .output()
+            .unwrap()
+    };
+    let member = send_as(GROUP);
+    assert!(
+        member.status.success(),
+        "a member is served: {}",
+        stderr(&member)
+    );
+    let outsider = send_as(OTHER_GROUP);
+    assert_eq!(outsider.status.code(), Some(1));
+    let message = stderr(&outsider);
+    assert!(
+        message.contains("Permission denied"),
+        "refused at connect: {message}"
+    );
+
+    let config = daemoneye_ipc()
+        .args(["config", "--socket-group", &group])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&config.stdout).contains(&format!("socket_group = \"{group}\"")),
+        "config shows the setting: {}",
+        String::from_utf8_lossy(&config.stdout)
+    );
+}

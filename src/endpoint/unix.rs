@@ -292,18 +292,20 @@ const BACKLOG: i32 = 1024;
 
 /// Socket, mode, bind, listen: the socket file has `mode` from the moment
 /// it exists, because the mode is set on the socket before `bind` creates
-/// the file (where the OS cannot, as on macOS, a umask does the same).
+/// the file, under a umask that leaves exactly that mode (where the OS
+/// cannot set a mode on an unbound socket, as on macOS, the umask alone
+/// does it).
 fn bind_listener(path: &Path, mode: u32) -> io::Result<UnixListener> {
     let socket = new_socket(false)?;
     let address = SocketAddrUnix::new(path)?;
     match rustix::fs::fchmod(&socket, Mode::from_raw_mode(mode as _)) {
-        Ok(()) => rustix::net::bind(&socket, &address)?,
-        // No mode on unbound sockets here (macOS): a umask leaving `mode`.
-        Err(rustix::io::Errno::INVAL) => {
-            with_umask_for(mode, || Ok(rustix::net::bind(&socket, &address)?))?
-        }
+        // No mode on unbound sockets here (macOS): the umask alone does it.
+        Ok(()) | Err(rustix::io::Errno::INVAL) => {}
         Err(err) => return Err(err.into()),
     }
+    // The file gets the socket's mode less the umask: a umask leaving
+    // exactly `mode` (a usual 022 would take the group's write bit).
+    with_umask_for(mode, || Ok(rustix::net::bind(&socket, &address)?))?;
     rustix::net::listen(&socket, BACKLOG)?;
     Ok(UnixListener::from(socket))
 }
@@ -512,9 +514,8 @@ impl Drop for SocketFile {
 }
 
 /// Runs `bind` with the process umask leaving at most `mode` (077 for an
-/// owner-only socket), so that the socket file is created no more open
-/// than that, for platforms where `fchmod` before `bind` is not supported
-/// (macOS).
+/// owner-only socket), so that the socket file is created with no more than
+/// that.
 ///
 /// The umask is process-wide: files and directories another thread creates
 /// meanwhile come out as restricted too (usable by their owner, never more

@@ -152,7 +152,8 @@ async fn wait_for_slot(shared: &Shared) -> Option<Slot<'_>> {
     };
     // The receiver is still alive here, so a slot handed over between the
     // wait ending and the withdrawal is ours: withdrawing says so.
-    (got_one || !shared.slots.withdraw(id)).then_some(Slot(shared))
+    // (Lazily: a `Slot` built and dropped would release a slot not held.)
+    (got_one || !shared.slots.withdraw(id)).then(|| Slot(shared))
 }
 
 /// Serves `connection` until the peer leaves, a frame is bad, a deadline

@@ -33,7 +33,7 @@ use crate::peer::PeerPolicy;
 use crate::policy::budget::MemoryBudget;
 use crate::policy::server::ConnectionLimits;
 use crate::proto::DetectionTask;
-use crate::telemetry::{Counters, ServerStats};
+use crate::telemetry::{Counters, LogThrottle, ServerStats};
 use crate::transport::PeerCredentials;
 
 pub use crate::policy::server::Reply;
@@ -172,6 +172,8 @@ impl ServerBuilder {
             socket_group,
             counters: Arc::new(Counters::default()),
             budget: Arc::new(MemoryBudget::new(max_bytes_in_flight)),
+            peer_log: LogThrottle::per_second(),
+            limit_log: LogThrottle::per_second(),
             stop_reading: CancellationToken::new(),
             abort: CancellationToken::new(),
             next_connection_id: AtomicU64::new(1),
@@ -380,6 +382,9 @@ struct Shared {
     socket_group: Option<SocketGroup>,
     counters: Arc<Counters>,
     budget: Arc<MemoryBudget>,
+    /// Rejections are counted always, logged at most once a second.
+    peer_log: LogThrottle,
+    limit_log: LogThrottle,
     /// Graceful shutdown: stop accepting and reading, finish what is in flight.
     stop_reading: CancellationToken,
     /// Hard stop: drop everything now.
@@ -392,25 +397,35 @@ impl Shared {
         self.next_connection_id.fetch_add(1, Relaxed)
     }
 
-    /// Admits a peer by its credentials, or counts and logs its refusal.
+    /// Admits a peer by its credentials, or counts its refusal (and logs
+    /// it, at most once a second).
     fn admit_peer(&self, peer: std::io::Result<PeerCredentials>) -> bool {
         match self.peers.check(peer) {
             Ok(()) => true,
             Err(reason) => {
                 crate::telemetry::bump(&self.counters.rejected_peer);
-                tracing::warn!("peer rejected: it {reason}");
+                if let Some(rejected) = self.peer_log.admit(std::time::Instant::now()) {
+                    tracing::warn!(
+                        rejected_since_last_line = rejected,
+                        "peer rejected: it {reason}"
+                    );
+                }
                 false
             }
         }
     }
 
-    /// Counts and logs a connection closed without a slot.
+    /// Counts a connection closed without a slot (and logs it, at most once
+    /// a second).
     fn refused_for_limit(&self) {
         crate::telemetry::bump(&self.counters.rejected_limit);
-        tracing::warn!(
-            accept_timeout_ms = self.accept_timeout.as_millis() as u64,
-            "no connection slot freed in time (max_connections reached); closing"
-        );
+        if let Some(rejected) = self.limit_log.admit(std::time::Instant::now()) {
+            tracing::warn!(
+                rejected_since_last_line = rejected,
+                accept_timeout_ms = self.accept_timeout.as_millis() as u64,
+                "no connection slot freed in time (max_connections reached); closing"
+            );
+        }
     }
 
     /// Counts and logs how a served connection ended.

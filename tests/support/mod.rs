@@ -272,6 +272,11 @@ impl ServerProcess {
         self.wait_for_log("listening", 1);
     }
 
+    /// The exit status if the process has exited, without waiting.
+    pub fn try_exit(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().unwrap()
+    }
+
     /// Waits for the process to exit on its own.
     pub fn wait_for_exit(&mut self) -> ExitStatus {
         wait_until("the server to exit", PATIENCE, || {
