@@ -67,6 +67,7 @@ fn decode(c: &mut Criterion) {
                         FrameDecoder::new(settings(variant))
                             .decode(&mut wire)
                             .unwrap()
+                            .expect("a whole frame decodes")
                     },
                     BatchSize::SmallInput,
                 )

@@ -50,7 +50,12 @@ fn decode(c: &mut Criterion) {
         group.bench_function(BenchmarkId::from_parameter(size), |b| {
             b.iter_batched(
                 || frame.clone(),
-                |mut wire| ClientCodec::new(settings()).decode(&mut wire).unwrap(),
+                |mut wire| {
+                    ClientCodec::new(settings())
+                        .decode(&mut wire)
+                        .unwrap()
+                        .expect("a whole result decodes")
+                },
                 BatchSize::SmallInput,
             )
         });

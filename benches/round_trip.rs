@@ -44,16 +44,12 @@ fn round_trip(c: &mut Criterion) {
             .collect();
         let (server, client) = runtime.block_on(async {
             let server = IpcServer::bind(config.clone(), move |task: DetectionTask| {
-                let size: usize = task
-                    .metadata
-                    .as_deref()
-                    .and_then(|m| m.parse().ok())
-                    .unwrap_or(0);
+                let size: Option<usize> = task.metadata.as_deref().and_then(|m| m.parse().ok());
                 let result = results
                     .iter()
-                    .find(|(s, _)| *s == size)
+                    .find(|(s, _)| Some(*s) == size)
                     .map(|(_, r)| r.clone())
-                    .unwrap_or_default();
+                    .expect("every task asks for a prepared size");
                 async move { result }
             })
             .await
@@ -63,6 +59,7 @@ fn round_trip(c: &mut Criterion) {
         for size in SIZES {
             group.throughput(Throughput::Bytes(size as u64));
             let mut n = 0u64;
+            let expected_records = sample::detection_result("", size).processes.len();
             group.bench_function(BenchmarkId::new(transport.name(), size), |b| {
                 b.iter(|| {
                     n += 1;
@@ -71,7 +68,12 @@ fn round_trip(c: &mut Criterion) {
                         metadata: Some(size.to_string()),
                         ..Default::default()
                     };
-                    runtime.block_on(client.send(task)).unwrap()
+                    let result = runtime.block_on(client.send(task)).unwrap();
+                    assert!(
+                        result.success && result.processes.len() == expected_records,
+                        "the result asked for"
+                    );
+                    result
                 })
             });
         }

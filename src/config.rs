@@ -634,6 +634,26 @@ impl ConfigLoader {
 
     /// Layers defaults, file, environment and flags, then validates.
     pub fn load(self) -> Result<LoadedConfig, IpcError> {
+        let file = match &self.file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| {
+                    IpcError::ConfigFileUnreadable {
+                        path: path.to_owned(),
+                        source,
+                    }
+                })?;
+                Some((path.clone(), text))
+            }
+            None => None,
+        };
+        self.load_with_file_text(file)
+    }
+
+    /// [`load`](Self::load), with the file's text already read.
+    pub(crate) fn load_with_file_text(
+        self,
+        file: Option<(PathBuf, String)>,
+    ) -> Result<LoadedConfig, IpcError> {
         let runtime_dir = self
             .env
             .iter()
@@ -644,8 +664,8 @@ impl ConfigLoader {
             origins: std::array::from_fn(|_| ConfigOrigin::Default),
         };
 
-        if let Some(path) = &self.file {
-            let table = read_config_file(path)?;
+        if let Some((path, text)) = file {
+            let table = parse_config_file(&path, &text)?;
             loaded.apply(table, |_| ConfigOrigin::File(path.clone()));
         }
 
@@ -703,19 +723,15 @@ impl LoadedConfig {
 }
 
 /// Parses the file and returns its `[ipc]` table (empty if there is none).
-fn read_config_file(path: &Path) -> Result<ConfigOverrides, IpcError> {
-    let text = std::fs::read_to_string(path).map_err(|source| IpcError::ConfigFileUnreadable {
-        path: path.to_owned(),
-        source,
-    })?;
+fn parse_config_file(path: &Path, text: &str) -> Result<ConfigOverrides, IpcError> {
     let invalid = |message: String| IpcError::ConfigFileInvalid {
         path: path.to_owned(),
         message,
     };
-    let file: ConfigFile = toml::from_str(&text).map_err(|err| {
+    let file: ConfigFile = toml::from_str(text).map_err(|err| {
         // One line, for logs, quoting the offending line so the key is named:
         // "line 2, column 19 (`max_connections = "lots"`): invalid type ...".
-        let message = err.message().trim_end();
+        let message = err.message().trim_end().replace('\n', " ");
         match err.span() {
             Some(span) => {
                 let before = &text[..span.start.min(text.len())];
@@ -726,7 +742,7 @@ fn read_config_file(path: &Path) -> Result<ConfigOverrides, IpcError> {
                     "line {line}, column {column} (`{source}`): {message}"
                 ))
             }
-            None => invalid(message.to_owned()),
+            None => invalid(message),
         }
     })?;
     // Other components' tables may share the file, but a bare key at the top

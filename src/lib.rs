@@ -127,6 +127,9 @@ pub mod config;
 pub mod endpoint;
 pub mod error;
 pub mod frame;
+#[cfg(fuzzing)]
+#[doc(hidden)]
+pub mod fuzzing;
 mod peer;
 mod policy;
 pub mod proto;

@@ -92,18 +92,30 @@ fn a_quick_comparison_measures_every_backend_and_writes_every_format() {
             }
         }
         let median = &backend["summary"]["sizes"][0]["latency_p50_ns"];
-        assert!(median["min"].as_f64() <= median["median"].as_f64());
-        assert!(median["median"].as_f64() <= median["max"].as_f64());
+        let figure = |name: &str| {
+            median[name]
+                .as_f64()
+                .unwrap_or_else(|| panic!("summary latency {name} in {median}"))
+        };
+        assert!(figure("min") <= figure("median"));
+        assert!(figure("median") <= figure("max"));
     }
     if transports().len() > 1 {
         let comparison = &report["comparisons"][0];
         assert_eq!(comparison["subject"], "interprocess");
         assert_eq!(comparison["baseline"], "tokio");
-        let outcome = comparison["memory"]["outcome"].as_str().unwrap();
-        assert!(
-            ["pass", "within_noise", "fail"].contains(&outcome),
-            "{outcome}"
-        );
+        // Every verdict follows from its own rounds: pass when every round
+        // meets the bar, fail when none does, within noise otherwise.
+        let mut ratios = vec![&comparison["memory"]];
+        for size in comparison["sizes"].as_array().unwrap() {
+            ratios.push(&size["latency_p50"]);
+            for level in size["throughput"].as_array().unwrap() {
+                ratios.push(&level[1]);
+            }
+        }
+        for ratio in ratios {
+            assert_verdict_follows_from_the_rounds(ratio);
+        }
         assert!(
             stdout.contains("Verdict: interprocess against tokio"),
             "{stdout}"
@@ -125,6 +137,44 @@ fn a_quick_comparison_measures_every_backend_and_writes_every_format() {
         svg.contains("round trip") && svg.contains("throughput"),
         "both charts are titled"
     );
+}
+
+/// A `Ratio` of the report (docs/compare-json.md): its outcome is the one
+/// its per-round ratios and its bar imply.
+fn assert_verdict_follows_from_the_rounds(ratio: &serde_json::Value) {
+    let number = |name: &str| {
+        ratio[name]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{name} in {ratio}"))
+    };
+    let (low, median, high, bar) = (
+        number("ratio_min"),
+        number("ratio"),
+        number("ratio_max"),
+        number("bar"),
+    );
+    assert!(low <= median && median <= high, "{ratio}");
+    let higher_is_better = ratio["higher_is_better"].as_bool().unwrap();
+    let meets = |value: f64| {
+        if higher_is_better {
+            value >= bar
+        } else {
+            value <= bar
+        }
+    };
+    let (best, worst) = if higher_is_better {
+        (high, low)
+    } else {
+        (low, high)
+    };
+    let expected = if meets(worst) {
+        "pass"
+    } else if !meets(best) {
+        "fail"
+    } else {
+        "within_noise"
+    };
+    assert_eq!(ratio["outcome"], expected, "{ratio}");
 }
 
 #[cfg(target_os = "linux")]
@@ -162,7 +212,7 @@ fn pinning_is_reported_in_the_placement() {
 #[test]
 fn bad_arguments_exit_2_with_the_reason() {
     for (args, needle) in [
-        (&["--rounds", "2"][..], "2"),
+        (&["--rounds", "2"][..], "at least 3 rounds"),
         (&["--sizes", "0"][..], "sizes run from 1 byte"),
         (&["--sizes", "1G"][..], "unknown unit"),
         (&["--backends", "shared-memory"][..], "this build has"),

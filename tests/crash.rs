@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use daemoneye_ipc::TransportKind;
 use daemoneye_ipc::proto::HashCheck;
-use daemoneye_ipc::{DetectionTask, IpcClient, IpcError, TaskType};
+use daemoneye_ipc::{DetectionTask, IpcClient, IpcConfig, IpcError, TaskType};
 use support::*;
 
 each_backend!(requests_in_flight_fail_within_their_deadline_and_the_client_reconnects);
@@ -29,11 +29,21 @@ fn requests_in_flight_fail_within_their_deadline_and_the_client_reconnects(
             &(128u64 << 30).to_string(),
         ],
     );
-    let client = IpcClient::new(server.client_config(transport)).unwrap();
+    // A hundred tasks: the connection carries 32 (the in-flight limit), the
+    // rest wait for a slot. Short deadlines, so that every call's end is
+    // bounded: a lost connection at once, a reconnect within the accept
+    // timeout.
+    let client = IpcClient::new(IpcConfig {
+        accept_timeout_ms: 2_000,
+        read_timeout_ms: 5_000,
+        ..server.client_config(transport)
+    })
+    .unwrap();
+    let deadline = Duration::from_millis(2_000 + 5_000);
 
     let outcomes = block_on(async {
         let mut sends = tokio::task::JoinSet::new();
-        for i in 0..3 {
+        for i in 0..100 {
             let client = client.clone();
             let task = DetectionTask {
                 task_id: format!("slow-{i}"),
@@ -47,7 +57,7 @@ fn requests_in_flight_fail_within_their_deadline_and_the_client_reconnects(
             sends.spawn(async move { client.send(task).await });
         }
         tokio::task::spawn_blocking(move || {
-            server.wait_for_log("task received", 3);
+            server.wait_for_log("task received", 32);
             server.kill();
             server
         })
@@ -60,7 +70,8 @@ fn requests_in_flight_fail_within_their_deadline_and_the_client_reconnects(
         }
         outcomes
     });
-    assert_eq!(outcomes.len(), 3);
+    assert_eq!(outcomes.len(), 100);
+    let mut lost = 0;
     for (outcome, after) in outcomes {
         match outcome {
             Err(IpcError::ConnectionLost {
@@ -71,14 +82,19 @@ fn requests_in_flight_fail_within_their_deadline_and_the_client_reconnects(
                 assert_eq!(named, endpoint.name, "the error names the endpoint");
                 assert!(task_id.starts_with("slow-"));
                 assert!(!reason.is_empty());
+                lost += 1;
             }
-            other => panic!("{transport}: expected ConnectionLost, got {other:?}"),
+            // Waiting for a slot when the connection died: no server to
+            // reconnect to until the deadline.
+            Err(IpcError::ConnectTimeout { .. } | IpcError::InFlightLimit { .. }) => {}
+            other => panic!("{transport}: expected the call to fail, got {other:?}"),
         }
         assert!(
-            after < Duration::from_secs(5),
-            "{transport}: failed {after:?} after the kill"
+            after < deadline + Duration::from_secs(3),
+            "{transport}: a call ended {after:?} after the kill, past its deadline"
         );
     }
+    assert!(lost >= 32, "the tasks in flight were lost: {lost}");
 
     let restarted = ServerProcess::start(&endpoint.name, transport, &[]);
     let result = block_on(client.send(quick_task("after-restart"))).expect("the client reconnects");

@@ -82,12 +82,13 @@ fn the_server_holds_only_unix_sockets(transport: TransportKind) {
     let mut server = ServerProcess::start(&endpoint.name, transport, &[]);
     assert_only_unix_sockets(&server, "just started", 1);
     let client = IpcClient::new(server.client_config(transport)).unwrap();
-    block_on(async {
-        let answer = client.send(quick_task("while-connected")).await.unwrap();
-        assert!(answer.success);
-    });
+    // The client's connection lives as long as the runtime that drives it.
+    let runtime = runtime();
+    let answer = runtime.block_on(client.send(quick_task("while-connected")));
+    assert!(answer.unwrap().success);
     assert_only_unix_sockets(&server, "with a client connected", 2);
     drop(client);
+    drop(runtime);
     wait_until("the client's connection to close", PATIENCE, || {
         (server.counters()["active"] == 0).then_some(())
     });

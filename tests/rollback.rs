@@ -5,144 +5,18 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, ChildStdin, Command, Stdio};
-
-use daemoneye_ipc::proto::ProcessFilter;
-use daemoneye_ipc::{
-    Crc32Variant, DetectionResult, DetectionTask, IpcClient, IpcConfig, IpcServer, TransportKind,
-};
+use daemoneye_ipc::{Crc32Variant, IpcClient, IpcConfig, TransportKind};
+use support::sized_server::{SizedServer, describe, processes, sized_task};
 use support::*;
 
 /// Sizes of task payloads and of results: empty, small, and about 900 KiB
 /// (frames up to the default `max_frame_bytes` of 1 MiB).
 const SIZES: [usize; 3] = [0, 100, 900 * 1024];
 
-/// How the matrix server is told what to serve, in its environment.
-const SERVER_SPEC: &str = "DAEMONEYE_TEST_MATRIX_SERVER";
-/// What it prints once it is listening.
-const READY: &str = "matrix-server-ready";
-
-/// The matrix tests' server process: this test binary run again, with only
-/// this test selected and [`SERVER_SPEC`] set to `TRANSPORT CRC ENDPOINT`.
-/// It serves, with the library, results of the size each task asks for,
-/// until its standard input closes.
 #[test]
 #[ignore = "the server process of the matrix tests, which start it themselves"]
-fn matrix_server_process() {
-    let spec = std::env::var(SERVER_SPEC)
-        .expect("started by the matrix tests, with DAEMONEYE_TEST_MATRIX_SERVER set");
-    let [transport, crc32, endpoint] = spec.splitn(3, ' ').collect::<Vec<_>>()[..] else {
-        panic!("{SERVER_SPEC} is `TRANSPORT CRC ENDPOINT`, not {spec:?}");
-    };
-    let config = IpcConfig {
-        transport: transport.parse().unwrap(),
-        crc32_variant: crc32.parse().unwrap(),
-        endpoint_path: endpoint.to_owned(),
-        ..IpcConfig::default()
-    };
-    block_on(async {
-        let server = IpcServer::bind(config, |task: DetectionTask| async move { answer(&task) })
-            .await
-            .unwrap();
-        println!("{READY}");
-        tokio::task::spawn_blocking(|| {
-            std::io::Read::read_to_end(&mut std::io::stdin(), &mut Vec::new())
-        })
-        .await
-        .unwrap()
-        .unwrap();
-        server.shutdown(PATIENCE).await;
-    });
-}
-
-/// The task names the result size it wants in its metadata; the answer
-/// says what the task carried, so the client can check it arrived whole.
-fn answer(task: &DetectionTask) -> DetectionResult {
-    let wanted: usize = task
-        .metadata
-        .as_deref()
-        .and_then(|metadata| metadata.strip_prefix("result="))
-        .and_then(|size| size.parse().ok())
-        .expect("the task names its result size");
-    DetectionResult {
-        task_id: task.task_id.clone(),
-        success: true,
-        error_message: Some(describe(payload_of(task))),
-        processes: processes(&task.task_id, wanted),
-        ..Default::default()
-    }
-}
-
-/// The process records of a result of about `size` bytes (none for 0).
-fn processes(task_id: &str, size: usize) -> Vec<daemoneye_ipc::ProcessRecord> {
-    match size {
-        0 => Vec::new(),
-        size => daemoneye_ipc::sample::detection_result(task_id, size).processes,
-    }
-}
-
-fn payload_of(task: &DetectionTask) -> &str {
-    task.process_filter
-        .as_ref()
-        .and_then(|filter| filter.process_names.first())
-        .map_or("", String::as_str)
-}
-
-/// A short account of a payload that differs when any byte differs.
-fn describe(payload: &str) -> String {
-    let crc = Crc32Variant::Ieee.checksum(payload.as_bytes());
-    format!("payload of {} bytes, crc {crc:08x}", payload.len())
-}
-
-/// A running matrix server; stops when dropped (its standard input closes).
-struct MatrixServer {
-    child: Child,
-    stdin: Option<ChildStdin>,
-}
-
-impl MatrixServer {
-    fn start(transport: TransportKind, crc32: Crc32Variant, endpoint: &str) -> MatrixServer {
-        let runner = emulator();
-        let mut runner = runner.split_whitespace();
-        let test_binary = std::env::current_exe().unwrap();
-        let mut command = match runner.next() {
-            Some(emulator) => {
-                let mut command = Command::new(emulator);
-                command.args(runner).arg(&test_binary);
-                command
-            }
-            None => Command::new(&test_binary),
-        };
-        let mut child = command
-            .args([
-                "--exact",
-                "matrix_server_process",
-                "--ignored",
-                "--nocapture",
-            ])
-            .args(["--test-threads", "1"])
-            .env(SERVER_SPEC, format!("{transport} {crc32} {endpoint}"))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stdout = BufReader::new(child.stdout.take().unwrap());
-        let ready = stdout
-            .lines()
-            .map_while(Result::ok)
-            .any(|line| line.contains(READY));
-        assert!(ready, "the {transport} matrix server did not start");
-        let stdin = child.stdin.take();
-        MatrixServer { child, stdin }
-    }
-}
-
-impl Drop for MatrixServer {
-    fn drop(&mut self) {
-        drop(self.stdin.take());
-        let _ = self.child.wait();
-    }
+fn sized_server_process() {
+    support::sized_server::serve_from_env();
 }
 
 each_backend!(every_client_backend_talks_to_this_server_backend);
@@ -153,7 +27,7 @@ each_backend!(every_client_backend_talks_to_this_server_backend);
 fn every_client_backend_talks_to_this_server_backend(server_transport: TransportKind) {
     for crc32 in Crc32Variant::ALL {
         let endpoint = Endpoint::fresh();
-        let _server = MatrixServer::start(server_transport, crc32, &endpoint.name);
+        let _server = SizedServer::start(server_transport, crc32, 10_000, &endpoint.name);
         for client_transport in transports() {
             let client = IpcClient::new(IpcConfig {
                 transport: client_transport,
@@ -174,15 +48,7 @@ fn every_client_backend_talks_to_this_server_backend(server_transport: Transport
                                 .map(|i| char::from(b'a' + (i % 26) as u8))
                                 .collect();
                             sends.spawn(async move {
-                                let task = DetectionTask {
-                                    task_id: id.clone(),
-                                    metadata: Some(format!("result={result_size}")),
-                                    process_filter: Some(ProcessFilter {
-                                        process_names: vec![payload.clone()],
-                                        ..Default::default()
-                                    }),
-                                    ..Default::default()
-                                };
+                                let task = sized_task(&id, payload.clone(), result_size);
                                 let result = client.send(task).await;
                                 (id, payload, result_size, result)
                             });

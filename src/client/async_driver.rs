@@ -22,10 +22,35 @@ pub(super) fn start(connection: Connection, core: ClientConnection<Waiter>) -> L
     LinkHandle { link }
 }
 
+/// Ends the connection for its callers however the driving task ends: on
+/// its own, or dropped because the runtime it ran on shut down (a client
+/// used from another runtime then connects afresh instead of waiting on a
+/// connection nothing drives).
+struct Ending<'a> {
+    link: &'a Link,
+    reason: &'static str,
+}
+
+impl Drop for Ending<'_> {
+    fn drop(&mut self) {
+        let reason = {
+            let mut core = self.link.lock();
+            core.close(self.reason.to_owned());
+            core.closed_reason().unwrap_or_default().to_owned()
+        };
+        self.link.settle();
+        tracing::debug!(%reason, "connection ended");
+    }
+}
+
 async fn run(mut connection: Connection, link: Arc<Link>) {
     #[allow(irrefutable_let_patterns)] // Refutable when legacy is compiled in.
     let IoWake::Task(wake) = &link.io else {
         unreachable!("started with a task waker")
+    };
+    let mut ending = Ending {
+        link: &link,
+        reason: "the runtime that drove the connection shut down",
     };
     while !link.finished() {
         let deadline = link.lock().poll_timeout();
@@ -38,13 +63,9 @@ async fn run(mut connection: Connection, link: Arc<Link>) {
         }
         link.settle();
     }
-    let reason = {
-        let mut core = link.lock();
-        core.close("the client was dropped".to_owned());
-        core.closed_reason().unwrap_or_default().to_owned()
-    };
-    link.settle();
-    tracing::debug!(%reason, "connection ended");
+    // Ended by the core (its reason stands) or because nobody holds it.
+    ending.reason = "the client was dropped";
+    drop(ending);
     // Tasks given up on may still be queued on the server: let it drop them.
     connection.discard_unsent();
 }

@@ -75,8 +75,76 @@ pub(crate) fn effective_uid() -> u32 {
 /// server the endpoint's only one (released after the file is removed).
 #[derive(Debug)]
 pub(crate) struct BoundEndpoint {
-    _socket_file: SocketFile,
+    watch: SocketWatch,
     _lock: EndpointLock,
+}
+
+impl BoundEndpoint {
+    /// What the accept loop uses to notice the socket file going, and to
+    /// bind it again.
+    pub(crate) fn watch(&self) -> SocketWatch {
+        self.watch.clone()
+    }
+}
+
+impl Drop for BoundEndpoint {
+    fn drop(&mut self) {
+        // The file goes first (it is what clients reach), then the lock.
+        drop(self.watch.lock().take());
+    }
+}
+
+/// The socket file of a running server, watched: if it is removed (or
+/// replaced by something else) while the server runs, new clients could no
+/// longer reach it; the accept loop sees that at its next check and binds a
+/// new socket at the path, with the same protections. Shared by the server
+/// (which removes the file when it stops) and its accept loop, so that a
+/// socket is never bound again once the server has let go of the endpoint.
+#[derive(Debug, Clone)]
+pub(crate) struct SocketWatch {
+    path: PathBuf,
+    mode: u32,
+    group: Option<SocketGroup>,
+    file: std::sync::Arc<std::sync::Mutex<Option<SocketFile>>>,
+}
+
+impl SocketWatch {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<SocketFile>> {
+        self.file
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// If the socket file is gone or is no longer ours, binds a new one and
+    /// returns its listening socket; `None` if all is well, or if the
+    /// server has let go of the endpoint.
+    pub(crate) fn rebind_if_lost(&self) -> Result<Option<UnixListener>, IpcError> {
+        let mut file = self.lock();
+        let Some(current) = file.as_ref() else {
+            return Ok(None);
+        };
+        if current.is_in_place() {
+            return Ok(None);
+        }
+        tracing::error!(
+            endpoint = %self.path.display(),
+            "the socket file was removed or replaced while serving; binding it again"
+        );
+        // Ours no longer: forget it without removing whatever is there now.
+        if let Some(lost) = file.take() {
+            lost.forget();
+        }
+        clear_the_path(&self.path)?;
+        let listener =
+            bind_listener(&self.path, self.mode).map_err(|source| IpcError::EndpointIo {
+                endpoint: self.path.display().to_string(),
+                action: format!("binding the socket {} again", self.path.display()),
+                source,
+            })?;
+        *file = Some(verify_bound(&self.path, self.mode, self.group.as_ref())?);
+        tracing::info!(endpoint = %self.path.display(), "socket file re-created");
+        Ok(Some(listener))
+    }
 }
 
 /// Secures `path` and binds a listening socket on it: the one way every
@@ -124,13 +192,13 @@ pub(crate) fn bind(
     let listener = bind_listener(path, mode)
         .map_err(io_error(format!("binding the socket {}", path.display())))?;
     let socket_file = verify_bound(path, mode, group)?;
-    Ok((
-        listener,
-        BoundEndpoint {
-            _socket_file: socket_file,
-            _lock: lock,
-        },
-    ))
+    let watch = SocketWatch {
+        path: path.to_owned(),
+        mode,
+        group: group.cloned(),
+        file: std::sync::Arc::new(std::sync::Mutex::new(Some(socket_file))),
+    };
+    Ok((listener, BoundEndpoint { watch, _lock: lock }))
 }
 
 /// Hands the socket's directory to `group`: 0750 and set-group-id, owned
@@ -491,6 +559,7 @@ fn verify_bound(
     Ok(SocketFile {
         path: path.to_owned(),
         meta,
+        owned: true,
     })
 }
 
@@ -500,10 +569,31 @@ fn verify_bound(
 struct SocketFile {
     path: PathBuf,
     meta: Metadata,
+    /// False once forgotten: then dropping it removes nothing.
+    owned: bool,
+}
+
+impl SocketFile {
+    /// Whether the path still holds this very socket.
+    fn is_in_place(&self) -> bool {
+        fs::symlink_metadata(&self.path).is_ok_and(|now| {
+            now.file_type().is_socket()
+                && now.dev() == self.meta.dev()
+                && now.ino() == self.meta.ino()
+        })
+    }
+
+    /// Lets go of the file without removing anything.
+    fn forget(mut self) {
+        self.owned = false;
+    }
 }
 
 impl Drop for SocketFile {
     fn drop(&mut self) {
+        if !self.owned {
+            return;
+        }
         match remove_if_same_socket(&self.path, &self.meta) {
             Ok(()) => tracing::debug!(endpoint = %self.path.display(), "removed socket file"),
             Err(err) => {

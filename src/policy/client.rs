@@ -348,8 +348,8 @@ impl<W> ClientConnection<W> {
     }
 
     /// Tasks outstanding (waited for or abandoned).
-    #[cfg(test)]
-    fn in_flight(&self) -> usize {
+    #[cfg(any(test, fuzzing))]
+    pub(crate) fn in_flight(&self) -> usize {
         self.pending.len()
     }
 }

@@ -50,7 +50,12 @@ pub(super) fn start<H: TaskHandler>(
         Listener::bind(transport, endpoint)
             .map_err(|source| bind_error(endpoint, transport, source))?
     };
-    tasks.spawn(accept_loop(listener, shared, handler, tasks.clone()));
+    let watch = Watch {
+        transport,
+        #[cfg(unix)]
+        socket: bound.watch(),
+    };
+    tasks.spawn(accept_loop(listener, watch, shared, handler, tasks.clone()));
     Ok(Started {
         #[cfg(unix)]
         endpoint: bound,
@@ -58,17 +63,60 @@ pub(super) fn start<H: TaskHandler>(
     })
 }
 
+/// What the accept loop needs to bind its socket again (Unix) if the file
+/// goes while it serves.
+struct Watch {
+    #[cfg_attr(windows, allow(dead_code))]
+    transport: TransportKind,
+    #[cfg(unix)]
+    socket: crate::endpoint::unix::SocketWatch,
+}
+
+impl Watch {
+    /// A new listener if the socket file was lost and bound again.
+    fn rebind_if_lost(&self) -> Option<Listener> {
+        #[cfg(unix)]
+        {
+            let socket = match self.socket.rebind_if_lost() {
+                Ok(socket) => socket?,
+                Err(error) => {
+                    tracing::error!(%error, "cannot bind the socket again; new clients cannot connect");
+                    return None;
+                }
+            };
+            match Listener::wrap(self.transport, socket) {
+                Ok(listener) => Some(listener),
+                Err(error) => {
+                    tracing::error!(%error, "cannot listen on the socket bound again");
+                    None
+                }
+            }
+        }
+        #[cfg(windows)]
+        None
+    }
+}
+
 async fn accept_loop<H: TaskHandler>(
     mut listener: Listener,
+    watch: Watch,
     shared: Arc<Shared>,
     handler: Arc<H>,
     tasks: TaskTracker,
 ) {
     let mut backoff = Backoff::new(ACCEPT_BACKOFF_MIN, ACCEPT_BACKOFF_MAX);
+    let mut checks = tokio::time::interval(crate::endpoint::SOCKET_CHECK_INTERVAL);
+    checks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let accepted = tokio::select! {
             _ = shared.stop_reading.cancelled() => break,
             accepted = listener.accept() => accepted,
+            _ = checks.tick() => {
+                if let Some(rebound) = watch.rebind_if_lost() {
+                    listener = rebound;
+                }
+                continue;
+            }
         };
         match accepted {
             Ok(connection) => {

@@ -94,6 +94,8 @@ pub(super) fn start<H: TaskHandler>(
     wake.register(ACCEPT_THREAD, waker.clone());
     let acceptor = Acceptor {
         listener,
+        #[cfg(unix)]
+        socket: bound.watch(),
         waker,
         shared,
         handler,
@@ -119,6 +121,9 @@ pub(super) fn start<H: TaskHandler>(
 /// What the accept thread owns.
 struct Acceptor<H> {
     listener: Listener,
+    /// To bind the socket again if its file goes while serving.
+    #[cfg(unix)]
+    socket: crate::endpoint::unix::SocketWatch,
     waker: Waker,
     shared: Arc<Shared>,
     handler: Arc<H>,
@@ -147,6 +152,7 @@ impl<H: TaskHandler> Acceptor<H> {
         let mut waiting: HashMap<ArrivalId, Waiting> = HashMap::new();
         let mut backoff = Backoff::new(ACCEPT_BACKOFF_MIN, ACCEPT_BACKOFF_MAX);
         let mut retry_at: Option<Instant> = None;
+        let mut next_check = Instant::now() + crate::endpoint::SOCKET_CHECK_INTERVAL;
         // The waker of the next connection's thread, made before accepting:
         // short of descriptors, it is the accept that waits (and backs off),
         // not a connection accepted and then dropped.
@@ -175,6 +181,10 @@ impl<H: TaskHandler> Acceptor<H> {
             }
             if retry_at.is_some_and(|at| at <= now) {
                 retry_at = None;
+            }
+            if next_check <= now {
+                next_check = now + crate::endpoint::SOCKET_CHECK_INTERVAL;
+                self.rebind_if_lost();
             }
             if retry_at.is_none() {
                 let accepted = match spare.take() {
@@ -206,7 +216,7 @@ impl<H: TaskHandler> Acceptor<H> {
                 waiting
                     .values()
                     .map(|waiter| Some(waiter.deadline))
-                    .chain([retry_at]),
+                    .chain([retry_at, Some(next_check)]),
             );
             if let Err(error) = self
                 .listener
@@ -223,6 +233,21 @@ impl<H: TaskHandler> Acceptor<H> {
         }
         self.wake.unregister(ACCEPT_THREAD);
         tracing::debug!("stopped accepting");
+    }
+
+    /// Binds the socket again if its file went while serving (Unix).
+    fn rebind_if_lost(&mut self) {
+        #[cfg(unix)]
+        match self.socket.rebind_if_lost() {
+            Ok(Some(socket)) => match Listener::wrap(socket) {
+                Ok(listener) => self.listener = listener,
+                Err(error) => tracing::error!(%error, "cannot listen on the socket bound again"),
+            },
+            Ok(None) => {}
+            Err(error) => {
+                tracing::error!(%error, "cannot bind the socket again; new clients cannot connect")
+            }
+        }
     }
 
     /// A new connection: checked, then served, held for a slot, or refused.

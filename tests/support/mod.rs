@@ -2,6 +2,9 @@
 //! a raw byte-level client, and waiting on conditions with deadlines.
 #![allow(dead_code)] // Each test file uses a different part.
 
+pub mod raw_server;
+pub mod sized_server;
+
 use std::fs::File;
 #[cfg(unix)]
 use std::path::Path;
@@ -155,6 +158,32 @@ pub fn daemoneye_ipc() -> Command {
         }
     }
     command.env_remove("RUST_LOG");
+    command
+}
+
+/// This test binary, run again with only the (ignored) test `name`: how a
+/// test starts a child process of its own (a server built with the library,
+/// a client to kill), through the emulator where there is one.
+pub fn rerun_test_binary(name: &str) -> Command {
+    let runner = emulator();
+    let mut runner = runner.split_whitespace();
+    let test_binary = std::env::current_exe().unwrap();
+    let mut command = match runner.next() {
+        Some(emulator) => {
+            let mut command = Command::new(emulator);
+            command.args(runner).arg(&test_binary);
+            command
+        }
+        None => Command::new(&test_binary),
+    };
+    command.args([
+        "--exact",
+        name,
+        "--ignored",
+        "--nocapture",
+        "--test-threads",
+        "1",
+    ]);
     command
 }
 

@@ -97,6 +97,18 @@ impl FromStr for Backend {
     }
 }
 
+/// A number of rounds: at least 3, so that every figure has a median and a
+/// spread around it.
+fn parse_rounds(text: &str) -> Result<u32, String> {
+    match text.trim().parse::<u32>() {
+        Ok(rounds) if rounds >= 3 => Ok(rounds),
+        Ok(_) => Err(
+            "compare needs at least 3 rounds, so that each figure has a median and a spread".into(),
+        ),
+        Err(_) => Err("the number of rounds is a whole number, 3 or more".into()),
+    }
+}
+
 /// Sizes like `64`, `1K`, `64KiB`, `1M`.
 fn parse_size(text: &str) -> Result<usize, String> {
     let text = text.trim();
@@ -126,7 +138,7 @@ fn parse_size(text: &str) -> Result<usize, String> {
 pub struct CompareCmd {
     /// Rounds per backend, interleaved (A B C ... A B C ...); figures are
     /// medians over rounds with their min-max spread.
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(3..))]
+    #[arg(long, default_value_t = 3, value_parser = parse_rounds)]
     rounds: u32,
     /// Payload sizes, comma-separated (K and M suffixes: 1K = 1024).
     #[arg(long, value_delimiter = ',', default_value = "64,1K,64K,1M", value_parser = parse_size)]

@@ -1,0 +1,181 @@
+//! The agent decodes whatever the collector sends. Here the collector is a
+//! raw socket that misbehaves: a bad checksum, an oversize header, a result
+//! for a task never sent, the same result twice, a valid frame of garbage, a
+//! frame cut half-way, silence. Each gives the waiting callers a clear
+//! error, never a wrong answer, never a panic or a hang, and the same client
+//! works again against a good server.
+
+mod support;
+
+use std::time::Duration;
+
+use bytes::BytesMut;
+use daemoneye_ipc::frame::{FrameHeader, FrameSettings, encode_message};
+use daemoneye_ipc::{
+    Crc32Variant, DetectionResult, DetectionTask, IpcClient, IpcConfig, IpcError, IpcServer,
+    TransportKind,
+};
+use support::raw_server::RawServer;
+use support::*;
+
+/// How a hostile server answers the tasks it reads.
+#[derive(Debug, Clone, Copy)]
+enum Misbehaviour {
+    BadChecksum,
+    OversizeHeader,
+    ResultForATaskNeverSent,
+    SameResultTwice,
+    GarbageProtobuf,
+    FrameCutHalfWay,
+    NothingAtAll,
+}
+
+/// What a caller must be told, in words it can act on.
+fn expected(misbehaviour: Misbehaviour) -> &'static str {
+    match misbehaviour {
+        Misbehaviour::BadChecksum => "frame checksum mismatch",
+        Misbehaviour::OversizeHeader => "over the limit max_frame_bytes",
+        Misbehaviour::ResultForATaskNeverSent | Misbehaviour::SameResultTwice => {
+            "which this connection is not waiting for"
+        }
+        Misbehaviour::GarbageProtobuf => "is not a valid DetectionResult",
+        Misbehaviour::FrameCutHalfWay => "connection closed in the middle of a frame",
+        Misbehaviour::NothingAtAll => "within 500 ms (read_timeout_ms)",
+    }
+}
+
+fn frame_of(result: &DetectionResult) -> Vec<u8> {
+    let mut wire = BytesMut::new();
+    encode_message(result, FrameSettings::DEFAULT, &mut wire).unwrap();
+    wire.to_vec()
+}
+
+fn answer(task_id: &str) -> DetectionResult {
+    DetectionResult {
+        task_id: task_id.to_owned(),
+        success: true,
+        ..Default::default()
+    }
+}
+
+/// The bytes the hostile server sends once it has read the tasks `ids`.
+fn misbehave(misbehaviour: Misbehaviour, ids: &[String]) -> Vec<u8> {
+    match misbehaviour {
+        Misbehaviour::BadChecksum => {
+            let mut frame = frame_of(&answer(&ids[0]));
+            *frame.last_mut().unwrap() ^= 1;
+            frame
+        }
+        Misbehaviour::OversizeHeader => FrameHeader {
+            length: u32::MAX,
+            checksum: 0,
+        }
+        .to_bytes()
+        .to_vec(),
+        Misbehaviour::ResultForATaskNeverSent => frame_of(&answer("never-sent")),
+        Misbehaviour::SameResultTwice => {
+            [frame_of(&answer(&ids[0])), frame_of(&answer(&ids[0]))].concat()
+        }
+        Misbehaviour::GarbageProtobuf => {
+            let body = [0x0a, 200, b'x'];
+            let header = FrameHeader::for_body(&body, Crc32Variant::Ieee).unwrap();
+            [header.to_bytes().to_vec(), body.to_vec()].concat()
+        }
+        Misbehaviour::FrameCutHalfWay => {
+            let frame = frame_of(&answer(&ids[0]));
+            frame[..frame.len() / 2].to_vec()
+        }
+        Misbehaviour::NothingAtAll => Vec::new(),
+    }
+}
+
+each_backend!(async a_hostile_server_gets_clear_errors_and_no_wrong_answers);
+async fn a_hostile_server_gets_clear_errors_and_no_wrong_answers(transport: TransportKind) {
+    use Misbehaviour::*;
+    for misbehaviour in [
+        BadChecksum,
+        OversizeHeader,
+        ResultForATaskNeverSent,
+        SameResultTwice,
+        GarbageProtobuf,
+        FrameCutHalfWay,
+        NothingAtAll,
+    ] {
+        let endpoint = Endpoint::fresh();
+        let config = IpcConfig {
+            transport,
+            endpoint_path: endpoint.name.clone(),
+            read_timeout_ms: 500,
+            ..IpcConfig::default()
+        };
+        let client = IpcClient::new(config.clone()).unwrap();
+        let case = format!("{transport} client, {misbehaviour:?}");
+
+        let mut hostile = RawServer::bind(&endpoint).await;
+        let callers = ["first", "second"].map(|id| {
+            let client = client.clone();
+            tokio::spawn(async move {
+                let task = DetectionTask {
+                    task_id: id.to_owned(),
+                    ..Default::default()
+                };
+                client.send(task).await
+            })
+        });
+        let mut connection = hostile.accept().await;
+        let ids = connection.read_tasks(2).await;
+        connection.write(&misbehave(misbehaviour, &ids)).await;
+        // Kept open, except when the point is closing it: the client must not
+        // wait on a connection it cannot trust any more.
+        let kept_open = (!matches!(misbehaviour, FrameCutHalfWay)).then_some(connection);
+
+        for caller in callers {
+            match tokio::time::timeout(PATIENCE, caller).await {
+                Err(_) => panic!("{case}: a caller hangs"),
+                Ok(joined) => match joined.unwrap() {
+                    // Only the task answered before the second copy of its
+                    // answer may have an answer: its own.
+                    Ok(result) => {
+                        assert!(
+                            matches!(misbehaviour, SameResultTwice),
+                            "{case}: {result:?}"
+                        );
+                        assert_eq!(result.task_id, ids[0], "{case}: an answer for another task");
+                    }
+                    Err(
+                        error
+                        @ (IpcError::ConnectionLost { .. } | IpcError::ResponseTimeout { .. }),
+                    ) => {
+                        let message = error.to_string();
+                        assert!(
+                            message.contains(expected(misbehaviour)),
+                            "{case}: {message}"
+                        );
+                    }
+                    Err(other) => panic!("{case}: {other:?}"),
+                },
+            }
+        }
+        drop(kept_open);
+        drop(hostile);
+
+        // A good server on the same endpoint: the same client carries on.
+        let good = IpcServer::bind(config.clone(), |task: DetectionTask| async move {
+            answer(&task.task_id)
+        })
+        .await
+        .unwrap();
+        let after = tokio::time::timeout(
+            PATIENCE,
+            client.send(DetectionTask {
+                task_id: "after".into(),
+                ..Default::default()
+            }),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("{case}: the next send hangs"))
+        .unwrap_or_else(|error| panic!("{case}: the next send fails: {error}"));
+        assert_eq!(after.task_id, "after", "{case}");
+        good.shutdown(Duration::from_secs(5)).await;
+    }
+}
