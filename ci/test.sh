@@ -6,10 +6,31 @@
 #
 # Needs only the Rust toolchain (with rustfmt and clippy), cargo-nextest and
 # python3. Exits non-zero on the first failing step.
+#
+# Run as root, it runs every test. Run as anyone else, it leaves out the
+# tests that need root (tests/as_root.rs: they run processes as another
+# user), says how many and why, and runs the rest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 step() { printf '\n==> %s\n' "$*"; }
+
+# The tests that need root, as a nextest filter.
+root_only='binary(as_root)'
+if [[ $(id -u) -eq 0 ]]; then
+    as_user=()
+else
+    as_user=(-E "not $root_only")
+fi
+
+# Says, once per run of the suite, what is left out and how to include it.
+left_out() { # left_out FEATURE-ARGS...
+    [[ $(id -u) -eq 0 ]] && return 0
+    local count
+    count=$(cargo nextest list --locked "$@" -E "$root_only" --message-format oneline | wc -l)
+    echo "NOTE: leaving out $count tests that need root (tests/as_root.rs runs processes as uid 65534);" \
+        "run ci/test.sh as root to include them."
+}
 
 step "golden frames match their independent generator"
 python3 tests/golden/gen_frames.py | diff -u tests/golden/frames.txt -
@@ -24,7 +45,23 @@ step "rustdoc with warnings denied"
 RUSTDOCFLAGS=-Dwarnings cargo doc --locked --no-deps --all-features
 
 step "tests, all features"
-cargo nextest run --locked --all-features --profile ci
+left_out --all-features
+cargo nextest run --locked --all-features --profile ci "${as_user[@]}"
+
+if [[ $(id -u) -eq 0 ]]; then
+    step "the tests that need root, from a checkout in a private (0700) directory"
+    # Where a root user's checkout often is (a 0700 home, mktemp -d): the
+    # processes these tests run as another user must still reach what they
+    # need. The copy builds in its own target directory, inside the private
+    # one, as a fresh clone would.
+    private=$(mktemp -d)
+    trap 'rm -rf "$private"' EXIT
+    git ls-files -z --cached --others --exclude-standard | tar --null -T - -cf - | tar -C "$private" -xf -
+    (cd "$private" && CARGO_TARGET_DIR="$private/target" \
+        cargo nextest run --locked --all-features --profile ci -E "$root_only")
+    rm -rf "$private"
+    trap - EXIT
+fi
 
 step "doctests, all features"
 cargo test --locked --doc --all-features
@@ -34,7 +71,8 @@ cargo test --locked --all-features --benches
 
 for backend in ipc-interprocess ipc-tokio ipc-legacy; do
     step "feature matrix: $backend alone (with the CLI) passes every test that applies to it"
-    cargo nextest run --locked --no-default-features --features "$backend,cli" --profile ci
+    left_out --no-default-features --features "$backend,cli"
+    cargo nextest run --locked --no-default-features --features "$backend,cli" --profile ci "${as_user[@]}"
 done
 
 step "feature matrix: a single-backend library pulls in no other backend's socket code"

@@ -6,9 +6,7 @@ pub mod raw_server;
 pub mod sized_server;
 
 use std::fs::File;
-#[cfg(unix)]
-use std::path::Path;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
@@ -112,7 +110,25 @@ pub struct Endpoint {
 
 impl Endpoint {
     pub fn fresh() -> Endpoint {
-        let dir = tempfile::Builder::new().prefix("dipc").tempdir().unwrap();
+        Endpoint::fresh_in(&socket_temp_root())
+    }
+
+    /// An endpoint other users can reach: under a directory every user may
+    /// traverse, its own directory made traversable (0711) too.
+    #[cfg(unix)]
+    pub fn reachable_by_others() -> Endpoint {
+        use std::os::unix::fs::PermissionsExt;
+        let endpoint = Endpoint::fresh_in(&shared_temp_root());
+        std::fs::set_permissions(endpoint.dir.path(), std::fs::Permissions::from_mode(0o711))
+            .unwrap();
+        endpoint
+    }
+
+    fn fresh_in(root: &Path) -> Endpoint {
+        let dir = tempfile::Builder::new()
+            .prefix("dipc")
+            .tempdir_in(root)
+            .unwrap();
         #[cfg(unix)]
         let name = dir
             .path()
@@ -134,14 +150,87 @@ impl Endpoint {
     }
 }
 
-/// The `daemoneye-ipc` binary with a clean `DAEMONEYE_IPC_*` environment.
-/// Only tests that require the `cli` feature (see Cargo.toml) may call this.
-pub fn daemoneye_ipc() -> Command {
+/// Where test sockets go: the temporary directory, unless its path is so
+/// long that a socket path under it would not fit in `sun_path` (then
+/// `/tmp`, which every Unix has).
+fn socket_temp_root() -> PathBuf {
+    let temp = std::env::temp_dir();
+    if cfg!(unix) && temp.as_os_str().len() > 48 {
+        return PathBuf::from("/tmp");
+    }
+    temp
+}
+
+/// A temporary directory every user may traverse to (each of its ancestors
+/// executable by others): the temporary directory if so, else `/tmp` or
+/// `/var/tmp`. Where tests put what another uid must reach; a private
+/// `TMPDIR` (as a root home directory's would be) is not such a place.
+#[cfg(unix)]
+pub fn shared_temp_root() -> PathBuf {
+    use std::os::unix::fs::MetadataExt;
+    let traversable = |dir: &Path| {
+        dir.ancestors()
+            .all(|part| std::fs::metadata(part).is_ok_and(|meta| meta.mode() & 0o001 != 0))
+    };
+    [
+        socket_temp_root(),
+        PathBuf::from("/tmp"),
+        PathBuf::from("/var/tmp"),
+    ]
+    .into_iter()
+    .find(|dir| traversable(dir))
+    .expect("a temporary directory every user can traverse")
+}
+
+/// The `daemoneye-ipc` binary built for this test run.
+fn built_binary() -> &'static str {
     // option_env!: this module is also compiled into tests that run without
     // the binary (no `cli` feature), which never call this function.
     let Some(binary) = option_env!("CARGO_BIN_EXE_daemoneye-ipc") else {
         panic!("the daemoneye-ipc binary is built only with the `cli` feature");
     };
+    binary
+}
+
+/// The `daemoneye-ipc` binary with a clean `DAEMONEYE_IPC_*` environment.
+/// Only tests that require the `cli` feature (see Cargo.toml) may call this.
+pub fn daemoneye_ipc() -> Command {
+    command_for(Path::new(built_binary()))
+}
+
+/// A copy of the `daemoneye-ipc` binary that another user can reach and
+/// run: in a fresh directory (0755) under [`shared_temp_root`], itself
+/// 0755; removed when dropped. The build's own binary may sit in a private
+/// directory (a checkout under a 0700 home, or in `mktemp -d`).
+#[cfg(unix)]
+pub struct BinaryForOthers {
+    _dir: tempfile::TempDir,
+    path: PathBuf,
+}
+
+#[cfg(unix)]
+impl BinaryForOthers {
+    pub fn new() -> BinaryForOthers {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::Builder::new()
+            .prefix("dipc-bin")
+            .tempdir_in(shared_temp_root())
+            .unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let path = dir.path().join("daemoneye-ipc");
+        std::fs::copy(built_binary(), &path).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        BinaryForOthers { _dir: dir, path }
+    }
+
+    /// The copy, with a clean `DAEMONEYE_IPC_*` environment, as
+    /// [`daemoneye_ipc`] gives the original.
+    pub fn command(&self) -> Command {
+        command_for(&self.path)
+    }
+}
+
+fn command_for(binary: &Path) -> Command {
     let runner = emulator();
     let mut runner = runner.split_whitespace();
     let mut command = match runner.next() {
