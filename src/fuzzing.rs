@@ -94,7 +94,8 @@ pub fn frame_stream(data: &[u8]) {
     let mut consumed = 0;
     let mut frame_start = 0;
     loop {
-        let chunk = input.take(usize::from(input_chunk(&mut input)));
+        let length = usize::from(input_chunk(&mut input));
+        let chunk = input.take(length);
         let end = chunk.is_empty() && input.is_empty();
         stream.extend_from_slice(chunk);
         buf.extend_from_slice(chunk);
@@ -195,7 +196,8 @@ fn round_trip<M: prost::Message + Default + PartialEq>(
             assert!(again == message, "a message survives a round trip");
         }
         Err(IpcError::MalformedMessage { message_type, .. }) => assert_eq!(message_type, name),
-        other => panic!("a whole frame with a valid checksum gave {other:?}"),
+        Err(other) => panic!("a whole frame with a valid checksum gave {other:?}"),
+        Ok(None) => panic!("a whole frame with a valid checksum was not decoded"),
     }
 }
 
@@ -288,7 +290,8 @@ pub fn server_connection(data: &[u8]) {
                 }
             }
             1 => {
-                let bytes = input.take(usize::from(input.byte()));
+                let length = usize::from(input.byte());
+                let bytes = input.take(length);
                 connection.read_buffer().extend_from_slice(bytes);
                 connection.on_read(bytes.len(), now);
             }
@@ -424,7 +427,8 @@ pub fn client_connection(data: &[u8]) {
                 connection.on_read(frame.len(), now);
             }
             3 => {
-                let bytes = input.take(usize::from(input.byte()));
+                let length = usize::from(input.byte());
+                let bytes = input.take(length);
                 connection.read_buffer().extend_from_slice(bytes);
                 connection.on_read(bytes.len(), now);
             }

@@ -108,7 +108,10 @@ enum Reading {
     Open,
     /// Graceful shutdown: the server stopped reading.
     Stopped,
-    /// The peer closed its side between frames.
+    /// The peer closed its side; frames it sent before may still wait in
+    /// the buffer for room.
+    PeerClosing,
+    /// The peer closed its side, and every frame it sent has been taken.
     PeerClosed,
 }
 
@@ -219,17 +222,15 @@ impl ServerConnection {
         self.refresh(now);
     }
 
-    /// The peer closed its side (a read returned 0 bytes).
+    /// The peer closed its side (a read returned 0 bytes). The frames it
+    /// sent before are still taken, as room allows; one it left unfinished
+    /// is a truncated frame.
     pub(crate) fn on_eof(&mut self, now: Instant) {
-        if self.closed {
+        if self.closed || self.reading != Reading::Open {
             return;
         }
-        match self.inbound.on_eof(now) {
-            Ok(Some((task, bytes))) => self.start(task, bytes, now),
-            Ok(None) => {}
-            Err(error) => return self.fail(error),
-        }
-        self.reading = Reading::PeerClosed;
+        self.reading = Reading::PeerClosing;
+        self.decode_buffered(now);
         self.refresh(now);
     }
 
@@ -238,11 +239,24 @@ impl ServerConnection {
         self.fail(IpcError::Io(error));
     }
 
-    /// Decodes buffered frames while there is room for their tasks.
+    /// Decodes buffered frames while there is room for their tasks; once
+    /// the peer has closed its side and none is left, what remains must be
+    /// nothing.
     fn decode_buffered(&mut self, now: Instant) {
-        while !self.closed && self.reading == Reading::Open && self.has_room() {
+        while !self.closed
+            && matches!(self.reading, Reading::Open | Reading::PeerClosing)
+            && self.has_room()
+        {
             match self.inbound.next_message(now) {
                 Ok(Some((task, bytes))) => self.start(task, bytes, now),
+                Ok(None) if self.reading == Reading::PeerClosing => {
+                    match self.inbound.on_eof(now) {
+                        Ok(Some((task, bytes))) => self.start(task, bytes, now),
+                        Ok(None) => self.reading = Reading::PeerClosed,
+                        Err(error) => self.fail(error),
+                    }
+                    break;
+                }
                 Ok(None) => break,
                 Err(error) => self.fail(error),
             }
@@ -272,7 +286,7 @@ impl ServerConnection {
 
     /// Graceful shutdown: read nothing more, answer what is in flight.
     pub(crate) fn stop_reading(&mut self, now: Instant) {
-        if self.reading == Reading::Open {
+        if matches!(self.reading, Reading::Open | Reading::PeerClosing) {
             self.reading = Reading::Stopped;
         }
         self.refresh(now);
@@ -511,7 +525,8 @@ impl ServerConnection {
             bump(&self.counters.budget_pauses);
         }
         self.budget_recheck = held_back_by_budget.then(|| now + BUDGET_RECHECK);
-        if self.reading != Reading::Open && self.in_flight() == 0 {
+        let done_reading = matches!(self.reading, Reading::Stopped | Reading::PeerClosed);
+        if done_reading && self.in_flight() == 0 {
             self.closed = true;
             self.close = Some(Ok(()));
         }
@@ -960,6 +975,49 @@ mod tests {
         c.task_finished(ticket, ok("cut"), t0);
         written(&mut c, t0);
         assert!(matches!(c.poll_close(), Some(Ok(()))));
+    }
+
+    #[test]
+    fn frames_buffered_when_the_peer_leaves_are_answered_as_room_frees() {
+        let (mut c, _, t0) = connection(1);
+        receive(&mut c, &[frame("a"), frame("b")].concat(), t0);
+        let [(a, _)] = started(&mut c)[..] else {
+            panic!()
+        };
+        // The peer leaves with "b" still waiting for room: the in-flight
+        // limit holds, and "b" is not lost.
+        c.on_eof(t0);
+        assert!(started(&mut c).is_empty(), "no room for b yet");
+        assert!(c.in_flight() <= 1);
+        c.task_finished(a, ok("a"), t0);
+        written(&mut c, t0);
+        let [(b, _)] = started(&mut c)[..] else {
+            panic!("b is taken once a answered")
+        };
+        assert!(c.poll_close().is_none());
+        c.task_finished(b, ok("b"), t0);
+        assert_eq!(written(&mut c, t0)[0].task_id, "b");
+        assert!(matches!(c.poll_close(), Some(Ok(()))));
+
+        // The same with the last frame cut short: a truncated frame, once
+        // the whole ones are taken.
+        let (mut c, _, t0) = connection(1);
+        let cut = frame("cut");
+        receive(
+            &mut c,
+            &[frame("a"), cut[..cut.len() - 1].to_vec()].concat(),
+            t0,
+        );
+        let [(a, _)] = started(&mut c)[..] else {
+            panic!()
+        };
+        c.on_eof(t0);
+        c.task_finished(a, ok("a"), t0);
+        written(&mut c, t0);
+        assert!(matches!(
+            closed_with(&mut c),
+            IpcError::TruncatedFrame { .. }
+        ));
     }
 
     #[test]
