@@ -242,6 +242,45 @@ proptest! {
     }
 
     #[test]
+    fn checksums_combine_as_if_computed_over_both(
+        first in vec(any::<u8>(), 0..512),
+        second in vec(any::<u8>(), 0..512),
+        crc32 in variant(),
+    ) {
+        let whole = [first.as_slice(), second.as_slice()].concat();
+        let combined = crc32.combine(
+            crc32.checksum(&first),
+            first.len(),
+            crc32.checksum(&second),
+            second.len(),
+        );
+        prop_assert_eq!(combined, crc32.checksum(&whole));
+    }
+
+    #[test]
+    fn a_tail_encoded_once_makes_the_same_frame_as_encoding_both_parts(
+        task_id in text(),
+        result in result(),
+        crc32 in variant(),
+    ) {
+        let shared = DetectionResult { task_id: String::new(), ..result };
+        let head = DetectionResult { task_id, ..Default::default() };
+        let mut parts = BytesMut::new();
+        daemoneye_ipc::frame::encode_message_parts(&[&head, &shared], settings(crc32), &mut parts).unwrap();
+        let tail = prost::Message::encode_to_vec(&shared);
+        let mut with_tail = BytesMut::new();
+        daemoneye_ipc::frame::encode_message_with_tail(
+            &head,
+            &tail,
+            crc32.checksum(&tail),
+            settings(crc32),
+            &mut with_tail,
+        )
+        .unwrap();
+        prop_assert_eq!(with_tail, parts);
+    }
+
+    #[test]
     fn raw_bodies_round_trip(body in vec(any::<u8>(), 0..2048), crc32 in variant()) {
         let mut wire = BytesMut::new();
         encode_frame(&body, settings(crc32), &mut wire).unwrap();

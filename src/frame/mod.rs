@@ -64,6 +64,22 @@ impl Crc32Variant {
         }
     }
 
+    /// The checksum of `first` followed by `second`, from the checksum of
+    /// each and the length of `second`, without reading either again.
+    pub fn combine(self, first: u32, first_len: usize, second: u32, second_len: usize) -> u32 {
+        match self {
+            Crc32Variant::Ieee => {
+                let mut whole = crc32fast::Hasher::new_with_initial_len(first, first_len as u64);
+                whole.combine(&crc32fast::Hasher::new_with_initial_len(
+                    second,
+                    second_len as u64,
+                ));
+                whole.finalize()
+            }
+            Crc32Variant::Castagnoli => crc32c::crc32c_combine(first, second, second_len),
+        }
+    }
+
     /// The name used in config files, flags and logs (`ieee`, `castagnoli`).
     pub fn name(self) -> &'static str {
         match self {
@@ -232,6 +248,37 @@ pub fn encode_message_parts<M: prost::Message>(
         part.encode_raw(dst);
     }
     finish_header(dst, start, length, settings.crc32);
+    Ok(())
+}
+
+/// Appends one frame whose body is `head`'s encoding followed by `tail`, an
+/// encoding made once (with checksum `tail_crc` under `settings.crc32`) and
+/// sent in many frames: only `head` is encoded, the tail is copied, and the
+/// checksum is combined rather than computed over the tail again. Protobuf
+/// merges the two into one message (see [`encode_message_parts`]).
+///
+/// Fails, leaving `dst` as it was, if the body would exceed
+/// `settings.max_frame_bytes`.
+pub fn encode_message_with_tail<M: prost::Message>(
+    head: &M,
+    tail: &[u8],
+    tail_crc: u32,
+    settings: FrameSettings,
+    dst: &mut BytesMut,
+) -> Result<(), IpcError> {
+    let head_len = head.encoded_len();
+    let length = checked_body_length(head_len + tail.len(), settings.max_frame_bytes)?;
+    dst.reserve(HEADER_LEN + length as usize);
+    let start = dst.len();
+    dst.put_bytes(0, HEADER_LEN);
+    head.encode_raw(dst);
+    let head_crc = settings.crc32.checksum(&dst[start + HEADER_LEN..]);
+    dst.put_slice(tail);
+    let header = FrameHeader {
+        length,
+        checksum: settings.crc32.combine(head_crc, head_len, tail_crc, tail.len()),
+    };
+    dst[start..start + HEADER_LEN].copy_from_slice(&header.to_bytes());
     Ok(())
 }
 

@@ -9,7 +9,7 @@ use bytes::{Buf, BytesMut};
 
 use super::{RETAINED_CAPACITY, millis};
 use crate::error::IpcError;
-use crate::frame::{FrameSettings, encode_message_parts};
+use crate::frame::{FrameSettings, encode_message_parts, encode_message_with_tail};
 
 /// Messages of type `M` waiting to be written on one connection.
 ///
@@ -48,12 +48,31 @@ impl<M: prost::Message> Outbound<M> {
     pub(crate) fn push(&mut self, parts: &[&M], now: Instant) -> Result<usize, IpcError> {
         let before = self.buf.len();
         encode_message_parts(parts, self.settings, &mut self.buf)?;
+        Ok(self.queued(before, now))
+    }
+
+    /// Queues one frame whose body is `head`'s encoding followed by `tail`,
+    /// encoded beforehand with checksum `tail_crc` (see
+    /// [`encode_message_with_tail`]), and returns its size.
+    pub(crate) fn push_with_tail(
+        &mut self,
+        head: &M,
+        tail: &[u8],
+        tail_crc: u32,
+        now: Instant,
+    ) -> Result<usize, IpcError> {
+        let before = self.buf.len();
+        encode_message_with_tail(head, tail, tail_crc, self.settings, &mut self.buf)?;
+        Ok(self.queued(before, now))
+    }
+
+    fn queued(&mut self, before: usize, now: Instant) -> usize {
         let length = self.buf.len() - before;
         if self.frames.is_empty() {
             self.head_since = Some(now);
         }
         self.frames.push_back(length);
-        Ok(length)
+        length
     }
 
     /// Every byte not written yet.

@@ -115,6 +115,16 @@ enum Reading {
     PeerClosed,
 }
 
+/// A shared result's encoding, kept by a connection while the same result
+/// keeps answering its tasks.
+#[derive(Debug)]
+struct SharedEncoding {
+    /// Held, so that its address (the cache's key) is not reused meanwhile.
+    result: Arc<DetectionResult>,
+    bytes: bytes::Bytes,
+    crc: u32,
+}
+
 #[derive(Debug)]
 struct Running {
     task_id: String,
@@ -139,6 +149,8 @@ pub(crate) struct ServerConnection {
     budget_recheck: Option<Instant>,
     inbound: Inbound<DetectionTask>,
     outbound: Outbound<DetectionResult>,
+    /// The last shared result answered, encoded.
+    shared_cache: Option<Arc<SharedEncoding>>,
     running: HashMap<TaskTicket, Running>,
     /// Task deadlines, earliest first.
     deadlines: BTreeSet<(Instant, TaskTicket)>,
@@ -169,6 +181,7 @@ impl ServerConnection {
             budget,
             held: 0,
             budget_recheck: None,
+            shared_cache: None,
             running: HashMap::new(),
             deadlines: BTreeSet::new(),
             next_ticket: 0,
@@ -349,12 +362,18 @@ impl ServerConnection {
                 self.outbound.push(&[&result], now)
             }
             Reply::Shared(result) if result.task_id.is_empty() => {
-                // This reply's id, then the shared result, merged by the reader.
+                // This reply's id, then the shared result, merged by the
+                // reader; the shared part is encoded once per connection.
                 let head = DetectionResult {
                     task_id: task_id.clone(),
                     ..Default::default()
                 };
-                self.outbound.push(&[&head, result], now)
+                match self.shared_encoding(result) {
+                    Some(tail) => self
+                        .outbound
+                        .push_with_tail(&head, &tail.bytes, tail.crc, now),
+                    None => self.outbound.push(&[&head, result], now),
+                }
             }
             Reply::Shared(result) => {
                 // Merging would let the shared id win: fall back to a copy.
@@ -389,6 +408,30 @@ impl ServerConnection {
             }
             Err(error) => self.fail(error),
         }
+    }
+
+    /// The encoding of a shared result, made once and kept while the same
+    /// result comes back (a cached process table answers many tasks);
+    /// `None` for one too large for a frame, which the caller refuses.
+    fn shared_encoding(&mut self, result: &Arc<DetectionResult>) -> Option<Arc<SharedEncoding>> {
+        if let Some(cached) = &self.shared_cache
+            && Arc::ptr_eq(&cached.result, result)
+        {
+            return Some(cached.clone());
+        }
+        let length = prost::Message::encoded_len(&**result);
+        if length > self.limits.settings.max_frame_bytes as usize {
+            return None;
+        }
+        let mut bytes = BytesMut::with_capacity(length);
+        prost::Message::encode_raw(&**result, &mut bytes);
+        let encoding = Arc::new(SharedEncoding {
+            crc: self.limits.settings.crc32.checksum(&bytes),
+            bytes: bytes.freeze(),
+            result: result.clone(),
+        });
+        self.shared_cache = Some(encoding.clone());
+        Some(encoding)
     }
 
     // ---- writing -------------------------------------------------------------
