@@ -19,12 +19,65 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     {
         println!("cargo:rustc-cfg=async_backend");
     }
-    let descriptors = protox::compile(["proto/common.proto", "proto/ipc.proto"], ["proto"])?;
+    let mut descriptors = protox::compile(["proto/common.proto", "proto/ipc.proto"], ["proto"])?;
+    descriptors.file.push(result_views(&descriptors));
     prost_build::Config::new()
         // The CLI prints results as JSON with the proto's field names.
-        .type_attribute(".", "#[derive(serde::Serialize)]")
+        .type_attribute(".daemoneye.ipc", "#[derive(serde::Serialize)]")
+        .bytes([VIEW_PACKAGE_PATH])
         .compile_fds(descriptors)?;
     Ok(())
+}
+
+/// The package of the result views (`daemoneye_ipc::view`).
+const VIEW_PACKAGE: &str = "daemoneye.ipc_view";
+const VIEW_PACKAGE_PATH: &str = ".daemoneye.ipc_view";
+/// The messages a result is made of, which get a view each.
+const RESULT_MESSAGES: [&str; 3] = ["DetectionResult", "ProcessRecord", "HashResult"];
+
+/// The result messages again, in a package of their own, with every `string`
+/// field declared `bytes`: the same wire encoding (both are length-delimited),
+/// so the views decode the same frames, but prost (told to use `Bytes` for
+/// that package) then takes each such field as a slice of the frame instead
+/// of allocating and copying it. Derived from the schema here so that the two
+/// can never drift apart.
+fn result_views(descriptors: &prost_types::FileDescriptorSet) -> prost_types::FileDescriptorProto {
+    use prost_types::field_descriptor_proto::Type;
+    let messages = descriptors
+        .file
+        .iter()
+        .flat_map(|file| &file.message_type)
+        .filter(|message| RESULT_MESSAGES.contains(&message.name()))
+        .map(|message| {
+            let mut view = message.clone();
+            for field in &mut view.field {
+                if field.r#type() == Type::String {
+                    field.set_type(Type::Bytes);
+                }
+                if let Some(name) = &mut field.type_name {
+                    let referenced = name.trim_start_matches(".daemoneye.ipc.");
+                    assert!(
+                        RESULT_MESSAGES.contains(&referenced),
+                        "a result view refers to {name}, which has no view: add it to RESULT_MESSAGES"
+                    );
+                    *name = format!("{VIEW_PACKAGE_PATH}.{referenced}");
+                }
+            }
+            view
+        })
+        .collect::<Vec<_>>();
+    assert_eq!(
+        messages.len(),
+        RESULT_MESSAGES.len(),
+        "every result message is in the schema"
+    );
+    prost_types::FileDescriptorProto {
+        name: Some("daemoneye_ipc_view.proto".to_owned()),
+        package: Some(VIEW_PACKAGE.to_owned()),
+        message_type: messages,
+        syntax: Some("proto3".to_owned()),
+        ..Default::default()
+    }
 }
 
 /// The commit (and whether the tree was dirty) this build comes from, for

@@ -4,11 +4,12 @@
 use std::hint::black_box;
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use criterion::{BatchSize, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use daemoneye_ipc::frame::codec::ClientCodec;
 use daemoneye_ipc::frame::{FrameSettings, encode_message};
-use daemoneye_ipc::sample;
+use daemoneye_ipc::{DetectionResult, sample, view};
+use prost::Message;
 use tokio_util::codec::Decoder;
 
 const SIZES: [usize; 4] = [64, 1024, 64 * 1024, 1024 * 1024];
@@ -63,9 +64,27 @@ fn decode(c: &mut Criterion) {
     group.finish();
 }
 
+/// Decoding a result's body (and dropping what it decoded, as a caller
+/// does): the plain types against the views, whose text fields are slices
+/// of the frame.
+fn decode_plain_or_view(c: &mut Criterion) {
+    let mut group = c.benchmark_group("result_body_decode");
+    for size in SIZES {
+        let body = Bytes::from(sample::detection_result("task-000001", size).encode_to_vec());
+        group.throughput(Throughput::Bytes(size as u64));
+        group.bench_function(BenchmarkId::new("plain", size), |b| {
+            b.iter(|| DetectionResult::decode(black_box(&body[..])).unwrap())
+        });
+        group.bench_function(BenchmarkId::new("view", size), |b| {
+            b.iter(|| view::DetectionResult::decode(black_box(body.clone())).unwrap())
+        });
+    }
+    group.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(30).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(2));
-    targets = encode, decode
+    targets = encode, decode, decode_plain_or_view
 }
 criterion_main!(benches);

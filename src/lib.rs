@@ -87,6 +87,8 @@
 //! * [`config`]: [`IpcConfig`], its defaults, layering (file, environment,
 //!   flags) and validation.
 //! * [`proto`]: the generated protobuf messages.
+//! * [`view`]: results decoded without copying their text, for
+//!   [`IpcClient::send_view`].
 //! * [`sample`]: realistic results of a chosen size, for benchmarks and
 //!   trials.
 //! * [`error`]: [`IpcError`], one enum for every failure.
@@ -137,6 +139,7 @@ pub mod sample;
 pub mod server;
 pub mod telemetry;
 mod transport;
+pub mod view;
 #[cfg(windows)]
 mod win32;
 

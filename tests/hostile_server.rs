@@ -179,3 +179,68 @@ async fn a_hostile_server_gets_clear_errors_and_no_wrong_answers(transport: Tran
         good.shutdown(Duration::from_secs(5)).await;
     }
 }
+
+each_backend!(async a_result_that_does_not_decode_fails_only_its_task);
+/// A result whose id and framing are sound but whose fields are not (here a
+/// process record that is not a message) fails its own task with an error
+/// saying so; the connection carries on, and the next task on it is answered.
+async fn a_result_that_does_not_decode_fails_only_its_task(transport: TransportKind) {
+    let endpoint = Endpoint::fresh();
+    let config = IpcConfig {
+        transport,
+        endpoint_path: endpoint.name.clone(),
+        read_timeout_ms: 5_000,
+        ..IpcConfig::default()
+    };
+    let client = IpcClient::new(config).unwrap();
+    let mut hostile = RawServer::bind(&endpoint).await;
+    let send = |id: &'static str| {
+        let client = client.clone();
+        tokio::spawn(async move {
+            let task = DetectionTask {
+                task_id: id.to_owned(),
+                ..Default::default()
+            };
+            client.send(task).await
+        })
+    };
+
+    let broken = send("broken");
+    let mut connection = hostile.accept().await;
+    let ids = connection.read_tasks(1).await;
+    assert_eq!(ids, ["broken"]);
+    // task_id = "broken", then field 4 (processes) holding 0xff: not a
+    // ProcessRecord.
+    let mut body = vec![0x0a, 6];
+    body.extend_from_slice(b"broken");
+    body.extend_from_slice(&[0x22, 1, 0xff]);
+    let header = FrameHeader::for_body(&body, Crc32Variant::Ieee).unwrap();
+    connection
+        .write(&[header.to_bytes().to_vec(), body].concat())
+        .await;
+    let error = tokio::time::timeout(PATIENCE, broken)
+        .await
+        .expect("the caller hangs")
+        .unwrap()
+        .expect_err("a result that does not decode is not an answer");
+    assert!(
+        matches!(error, IpcError::MalformedMessage { .. })
+            && error.to_string().contains("is not a valid DetectionResult"),
+        "{transport}: {error}"
+    );
+
+    let next = send("next");
+    let ids = connection.read_tasks(1).await;
+    assert_eq!(
+        ids,
+        ["next"],
+        "{transport}: the same connection carries the next task"
+    );
+    connection.write(&frame_of(&answer("next"))).await;
+    let result = tokio::time::timeout(PATIENCE, next)
+        .await
+        .expect("the caller hangs")
+        .unwrap()
+        .unwrap();
+    assert_eq!(result.task_id, "next");
+}

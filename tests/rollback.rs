@@ -5,7 +5,8 @@
 
 mod support;
 
-use daemoneye_ipc::{Crc32Variant, IpcClient, IpcConfig, TransportKind};
+use daemoneye_ipc::{Crc32Variant, DetectionResult, IpcClient, IpcConfig, TransportKind};
+use prost::Message;
 use support::sized_server::{SizedServer, describe, processes, sized_task};
 use support::*;
 
@@ -22,7 +23,7 @@ fn sized_server_process() {
 each_backend!(every_client_backend_talks_to_this_server_backend);
 /// The 3 x 3 matrix, one server backend per test: every client backend, both
 /// CRC variants, every pair of task and result sizes, all in flight at once
-/// on one connection (twice over). Each answer is checked to be the one for
+/// on one connection (twice over: plain results, then views). Each answer is checked to be the one for
 /// its task, of the size asked, with the task's payload seen intact.
 fn every_client_backend_talks_to_this_server_backend(server_transport: TransportKind) {
     for crc32 in Crc32Variant::ALL {
@@ -49,7 +50,16 @@ fn every_client_backend_talks_to_this_server_backend(server_transport: Transport
                                 .collect();
                             sends.spawn(async move {
                                 let task = sized_task(&id, payload.clone(), result_size);
-                                let result = client.send(task).await;
+                                // The second round reads its results as views,
+                                // which must carry the same fields.
+                                let result = if round == 0 {
+                                    client.send(task).await
+                                } else {
+                                    client.send_view(task).await.map(|view| {
+                                        DetectionResult::decode(view.encode_to_vec().as_slice())
+                                            .unwrap()
+                                    })
+                                };
                                 (id, payload, result_size, result)
                             });
                         }

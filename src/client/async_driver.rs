@@ -1,11 +1,13 @@
 //! The async driver of a client connection, for the `interprocess` and
-//! `tokio` backends: one Tokio task that writes every queued frame, reads
-//! results into the policy core, and hands them to their callers.
+//! `tokio` backends: one Tokio task that reads results into the policy core
+//! and hands them to their callers, and writes what callers queued but the
+//! socket did not take at once ([`write_now`]).
 
 use std::future::poll_fn;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::sync::Mutex;
+use std::task::{Context, Poll, Waker};
 use std::time::Instant;
 
 use tokio::io::AsyncWrite;
@@ -17,9 +19,32 @@ use crate::transport::Connection;
 
 /// Starts the task that drives `connection`.
 pub(super) fn start(connection: Connection, core: ClientConnection<Waiter>) -> LinkHandle {
-    let link = Arc::new(Link::new(core, IoWake::Task(Notify::new())));
-    tokio::spawn(run(connection, link.clone()));
+    let io = IoWake::Task {
+        notify: Notify::new(),
+        connection: Mutex::new(Some(connection)),
+    };
+    let link = Arc::new(Link::new(core, io));
+    tokio::spawn(run(link.clone()));
     LinkHandle { link }
+}
+
+/// A caller writes the frames queued in `core` itself, as far as the socket
+/// takes them without waiting; the driver, woken for the rest, writes it
+/// when the socket has room.
+pub(super) fn write_now(connection: &mut Connection, core: &mut ClientConnection<Waiter>) {
+    // The caller will not wait for the socket: if it is full, the driver is
+    // woken and registers its own interest when it polls the write again.
+    let mut no_wait = Context::from_waker(Waker::noop());
+    while !core.pending_output().is_empty() {
+        match Pin::new(&mut *connection).poll_write(&mut no_wait, core.pending_output()) {
+            Poll::Ready(Ok(0)) => {
+                return core.on_io_error(&std::io::ErrorKind::WriteZero.into());
+            }
+            Poll::Ready(Ok(written)) => core.on_written(written, Instant::now()),
+            Poll::Ready(Err(error)) => return core.on_io_error(&error),
+            Poll::Pending => return,
+        }
+    }
 }
 
 /// Ends the connection for its callers however the driving task ends: on
@@ -39,25 +64,47 @@ impl Drop for Ending<'_> {
             core.closed_reason().unwrap_or_default().to_owned()
         };
         self.link.settle();
+        #[allow(irrefutable_let_patterns)] // Refutable when legacy is compiled in.
+        if let IoWake::Task { connection, .. } = &self.link.io {
+            let connection = lock(connection).take();
+            if let Some(connection) = connection {
+                // Tasks given up on may still be queued on the server: let
+                // it drop them. Dropping the connection closes it, whoever
+                // still holds the link.
+                connection.discard_unsent();
+            }
+        }
         tracing::debug!(%reason, "connection ended");
     }
 }
 
-async fn run(mut connection: Connection, link: Arc<Link>) {
+async fn run(link: Arc<Link>) {
     #[allow(irrefutable_let_patterns)] // Refutable when legacy is compiled in.
-    let IoWake::Task(wake) = &link.io else {
+    let IoWake::Task { notify, connection } = &link.io else {
         unreachable!("started with a task waker")
     };
     let mut ending = Ending {
         link: &link,
         reason: "the runtime that drove the connection shut down",
     };
+    // One timer for the connection's life, moved only when the core's next
+    // deadline moves.
+    let timer = tokio::time::sleep_until(tokio::time::Instant::now());
+    tokio::pin!(timer);
+    let mut armed: Option<Instant> = None;
     while !link.finished() {
         let deadline = link.lock().poll_timeout();
+        if deadline != armed {
+            if let Some(deadline) = deadline {
+                timer.as_mut().reset(deadline.into());
+            }
+            armed = deadline;
+        }
         tokio::select! {
-            () = poll_fn(|cx| drive_io(cx, &mut connection, &link)) => {}
-            () = wake.notified() => {}
-            () = sleep_until(deadline), if deadline.is_some() => {
+            () = poll_fn(|cx| drive_io(cx, connection, &link)) => {}
+            () = notify.notified() => {}
+            () = &mut timer, if armed.is_some() => {
+                armed = None;
                 link.lock().handle_timeout(Instant::now());
             }
         }
@@ -65,22 +112,24 @@ async fn run(mut connection: Connection, link: Arc<Link>) {
     }
     // Ended by the core (its reason stands) or because nobody holds it.
     ending.reason = "the client was dropped";
-    drop(ending);
-    // Tasks given up on may still be queued on the server: let it drop them.
-    connection.discard_unsent();
 }
 
-async fn sleep_until(deadline: Option<Instant>) {
-    if let Some(deadline) = deadline {
-        tokio::time::sleep_until(deadline.into()).await;
-    }
+fn lock(connection: &Mutex<Option<Connection>>) -> std::sync::MutexGuard<'_, Option<Connection>> {
+    connection
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Writes every queued frame and reads whatever has arrived, holding the
 /// core's lock only for the non-blocking polls; ready once either made
 /// progress (or failed, which the core records).
-fn drive_io(cx: &mut Context<'_>, connection: &mut Connection, link: &Link) -> Poll<()> {
+fn drive_io(cx: &mut Context<'_>, connection: &Mutex<Option<Connection>>, link: &Link) -> Poll<()> {
+    // The core's lock first, then the connection's, as callers take them.
     let mut core = link.lock();
+    let mut connection = lock(connection);
+    let Some(connection) = connection.as_mut() else {
+        return Poll::Pending;
+    };
     let mut progressed = false;
     while !core.pending_output().is_empty() {
         match Pin::new(&mut *connection).poll_write(cx, core.pending_output()) {

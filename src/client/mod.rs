@@ -31,12 +31,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use tokio::sync::{Notify, oneshot};
 
 use crate::backoff::Backoff;
 use crate::config::{IpcConfig, TransportKind};
 use crate::endpoint::Endpoint;
 use crate::error::IpcError;
+use crate::frame::codec::{decode_message, decode_shared_message};
 use crate::peer::PeerPolicy;
 use crate::policy::client::{ClientConnection, Delivery, Outcome, Refusal, Ticket};
 use crate::proto::{DetectionResult, DetectionTask};
@@ -171,7 +173,29 @@ impl IpcClient {
     /// be taken for the answer to a later task with the same id. A
     /// connection holding a task past its deadline is replaced by the next
     /// `send`, so tasks the server never answers cannot use up its slots.
+    ///
+    /// A result whose fields do not decode ([`IpcError::MalformedMessage`])
+    /// fails this task only; the connection and other tasks carry on.
     pub async fn send(&self, task: DetectionTask) -> Result<DetectionResult, IpcError> {
+        let body = self.exchange(task).await?;
+        decode_message(&body)
+    }
+
+    /// Like [`send`](Self::send), with the result as a
+    /// [view](crate::view::DetectionResult): its text fields are slices of
+    /// the frame it arrived in, so decoding allocates and copies no text.
+    /// For agents that read large results (a process table); the deadlines,
+    /// errors and guarantees are `send`'s.
+    pub async fn send_view(
+        &self,
+        task: DetectionTask,
+    ) -> Result<crate::view::DetectionResult, IpcError> {
+        let body = self.exchange(task).await?;
+        decode_shared_message(body)
+    }
+
+    /// Sends `task` and waits for the body of its result's frame.
+    async fn exchange(&self, task: DetectionTask) -> Result<Bytes, IpcError> {
         if task.task_id.is_empty() {
             return Err(IpcError::EmptyTaskId);
         }
@@ -258,11 +282,7 @@ impl IpcClient {
     }
 
     /// Waits for the answer to a registered task until `deadline`.
-    async fn answer(
-        &self,
-        mut pending: Pending,
-        deadline: Instant,
-    ) -> Result<DetectionResult, IpcError> {
+    async fn answer(&self, mut pending: Pending, deadline: Instant) -> Result<Bytes, IpcError> {
         let outcome = tokio::time::timeout_at(deadline.into(), &mut pending.answer).await;
         let task_id = pending.task_id.clone();
         match outcome {
@@ -482,15 +502,22 @@ pub(crate) struct Link {
     dropped: AtomicBool,
 }
 
-/// How callers get queued frames written.
+/// How callers get queued frames written. With either driver a caller
+/// first writes its frame itself, without waiting (with the core's lock
+/// held, so writes never interleave), and wakes the driver only for what the
+/// socket did not take: a task costs no hand-off to the driver on its way
+/// out.
 enum IoWake {
-    /// The async driver's task writes them; this wakes it.
+    /// The async driver's task; `notify` wakes it. The connection is here,
+    /// not in the task, so that callers can write to it; the task takes it
+    /// out (closing it) when it ends.
     #[cfg(async_backend)]
-    Task(Notify),
+    Task {
+        notify: Notify,
+        connection: Mutex<Option<crate::transport::Connection>>,
+    },
     /// The blocking driver's thread waits in the OS; the waker wakes it.
-    /// Where the backend allows, a caller writes its frame itself (with the
-    /// core's lock held, so writes never interleave) and wakes the thread
-    /// only for what the socket did not take.
+    /// Callers write through `writer` where the backend has one.
     #[cfg(feature = "ipc-legacy")]
     Thread {
         waker: crate::transport::legacy::Waker,
@@ -519,32 +546,40 @@ impl Link {
     fn wake_io(&self) {
         match &self.io {
             #[cfg(async_backend)]
-            IoWake::Task(notify) => notify.notify_one(),
+            IoWake::Task { notify, .. } => notify.notify_one(),
             #[cfg(feature = "ipc-legacy")]
             IoWake::Thread { waker, .. } => waker.wake(),
         }
     }
 
-    /// Gets what a caller just queued written: at once where the caller can
-    /// write itself, otherwise by waking the driver.
+    /// Gets what a caller just queued written: as much as the socket takes
+    /// at once by the caller itself, the rest by waking the driver.
     fn flush(&self, core: &mut ClientConnection<Waiter>) {
-        #[cfg(feature = "ipc-legacy")]
-        if let IoWake::Thread {
-            writer: Some(writer),
-            ..
-        } = &self.io
-        {
-            match writer.write_from(core.pending_output()) {
+        match &self.io {
+            #[cfg(async_backend)]
+            IoWake::Task { connection, .. } => {
+                let mut connection = connection
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner());
+                if let Some(connection) = connection.as_mut() {
+                    async_driver::write_now(connection, core);
+                }
+            }
+            #[cfg(feature = "ipc-legacy")]
+            IoWake::Thread {
+                writer: Some(writer),
+                ..
+            } => match writer.write_from(core.pending_output()) {
                 Ok(written) => core.on_written(written, Instant::now()),
                 Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {}
                 Err(error) => core.on_io_error(&error),
-            }
-            if core.pending_output().is_empty() && core.closed_reason().is_none() {
-                return;
-            }
+            },
+            #[allow(unreachable_patterns)] // Reached where legacy has no writer.
+            _ => {}
         }
-        let _ = core;
-        self.wake_io();
+        if !core.pending_output().is_empty() || core.closed_reason().is_some() {
+            self.wake_io();
+        }
     }
 
     /// Hands the core's outcomes to their callers (outside the lock), lets

@@ -143,6 +143,20 @@ pub(crate) fn decode_message<M: prost::Message + Default>(body: &[u8]) -> Result
     })
 }
 
+/// Decodes one verified frame body as a message of type `M` whose `bytes`
+/// fields share `body` rather than copying out of it (the
+/// [views](crate::view)).
+pub(crate) fn decode_shared_message<M: prost::Message + Default>(
+    body: Bytes,
+) -> Result<M, IpcError> {
+    let length = body.len();
+    M::decode(body).map_err(|source| IpcError::MalformedMessage {
+        message_type: short_type_name::<M>(),
+        length,
+        source,
+    })
+}
+
 impl<Out, In: prost::Message + Default> Decoder for MessageCodec<Out, In> {
     type Item = In;
     type Error = IpcError;

@@ -276,7 +276,9 @@ pub fn encode_message_with_tail<M: prost::Message>(
     dst.put_slice(tail);
     let header = FrameHeader {
         length,
-        checksum: settings.crc32.combine(head_crc, head_len, tail_crc, tail.len()),
+        checksum: settings
+            .crc32
+            .combine(head_crc, head_len, tail_crc, tail.len()),
     };
     dst[start..start + HEADER_LEN].copy_from_slice(&header.to_bytes());
     Ok(())

@@ -22,23 +22,40 @@
 //!   the server. A connection idle for half the read timeout is about to be
 //!   closed by the server and is replaced too.
 //! * **Bad input.** A result frame that fails its checksum, is too large, is
-//!   not a `DetectionResult`, is cut short, arrives incomplete within
-//!   `read_timeout`, or answers a task this connection is not waiting for
-//!   (never sent, or answered already) ends the connection: every waiting
-//!   caller hears why, none gets a wrong answer.
+//!   not a `DetectionResult` at its top level, is cut short, arrives
+//!   incomplete within `read_timeout`, or answers a task this connection is
+//!   not waiting for (never sent, or answered already) ends the connection:
+//!   every waiting caller hears why, none gets a wrong answer.
+//! * **Decoding.** The connection reads a result's id and checks the
+//!   message's top-level framing; the fields themselves are decoded by the
+//!   caller it goes to, into the type that caller asked for (plain or
+//!   [view](crate::view)). So the reader never decodes a result twice, and a
+//!   result whose fields do not decode fails only its own task.
 
 use std::collections::HashMap;
 use std::io;
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 
 use super::earliest;
 use super::inbound::Inbound;
 use super::outbound::Outbound;
 use crate::error::IpcError;
 use crate::frame::FrameSettings;
-use crate::proto::{DetectionResult, DetectionTask};
+use crate::proto::DetectionTask;
+
+/// What the connection decodes of a result: only its id, to know whose it is.
+/// Decoding a `DetectionResult`'s body as this message checks the framing of
+/// every top-level field (prost skips the others by their lengths) without
+/// decoding them. Named after the message it reads, for error messages.
+mod id_only {
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub(super) struct DetectionResult {
+        #[prost(string, tag = "1")]
+        pub(super) task_id: String,
+    }
+}
 
 /// Identifies one registration of a task id (the same id may be registered
 /// again once its first task is answered).
@@ -60,8 +77,9 @@ pub(crate) enum Refusal {
 /// What becomes of a task its caller still waits for.
 #[derive(Debug)]
 pub(crate) enum Outcome {
-    /// The server's result.
-    Answered(DetectionResult),
+    /// The server's result: the body of its frame, for the caller to
+    /// decode (a slice of the read buffer, not a copy).
+    Answered(Bytes),
     /// The connection ended first, for this reason; the task may or may not
     /// have run.
     Lost(String),
@@ -89,7 +107,7 @@ enum Entry<W> {
 /// The policy of one client connection. See the [module docs](self).
 #[derive(Debug)]
 pub(crate) struct ClientConnection<W> {
-    inbound: Inbound<DetectionResult>,
+    inbound: Inbound<id_only::DetectionResult>,
     outbound: Outbound<DetectionTask>,
     pending: HashMap<String, Entry<W>>,
     /// Entries whose caller still waits.
@@ -209,8 +227,8 @@ impl<W> ClientConnection<W> {
     pub(crate) fn on_read(&mut self, count: usize, now: Instant) {
         self.inbound.on_read(count, now);
         while self.closed.is_none() {
-            match self.inbound.next_message(now) {
-                Ok(Some((result, _))) => self.settle(result, now),
+            match self.inbound.next_frame(now) {
+                Ok(Some((id, body))) => self.settle(id.task_id, body, now),
                 Ok(None) => break,
                 Err(error) => self.close(error.to_string()),
             }
@@ -219,9 +237,9 @@ impl<W> ClientConnection<W> {
 
     /// The server closed the connection.
     pub(crate) fn on_eof(&mut self, now: Instant) {
-        let reason = match self.inbound.on_eof(now) {
-            Ok(Some((result, _))) => {
-                self.settle(result, now);
+        let reason = match self.inbound.eof_frame(now) {
+            Ok(Some((id, body))) => {
+                self.settle(id.task_id, body, now);
                 "the server closed the connection".to_owned()
             }
             Ok(None) => "the server closed the connection".to_owned(),
@@ -235,24 +253,24 @@ impl<W> ClientConnection<W> {
         self.close(error.to_string());
     }
 
-    fn settle(&mut self, result: DetectionResult, now: Instant) {
-        match self.pending.remove(&result.task_id) {
+    fn settle(&mut self, task_id: String, body: Bytes, now: Instant) {
+        match self.pending.remove(&task_id) {
             Some(Entry::Waiting { waiter, .. }) => {
                 self.waiting -= 1;
                 self.deliveries.push(Delivery {
                     waiter,
-                    outcome: Outcome::Answered(result),
+                    outcome: Outcome::Answered(body),
                 });
             }
             Some(Entry::Abandoned { .. }) => {
-                tracing::debug!(task_id = ?result.task_id, "discarded the result of a task given up on");
+                tracing::debug!(?task_id, "discarded the result of a task given up on");
             }
             None => {
                 return self.close(format!(
                     "the server sent a result for task {:?}, which this connection is not waiting \
                      for (never sent, or answered already); the server is broken or not the \
                      collector, so no result on this connection can be trusted",
-                    result.task_id
+                    task_id
                 ));
             }
         }
@@ -356,8 +374,11 @@ impl<W> ClientConnection<W> {
 
 #[cfg(test)]
 mod tests {
+    use prost::Message;
+
     use super::*;
     use crate::frame::encode_message;
+    use crate::proto::DetectionResult;
 
     const READ: Duration = Duration::from_secs(30);
     const WRITE: Duration = Duration::from_secs(10);
@@ -400,7 +421,8 @@ mod tests {
             .into_iter()
             .map(|d| {
                 let what = match d.outcome {
-                    Outcome::Answered(result) => {
+                    Outcome::Answered(body) => {
+                        let result = DetectionResult::decode(body).unwrap();
                         format!(
                             "{}: {}",
                             result.task_id,

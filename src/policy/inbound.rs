@@ -4,7 +4,7 @@
 use std::marker::PhantomData;
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 
 use super::{RETAINED_CAPACITY, millis};
 use crate::error::IpcError;
@@ -64,21 +64,32 @@ impl<M: prost::Message + Default> Inbound<M> {
     /// frame's size. An error is final: the stream can no longer be trusted
     /// to be aligned on frames.
     pub(crate) fn next_message(&mut self, now: Instant) -> Result<Option<(M, usize)>, IpcError> {
-        let Some(body) = self.decoder.decode(&mut self.buf)? else {
-            return Ok(None);
-        };
-        self.frame_done(now);
-        decode_message(&body).map(|message| Some((message, HEADER_LEN + body.len())))
+        Ok(self.next_frame(now)?.map(with_frame_size))
     }
 
     /// The peer closed its side: `Ok(None)` if it did so between frames,
     /// [`IpcError::TruncatedFrame`] if inside one.
     pub(crate) fn on_eof(&mut self, now: Instant) -> Result<Option<(M, usize)>, IpcError> {
+        Ok(self.eof_frame(now)?.map(with_frame_size))
+    }
+
+    /// Like [`next_message`](Self::next_message), with the frame's body
+    /// (which shares the read buffer, without a copy) instead of its size.
+    pub(crate) fn next_frame(&mut self, now: Instant) -> Result<Option<(M, Bytes)>, IpcError> {
+        let Some(body) = self.decoder.decode(&mut self.buf)? else {
+            return Ok(None);
+        };
+        self.frame_done(now);
+        decoded(body)
+    }
+
+    /// Like [`on_eof`](Self::on_eof), with the frame's body.
+    pub(crate) fn eof_frame(&mut self, now: Instant) -> Result<Option<(M, Bytes)>, IpcError> {
         let Some(body) = self.decoder.decode_eof(&mut self.buf)? else {
             return Ok(None);
         };
         self.frame_done(now);
-        decode_message(&body).map(|message| Some((message, HEADER_LEN + body.len())))
+        decoded(body)
     }
 
     fn frame_done(&mut self, now: Instant) {
@@ -144,6 +155,15 @@ impl<M: prost::Message + Default> Inbound<M> {
             received,
         }
     }
+}
+
+fn decoded<M: prost::Message + Default>(body: BytesMut) -> Result<Option<(M, Bytes)>, IpcError> {
+    let message = decode_message(&body)?;
+    Ok(Some((message, body.freeze())))
+}
+
+fn with_frame_size<M>((message, body): (M, Bytes)) -> (M, usize) {
+    (message, HEADER_LEN + body.len())
 }
 
 #[cfg(test)]
