@@ -53,6 +53,9 @@ enum Command {
     /// A server for `compare` (started by it, one per backend and round).
     #[command(hide = true)]
     BenchServer(compare::BenchServerCmd),
+    /// A client for `compare --instructions` (started by it under callgrind).
+    #[command(hide = true)]
+    BenchClient(compare::BenchClientCmd),
 }
 
 /// The settings every subcommand accepts. Flags override `DAEMONEYE_IPC_*`
@@ -158,6 +161,7 @@ fn main() -> ExitCode {
         // These pin themselves before any runtime thread exists.
         Command::Compare(cmd) => cmd.run_blocking(),
         Command::BenchServer(cmd) => cmd.run_blocking(),
+        Command::BenchClient(cmd) => cmd.run_blocking(),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,

@@ -7,6 +7,7 @@
 //! rounds with its min-max spread.
 
 mod floors;
+mod instructions;
 mod report;
 mod role;
 mod system;
@@ -21,12 +22,14 @@ use clap::Args;
 use daemoneye_ipc::{Crc32Variant, TransportKind};
 use indicatif::{ProgressBar, ProgressStyle};
 
+pub use instructions::BenchClientCmd;
 pub use role::BenchServerCmd;
 
+use self::report::REFERENCE_IN_FLIGHT;
 use self::report::{Report, RoundFigures, SizeFigures, ThroughputFigures};
-use self::role::{ServerChild, ServerRuntime, Workspace};
+use self::role::{ServerChild, ServerLaunch, ServerRuntime, Workspace};
 use self::system::{Pin, Placement, ProcessProbe};
-use self::workload::{Driver, Plan};
+use self::workload::{Driver, Plan, Results, Until};
 use crate::Failure;
 
 /// Tasks in flight for the pipelined throughput runs.
@@ -158,6 +161,10 @@ pub struct CompareCmd {
     /// Tokio runtime of the servers (the product's `serve` uses multi-thread).
     #[arg(long, value_enum, default_value_t = ServerRuntime::MultiThread)]
     server_runtime: ServerRuntime,
+    /// Also count instructions per task, client and server, with callgrind
+    /// (needs valgrind; adds a few minutes).
+    #[arg(long)]
+    instructions: bool,
     /// Write every raw figure, the machine, placement and versions as JSON.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
@@ -173,6 +180,9 @@ impl CompareCmd {
     /// Pins this process first, then measures on a single-threaded runtime
     /// (the client side stays on the one CPU it was given).
     pub fn run_blocking(mut self) -> Result<(), Failure> {
+        if self.instructions {
+            instructions::check_available()?;
+        }
         let placement = Placement::apply(self.pin).map_err(Failure::usage)?;
         if self.backends.is_empty() {
             self.backends = Backend::available();
@@ -206,7 +216,7 @@ impl CompareCmd {
             Plan::full()
         };
         let mut workspace = Workspace::create().map_err(Failure::runtime)?;
-        let steps_per_round = self.sizes.len() * (1 + IN_FLIGHT.len()) + 2;
+        let steps_per_round = self.sizes.len() * (2 + IN_FLIGHT.len()) + 2;
         let progress =
             ProgressBar::new((self.rounds as usize * self.backends.len() * steps_per_round) as u64);
         progress.set_style(
@@ -230,6 +240,31 @@ impl CompareCmd {
                 figures.push(figures_of_round);
             }
         }
+        let mut counts = Vec::new();
+        if self.instructions {
+            for &backend in &self.backends {
+                for &size in &self.sizes {
+                    progress.set_message(format!(
+                        "instructions: {backend} {}",
+                        report::size_label(size)
+                    ));
+                    let counted = instructions::count(
+                        backend,
+                        size,
+                        self.crc32,
+                        placement.server_cpu,
+                        &mut workspace,
+                    )
+                    .map_err(|e| {
+                        Failure::runtime(format!(
+                            "{backend}, counting instructions at {}: {e}",
+                            report::size_label(size)
+                        ))
+                    })?;
+                    counts.push(counted);
+                }
+            }
+        }
         progress.finish_and_clear();
         Ok(Report::new(
             self.command_line(),
@@ -239,7 +274,8 @@ impl CompareCmd {
             self.sizes.clone(),
             self.crc32,
             rounds,
-        ))
+        )
+        .with_instructions(counts))
     }
 
     /// One round of every workload against a fresh server for `backend`.
@@ -253,14 +289,15 @@ impl CompareCmd {
         round: u32,
     ) -> Result<RoundFigures, String> {
         let largest = *self.sizes.last().expect("at least one size");
-        let server = ServerChild::spawn(
+        let server = ServerChild::spawn(ServerLaunch {
             backend,
             endpoint,
-            &self.sizes,
-            self.crc32,
-            placement.server_cpu,
-            self.server_runtime,
-        )?;
+            sizes: &self.sizes,
+            crc32: self.crc32,
+            cpu: placement.server_cpu,
+            runtime: self.server_runtime,
+            wrapper: Vec::new(),
+        })?;
         let mut probe = ProcessProbe::new(server.pid());
         let client = ProcessProbe::new(std::process::id());
         let driver = Driver::new(backend, &server.endpoint, self.crc32, largest);
@@ -276,8 +313,8 @@ impl CompareCmd {
         drop(held);
         progress.inc(1);
 
-        step("connection setup".to_owned());
-        let connect = driver.connections(plan).await?;
+        step("a new connection per task".to_owned());
+        let fresh = driver.fresh_connections(plan).await?;
         progress.inc(1);
 
         let window = Duration::from_millis(plan.throughput_window_ms);
@@ -292,35 +329,45 @@ impl CompareCmd {
                     "{} x{in_flight} throughput",
                     report::size_label(size)
                 ));
-                // Connected and warm before the server's clocks are read, and
-                // still connected when they are read again (a raw-std
-                // server's thread and its CPU time end with the connection).
-                let mut session = driver.open().await?;
-                session.warm_up(size, 2).await?;
-                let before = (
-                    probe.cpu_time_ns(),
-                    probe.minor_faults(),
-                    client.minor_faults(),
+                let run = pipelined(
+                    &driver,
+                    &mut probe,
+                    &client,
+                    size,
+                    in_flight,
+                    window,
+                    Results::Plain,
                 );
-                let run = session.pipelined(size, in_flight, window).await?;
-                let cpu = probe.cpu_time_ns().saturating_sub(before.0);
-                let faults = (
-                    faults_since(before.1, probe.minor_faults()),
-                    faults_since(before.2, client.minor_faults()),
-                );
-                drop(session);
-                throughput.push(ThroughputFigures::new(in_flight, size, run, cpu, faults));
+                throughput.push(run.await?);
                 progress.inc(1);
             }
-            sizes.push(SizeFigures::new(size, &latency, throughput));
+            let views = if backend.is_floor() {
+                None
+            } else {
+                step(format!("{} views", report::size_label(size)));
+                let run = pipelined(
+                    &driver,
+                    &mut probe,
+                    &client,
+                    size,
+                    REFERENCE_IN_FLIGHT,
+                    window,
+                    Results::Views,
+                );
+                Some(run.await?)
+            };
+            progress.inc(1);
+            sizes.push(SizeFigures::new(size, &latency, throughput, views));
         }
         drop(server);
         Ok(RoundFigures {
             round,
             rss_idle_bytes: rss_idle,
             rss_held_peak_bytes: rss_peak_held,
-            connect_p50_ns: connect.value_at_quantile(0.5),
-            connect_p99_ns: connect.value_at_quantile(0.99),
+            connect_p50_ns: fresh.latencies.value_at_quantile(0.5),
+            connect_p99_ns: fresh.latencies.value_at_quantile(0.99),
+            fresh_connection_tasks_per_second: fresh.tasks as f64
+                / fresh.elapsed.as_secs_f64().max(f64::EPSILON),
             sizes,
         })
     }
@@ -328,6 +375,38 @@ impl CompareCmd {
     fn command_line(&self) -> String {
         std::env::args().collect::<Vec<_>>().join(" ")
     }
+}
+
+/// One pipelined run on a fresh, warm connection, with the server's CPU
+/// time and both sides' page faults over it.
+async fn pipelined(
+    driver: &Driver,
+    server: &mut ProcessProbe,
+    client: &ProcessProbe,
+    size: usize,
+    in_flight: usize,
+    window: Duration,
+    results: Results,
+) -> Result<ThroughputFigures, String> {
+    // Connected and warm before the server's clocks are read, and still
+    // connected when they are read again (a raw-std server's thread and its
+    // CPU time end with the connection).
+    let mut session = driver.open().await?;
+    session.warm_up(size, 2).await?;
+    let before = (
+        server.cpu_time_ns(),
+        server.minor_faults(),
+        client.minor_faults(),
+    );
+    let until = Until::Deadline(std::time::Instant::now() + window);
+    let run = session.pipelined(size, in_flight, until, results).await?;
+    let cpu = server.cpu_time_ns().saturating_sub(before.0);
+    let faults = (
+        faults_since(before.1, server.minor_faults()),
+        faults_since(before.2, client.minor_faults()),
+    );
+    drop(session);
+    Ok(ThroughputFigures::new(in_flight, size, run, cpu, faults))
 }
 
 fn faults_since(before: Option<u64>, after: Option<u64>) -> Option<u64> {

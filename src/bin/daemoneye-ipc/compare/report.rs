@@ -20,11 +20,95 @@ pub const SCHEMA_VERSION: u32 = 1;
 const LATENCY_BAR: f64 = 1.05;
 const THROUGHPUT_BAR: f64 = 1.00;
 const MEMORY_BAR: f64 = 1.10;
-/// The issue's goals against the floors.
-const SMALL_LATENCY_GOAL: f64 = 1.20;
-const PIPELINED_THROUGHPUT_GOAL: f64 = 0.90;
 /// The in-flight level the one-number throughput comparisons use.
-const REFERENCE_IN_FLIGHT: usize = 8;
+pub const REFERENCE_IN_FLIGHT: usize = 8;
+
+/// A goal against a floor: `backend`'s `figure` at `size`, over the
+/// floor's, must reach `bar` (at least, or at most).
+struct FloorGoal {
+    /// Which product backends it applies to (none: every one).
+    backends: &'static [TransportKind],
+    floor: &'static str,
+    size: usize,
+    figure: Figure,
+    bar: f64,
+    /// Where the goal was set.
+    source: &'static str,
+}
+
+/// A figure a goal is about.
+#[derive(Clone, Copy)]
+enum Figure {
+    LatencyP50,
+    TasksPerSecond { in_flight: usize },
+    ViewTasksPerSecond,
+}
+
+impl Figure {
+    fn higher_is_better(self) -> bool {
+        !matches!(self, Figure::LatencyP50)
+    }
+
+    fn describe(self, size: usize) -> String {
+        let size = size_label(size);
+        match self {
+            Figure::LatencyP50 => format!("{size} round trip p50"),
+            Figure::TasksPerSecond { in_flight } => {
+                format!("{size} pipelined, {in_flight} in flight")
+            }
+            Figure::ViewTasksPerSecond => {
+                format!("{size} pipelined, {REFERENCE_IN_FLIGHT} in flight, results as views")
+            }
+        }
+    }
+}
+
+/// The goals the issues set against the floors (figures from one run, not
+/// timed tests).
+const FLOOR_GOALS: [FloorGoal; 5] = [
+    FloorGoal {
+        backends: &[],
+        floor: "raw-std",
+        size: 64,
+        figure: Figure::TasksPerSecond { in_flight: 32 },
+        bar: 2.0,
+        source: "#12",
+    },
+    FloorGoal {
+        backends: &[TransportKind::Interprocess, TransportKind::Tokio],
+        floor: "raw-tokio",
+        size: 64,
+        figure: Figure::LatencyP50,
+        bar: 1.15,
+        source: "#12",
+    },
+    FloorGoal {
+        backends: &[],
+        floor: "raw-tokio",
+        size: 64 * 1024,
+        figure: Figure::TasksPerSecond {
+            in_flight: REFERENCE_IN_FLIGHT,
+        },
+        bar: 0.32,
+        source: "#12",
+    },
+    FloorGoal {
+        backends: &[],
+        floor: "raw-tokio",
+        size: 64 * 1024,
+        figure: Figure::ViewTasksPerSecond,
+        bar: 0.32,
+        source: "#12",
+    },
+    FloorGoal {
+        backends: &[TransportKind::Legacy],
+        floor: "raw-std",
+        size: 64,
+        figure: Figure::LatencyP50,
+        bar: 1.3,
+        source: "#9",
+    },
+];
 
 // ---- raw figures -------------------------------------------------------------
 
@@ -40,6 +124,9 @@ pub struct RoundFigures {
     /// Connect plus first 64-byte round trip.
     pub connect_p50_ns: u64,
     pub connect_p99_ns: u64,
+    /// Tasks per second with a new connection for each (connect, one 64 B
+    /// round trip, close), one after another.
+    pub fresh_connection_tasks_per_second: f64,
     pub sizes: Vec<SizeFigures>,
 }
 
@@ -53,6 +140,9 @@ pub struct SizeFigures {
     pub latency_p999_ns: Option<u64>,
     pub latency_samples: u64,
     pub throughput: Vec<ThroughputFigures>,
+    /// Product backends: the pipelined run at 8 in flight again, the
+    /// results decoded as views (`IpcClient::send_view`).
+    pub view_throughput: Option<ThroughputFigures>,
 }
 
 impl SizeFigures {
@@ -60,6 +150,7 @@ impl SizeFigures {
         size: usize,
         latency: &Latencies,
         throughput: Vec<ThroughputFigures>,
+        view_throughput: Option<ThroughputFigures>,
     ) -> SizeFigures {
         SizeFigures {
             size,
@@ -68,6 +159,7 @@ impl SizeFigures {
             latency_p999_ns: quantile(latency, 0.999),
             latency_samples: latency.len(),
             throughput,
+            view_throughput,
         }
     }
 }
@@ -152,6 +244,7 @@ pub struct BackendSummary {
     pub rss_held_peak_bytes: Stat,
     pub connect_p50_ns: Stat,
     pub connect_p99_ns: Stat,
+    pub fresh_connection_tasks_per_second: Stat,
     pub sizes: Vec<SizeSummary>,
 }
 
@@ -163,6 +256,8 @@ pub struct SizeSummary {
     pub latency_p99_ns: Option<Stat>,
     pub latency_p999_ns: Option<Stat>,
     pub throughput: Vec<ThroughputSummary>,
+    /// Product backends: tasks per second at 8 in flight, results as views.
+    pub view_tasks_per_second: Option<Stat>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -219,6 +314,16 @@ fn summarize(rounds: &[RoundFigures]) -> BackendSummary {
                         }
                     })
                     .collect(),
+                view_tasks_per_second: rounds
+                    .iter()
+                    .map(|r| {
+                        r.sizes[i]
+                            .view_throughput
+                            .as_ref()
+                            .map(|t| t.tasks_per_second)
+                    })
+                    .collect::<Option<Vec<f64>>>()
+                    .map(Stat::of),
             }
         })
         .collect();
@@ -227,6 +332,7 @@ fn summarize(rounds: &[RoundFigures]) -> BackendSummary {
         rss_held_peak_bytes: stat(&|r| r.rss_held_peak_bytes as f64),
         connect_p50_ns: stat(&|r| r.connect_p50_ns as f64),
         connect_p99_ns: stat(&|r| r.connect_p99_ns as f64),
+        fresh_connection_tasks_per_second: stat(&|r| r.fresh_connection_tasks_per_second),
         sizes,
     }
 }
@@ -372,6 +478,45 @@ impl BackendReport {
             .position(|t| t.in_flight == in_flight)?;
         Some(self.per_round(|r| r.sizes[i].throughput[j].tasks_per_second))
     }
+
+    /// Tasks per second per round at `size`, results as views.
+    fn view_tasks_per_second(&self, size: usize) -> Option<Vec<f64>> {
+        let i = self.rounds[0].sizes.iter().position(|s| s.size == size)?;
+        self.rounds
+            .iter()
+            .map(|r| {
+                r.sizes[i]
+                    .view_throughput
+                    .as_ref()
+                    .map(|t| t.tasks_per_second)
+            })
+            .collect()
+    }
+
+    /// `figure` per round at `size`.
+    fn figure(&self, figure: Figure, size: usize) -> Option<Vec<f64>> {
+        match figure {
+            Figure::LatencyP50 => self.latency(size),
+            Figure::TasksPerSecond { in_flight } => self.tasks_per_second(size, in_flight),
+            // A floor has no views: it is compared by its plain figure.
+            Figure::ViewTasksPerSecond if self.kind == "floor" => {
+                self.tasks_per_second(size, REFERENCE_IN_FLIGHT)
+            }
+            Figure::ViewTasksPerSecond => self.view_tasks_per_second(size),
+        }
+    }
+}
+
+/// Instructions per task, counted by callgrind (`compare --instructions`).
+#[derive(Debug, Clone, Serialize)]
+pub struct InstructionCounts {
+    pub backend: &'static str,
+    pub size: usize,
+    pub in_flight: usize,
+    /// The client process (this binary's `bench-client`), per task.
+    pub client_per_task: f64,
+    /// The server process, per task.
+    pub server_per_task: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -401,6 +546,8 @@ pub struct Report {
     pub comparisons: Vec<Comparison>,
     pub overheads: Vec<Overhead>,
     pub goals: Vec<Goal>,
+    /// Empty unless run with `--instructions`.
+    pub instructions: Vec<InstructionCounts>,
 }
 
 impl Report {
@@ -459,9 +606,16 @@ impl Report {
             comparisons: Vec::new(),
             overheads: Vec::new(),
             goals: Vec::new(),
+            instructions: Vec::new(),
         };
         report.judge();
         report
+    }
+
+    /// Adds the instruction counts of `compare --instructions`.
+    pub fn with_instructions(mut self, counts: Vec<InstructionCounts>) -> Report {
+        self.instructions = counts;
+        self
     }
 
     fn backend(&self, name: &str) -> Option<&BackendReport> {
@@ -531,49 +685,36 @@ impl Report {
                 outcome: worst(&all),
             });
         }
-        for product in &products {
-            goals.extend(self.small_latency_goal(product));
-            goals.extend(self.pipelined_throughput_goal(product));
+        for goal in &FLOOR_GOALS {
+            for product in &products {
+                goals.extend(self.floor_goal(goal, product));
+            }
         }
         self.comparisons = comparisons;
         self.overheads = overheads;
         self.goals = goals;
     }
 
-    /// The smallest size's p50 round trip against raw-std's.
-    fn small_latency_goal(&self, product: &BackendReport) -> Option<Goal> {
-        let size = *self.sizes.first()?;
+    /// `goal` for `product`, if it applies and both figures were measured.
+    fn floor_goal(&self, goal: &FloorGoal, product: &BackendReport) -> Option<Goal> {
+        if !goal.backends.is_empty() && !goal.backends.iter().any(|k| k.name() == product.name) {
+            return None;
+        }
+        let higher_is_better = goal.figure.higher_is_better();
         let ratio = Ratio::paired(
-            &product.latency(size)?,
-            &self.backend("raw-std")?.latency(size)?,
-            SMALL_LATENCY_GOAL,
-            false,
+            &product.figure(goal.figure, goal.size)?,
+            &self.backend(goal.floor)?.figure(goal.figure, goal.size)?,
+            goal.bar,
+            higher_is_better,
         );
+        let sign = if higher_is_better { ">=" } else { "<=" };
         Some(Goal {
             goal: format!(
-                "{} framed round trip within {SMALL_LATENCY_GOAL}x of raw-std (p50, same placement)",
-                size_label(size)
-            ),
-            backend: product.name,
-            figure: format!("{:.2}x", ratio.ratio),
-            outcome: ratio.outcome,
-        })
-    }
-
-    /// 64 KiB tasks per second, pipelined, against raw-tokio's.
-    fn pipelined_throughput_goal(&self, product: &BackendReport) -> Option<Goal> {
-        let size = 64 * 1024;
-        let ratio = Ratio::paired(
-            &product.tasks_per_second(size, REFERENCE_IN_FLIGHT)?,
-            &self
-                .backend("raw-tokio")?
-                .tasks_per_second(size, REFERENCE_IN_FLIGHT)?,
-            PIPELINED_THROUGHPUT_GOAL,
-            true,
-        );
-        Some(Goal {
-            goal: format!(
-                "64 KiB pipelined throughput ({REFERENCE_IN_FLIGHT} in flight) within {PIPELINED_THROUGHPUT_GOAL}x of raw-tokio"
+                "{}: {sign} {}x {} ({})",
+                goal.figure.describe(goal.size),
+                goal.bar,
+                goal.floor,
+                goal.source
             ),
             backend: product.name,
             figure: format!("{:.2}x", ratio.ratio),
@@ -698,15 +839,51 @@ impl Report {
         }
         out.push_str(&table.render(style));
 
+        let products: Vec<&BackendReport> = self
+            .backends
+            .iter()
+            .filter(|b| b.kind == "product")
+            .collect();
+        if !products.is_empty() {
+            heading(
+                &mut out,
+                &format!(
+                    "Results as views (IpcClient::send_view), {REFERENCE_IN_FLIGHT} in flight: tasks/s (with send, as above)"
+                ),
+            );
+            let mut table = Table::new(
+                std::iter::once("size".to_owned())
+                    .chain(products.iter().map(|b| b.name.to_owned())),
+            );
+            for (i, size) in self.sizes.iter().enumerate() {
+                table.row(
+                    std::iter::once(size_label(*size)).chain(products.iter().map(|b| {
+                        let s = &b.summary.sizes[i];
+                        match s.view_tasks_per_second {
+                            Some(views) => format!(
+                                "{} ({:.0})",
+                                count_with_spread(views),
+                                s.throughput_at(REFERENCE_IN_FLIGHT).tasks_per_second.median
+                            ),
+                            None => "-".to_owned(),
+                        }
+                    })),
+                );
+            }
+            out.push_str(&table.render(style));
+        }
+
         heading(
             &mut out,
-            "Connection setup (connect + first 64 B round trip, microseconds) and server resources",
+            "A new connection per task (connect + one 64 B round trip + close), and server resources",
         );
         let mut table = Table::new(
             [
                 "backend",
-                "connect p50",
-                "connect p99",
+                "per task p50 (us)",
+                "p99 (us)",
+                "tasks/s",
+                "reusing one connection (64 B, 1 in flight)",
                 "RSS idle",
                 "RSS peak, 16 clients",
                 "server CPU per task (8 in flight)",
@@ -731,16 +908,63 @@ impl Report {
                     )
                 })
                 .collect();
+            let fresh = b.summary.fresh_connection_tasks_per_second;
+            let reused =
+                b.summary
+                    .sizes
+                    .iter()
+                    .find(|s| s.size == 64)
+                    .map_or("-".to_owned(), |s| {
+                        let reused = s.throughput_at(1).tasks_per_second.median;
+                        format!("{reused:.0} tasks/s ({:.1}x)", reused / fresh.median)
+                    });
             table.row([
                 b.name.to_owned(),
                 micros_with_spread(b.summary.connect_p50_ns),
                 micros(b.summary.connect_p99_ns.median),
+                count_with_spread(fresh),
+                reused,
                 mib_with_spread(b.summary.rss_idle_bytes),
                 mib_with_spread(b.summary.rss_held_peak_bytes),
                 cpu.join(", "),
             ]);
         }
         out.push_str(&table.render(style));
+
+        heading(
+            &mut out,
+            &format!(
+                "Instructions per task (callgrind, {REFERENCE_IN_FLIGHT} in flight): client / server"
+            ),
+        );
+        if self.instructions.is_empty() {
+            let _ = writeln!(
+                out,
+                "Not measured: run with --instructions (needs valgrind) to count them."
+            );
+        } else {
+            let mut table = Table::new(
+                std::iter::once("size".to_owned())
+                    .chain(self.backends.iter().map(|b| b.name.to_owned())),
+            );
+            for size in &self.sizes {
+                table.row(
+                    std::iter::once(size_label(*size)).chain(self.backends.iter().map(|b| {
+                        self.instructions
+                            .iter()
+                            .find(|c| c.backend == b.name && c.size == *size)
+                            .map_or("-".to_owned(), |c| {
+                                format!(
+                                    "{} / {}",
+                                    instruction_count(c.client_per_task),
+                                    instruction_count(c.server_per_task)
+                                )
+                            })
+                    })),
+                );
+            }
+            out.push_str(&table.render(style));
+        }
 
         for comparison in &self.comparisons {
             heading(
@@ -1032,6 +1256,15 @@ pub fn size_label(size: usize) -> String {
         format!("{} KiB", size >> 10)
     } else {
         format!("{size} B")
+    }
+}
+
+/// An instruction count, in thousands or millions.
+fn instruction_count(count: f64) -> String {
+    if count >= 1e6 {
+        format!("{:.2}M", count / 1e6)
+    } else {
+        format!("{:.1}k", count / 1e3)
     }
 }
 

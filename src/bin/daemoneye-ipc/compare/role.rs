@@ -243,29 +243,50 @@ pub struct ServerChild {
     pid: u32,
 }
 
-/// How long a server may take to start.
-const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a server may take to start (under callgrind, a while).
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What server to start, and how.
+pub struct ServerLaunch<'a> {
+    pub backend: Backend,
+    pub endpoint: String,
+    /// Result sizes to prepare.
+    pub sizes: &'a [usize],
+    pub crc32: Crc32Variant,
+    /// Pin it to this CPU.
+    pub cpu: Option<usize>,
+    pub runtime: ServerRuntime,
+    /// A command to run it under (a profiler), program first; empty for
+    /// none, or for `DAEMONEYE_COMPARE_RUNNER` if set.
+    pub wrapper: Vec<String>,
+}
 
 impl ServerChild {
-    pub fn spawn(
-        backend: Backend,
-        endpoint: String,
-        sizes: &[usize],
-        crc32: Crc32Variant,
-        cpu: Option<usize>,
-        runtime: ServerRuntime,
-    ) -> Result<ServerChild, String> {
+    pub fn spawn(launch: ServerLaunch<'_>) -> Result<ServerChild, String> {
+        let ServerLaunch {
+            backend,
+            endpoint,
+            sizes,
+            crc32,
+            cpu,
+            runtime,
+            wrapper,
+        } = launch;
         let exe =
             std::env::current_exe().map_err(|e| format!("cannot find this executable: {e}"))?;
         let sizes: Vec<String> = sizes.iter().map(ToString::to_string).collect();
         // Under user-mode emulation (qemu-user without binfmt_misc), or a
         // profiler, the servers must be started through the same wrapper.
         let runner = std::env::var("DAEMONEYE_COMPARE_RUNNER").unwrap_or_default();
-        let mut runner = runner.split_whitespace();
-        let mut command = match runner.next() {
-            Some(wrapper) => {
-                let mut command = Command::new(wrapper);
-                command.args(runner).arg(exe);
+        let wrapper = if wrapper.is_empty() {
+            runner.split_whitespace().map(str::to_owned).collect()
+        } else {
+            wrapper
+        };
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut command = Command::new(program);
+                command.args(args).arg(exe);
                 command
             }
             None => Command::new(exe),
@@ -375,6 +396,17 @@ impl Workspace {
             "cannot find a free directory name in {}",
             base.display()
         ))
+    }
+
+    /// A number not handed out before, for names in the workspace.
+    pub fn next_run(&mut self) -> u32 {
+        self.run += 1;
+        self.run
+    }
+
+    /// A file in the workspace (removed with it).
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
     }
 
     /// A fresh endpoint name for the next server.

@@ -75,6 +75,56 @@ pub struct Throughput {
     pub elapsed: Duration,
 }
 
+/// How a product client decodes its results.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Results {
+    /// `IpcClient::send`: the plain generated types.
+    Plain,
+    /// `IpcClient::send_view`: text fields as slices of the frame.
+    Views,
+}
+
+/// When a pipelined run stops sending.
+#[derive(Debug, Clone, Copy)]
+pub enum Until {
+    /// Once this instant has passed (a timed run).
+    Deadline(Instant),
+    /// Once this many tasks have been sent (a counted run, for instruction
+    /// counts).
+    Tasks(u64),
+}
+
+/// Hands out permission to send one more task, shared by a run's senders.
+struct Issuer {
+    until: Until,
+    issued: AtomicU64,
+}
+
+impl Issuer {
+    fn new(until: Until) -> Issuer {
+        Issuer {
+            until,
+            issued: AtomicU64::new(0),
+        }
+    }
+
+    fn another(&self) -> bool {
+        match self.until {
+            Until::Deadline(deadline) => Instant::now() < deadline,
+            Until::Tasks(total) => self.issued.fetch_add(1, Relaxed) < total,
+        }
+    }
+}
+
+/// A fresh connection for every task.
+#[derive(Debug, Clone)]
+pub struct FreshConnections {
+    /// Connect plus one 64-byte round trip, each.
+    pub latencies: Latencies,
+    pub tasks: u64,
+    pub elapsed: Duration,
+}
+
 /// How to reach one server child.
 pub enum Driver {
     Product(IpcConfig),
@@ -137,16 +187,23 @@ impl Driver {
         Ok(latencies)
     }
 
-    /// Connect, then one 64-byte round trip, `plan.connects` times.
-    pub async fn connections(&self, plan: &Plan) -> Result<Latencies, String> {
+    /// A new connection for every task, as some existing clients work:
+    /// connect, one 64-byte round trip, close; `plan.connects` times.
+    pub async fn fresh_connections(&self, plan: &Plan) -> Result<FreshConnections, String> {
         let mut latencies = histogram();
+        let started = Instant::now();
         for i in 0..plan.connects {
-            let started = Instant::now();
+            let connecting = Instant::now();
             let mut session = self.open().await?;
             session.round_trip(64, i).await?;
-            record(&mut latencies, started);
+            record(&mut latencies, connecting);
+            drop(session);
         }
-        Ok(latencies)
+        Ok(FreshConnections {
+            latencies,
+            tasks: plan.connects,
+            elapsed: started.elapsed(),
+        })
     }
 
     /// `count` connections, each having made one round trip of `size`, held
@@ -223,15 +280,18 @@ impl Session {
         Ok(())
     }
 
-    /// `in_flight` tasks outstanding at all times for `window`.
+    /// `in_flight` tasks outstanding at all times until `until`; a product
+    /// client decodes the results as `results` says (the floors do not
+    /// decode).
     pub async fn pipelined(
         &mut self,
         size: usize,
         in_flight: usize,
-        window: Duration,
+        until: Until,
+        results: Results,
     ) -> Result<Throughput, String> {
         let started = Instant::now();
-        let deadline = started + window;
+        let issuer = Arc::new(Issuer::new(until));
         let tasks = match self {
             Session::Product(client) => {
                 // One sender per slot: each has a task outstanding at all times.
@@ -239,11 +299,16 @@ impl Session {
                 let mut senders = tokio::task::JoinSet::new();
                 for slot in 0..in_flight {
                     let (client, completed) = (client.clone(), completed.clone());
+                    let issuer = issuer.clone();
                     senders.spawn(async move {
                         let mut n = 0u64;
-                        while Instant::now() < deadline {
+                        while issuer.another() {
                             n += 1;
-                            client.send(task(format!("{slot}-{n}"), size)).await?;
+                            let task = task(format!("{slot}-{n}"), size);
+                            match results {
+                                Results::Plain => drop(client.send(task).await?),
+                                Results::Views => drop(client.send_view(task).await?),
+                            }
                             completed.fetch_add(1, Relaxed);
                         }
                         Ok::<(), daemoneye_ipc::IpcError>(())
@@ -262,14 +327,16 @@ impl Session {
             Session::RawStd(stream, buf) => {
                 use std::io::Write;
                 let request = floors::request(size);
-                for _ in 0..in_flight {
+                let mut outstanding = 0;
+                while outstanding < in_flight && issuer.another() {
                     stream.write_all(&request).map_err(|e| e.to_string())?;
+                    outstanding += 1;
                 }
-                let (mut outstanding, mut tasks) = (in_flight, 0);
+                let mut tasks = 0;
                 while outstanding > 0 {
                     floors::blocking::read_response(stream, buf).map_err(|e| e.to_string())?;
                     tasks += 1;
-                    if Instant::now() < deadline {
+                    if issuer.another() {
                         stream.write_all(&request).map_err(|e| e.to_string())?;
                     } else {
                         outstanding -= 1;
@@ -280,19 +347,21 @@ impl Session {
             Session::RawTokio(stream, buf) => {
                 use tokio::io::AsyncWriteExt;
                 let request = floors::request(size);
-                for _ in 0..in_flight {
+                let mut outstanding = 0;
+                while outstanding < in_flight && issuer.another() {
                     stream
                         .write_all(&request)
                         .await
                         .map_err(|e| e.to_string())?;
+                    outstanding += 1;
                 }
-                let (mut outstanding, mut tasks) = (in_flight, 0);
+                let mut tasks = 0;
                 while outstanding > 0 {
                     floors::read_response_tokio(stream, buf)
                         .await
                         .map_err(|e| e.to_string())?;
                     tasks += 1;
-                    if Instant::now() < deadline {
+                    if issuer.another() {
                         stream
                             .write_all(&request)
                             .await
