@@ -3,8 +3,10 @@
 # each, from a seed corpus made of the golden frames; fails on any crash or
 # broken invariant.
 #
-#   ci/fuzz.sh [SECONDS]          default 60
+#   ci/fuzz.sh [SECONDS [TARGET...]]     default 60 s, every target
 #
+# Inputs that once broke a target are kept under fuzz/regressions/TARGET/
+# and run first, every time.
 # Needs a nightly toolchain and cargo-fuzz; installs both if missing
 # (rustup toolchain install nightly --profile minimal; cargo install
 # cargo-fuzz --locked). The corpus grows under target/fuzz-corpus/ and is
@@ -14,6 +16,9 @@ cd "$(dirname "$0")/.."
 
 seconds=${1:-60}
 targets=(frame_stream typed_messages config_loader server_policy client_policy)
+if [ $# -gt 1 ]; then
+    targets=("${@:2}")
+fi
 
 step() { printf '\n==> %s\n' "$*"; }
 
@@ -31,7 +36,11 @@ python3 ci/fuzz-seeds.py "$corpus"
 
 for target in "${targets[@]}"; do
     step "fuzz $target for ${seconds}s"
-    cargo +nightly fuzz run "$target" "$corpus/$target" -- \
+    regressions=()
+    if [ -d "fuzz/regressions/$target" ]; then
+        regressions=("fuzz/regressions/$target")
+    fi
+    cargo +nightly fuzz run "$target" "$corpus/$target" "${regressions[@]}" -- \
         -max_total_time="$seconds" -rss_limit_mb=2048 -print_final_stats=1
     echo "$target: $(find "$corpus/$target" -type f | wc -l) inputs in the corpus"
 done
