@@ -502,11 +502,9 @@ pub(crate) struct Link {
     dropped: AtomicBool,
 }
 
-/// How callers get queued frames written. With either driver a caller
-/// first writes its frame itself, without waiting (with the core's lock
-/// held, so writes never interleave), and wakes the driver only for what the
-/// socket did not take: a task costs no hand-off to the driver on its way
-/// out.
+/// How callers get queued frames written: by the driver, or (see
+/// [`Link::flush`]) by the caller itself, without waiting, with the core's
+/// lock held so that writes never interleave.
 enum IoWake {
     /// The async driver's task; `notify` wakes it. The connection is here,
     /// not in the task, so that callers can write to it; the task takes it
@@ -552,9 +550,17 @@ impl Link {
         }
     }
 
-    /// Gets what a caller just queued written: as much as the socket takes
-    /// at once by the caller itself, the rest by waking the driver.
+    /// Gets what a caller just queued written. The only task in flight is
+    /// written by its caller, at once (as much as the socket takes): a
+    /// round trip costs no hand-off to the driver. With others in flight the
+    /// driver is woken instead, and writes every frame queued by then with
+    /// one system call: pipelined callers share writes rather than making
+    /// one each.
     fn flush(&self, core: &mut ClientConnection<Waiter>) {
+        if core.in_flight() > 1 {
+            self.wake_io();
+            return;
+        }
         match &self.io {
             #[cfg(async_backend)]
             IoWake::Task { connection, .. } => {

@@ -366,7 +366,6 @@ impl<W> ClientConnection<W> {
     }
 
     /// Tasks outstanding (waited for or abandoned).
-    #[cfg(any(test, fuzzing))]
     pub(crate) fn in_flight(&self) -> usize {
         self.pending.len()
     }
