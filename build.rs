@@ -21,11 +21,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let mut descriptors = protox::compile(["proto/common.proto", "proto/ipc.proto"], ["proto"])?;
     descriptors.file.push(result_views(&descriptors));
-    prost_build::Config::new()
+    let mut config = prost_build::Config::new();
+    if std::env::var_os("CARGO_FEATURE_SERDE_MESSAGES").is_some() {
         // The CLI prints results as JSON with the proto's field names.
-        .type_attribute(".daemoneye.ipc", "#[derive(serde::Serialize)]")
-        .bytes([VIEW_PACKAGE_PATH])
-        .compile_fds(descriptors)?;
+        config.type_attribute(".daemoneye.ipc", "#[derive(serde::Serialize)]");
+    }
+    config.bytes([VIEW_PACKAGE_PATH]).compile_fds(descriptors)?;
     Ok(())
 }
 

@@ -4,8 +4,11 @@
 #
 #   ci/test.sh
 #
-# Needs only the Rust toolchain (with rustfmt and clippy), cargo-nextest and
-# python3. Exits non-zero on the first failing step.
+# Needs the Rust toolchain (with rustfmt and clippy), cargo-nextest and
+# python3; installs what else it uses when missing: the declared minimum
+# Rust (rustup toolchain install 1.88 --profile minimal) and cargo-deny
+# (cargo install cargo-deny --locked). Exits non-zero on the first failing
+# step.
 #
 # Run as root, it runs every test. Run as anyone else, it leaves out the
 # tests that need root (tests/as_root.rs: they run processes as another
@@ -14,6 +17,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 step() { printf '\n==> %s\n' "$*"; }
+
+# The rust-version Cargo.toml declares.
+msrv=$(sed -n 's/^rust-version = "\(.*\)"/\1/p' Cargo.toml)
 
 # The tests that need root, as a nextest filter.
 root_only='binary(as_root)'
@@ -85,6 +91,48 @@ if grep -qE '^(interprocess|mio) ' <<<"$(deps_of ipc-legacy)"; then
     echo "ipc-legacy alone must depend on neither interprocess nor mio (tokio's sockets)" >&2
     exit 1
 fi
+
+step "the default build (what operators install) holds no benchmark crate"
+default_tree=$(cargo tree --locked -e normal --prefix none)
+if grep -E '^(plotters|indicatif|hdrhistogram|criterion) ' <<<"$default_tree"; then
+    echo "the default features must not pull in the benchmark crates above (they belong to 'bench')" >&2
+    exit 1
+fi
+
+step "a library user with default-features = false gets none of the CLI's crates"
+library_tree=$(cargo tree --locked --no-default-features --features ipc-interprocess -e normal --prefix none)
+if grep -E '^(clap|clap_complete|clap_mangen|serde_json|sysinfo|sha2|globset|tracing-subscriber|plotters|indicatif|hdrhistogram) ' <<<"$library_tree"; then
+    echo "the library alone must not pull in the crates above (they belong to 'cli' or 'bench')" >&2
+    exit 1
+fi
+# ...nor serde derives on the generated messages (feature serde-messages,
+# which cli turns on): the build script's output for that build says.
+out_dir=$(cargo check --locked --lib --no-default-features --features ipc-interprocess \
+    --message-format json | python3 -c '
+import json, sys
+for line in sys.stdin:
+    message = json.loads(line)
+    if message.get("reason") == "build-script-executed" and "daemoneye-ipc" in message["package_id"]:
+        print(message["out_dir"])')
+if [[ ! -f "$out_dir/daemoneye.ipc.rs" ]] || grep -q 'serde::Serialize' "$out_dir/daemoneye.ipc.rs"; then
+    echo "the messages generated without 'cli' must not derive serde::Serialize ($out_dir)" >&2
+    exit 1
+fi
+
+step "dependency policy: cargo deny check licenses bans sources"
+if ! command -v cargo-deny >/dev/null 2>&1; then
+    step "cargo install cargo-deny --locked"
+    cargo install cargo-deny --locked
+fi
+cargo deny --locked check licenses bans sources
+echo "NOTE: advisories are not checked here: 'cargo deny check advisories' needs the RustSec" \
+    "database, which this machine cannot fetch; run it where it can (see README, Dependency policy)."
+
+step "the declared minimum Rust ($msrv) builds every target and feature"
+if ! rustup toolchain list | grep -q "^$msrv"; then
+    rustup toolchain install "$msrv" --profile minimal
+fi
+cargo "+$msrv" check --locked --all-targets --all-features
 
 step "feature matrix: no backend feature fails with a message naming the features"
 if cargo check --locked --no-default-features --message-format short >target/no-backend.log 2>&1; then

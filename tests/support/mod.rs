@@ -435,6 +435,25 @@ impl ServerProcess {
             .collect()
     }
 
+    /// The counters line of a server started with `--log-format json`, on
+    /// SIGUSR1: one JSON object with every counter a field.
+    #[cfg(unix)]
+    pub fn counters_json(&mut self) -> serde_json::Value {
+        use rustix::process::{Pid, Signal, kill_process};
+        const MARKER: &str = r#""message":"counters""#;
+        let before = self.logs().matches(MARKER).count();
+        let pid = Pid::from_raw(self.child.id() as i32).unwrap();
+        kill_process(pid, Signal::USR1).unwrap();
+        self.wait_for_log(MARKER, before + 1);
+        let logs = self.logs();
+        let line = logs
+            .lines()
+            .filter(|line| line.contains(MARKER))
+            .nth(before)
+            .expect("the counters line just waited for");
+        serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"))
+    }
+
     /// SIGKILL: no cleanup runs.
     pub fn kill(&mut self) {
         self.child.kill().unwrap();

@@ -4,8 +4,10 @@
 //! handler), 2 bad usage or configuration.
 
 mod collector;
+#[cfg(feature = "bench")]
 mod compare;
 mod config_cmd;
+mod manuals;
 mod ping;
 mod send;
 mod serve;
@@ -13,7 +15,7 @@ mod serve;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use daemoneye_ipc::config::{ConfigLoader, ConfigOverrides, LoadedConfig};
 use daemoneye_ipc::{Crc32Variant, IpcError, TransportKind};
 
@@ -49,13 +51,24 @@ enum Command {
     Config(config_cmd::ConfigCmd),
     /// Measure every compiled-in backend and two floors side by side, and
     /// judge interprocess against the decision record's bar.
+    #[cfg(feature = "bench")]
     Compare(compare::CompareCmd),
+    /// Measure the backends side by side (needs a build with the `bench`
+    /// feature).
+    #[cfg(not(feature = "bench"))]
+    Compare(manuals::NotInThisBuild),
     /// A server for `compare` (started by it, one per backend and round).
+    #[cfg(feature = "bench")]
     #[command(hide = true)]
     BenchServer(compare::BenchServerCmd),
     /// A client for `compare --instructions` (started by it under callgrind).
+    #[cfg(feature = "bench")]
     #[command(hide = true)]
     BenchClient(compare::BenchClientCmd),
+    /// Print a shell completion script (bash, zsh or fish) to stdout.
+    Completions(manuals::CompletionsCmd),
+    /// Print the man page (roff) to stdout.
+    Man(manuals::ManCmd),
 }
 
 /// The settings every subcommand accepts. Flags override `DAEMONEYE_IPC_*`
@@ -146,7 +159,10 @@ impl Failure {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(matches!(cli.command, Command::Serve(_)));
+    match &cli.command {
+        Command::Serve(cmd) => init_logging("info", cmd.log_format),
+        _ => init_logging("warn", LogFormat::Text),
+    }
     let outcome = match cli.command {
         Command::Serve(cmd) => runtime().and_then(|rt| {
             let served = rt.block_on(cmd.run());
@@ -159,9 +175,16 @@ fn main() -> ExitCode {
         Command::Ping(cmd) => runtime().and_then(|rt| rt.block_on(cmd.run())),
         Command::Config(cmd) => cmd.run(),
         // These pin themselves before any runtime thread exists.
+        #[cfg(feature = "bench")]
         Command::Compare(cmd) => cmd.run_blocking(),
+        #[cfg(not(feature = "bench"))]
+        Command::Compare(cmd) => cmd.run("compare", "bench"),
+        #[cfg(feature = "bench")]
         Command::BenchServer(cmd) => cmd.run_blocking(),
+        #[cfg(feature = "bench")]
         Command::BenchClient(cmd) => cmd.run_blocking(),
+        Command::Completions(cmd) => cmd.run(Cli::command()),
+        Command::Man(cmd) => cmd.run(Cli::command()),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
@@ -179,16 +202,34 @@ fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
         .map_err(|err| Failure::runtime(format!("cannot start the async runtime: {err}")))
 }
 
-/// Logs go to stderr, filtered by `RUST_LOG`; the default is `info` for a
-/// server and `warn` for one-shot commands, whose stdout is their answer.
-fn init_logging(server: bool) {
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+enum LogFormat {
+    /// One human-readable line per event.
+    #[default]
+    Text,
+    /// One JSON object per line, with every field (for journald and log
+    /// shippers).
+    Json,
+}
+
+/// Logs go to stderr, filtered by `RUST_LOG` (`default_level` without it):
+/// `info` for a server, `warn` for one-shot commands, whose stdout is
+/// their answer.
+fn init_logging(default_level: &str, format: LogFormat) {
     use std::io::IsTerminal;
-    let default = if server { "info" } else { "warn" };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => logs
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .init(),
+    }
 }

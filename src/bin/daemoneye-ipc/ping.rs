@@ -60,8 +60,11 @@ impl PingCmd {
             let result = client.send(task).await.map_err(failed)?;
             let elapsed = sent.elapsed();
             if !result.success {
+                // The collector's words, escaped (as the logs show them): a
+                // peer's text must not move the cursor or recolour the
+                // operator's terminal.
                 return Err(Failure::runtime(format!(
-                    "ping {}: the collector answered with an error: {}",
+                    "ping {}: the collector answered with an error: {:?}",
                     client.endpoint(),
                     result.error_message.unwrap_or_default()
                 )));

@@ -122,7 +122,52 @@ impl SendCmd {
             Failure::runtime(format!("send to {} failed: {err}", client.endpoint()))
         })?;
         let json = serde_json::to_string_pretty(&result).map_err(Failure::runtime)?;
-        println!("{json}");
+        println!("{}", escape_terminal_controls(&json));
         Ok(())
+    }
+}
+
+/// The collector's text, as printed, can drive no terminal: serde_json
+/// escapes the C0 controls (ESC among them) inside strings, and this escapes
+/// what it leaves, DEL and the C1 controls (U+009B is a CSI on its own), as
+/// `\uXXXX`. They can only occur inside strings, so the JSON means the same.
+fn escape_terminal_controls(json: &str) -> String {
+    let mut escaped = String::with_capacity(json.len());
+    for c in json.chars() {
+        if ('\u{7f}'..='\u{9f}').contains(&c) {
+            escaped.push_str(&format!("\\u{:04x}", u32::from(c)));
+        } else {
+            escaped.push(c);
+        }
+    }
+    escaped
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_characters_from_the_collector_are_printed_escaped() {
+        let result = daemoneye_ipc::DetectionResult {
+            task_id: "t".into(),
+            error_message: Some("red \u{1b}[31m csi \u{9b}2J del \u{7f} \u{e9}".into()),
+            ..Default::default()
+        };
+        let printed = escape_terminal_controls(&serde_json::to_string_pretty(&result).unwrap());
+        assert!(
+            !printed.chars().any(|c| c.is_control() && c != '\n'),
+            "{printed:?}"
+        );
+        assert!(
+            printed.contains(r"red \u001b[31m csi \u009b2J del \u007f é"),
+            "{printed}"
+        );
+        let parsed: serde_json::Value = serde_json::from_str(&printed).unwrap();
+        assert_eq!(
+            parsed["error_message"].as_str(),
+            result.error_message.as_deref(),
+            "the same JSON"
+        );
     }
 }

@@ -8,7 +8,7 @@ use clap::Args;
 use daemoneye_ipc::{IpcServer, ServerStats};
 
 use crate::collector::{Collector, HashPolicy};
-use crate::{ConfigArgs, Failure};
+use crate::{ConfigArgs, Failure, LogFormat};
 
 #[derive(Args)]
 pub struct ServeCmd {
@@ -30,6 +30,10 @@ pub struct ServeCmd {
     /// them.
     #[arg(long, value_name = "N", default_value_t = 1 << 30)]
     max_hash_bytes: u64,
+    /// Log lines as text, or as one JSON object per line (for journald and
+    /// log shippers). Either way on stderr, filtered by RUST_LOG.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
 }
 
 impl ServeCmd {

@@ -1,0 +1,199 @@
+//! What operators and packagers use around the collector: shell completions
+//! and man pages, JSON logs, live counters, the collector's words printed
+//! safely, and a binary that says which feature a missing command needs.
+
+mod support;
+
+use daemoneye_ipc::TransportKind;
+use support::*;
+
+/// The subcommands an operator sees (`--help`); the hidden benchmark
+/// helpers are left out of completions and pages alike.
+const SUBCOMMANDS: [&str; 7] = [
+    "serve",
+    "send",
+    "ping",
+    "config",
+    "compare",
+    "completions",
+    "man",
+];
+
+fn run_ok(args: &[&str]) -> String {
+    let output = daemoneye_ipc().args(args).output().unwrap();
+    assert!(
+        output.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+#[test]
+fn completions_for_every_shell_name_every_subcommand() {
+    for shell in ["bash", "zsh", "fish"] {
+        let script = run_ok(&["completions", shell]);
+        for subcommand in SUBCOMMANDS {
+            assert!(
+                script.contains(subcommand),
+                "{shell} completions lack {subcommand}"
+            );
+        }
+        assert!(
+            !script.contains("bench-server"),
+            "{shell}: hidden commands are not offered"
+        );
+        // Flags of subcommands complete too.
+        assert!(script.contains("log-format"), "{shell}: serve's flags");
+    }
+    let output = daemoneye_ipc()
+        .args(["completions", "tcsh"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        output.status.code(),
+        Some(2),
+        "an unknown shell is a usage error"
+    );
+}
+
+#[test]
+fn the_man_page_lists_every_subcommand_and_each_has_a_page() {
+    let main = run_ok(&["man"]);
+    assert!(
+        main.starts_with(".ie") || main.contains(".TH"),
+        "roff: {main}"
+    );
+    assert!(main.contains(".TH daemoneye-ipc 1"), "{main}");
+    for subcommand in SUBCOMMANDS {
+        // roff escapes the hyphens of the page names.
+        assert!(
+            main.contains(&format!(r"daemoneye\-ipc\-{subcommand}(1)")),
+            "the main page lists {subcommand}"
+        );
+        let page = run_ok(&["man", subcommand]);
+        assert!(
+            page.contains(&format!(".TH daemoneye-ipc-{subcommand} 1")),
+            "{subcommand}'s page: {page}"
+        );
+    }
+    assert!(run_ok(&["man", "serve"]).contains(r"\-\-log\-format"));
+    let unknown = daemoneye_ipc().args(["man", "nosuch"]).output().unwrap();
+    assert_eq!(unknown.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("the pages are: serve"));
+}
+
+each_backend!(serve_logs_one_json_object_per_line_with_the_tracing_fields);
+fn serve_logs_one_json_object_per_line_with_the_tracing_fields(transport: TransportKind) {
+    let endpoint = Endpoint::fresh();
+    let mut server = ServerProcess::start(&endpoint.name, transport, &["--log-format", "json"]);
+    #[cfg(unix)]
+    let counters = server.counters_json();
+    #[cfg(unix)]
+    assert_eq!(counters["transport"], transport.name());
+    #[cfg(unix)]
+    assert!(counters["accepted"].is_u64(), "{counters}");
+    #[cfg(unix)]
+    server.terminate();
+    #[cfg(windows)]
+    server.kill();
+    let logs = server.logs();
+    let lines: Vec<serde_json::Value> = logs
+        .lines()
+        .map(|line| {
+            serde_json::from_str(line)
+                .unwrap_or_else(|error| panic!("not a JSON object ({error}): {line}"))
+        })
+        .collect();
+    let listening = lines
+        .iter()
+        .find(|line| {
+            line["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("listening"))
+        })
+        .unwrap_or_else(|| panic!("a start-up line: {logs}"));
+    assert_eq!(listening["level"], "INFO");
+    assert_eq!(listening["transport"], transport.name(), "{listening}");
+    assert!(listening["timestamp"].is_string(), "{listening}");
+    #[cfg(unix)]
+    assert!(
+        lines.iter().any(|line| line["when"] == "at shutdown"),
+        "the counters at shutdown: {logs}"
+    );
+}
+
+#[test]
+fn an_unknown_log_format_is_a_usage_error_naming_the_choices() {
+    let output = daemoneye_ipc()
+        .args(["serve", "--log-format", "xml"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let message = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        message.contains("text") && message.contains("json"),
+        "{message}"
+    );
+}
+
+/// A collector whose error text carries terminal controls: `ping` prints it
+/// escaped, so that it cannot recolour or move anything on the operator's
+/// terminal.
+#[test]
+fn ping_prints_the_collectors_error_escaped() {
+    use daemoneye_ipc::DetectionResult;
+    use daemoneye_ipc::frame::{FrameSettings, encode_message};
+    use support::raw_server::RawServer;
+
+    let endpoint = Endpoint::fresh();
+    block_on(async {
+        let mut hostile = RawServer::bind(&endpoint).await;
+        let mut ping = daemoneye_ipc();
+        ping.args(["ping", "--endpoint", &endpoint.name]);
+        let ping = tokio::task::spawn_blocking(move || ping.output());
+        let answering = async {
+            let mut connection = hostile.accept().await;
+            let ids = connection.read_tasks(1).await;
+            let mut wire = bytes::BytesMut::new();
+            let result = DetectionResult {
+                task_id: ids[0].clone(),
+                success: false,
+                error_message: Some("bad \u{1b}[2J\u{1b}[31mred\u{9b}1m".to_owned()),
+                ..Default::default()
+            };
+            encode_message(&result, FrameSettings::DEFAULT, &mut wire).unwrap();
+            connection.write(&wire).await;
+            connection
+        };
+        let (output, _connection) = tokio::join!(ping, answering);
+        let output = output.unwrap().unwrap();
+        assert_eq!(output.status.code(), Some(1));
+        let message = String::from_utf8(output.stderr).unwrap();
+        assert!(
+            !message.chars().any(|c| c.is_control() && c != '\n'),
+            "{message:?}"
+        );
+        assert!(
+            message.contains(r#""bad \u{1b}[2J\u{1b}[31mred\u{9b}1m""#),
+            "{message}"
+        );
+    });
+}
+
+/// A build without the `bench` feature has no `compare`: asked for it, the
+/// binary says which feature brings it back.
+#[cfg(not(feature = "bench"))]
+#[test]
+fn compare_without_the_bench_feature_names_the_feature() {
+    let output = daemoneye_ipc()
+        .args(["compare", "--quick"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let message = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        message.contains("needs the Cargo feature `bench`"),
+        "{message}"
+    );
+}
