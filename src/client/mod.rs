@@ -5,10 +5,10 @@
 //! One connection carries every concurrent [`send`](IpcClient::send). The
 //! rules of that connection (correlation by `task_id`, tasks given up on,
 //! the in-flight limit, retirement of a connection that stopped answering)
-//! are the policy core's ([`crate::policy::client`]); this module is the
+//! are the policy core's (`src/policy/client.rs`); this module is the
 //! callers' side of it, and a driver per I/O model moves the bytes: a Tokio
-//! task for the `interprocess` and `tokio` backends ([`async_driver`]), a
-//! thread of its own for `legacy` ([`blocking_driver`]).
+//! task for the `interprocess` and `tokio` backends (`async_driver.rs`), a
+//! thread of its own for `legacy` (`blocking_driver.rs`).
 //!
 //! A caller registers its task with the core, which queues the frame, and
 //! wakes the driver; the driver writes every queued frame at once, reads

@@ -1,11 +1,12 @@
 //! [`IpcServer`]: the collector's side. Binds the endpoint, accepts agents,
-//! reads [`DetectionTask`]s, runs the handler, writes [`DetectionResult`]s.
+//! reads [`DetectionTask`]s, runs the handler, writes
+//! [`DetectionResult`](crate::DetectionResult)s.
 //!
 //! What the server does is decided once, for every backend: the endpoint
 //! hardening in [`crate::endpoint`], the rules of a connection in the policy
 //! core (`src/policy/`), peer checks, telemetry and shutdown here. Two
-//! drivers feed the policy core: [`async_driver`] for the `interprocess` and
-//! `tokio` backends (a Tokio task per connection), and [`blocking_driver`]
+//! drivers feed the policy core: `async_driver` for the `interprocess` and
+//! `tokio` backends (a Tokio task per connection), and `blocking_driver`
 //! for `legacy` (a thread per connection, handlers still run on the
 //! caller's runtime).
 
@@ -56,7 +57,7 @@ const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// Answers tasks. Implemented for every
 /// `Fn(DetectionTask) -> impl Future<Output = R>` where `R` is a
-/// [`DetectionResult`] or an `Arc<DetectionResult>` (see [`Reply`]), so an
+/// [`DetectionResult`](crate::DetectionResult) or an `Arc<DetectionResult>` (see [`Reply`]), so an
 /// async closure works:
 ///
 /// ```
