@@ -40,7 +40,7 @@ for target in "${targets[@]}"; do
     if [ -d "fuzz/regressions/$target" ]; then
         regressions=("fuzz/regressions/$target")
     fi
-    cargo +nightly fuzz run "$target" "$corpus/$target" "${regressions[@]}" -- \
+    cargo +nightly fuzz run "$target" "$corpus/$target" ${regressions[@]+"${regressions[@]}"} -- \
         -max_total_time="$seconds" -rss_limit_mb=2048 -print_final_stats=1
     echo "$target: $(find "$corpus/$target" -type f | wc -l) inputs in the corpus"
 done

@@ -52,7 +52,7 @@ RUSTDOCFLAGS=-Dwarnings cargo doc --locked --no-deps --all-features
 
 step "tests, all features"
 left_out --all-features
-cargo nextest run --locked --all-features --profile ci "${as_user[@]}"
+cargo nextest run --locked --all-features --profile ci ${as_user[@]+"${as_user[@]}"}
 
 if [[ $(id -u) -eq 0 ]]; then
     step "the tests that need root, from a checkout in a private (0700) directory"
@@ -78,7 +78,7 @@ cargo test --locked --all-features --benches
 for backend in ipc-interprocess ipc-tokio ipc-legacy; do
     step "feature matrix: $backend alone (with the CLI) passes every test that applies to it"
     left_out --no-default-features --features "$backend,cli"
-    cargo nextest run --locked --no-default-features --features "$backend,cli" --profile ci "${as_user[@]}"
+    cargo nextest run --locked --no-default-features --features "$backend,cli" --profile ci ${as_user[@]+"${as_user[@]}"}
 done
 
 step "feature matrix: a single-backend library pulls in no other backend's socket code"
@@ -114,7 +114,11 @@ for line in sys.stdin:
     message = json.loads(line)
     if message.get("reason") == "build-script-executed" and "daemoneye-ipc" in message["package_id"]:
         print(message["out_dir"])')
-if [[ ! -f "$out_dir/daemoneye.ipc.rs" ]] || grep -q 'serde::Serialize' "$out_dir/daemoneye.ipc.rs"; then
+if [[ ! -f "$out_dir/daemoneye.ipc.rs" ]]; then
+    echo "cannot find the generated messages of the library-only build (out_dir: '$out_dir')" >&2
+    exit 1
+fi
+if grep -q 'serde::Serialize' "$out_dir/daemoneye.ipc.rs"; then
     echo "the messages generated without 'cli' must not derive serde::Serialize ($out_dir)" >&2
     exit 1
 fi
@@ -129,7 +133,7 @@ echo "NOTE: advisories are not checked here: 'cargo deny check advisories' needs
     "database, which this machine cannot fetch; run it where it can (see README, Dependency policy)."
 
 step "the declared minimum Rust ($msrv) builds every target and feature"
-if ! rustup toolchain list | grep -q "^$msrv"; then
+if ! grep -q "^$msrv-" <<<"$(rustup toolchain list)"; then
     rustup toolchain install "$msrv" --profile minimal
 fi
 cargo "+$msrv" check --locked --all-targets --all-features

@@ -82,6 +82,27 @@ pub enum IpcError {
         source: prost::DecodeError,
     },
 
+    /// A result arrived for a task, with its id intact, but its fields do
+    /// not decode as the type the caller asked for. This task failed; the
+    /// connection, whose framing is intact, carries on.
+    #[error(
+        "the result for task {task_id:?} from {endpoint} is not a valid {message_type} \
+         ({length} bytes: {source}); the collector speaks another version of the protocol or \
+         is broken. This task failed; other tasks on the connection are unaffected"
+    )]
+    MalformedResult {
+        /// The endpoint.
+        endpoint: String,
+        /// The task whose result it was.
+        task_id: String,
+        /// The message type that was expected.
+        message_type: &'static str,
+        /// Body length.
+        length: usize,
+        /// What prost found wrong.
+        source: prost::DecodeError,
+    },
+
     // ---- configuration --------------------------------------------------
     /// A transport name that this crate does not know at all.
     #[error("unknown transport {given:?}; the transports are: {}", known.join(", "))]

@@ -5,9 +5,9 @@
 //!
 //! Every `string` field of the schema is a [`Bytes`] here: a slice of the
 //! frame the result arrived in, so decoding allocates nothing per string and
-//! copies no text. A 64 KiB result of process records decodes several times
-//! faster this way (`cargo bench --bench message`; figures in
-//! `docs/performance.md`). The wire format is the same: the views are
+//! copies no text. A 64 KiB result of process records decodes about twice as
+//! fast this way (`cargo bench --bench message`, `result_body_decode`;
+//! figures in `docs/performance.md`). The wire format is the same: the views are
 //! generated from the same `.proto` files, with `string` read as `bytes`,
 //! which protobuf encodes identically.
 //!

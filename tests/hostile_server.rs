@@ -224,7 +224,7 @@ async fn a_result_that_does_not_decode_fails_only_its_task(transport: TransportK
         .unwrap()
         .expect_err("a result that does not decode is not an answer");
     assert!(
-        matches!(error, IpcError::MalformedMessage { .. })
+        matches!(error, IpcError::MalformedResult { ref task_id, .. } if task_id == "broken")
             && error.to_string().contains("is not a valid DetectionResult"),
         "{transport}: {error}"
     );

@@ -19,6 +19,13 @@ const SUBCOMMANDS: [&str; 7] = [
     "man",
 ];
 
+/// Whether `text` has `word` as a whole word: not inside another word, nor
+/// inside a generated identifier like `daemoneye__ipc__subcmd__man`.
+fn names(text: &str, word: &str) -> bool {
+    text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '-' || c == '_'))
+        .any(|token| token == word)
+}
+
 fn run_ok(args: &[&str]) -> String {
     let output = daemoneye_ipc().args(args).output().unwrap();
     assert!(
@@ -35,16 +42,21 @@ fn completions_for_every_shell_name_every_subcommand() {
         let script = run_ok(&["completions", shell]);
         for subcommand in SUBCOMMANDS {
             assert!(
-                script.contains(subcommand),
+                names(&script, subcommand),
                 "{shell} completions lack {subcommand}"
             );
         }
-        assert!(
-            !script.contains("bench-server"),
-            "{shell}: hidden commands are not offered"
-        );
+        for hidden in ["bench-server", "bench-client"] {
+            assert!(
+                !script.contains(hidden),
+                "{shell}: hidden commands are not offered"
+            );
+        }
         // Flags of subcommands complete too.
-        assert!(script.contains("log-format"), "{shell}: serve's flags");
+        assert!(
+            names(&script, "log-format") || names(&script, "--log-format"),
+            "{shell}: serve's flags"
+        );
     }
     let output = daemoneye_ipc()
         .args(["completions", "tcsh"])
@@ -60,10 +72,6 @@ fn completions_for_every_shell_name_every_subcommand() {
 #[test]
 fn the_man_page_lists_every_subcommand_and_each_has_a_page() {
     let main = run_ok(&["man"]);
-    assert!(
-        main.starts_with(".ie") || main.contains(".TH"),
-        "roff: {main}"
-    );
     assert!(main.contains(".TH daemoneye-ipc 1"), "{main}");
     for subcommand in SUBCOMMANDS {
         // roff escapes the hyphens of the page names.

@@ -1,7 +1,8 @@
 //! The async driver of a client connection, for the `interprocess` and
 //! `tokio` backends: one Tokio task that reads results into the policy core
-//! and hands them to their callers, and writes what callers queued but the
-//! socket did not take at once ([`write_now`]).
+//! and hands them to their callers, and writes the frames callers queued:
+//! all of them while several tasks are in flight, or what the socket did
+//! not take at once from the caller of the only one ([`write_now`]).
 
 use std::future::poll_fn;
 use std::pin::Pin;

@@ -10,9 +10,11 @@
 //! task for the `interprocess` and `tokio` backends (`async_driver.rs`), a
 //! thread of its own for `legacy` (`blocking_driver.rs`).
 //!
-//! A caller registers its task with the core, which queues the frame, and
-//! wakes the driver; the driver writes every queued frame at once, reads
-//! results, and hands each to the caller waiting for it. When the
+//! A caller registers its task with the core, which queues the frame. When
+//! it is the connection's only task in flight the caller writes the frame
+//! itself, at once; otherwise it wakes the driver, which writes every frame
+//! queued by then with one system call. The driver reads results and hands
+//! each to the caller waiting for it, which decodes it. When the
 //! connection drops, every caller still waiting gets
 //! [`IpcError::ConnectionLost`] at once, and the next `send` connects again.
 //!
@@ -174,11 +176,12 @@ impl IpcClient {
     /// connection holding a task past its deadline is replaced by the next
     /// `send`, so tasks the server never answers cannot use up its slots.
     ///
-    /// A result whose fields do not decode ([`IpcError::MalformedMessage`])
+    /// A result whose fields do not decode ([`IpcError::MalformedResult`])
     /// fails this task only; the connection and other tasks carry on.
     pub async fn send(&self, task: DetectionTask) -> Result<DetectionResult, IpcError> {
+        let task_id = task.task_id.clone();
         let body = self.exchange(task).await?;
-        decode_message(&body)
+        decode_message(&body).map_err(|error| self.malformed(task_id, error))
     }
 
     /// Like [`send`](Self::send), with the result as a
@@ -190,8 +193,28 @@ impl IpcClient {
         &self,
         task: DetectionTask,
     ) -> Result<crate::view::DetectionResult, IpcError> {
+        let task_id = task.task_id.clone();
         let body = self.exchange(task).await?;
-        decode_shared_message(body)
+        decode_shared_message(body).map_err(|error| self.malformed(task_id, error))
+    }
+
+    /// The caller's error for a result that did not decode: which task,
+    /// which collector.
+    fn malformed(&self, task_id: String, error: IpcError) -> IpcError {
+        match error {
+            IpcError::MalformedMessage {
+                message_type,
+                length,
+                source,
+            } => IpcError::MalformedResult {
+                endpoint: self.inner.endpoint.to_string(),
+                task_id,
+                message_type,
+                length,
+                source,
+            },
+            other => other,
+        }
     }
 
     /// Sends `task` and waits for the body of its result's frame.
@@ -515,7 +538,8 @@ enum IoWake {
         connection: Mutex<Option<crate::transport::Connection>>,
     },
     /// The blocking driver's thread waits in the OS; the waker wakes it.
-    /// Callers write through `writer` where the backend has one.
+    /// A caller with the only task in flight writes through `writer`, where
+    /// the backend has one.
     #[cfg(feature = "ipc-legacy")]
     Thread {
         waker: crate::transport::legacy::Waker,

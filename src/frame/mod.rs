@@ -65,11 +65,12 @@ impl Crc32Variant {
     }
 
     /// The checksum of `first` followed by `second`, from the checksum of
-    /// each and the length of `second`, without reading either again.
-    pub fn combine(self, first: u32, first_len: usize, second: u32, second_len: usize) -> u32 {
+    /// each and the length of `second` (the length of `first` plays no
+    /// part), without reading either again.
+    pub fn combine(self, first: u32, second: u32, second_len: usize) -> u32 {
         match self {
             Crc32Variant::Ieee => {
-                let mut whole = crc32fast::Hasher::new_with_initial_len(first, first_len as u64);
+                let mut whole = crc32fast::Hasher::new_with_initial(first);
                 whole.combine(&crc32fast::Hasher::new_with_initial_len(
                     second,
                     second_len as u64,
@@ -276,9 +277,7 @@ pub fn encode_message_with_tail<M: prost::Message>(
     dst.put_slice(tail);
     let header = FrameHeader {
         length,
-        checksum: settings
-            .crc32
-            .combine(head_crc, head_len, tail_crc, tail.len()),
+        checksum: settings.crc32.combine(head_crc, tail_crc, tail.len()),
     };
     dst[start..start + HEADER_LEN].copy_from_slice(&header.to_bytes());
     Ok(())

@@ -22,15 +22,17 @@
 //!   the server. A connection idle for half the read timeout is about to be
 //!   closed by the server and is replaced too.
 //! * **Bad input.** A result frame that fails its checksum, is too large, is
-//!   not a `DetectionResult` at its top level, is cut short, arrives
-//!   incomplete within `read_timeout`, or answers a task this connection is
-//!   not waiting for (never sent, or answered already) ends the connection:
-//!   every waiting caller hears why, none gets a wrong answer.
-//! * **Decoding.** The connection reads a result's id and checks the
-//!   message's top-level framing; the fields themselves are decoded by the
-//!   caller it goes to, into the type that caller asked for (plain or
-//!   [view](crate::view)). So the reader never decodes a result twice, and a
-//!   result whose fields do not decode fails only its own task.
+//!   cut short, arrives incomplete within `read_timeout`, whose top-level
+//!   framing or `task_id` does not decode, or that answers a task this
+//!   connection is not waiting for (never sent, or answered already) ends
+//!   the connection: every waiting caller hears why, none gets a wrong
+//!   answer.
+//! * **Decoding.** The connection reads a result's `task_id`, and checks
+//!   that each top-level field is framed soundly; the fields themselves are
+//!   decoded by the caller it goes to, into the type that caller asked for
+//!   (plain or [view](crate::view)). So the reader never decodes a result
+//!   twice, and a result whose fields do not decode fails only its own task
+//!   (`IpcError::MalformedResult`).
 
 use std::collections::HashMap;
 use std::io;

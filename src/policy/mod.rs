@@ -36,12 +36,15 @@
 //!   of them.
 //! * [`budget`]: the bytes a server holds for tasks in flight, across its
 //!   connections.
+//! * [`encodings`]: the encoding of a shared result, made once for the
+//!   whole server.
 //! * [`inbound`] and [`outbound`]: the frame streams each side reads and
 //!   writes, with their deadlines and buffer limits.
 
 pub(crate) mod admission;
 pub(crate) mod budget;
 pub(crate) mod client;
+pub(crate) mod encodings;
 pub(crate) mod inbound;
 pub(crate) mod outbound;
 pub(crate) mod server;

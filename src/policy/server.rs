@@ -38,6 +38,7 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 
 use super::budget::MemoryBudget;
+use super::encodings::SharedEncodings;
 use super::inbound::Inbound;
 use super::outbound::Outbound;
 use super::{earliest, millis};
@@ -115,16 +116,6 @@ enum Reading {
     PeerClosed,
 }
 
-/// A shared result's encoding, kept by a connection while the same result
-/// keeps answering its tasks.
-#[derive(Debug)]
-struct SharedEncoding {
-    /// Held, so that its address (the cache's key) is not reused meanwhile.
-    result: Arc<DetectionResult>,
-    bytes: bytes::Bytes,
-    crc: u32,
-}
-
 #[derive(Debug)]
 struct Running {
     task_id: String,
@@ -149,8 +140,8 @@ pub(crate) struct ServerConnection {
     budget_recheck: Option<Instant>,
     inbound: Inbound<DetectionTask>,
     outbound: Outbound<DetectionResult>,
-    /// The last shared result answered, encoded.
-    shared_cache: Option<Arc<SharedEncoding>>,
+    /// Shared results' encodings, server-wide.
+    encodings: Arc<SharedEncodings>,
     running: HashMap<TaskTicket, Running>,
     /// Task deadlines, earliest first.
     deadlines: BTreeSet<(Instant, TaskTicket)>,
@@ -171,6 +162,7 @@ impl ServerConnection {
         limits: ConnectionLimits,
         counters: Arc<Counters>,
         budget: Arc<MemoryBudget>,
+        encodings: Arc<SharedEncodings>,
         now: Instant,
     ) -> Self {
         ServerConnection {
@@ -181,7 +173,7 @@ impl ServerConnection {
             budget,
             held: 0,
             budget_recheck: None,
-            shared_cache: None,
+            encodings,
             running: HashMap::new(),
             deadlines: BTreeSet::new(),
             next_ticket: 0,
@@ -368,10 +360,8 @@ impl ServerConnection {
                     task_id: task_id.clone(),
                     ..Default::default()
                 };
-                match self.shared_encoding(result) {
-                    Some(tail) => self
-                        .outbound
-                        .push_with_tail(&head, &tail.bytes, tail.crc, now),
+                match self.encodings.get(result, self.limits.settings) {
+                    Some((tail, crc)) => self.outbound.push_with_tail(&head, &tail, crc, now),
                     None => self.outbound.push(&[&head, result], now),
                 }
             }
@@ -408,30 +398,6 @@ impl ServerConnection {
             }
             Err(error) => self.fail(error),
         }
-    }
-
-    /// The encoding of a shared result, made once and kept while the same
-    /// result comes back (a cached process table answers many tasks);
-    /// `None` for one too large for a frame, which the caller refuses.
-    fn shared_encoding(&mut self, result: &Arc<DetectionResult>) -> Option<Arc<SharedEncoding>> {
-        if let Some(cached) = &self.shared_cache
-            && Arc::ptr_eq(&cached.result, result)
-        {
-            return Some(cached.clone());
-        }
-        let length = prost::Message::encoded_len(&**result);
-        if length > self.limits.settings.max_frame_bytes as usize {
-            return None;
-        }
-        let mut bytes = BytesMut::with_capacity(length);
-        prost::Message::encode_raw(&**result, &mut bytes);
-        let encoding = Arc::new(SharedEncoding {
-            crc: self.limits.settings.crc32.checksum(&bytes),
-            bytes: bytes.freeze(),
-            result: result.clone(),
-        });
-        self.shared_cache = Some(encoding.clone());
-        Some(encoding)
     }
 
     // ---- writing -------------------------------------------------------------
@@ -617,7 +583,13 @@ mod tests {
         let counters = Arc::new(Counters::default());
         let t0 = Instant::now();
         let budget = Arc::new(MemoryBudget::new(usize::MAX));
-        let connection = ServerConnection::new(limits(max_in_flight), counters.clone(), budget, t0);
+        let connection = ServerConnection::new(
+            limits(max_in_flight),
+            counters.clone(),
+            budget,
+            Arc::default(),
+            t0,
+        );
         (connection, counters, t0)
     }
 
@@ -846,7 +818,7 @@ mod tests {
             ..limits(32)
         };
         let budget = Arc::new(MemoryBudget::new(usize::MAX));
-        let mut c = ServerConnection::new(small, counters.clone(), budget, t0);
+        let mut c = ServerConnection::new(small, counters.clone(), budget, Arc::default(), t0);
         receive(&mut c, &frame("huge"), t0);
         let [(ticket, _)] = started(&mut c)[..] else {
             panic!()

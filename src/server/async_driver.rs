@@ -215,6 +215,7 @@ async fn serve<H: TaskHandler>(
         shared.limits,
         shared.counters.clone(),
         shared.budget.clone(),
+        shared.encodings.clone(),
         Instant::now(),
     );
     let mut handlers = Handlers::default();

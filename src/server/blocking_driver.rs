@@ -374,6 +374,7 @@ impl<H: TaskHandler> Worker<H> {
             shared.limits,
             shared.counters.clone(),
             shared.budget.clone(),
+            shared.encodings.clone(),
             Instant::now(),
         );
         let (finished, done) = mpsc::channel::<(TaskTicket, HandlerOutcome)>();

@@ -32,6 +32,7 @@ use crate::endpoint::{Endpoint, SocketGroup};
 use crate::error::IpcError;
 use crate::peer::PeerPolicy;
 use crate::policy::budget::MemoryBudget;
+use crate::policy::encodings::SharedEncodings;
 use crate::policy::server::ConnectionLimits;
 use crate::proto::DetectionTask;
 use crate::telemetry::{Counters, LogThrottle, ServerStats};
@@ -173,6 +174,7 @@ impl ServerBuilder {
             socket_group,
             counters: Arc::new(Counters::default()),
             budget: Arc::new(MemoryBudget::new(max_bytes_in_flight)),
+            encodings: Arc::default(),
             peer_log: LogThrottle::per_second(),
             limit_log: LogThrottle::per_second(),
             stop_reading: CancellationToken::new(),
@@ -383,6 +385,8 @@ struct Shared {
     socket_group: Option<SocketGroup>,
     counters: Arc<Counters>,
     budget: Arc<MemoryBudget>,
+    /// Shared results' encodings, made once for every connection.
+    encodings: Arc<SharedEncodings>,
     /// Rejections are counted always, logged at most once a second.
     peer_log: LogThrottle,
     limit_log: LogThrottle,

@@ -56,13 +56,20 @@ pub fn count(
     let tasks = (BYTES_PER_RUN / size.max(1)).clamp(MIN_TASKS as usize, MAX_TASKS as usize) as u64;
     let short = run(backend, size, crc32, server_cpu, tasks, workspace)?;
     let long = run(backend, size, crc32, server_cpu, 3 * tasks, workspace)?;
-    let per_task = |short: u64, long: u64| long.saturating_sub(short) as f64 / (2 * tasks) as f64;
+    let per_task = |side: &str, short: u64, long: u64| match long.checked_sub(short) {
+        Some(extra) => Ok(extra as f64 / (2 * tasks) as f64),
+        None => Err(format!(
+            "the {side} ran fewer instructions for {} tasks ({long}) than for {tasks} ({short}); \
+             the counts cannot be trusted (is something else running under valgrind?)",
+            3 * tasks
+        )),
+    };
     Ok(InstructionCounts {
         backend: backend.name(),
         size,
         in_flight: REFERENCE_IN_FLIGHT,
-        client_per_task: per_task(short.client, long.client),
-        server_per_task: per_task(short.server, long.server),
+        client_per_task: per_task("client", short.client, long.client)?,
+        server_per_task: per_task("server", short.server, long.server)?,
     })
 }
 
@@ -91,11 +98,13 @@ fn run(
         crc32,
         cpu: server_cpu,
         runtime: super::role::ServerRuntime::MultiThread,
-        wrapper: callgrind(&server_out),
+        wrapper: std::iter::once("valgrind".to_owned())
+            .chain(callgrind_options(&server_out))
+            .collect(),
     })?;
     let exe = std::env::current_exe().map_err(|e| format!("cannot find this executable: {e}"))?;
     let status = Command::new("valgrind")
-        .args(callgrind(&client_out).iter().skip(1))
+        .args(callgrind_options(&client_out))
         .arg(exe)
         .args(["bench-client", "--backend", backend.name(), "--endpoint"])
         .arg(&server.endpoint)
@@ -120,10 +129,9 @@ fn run(
     })
 }
 
-/// The command line that runs a program under callgrind, writing to `out`.
-fn callgrind(out: &Path) -> Vec<String> {
+/// valgrind's options to run a program under callgrind, writing to `out`.
+fn callgrind_options(out: &Path) -> Vec<String> {
     vec![
-        "valgrind".to_owned(),
         "--tool=callgrind".to_owned(),
         "--quiet".to_owned(),
         format!("--callgrind-out-file={}", out.display()),
