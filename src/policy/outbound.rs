@@ -21,6 +21,10 @@ use crate::frame::{FrameSettings, encode_message_parts, encode_message_with_tail
 pub(crate) struct Outbound<M> {
     settings: FrameSettings,
     buf: BytesMut,
+    /// Whether `buf` was grown past [`RETAINED_CAPACITY`]. Its `capacity()`
+    /// cannot say, once written bytes are advanced past: it counts from the
+    /// first unwritten byte, not the allocation.
+    oversized: bool,
     /// Unwritten bytes of each queued frame, oldest first.
     frames: VecDeque<usize>,
     /// When the frame at the head of the queue became the head.
@@ -34,6 +38,7 @@ impl<M: prost::Message> Outbound<M> {
         Outbound {
             settings,
             buf: BytesMut::new(),
+            oversized: false,
             frames: VecDeque::new(),
             head_since: None,
             write_timeout,
@@ -68,6 +73,7 @@ impl<M: prost::Message> Outbound<M> {
 
     fn queued(&mut self, before: usize, now: Instant) -> usize {
         let length = self.buf.len() - before;
+        self.oversized |= self.buf.capacity() > RETAINED_CAPACITY;
         if self.frames.is_empty() {
             self.head_since = Some(now);
         }
@@ -88,6 +94,16 @@ impl<M: prost::Message> Outbound<M> {
     #[cfg(test)]
     fn is_empty(&self) -> bool {
         self.frames.is_empty()
+    }
+
+    /// Where the write buffer's allocation starts (to tell a new one from
+    /// the old).
+    #[cfg(test)]
+    fn allocation(&mut self) -> *const u8 {
+        // Reclaims the space before the first unwritten byte, if any, so
+        // that the pointer is the allocation's start.
+        self.buf.reserve(1);
+        self.buf.as_ptr()
     }
 
     /// The first `count` pending bytes were written at `now`; returns how
@@ -113,9 +129,11 @@ impl<M: prost::Message> Outbound<M> {
         if completed > 0 {
             self.head_since = (!self.frames.is_empty()).then_some(now);
         }
-        if self.frames.is_empty() && self.buf.capacity() > RETAINED_CAPACITY {
-            // The next frame is encoded into a buffer of its own size.
+        if self.frames.is_empty() && self.oversized {
+            // The large allocation goes; the next frame is encoded into a
+            // buffer of its own size.
             self.buf = BytesMut::new();
+            self.oversized = false;
         }
         completed
     }
@@ -176,6 +194,43 @@ mod tests {
         assert_eq!(out.on_written(second - 1, later), 1);
         assert!(out.is_empty());
         assert_eq!(out.deadline(), None);
+    }
+
+    #[test]
+    fn a_large_frame_does_not_keep_its_buffer_once_written() {
+        let now = Instant::now();
+        let mut out = Outbound::new(FrameSettings::DEFAULT, Duration::from_secs(1));
+        let large = DetectionResult {
+            error_message: Some("x".repeat(900 * 1024)),
+            ..result("large")
+        };
+        let size = out.push(&[&large], now).unwrap();
+        let large_allocation = out.pending().as_ptr();
+        // Written in two pieces, as a socket takes it.
+        out.on_written(size / 2, now);
+        out.on_written(size - size / 2, now);
+        out.push(&[&result("small")], now).unwrap();
+        assert_ne!(
+            out.allocation(),
+            large_allocation,
+            "the small frame went into a new, small buffer"
+        );
+        assert!(
+            out.buf.capacity() <= RETAINED_CAPACITY,
+            "{}",
+            out.buf.capacity()
+        );
+    }
+
+    #[test]
+    fn small_frames_keep_reusing_one_buffer() {
+        let now = Instant::now();
+        let mut out = Outbound::new(FrameSettings::DEFAULT, Duration::from_secs(1));
+        let size = out.push(&[&result("first")], now).unwrap();
+        let first = out.allocation();
+        out.on_written(size, now);
+        out.push(&[&result("again")], now).unwrap();
+        assert_eq!(out.allocation(), first);
     }
 
     #[test]

@@ -29,7 +29,7 @@ use self::report::REFERENCE_IN_FLIGHT;
 use self::report::{Report, RoundFigures, SizeFigures, ThroughputFigures};
 use self::role::{ServerChild, ServerLaunch, ServerRuntime, Workspace};
 use self::system::{Pin, Placement, ProcessProbe};
-use self::workload::{Driver, Plan, Results, Until};
+use self::workload::{Driver, FRESH_CONNECTION_SIZE, Plan, Results, Until};
 use crate::Failure;
 
 /// Tasks in flight for the pipelined throughput runs.
@@ -289,10 +289,13 @@ impl CompareCmd {
         round: u32,
     ) -> Result<RoundFigures, String> {
         let largest = *self.sizes.last().expect("at least one size");
+        // Answers of every size measured, and of the fresh connections'.
+        let mut prepared = self.sizes.clone();
+        prepared.push(FRESH_CONNECTION_SIZE);
         let server = ServerChild::spawn(ServerLaunch {
             backend,
             endpoint,
-            sizes: &self.sizes,
+            sizes: &prepared,
             crc32: self.crc32,
             cpu: placement.server_cpu,
             runtime: self.server_runtime,

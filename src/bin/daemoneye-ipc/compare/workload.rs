@@ -116,6 +116,10 @@ impl Issuer {
     }
 }
 
+/// The payload of the task on each fresh connection (every server prepares
+/// an answer of this size, whatever `--sizes` says).
+pub const FRESH_CONNECTION_SIZE: usize = 64;
+
 /// A fresh connection for every task.
 #[derive(Debug, Clone)]
 pub struct FreshConnections {
@@ -195,7 +199,7 @@ impl Driver {
         for i in 0..plan.connects {
             let connecting = Instant::now();
             let mut session = self.open().await?;
-            session.round_trip(64, i).await?;
+            session.round_trip(FRESH_CONNECTION_SIZE, i).await?;
             record(&mut latencies, connecting);
             drop(session);
         }
