@@ -238,9 +238,15 @@ type RawTokioStream = tokio::net::windows::named_pipe::NamedPipeClient;
 
 /// A task asking for a `size`-byte result.
 fn task(id: String, size: usize) -> DetectionTask {
+    with_metadata(id, format!("size={size}"))
+}
+
+/// A task with the metadata (`size=N`) built once for a whole run, as the
+/// floors build their request once: per task, only the id is new.
+fn with_metadata(id: String, metadata: String) -> DetectionTask {
     DetectionTask {
         task_id: id,
-        metadata: Some(format!("size={size}")),
+        metadata: Some(metadata),
         ..Default::default()
     }
 }
@@ -304,11 +310,12 @@ impl Session {
                 for slot in 0..in_flight {
                     let (client, completed) = (client.clone(), completed.clone());
                     let issuer = issuer.clone();
+                    let metadata = format!("size={size}");
                     senders.spawn(async move {
                         let mut n = 0u64;
                         while issuer.another() {
                             n += 1;
-                            let task = task(format!("{slot}-{n}"), size);
+                            let task = with_metadata(format!("{slot}-{n}"), metadata.clone());
                             match results {
                                 Results::Plain => drop(client.send(task).await?),
                                 Results::Views => drop(client.send_view(task).await?),
