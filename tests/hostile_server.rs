@@ -164,7 +164,7 @@ async fn a_hostile_server_gets_clear_errors_and_no_wrong_answers(transport: Tran
             answer(&task.task_id)
         })
         .await
-        .unwrap();
+        .unwrap_or_else(|error| panic!("{case}: the good server cannot bind: {error}"));
         let after = tokio::time::timeout(
             PATIENCE,
             client.send(DetectionTask {

@@ -4,6 +4,9 @@
 use std::io;
 use std::os::windows::fs::OpenOptionsExt;
 use std::os::windows::io::OwnedHandle;
+use std::time::{Duration, Instant};
+
+use windows_sys::Win32::Foundation::ERROR_PIPE_BUSY;
 
 use crate::endpoint::{Endpoint, PIPE_SDDL};
 use crate::error::IpcError;
@@ -37,6 +40,16 @@ pub(crate) fn open_pipe(endpoint: &Endpoint) -> io::Result<OwnedHandle> {
     Ok(OwnedHandle::from(file))
 }
 
+/// How long a pipe name whose every instance is busy may take to go away
+/// before it counts as served. A server that has just stopped leaves its
+/// name behind until each client notices and closes its end, which takes
+/// milliseconds; a live server keeps an instance listening, or stays busy
+/// because it is at its connection limit.
+const RELEASE_GRACE: Duration = Duration::from_secs(1);
+
+/// How often the name is probed within [`RELEASE_GRACE`].
+const PROBE_INTERVAL: Duration = Duration::from_millis(10);
+
 /// Refuses the endpoint if a server already answers on it.
 ///
 /// The pipe's first instance is also created with
@@ -45,13 +58,26 @@ pub(crate) fn open_pipe(endpoint: &Endpoint) -> io::Result<OwnedHandle> {
 /// holds where that flag is not enforced (Wine 8 ignores it). The probe
 /// opens the pipe like a client does, at the identification level, so a
 /// squatter cannot act as the server that probes it.
-pub(crate) fn refuse_if_served(endpoint: &Endpoint) -> Result<(), IpcError> {
-    match open_pipe(endpoint) {
-        // No pipe by that name: free.
-        Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(()),
-        // Connected, all instances busy, or a pipe we may not open: taken.
-        _ => Err(IpcError::EndpointInUse {
-            endpoint: endpoint.to_string(),
-        }),
+pub(crate) async fn refuse_if_served(endpoint: &Endpoint) -> Result<(), IpcError> {
+    let give_up = Instant::now() + RELEASE_GRACE;
+    loop {
+        match open_pipe(endpoint) {
+            // No pipe by that name: free.
+            Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(()),
+            // Every instance busy: a server at its limit, or the name of one
+            // that stopped, held until its last client lets go.
+            Err(error)
+                if error.raw_os_error() == Some(ERROR_PIPE_BUSY as i32)
+                    && Instant::now() < give_up =>
+            {
+                tokio::time::sleep(PROBE_INTERVAL).await;
+            }
+            // Connected, still busy, or a pipe we may not open: taken.
+            _ => {
+                return Err(IpcError::EndpointInUse {
+                    endpoint: endpoint.to_string(),
+                });
+            }
+        }
     }
 }

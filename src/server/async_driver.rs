@@ -45,11 +45,8 @@ pub(super) fn start<H: TaskHandler>(
         (listener, bound)
     };
     #[cfg(windows)]
-    let listener = {
-        crate::endpoint::windows::refuse_if_served(endpoint)?;
-        Listener::bind(transport, endpoint)
-            .map_err(|source| bind_error(endpoint, transport, source))?
-    };
+    let listener = Listener::bind(transport, endpoint)
+        .map_err(|source| bind_error(endpoint, transport, source))?;
     let watch = Watch {
         transport,
         #[cfg(unix)]

@@ -85,10 +85,7 @@ pub(super) fn start<H: TaskHandler>(
         (Listener::wrap(socket).map_err(failed)?, bound)
     };
     #[cfg(windows)]
-    let listener = {
-        crate::endpoint::windows::refuse_if_served(endpoint)?;
-        Listener::bind(endpoint).map_err(failed)?
-    };
+    let listener = Listener::bind(endpoint).map_err(failed)?;
     let wake = Wake::default();
     let waker = Waker::new().map_err(failed)?;
     wake.register(ACCEPT_THREAD, waker.clone());

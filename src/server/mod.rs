@@ -146,6 +146,10 @@ impl ServerBuilder {
         } = self;
         config.validate()?;
         let endpoint = Endpoint::parse(&config.endpoint_path)?;
+        // A live server on the name is refused here on Windows; on Unix,
+        // `endpoint::unix::bind` finds out under the endpoint's lock.
+        #[cfg(windows)]
+        crate::endpoint::windows::refuse_if_served(&endpoint).await?;
         let transport = config.transport;
         let socket_group = match config.socket_group.as_deref() {
             // validate() has resolved it once already.

@@ -223,6 +223,13 @@ impl AsyncWrite for Connection {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        // Windows: mio takes all it is given into a buffer of its own and
+        // reports it written at once, before the peer has read any of it.
+        // Handing it at most one pipe buffer at a time keeps "written"
+        // honest, so a peer that stops reading trips the write deadline,
+        // and bounds what a stalled connection holds in that copy.
+        #[cfg(windows)]
+        let buf = &buf[..buf.len().min(crate::win32::PIPE_BUFFER_BYTES as usize)];
         dispatch!(self, stream => Pin::new(stream).poll_write(cx, buf))
     }
 

@@ -2,6 +2,8 @@
 //! a raw byte-level client, and waiting on conditions with deadlines.
 #![allow(dead_code)] // Each test file uses a different part.
 
+#[cfg(windows)]
+pub mod described_pipe;
 pub mod raw_server;
 pub mod sized_server;
 

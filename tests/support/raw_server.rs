@@ -3,12 +3,15 @@
 
 use bytes::BytesMut;
 use daemoneye_ipc::frame::{FrameSettings, HEADER_LEN};
+#[cfg(windows)]
+use daemoneye_ipc::endpoint::PIPE_SDDL;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::{Endpoint, PATIENCE};
 
-/// A server that speaks raw bytes: Unix socket or named pipe, secured like a
-/// real one only as far as the client's checks need (our own uid owns it).
+/// A server that speaks raw bytes: Unix socket or named pipe, secured as far
+/// as the client's checks need (our own account owns it; on Windows, the
+/// real server's security descriptor).
 pub struct RawServer {
     #[cfg(unix)]
     listener: tokio::net::UnixListener,
@@ -39,10 +42,7 @@ impl RawServer {
         }
         #[cfg(windows)]
         {
-            let waiting = tokio::net::windows::named_pipe::ServerOptions::new()
-                .first_pipe_instance(true)
-                .create(&endpoint.name)
-                .unwrap();
+            let waiting = super::described_pipe::create(&endpoint.name, PIPE_SDDL, true);
             RawServer {
                 name: endpoint.name.clone(),
                 waiting: Some(waiting),
@@ -57,11 +57,7 @@ impl RawServer {
         let stream = {
             let waiting = self.waiting.take().unwrap();
             waiting.connect().await.unwrap();
-            self.waiting = Some(
-                tokio::net::windows::named_pipe::ServerOptions::new()
-                    .create(&self.name)
-                    .unwrap(),
-            );
+            self.waiting = Some(super::described_pipe::create(&self.name, PIPE_SDDL, false));
             waiting
         };
         RawConnection {

@@ -527,10 +527,21 @@ fn open_regular(path: &Path) -> std::io::Result<std::fs::File> {
         // FILE_FLAG_OPEN_REPARSE_POINT: open a symlink itself, not its target.
         std::os::windows::fs::OpenOptionsExt::custom_flags(&mut options, 0x0020_0000);
     }
-    let file = options.open(path)?;
-    let metadata = file.metadata()?;
-    if !metadata.is_file() {
-        return Err(std::io::Error::other("not a regular file"));
+    let not_regular = || std::io::Error::other("not a regular file");
+    let file = options.open(path).map_err(|error| {
+        // Windows refuses to open a directory as a file ("access denied")
+        // unless asked for backup semantics, which would also let a
+        // privileged collector past the file's ACL. Say what it is instead.
+        #[cfg(windows)]
+        if error.kind() == std::io::ErrorKind::PermissionDenied
+            && std::fs::symlink_metadata(path).is_ok_and(|metadata| metadata.is_dir())
+        {
+            return not_regular();
+        }
+        error
+    })?;
+    if !file.metadata()?.is_file() {
+        return Err(not_regular());
     }
     Ok(file)
 }
