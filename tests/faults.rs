@@ -89,7 +89,9 @@ fn sixty_four_clients_pipelining_are_each_answered_exactly_once(transport: Trans
 each_backend!(ten_thousand_connections_leave_no_descriptor_or_memory_behind);
 /// 10,000 cycles of connect, one round trip, close (four at a time): the
 /// server's open descriptors come back to what they were, and its memory
-/// to within 2 MiB.
+/// to within 2 MiB. (Under user-mode emulation the process measured is the
+/// emulator, whose memory is its own: there only descriptors are checked,
+/// and the native run checks memory on every backend.)
 #[cfg(target_os = "linux")]
 fn ten_thousand_connections_leave_no_descriptor_or_memory_behind(transport: TransportKind) {
     const CYCLES: usize = 10_000;
@@ -147,10 +149,12 @@ fn ten_thousand_connections_leave_no_descriptor_or_memory_behind(transport: Tran
     );
     assert_eq!(server.counters()["accepted"], CYCLES as u64 + 1);
     assert_eq!(fds_after, fds_before, "descriptors left open");
-    assert!(
-        rss_after < rss_before + (2 << 20),
-        "RSS {rss_before} -> {rss_after} bytes"
-    );
+    if emulator().is_empty() {
+        assert!(
+            rss_after < rss_before + (2 << 20),
+            "RSS {rss_before} -> {rss_after} bytes"
+        );
+    }
 }
 
 each_backend!(two_hundred_connects_on_sixteen_slots_are_served_or_refused_in_time);

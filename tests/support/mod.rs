@@ -374,6 +374,48 @@ impl ServerProcess {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// When the server logged each line containing `needle`, by its own
+    /// clock: the lines' timestamps (RFC 3339, UTC, microseconds) as time
+    /// since the first such line. Exact however late a test looks.
+    pub fn logged_at(&self, needle: &str) -> Vec<Duration> {
+        let since_midnight = |line: &str| -> Duration {
+            let time = line
+                .split_whitespace()
+                .next()
+                .and_then(|stamp| stamp.split_once('T'))
+                .map(|(_, time)| time.trim_end_matches('Z'))
+                .unwrap_or_else(|| panic!("no timestamp on {line:?}"));
+            let [hours, minutes, seconds]: [&str; 3] = time
+                .split(':')
+                .collect::<Vec<_>>()
+                .try_into()
+                .unwrap_or_else(|_| panic!("not a time: {time:?}"));
+            let whole = hours.parse::<u64>().unwrap() * 3600 + minutes.parse::<u64>().unwrap() * 60;
+            Duration::from_secs(whole) + Duration::from_secs_f64(seconds.parse().unwrap())
+        };
+        let times: Vec<Duration> = self
+            .logs()
+            .lines()
+            .filter(|line| line.contains(needle))
+            .map(since_midnight)
+            .collect();
+        let Some(&first) = times.first() else {
+            return Vec::new();
+        };
+        const DAY: Duration = Duration::from_secs(24 * 3600);
+        times
+            .into_iter()
+            // Past midnight, the clock starts again from zero.
+            .map(|time| {
+                if time < first {
+                    time + DAY - first
+                } else {
+                    time - first
+                }
+            })
+            .collect()
+    }
+
     /// Waits until `needle` appears in the log at least `count` times.
     pub fn wait_for_log(&mut self, needle: &str, count: usize) {
         let what = format!("{count} log line(s) containing {needle:?}");

@@ -528,18 +528,20 @@ fn open_regular(path: &Path) -> std::io::Result<std::fs::File> {
         std::os::windows::fs::OpenOptionsExt::custom_flags(&mut options, 0x0020_0000);
     }
     let not_regular = || std::io::Error::other("not a regular file");
-    let file = options.open(path).map_err(|error| {
+    let file = match options.open(path) {
+        Ok(file) => file,
         // Windows refuses to open a directory as a file ("access denied")
         // unless asked for backup semantics, which would also let a
         // privileged collector past the file's ACL. Say what it is instead.
         #[cfg(windows)]
-        if error.kind() == std::io::ErrorKind::PermissionDenied
-            && std::fs::symlink_metadata(path).is_ok_and(|metadata| metadata.is_dir())
+        Err(error)
+            if error.kind() == std::io::ErrorKind::PermissionDenied
+                && std::fs::symlink_metadata(path).is_ok_and(|metadata| metadata.is_dir()) =>
         {
-            return not_regular();
+            return Err(not_regular());
         }
-        error
-    })?;
+        Err(error) => return Err(error),
+    };
     if !file.metadata()?.is_file() {
         return Err(not_regular());
     }
