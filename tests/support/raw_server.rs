@@ -2,9 +2,9 @@
 //! where the collector misbehaves or stops reading.
 
 use bytes::BytesMut;
-use daemoneye_ipc::frame::{FrameSettings, HEADER_LEN};
 #[cfg(windows)]
 use daemoneye_ipc::endpoint::PIPE_SDDL;
+use daemoneye_ipc::frame::{FrameSettings, HEADER_LEN};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::{Endpoint, PATIENCE};
