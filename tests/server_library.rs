@@ -734,14 +734,26 @@ async fn a_replacement_binds_while_the_old_server_drains_and_keeps_its_socket(
     })
     .await;
 
-    let replacement = IpcServer::bind(
-        config(&endpoint, transport),
-        |task: DetectionTask| async move { ok(&task) },
-    )
-    .await
-    .unwrap_or_else(|error| {
-        panic!("{transport}: the endpoint is free while the old server drains: {error}")
-    });
+    // The old server removes its socket file, then lets go of the
+    // endpoint's lock: between the two it still holds the endpoint. Its
+    // task is held, so every attempt here is made while it drains.
+    let started = std::time::Instant::now();
+    let replacement = loop {
+        let bound = IpcServer::bind(
+            config(&endpoint, transport),
+            |task: DetectionTask| async move { ok(&task) },
+        )
+        .await;
+        match bound {
+            Ok(server) => break server,
+            Err(IpcError::EndpointInUse { .. }) if started.elapsed() < PATIENCE => {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Err(error) => {
+                panic!("{transport}: the endpoint is free while the old server drains: {error}")
+            }
+        }
+    };
     gate.released.notify_one();
     let answer = in_flight.await.unwrap().unwrap();
     assert_eq!(
