@@ -22,7 +22,7 @@ cd "$(dirname "$0")/.."
 RUNNABLE=(x86_64-pc-windows-gnu aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf)
 CHECK_ONLY=(x86_64-apple-darwin aarch64-apple-darwin x86_64-unknown-freebsd)
 
-step() { printf '\n==> %s\n' "$*"; }
+step() { printf '\n==> [%s] %s\n' "$(date +%T)" "$*"; }
 is_one_of() { local x=$1; shift; for y in "$@"; do [[ $x == "$y" ]] && return 0; done; return 1; }
 
 targets=("$@")

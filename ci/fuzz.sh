@@ -20,7 +20,7 @@ if [ $# -gt 1 ]; then
     targets=("${@:2}")
 fi
 
-step() { printf '\n==> %s\n' "$*"; }
+step() { printf '\n==> [%s] %s\n' "$(date +%T)" "$*"; }
 
 if ! rustup toolchain list | grep -q '^nightly'; then
     step "rustup toolchain install nightly --profile minimal"
