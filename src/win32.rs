@@ -514,10 +514,12 @@ mod overlapped {
         }
 
         /// Starts reading into the read slot's buffer (if no read is in
-        /// flight).
-        pub(crate) fn start_read(&mut self) -> io::Result<()> {
+        /// flight). `Ok(false)` if the peer had closed its end already: the
+        /// end of the stream, as [`poll_read`](Self::poll_read) reports one
+        /// that closes during a read.
+        pub(crate) fn start_read(&mut self) -> io::Result<bool> {
             if self.read.pending {
-                return Ok(());
+                return Ok(true);
             }
             let length = self.read.buffer.len() as u32;
             let buffer = self.read.buffer.as_mut_ptr();
@@ -538,7 +540,12 @@ mod overlapped {
             match started(ok) {
                 Started::Pending => {
                     self.read.pending = true;
-                    Ok(())
+                    Ok(true)
+                }
+                Started::Failed(error)
+                    if error.raw_os_error() == Some(ERROR_BROKEN_PIPE as i32) =>
+                {
+                    Ok(false)
                 }
                 Started::Failed(error) => Err(error),
             }

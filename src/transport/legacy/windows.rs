@@ -106,8 +106,8 @@ impl Stream {
     /// the stream; `WouldBlock` means nothing has arrived (a read is then
     /// in flight, and [`wait`](Self::wait) watches it).
     pub(crate) fn read_into(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
-        if !self.io.read_pending() {
-            self.io.start_read()?;
+        if !self.io.read_pending() && !self.io.start_read()? {
+            return Ok(0);
         }
         match self.io.poll_read() {
             None => Err(io::ErrorKind::WouldBlock.into()),
@@ -235,4 +235,72 @@ impl Waker {
 fn wait(handles: &[BorrowedHandle<'_>], deadline: Option<Instant>) -> io::Result<()> {
     let timeout = deadline.map(|deadline| deadline.saturating_duration_since(Instant::now()));
     wait_any(handles, timeout)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    const READ: Interest = Interest {
+        read: true,
+        write: false,
+    };
+    const WRITE: Interest = Interest {
+        read: false,
+        write: true,
+    };
+
+    /// A peer that wrote and then closed before the next read began: its
+    /// bytes are read, then the end of the stream, as when it closes
+    /// during a read (a read started after the close fails at once with
+    /// `ERROR_BROKEN_PIPE`, which is that end too).
+    #[test]
+    fn what_a_closed_peer_sent_is_read_then_the_end_of_the_stream() {
+        let name = format!("daemoneye-test-legacy-eof-{}", std::process::id());
+        let endpoint = Endpoint::parse(&name).unwrap();
+        let give_up = Instant::now() + Duration::from_secs(10);
+        let deadline = Some(give_up);
+        let in_time = || assert!(Instant::now() < give_up, "nothing happened in 10 s");
+        let waker = Waker::new().unwrap();
+        let mut listener = Listener::bind(&endpoint).unwrap();
+        let mut client = connect(&endpoint).unwrap();
+        let mut server = loop {
+            match listener.accept() {
+                Ok(stream) => break stream,
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                    listener.wait(true, &waker, deadline).unwrap();
+                    in_time();
+                }
+                Err(error) => panic!("accept: {error}"),
+            }
+        };
+        let sent = b"half a frame";
+        loop {
+            match server.write_from(sent) {
+                Ok(written) => break assert_eq!(written, sent.len()),
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                    server.wait(WRITE, &waker, deadline).unwrap();
+                    in_time();
+                }
+                Err(error) => panic!("write: {error}"),
+            }
+        }
+        drop(server);
+
+        let mut received = BytesMut::new();
+        while received.len() < sent.len() {
+            match client.read_into(&mut received) {
+                Ok(read) => assert_ne!(read, 0, "the end came before the bytes"),
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                    client.wait(READ, &waker, deadline).unwrap();
+                    in_time();
+                }
+                Err(error) => panic!("read: {error}"),
+            }
+        }
+        assert_eq!(&received[..], sent);
+        assert_eq!(client.read_into(&mut received).unwrap(), 0);
+    }
 }
