@@ -201,8 +201,8 @@ fn a_client_rides_through_restarts_that_switch_the_server_backend(client_transpo
     });
 
     let ledger = ledger.lock().unwrap();
-    let mut lost = 0;
-    for (id, _) in &ledger.sent {
+    let mut lost = Vec::new();
+    for (id, sent_after) in &ledger.sent {
         let outcomes = &ledger.outcomes[id];
         assert_eq!(
             outcomes.len(),
@@ -216,14 +216,16 @@ fn a_client_rides_through_restarts_that_switch_the_server_backend(client_transpo
                     error.contains("lost while task") && error.contains("The next send reconnects"),
                     "task {id}: an error the caller can retry, got {error}"
                 );
-                lost += 1;
+                lost.push(format!("{id} (sent after restart {sent_after}): {error}"));
             }
         }
     }
-    // At most the tasks in flight at each restart.
+    // At most the tasks in flight at each restart: one per sender.
     assert!(
-        lost <= 4 * restarts.len(),
-        "{lost} tasks lost over {} restarts",
-        restarts.len()
+        lost.len() <= 4 * restarts.len(),
+        "{} tasks lost over {} restarts:\n{}",
+        lost.len(),
+        restarts.len(),
+        lost.join("\n")
     );
 }
