@@ -679,6 +679,44 @@ async fn graceful_shutdown_finishes_tasks_in_flight_then_removes_the_socket(
     until_not_accepting(&endpoint, transport).await;
 }
 
+#[cfg(unix)]
+each_backend!(async a_connection_the_drain_cuts_finds_no_listener_to_reconnect_to);
+/// Shutdown stops accepting before it stops reading. A client whose
+/// connection the drain closes and who reconnects at once finds the
+/// endpoint gone (so it waits for a replacement), rather than being
+/// accepted by the draining server only to be cut again with a new task.
+/// (Windows closes a waiting pipe instance a moment after its owner drops
+/// it, so there the endpoint is refused shortly after, not at once.)
+#[cfg(unix)]
+async fn a_connection_the_drain_cuts_finds_no_listener_to_reconnect_to(transport: TransportKind) {
+    let endpoint = Endpoint::fresh();
+    let gate = Gate::default();
+    let server = IpcServer::bind(config(&endpoint, transport), gate.handler())
+        .await
+        .unwrap();
+    // A task held in flight keeps the drain going.
+    let client = IpcClient::new(config(&endpoint, transport)).unwrap();
+    let in_flight = send_in_background(&client, held("draining"));
+    gate.held.notified().await;
+    let mut idle = support::RawClient::connect(&endpoint.name).await;
+    idle.write(&support::frame_bytes(&task("before")))
+        .await
+        .unwrap();
+    assert_eq!(idle.read_result(PATIENCE).await.task_id, "before");
+
+    let shutdown = tokio::spawn(server.shutdown(PATIENCE));
+    idle.closed_within(PATIENCE).await;
+    let reconnected = tokio::net::UnixStream::connect(endpoint.path()).await;
+    assert!(
+        reconnected.is_err(),
+        "{transport}: a client cut by the drain was let in again"
+    );
+
+    gate.released.notify_one();
+    assert!(in_flight.await.unwrap().unwrap().success);
+    assert!(shutdown.await.unwrap().drained, "{transport}");
+}
+
 /// Waits until a server on `endpoint` no longer accepts: on Unix its socket
 /// file is gone (at once when shutdown begins). A Windows pipe instance
 /// that was waiting for a client is closed through the I/O completion port,

@@ -12,6 +12,7 @@ use std::time::Instant;
 use tokio::io::AsyncWrite;
 use tokio::sync::oneshot;
 use tokio::task::{AbortHandle, Id as TokioTaskId, JoinSet};
+use tokio_util::sync::DropGuard;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
@@ -52,7 +53,15 @@ pub(super) fn start<H: TaskHandler>(
         #[cfg(unix)]
         socket: bound.watch(),
     };
-    tasks.spawn(accept_loop(listener, watch, shared, handler, tasks.clone()));
+    let stopped = shared.accepting_stopped.clone().drop_guard();
+    tasks.spawn(accept_loop(
+        listener,
+        stopped,
+        watch,
+        shared,
+        handler,
+        tasks.clone(),
+    ));
     Ok(Started {
         #[cfg(unix)]
         endpoint: bound,
@@ -94,19 +103,24 @@ impl Watch {
     }
 }
 
+/// Accepts until shutdown; `stopped` fires when it and its listener are gone.
 async fn accept_loop<H: TaskHandler>(
-    mut listener: Listener,
+    listener: Listener,
+    stopped: DropGuard,
     watch: Watch,
     shared: Arc<Shared>,
     handler: Arc<H>,
     tasks: TaskTracker,
 ) {
+    // Bound before the listener, so dropped after it.
+    let _stopped = stopped;
+    let mut listener = listener;
     let mut backoff = Backoff::new(ACCEPT_BACKOFF_MIN, ACCEPT_BACKOFF_MAX);
     let mut checks = tokio::time::interval(crate::endpoint::SOCKET_CHECK_INTERVAL);
     checks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let accepted = tokio::select! {
-            _ = shared.stop_reading.cancelled() => break,
+            _ = shared.stop_accepting.cancelled() => break,
             accepted = listener.accept() => accepted,
             _ = checks.tick() => {
                 if let Some(rebound) = watch.rebind_if_lost() {
@@ -133,7 +147,7 @@ async fn accept_loop<H: TaskHandler>(
                 let delay = backoff.next_delay();
                 tracing::warn!(%error, retry_in_ms = delay.as_millis() as u64, "accept failed");
                 tokio::select! {
-                    _ = shared.stop_reading.cancelled() => break,
+                    _ = shared.stop_accepting.cancelled() => break,
                     _ = tokio::time::sleep(delay) => {}
                 }
             }

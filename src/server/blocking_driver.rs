@@ -101,10 +101,14 @@ pub(super) fn start<H: TaskHandler>(
         tasks: tasks.clone(),
     };
     let token = tasks.token();
+    let stopped = acceptor.shared.accepting_stopped.clone().drop_guard();
     std::thread::Builder::new()
         .name("daemoneye-ipc-accept".to_owned())
         .spawn(move || {
+            // The acceptor, and its listener, are gone when run returns
+            // (or unwinds); only then has accepting stopped.
             acceptor.run();
+            drop(stopped);
             drop(token);
         })
         .map_err(failed)?;
@@ -154,7 +158,7 @@ impl<H: TaskHandler> Acceptor<H> {
         // short of descriptors, it is the accept that waits (and backs off),
         // not a connection accepted and then dropped.
         let mut spare: Option<Waker> = None;
-        while !self.shared.stop_reading.is_cancelled() {
+        while !self.shared.stop_accepting.is_cancelled() {
             // Waiters a freed slot went to.
             while let Ok(arrival) = admitted.try_recv() {
                 if let Some(admitted) = waiting.remove(&arrival) {

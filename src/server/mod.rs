@@ -181,6 +181,8 @@ impl ServerBuilder {
             encodings: Arc::default(),
             peer_log: LogThrottle::per_second(),
             limit_log: LogThrottle::per_second(),
+            stop_accepting: CancellationToken::new(),
+            accepting_stopped: CancellationToken::new(),
             stop_reading: CancellationToken::new(),
             abort: CancellationToken::new(),
             next_connection_id: AtomicU64::new(1),
@@ -334,11 +336,19 @@ impl IpcServer {
     /// The socket file is removed at once, with the listener: a replacement
     /// server may bind the endpoint while this one drains, and this one
     /// never removes the replacement's socket.
+    ///
+    /// Accepting ends before reading does. A client whose task the drain
+    /// cuts reconnects at once; were this server still listening, it would
+    /// be accepted only to be cut again, and lose a second task. It finds
+    /// no listener instead, and waits for the replacement.
     pub async fn shutdown(mut self, grace: Duration) -> ShutdownReport {
         tracing::info!(grace_ms = grace.as_millis() as u64, "shutting down");
-        self.shared.stop_reading.cancel();
+        self.shared.stop_accepting.cancel();
         self.wake_driver();
         self.release_endpoint();
+        self.shared.accepting_stopped.cancelled().await;
+        self.shared.stop_reading.cancel();
+        self.wake_driver();
         self.tasks.close();
         let drained = tokio::time::timeout(grace, self.tasks.wait()).await.is_ok();
         if !drained {
@@ -371,6 +381,7 @@ impl IpcServer {
 
 impl Drop for IpcServer {
     fn drop(&mut self) {
+        self.shared.stop_accepting.cancel();
         self.shared.stop_reading.cancel();
         self.shared.abort.cancel();
         self.wake_driver();
@@ -394,7 +405,13 @@ struct Shared {
     /// Rejections are counted always, logged at most once a second.
     peer_log: LogThrottle,
     limit_log: LogThrottle,
-    /// Graceful shutdown: stop accepting and reading, finish what is in flight.
+    /// Shutdown, first step: stop accepting and drop the listener.
+    stop_accepting: CancellationToken,
+    /// Fired by the accept loop once its listener is gone (by a guard it
+    /// drops after the listener, so also if it panics).
+    accepting_stopped: CancellationToken,
+    /// Graceful shutdown, once accepting has stopped: stop reading, finish
+    /// what is in flight.
     stop_reading: CancellationToken,
     /// Hard stop: drop everything now.
     abort: CancellationToken,
