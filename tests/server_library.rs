@@ -82,6 +82,32 @@ fn held(id: &str) -> DetectionTask {
     }
 }
 
+/// A server with one task held in flight by its handler until
+/// `gate.released` is notified.
+struct Held {
+    server: IpcServer,
+    gate: Gate,
+    /// The held task's send, on a task of its own.
+    in_flight: tokio::task::JoinHandle<Result<DetectionResult, IpcError>>,
+}
+
+/// Binds a gated server on `endpoint` and sends it a task `id` to hold;
+/// returns once the handler holds it.
+async fn holding(endpoint: &Endpoint, transport: TransportKind, id: &str) -> Held {
+    let gate = Gate::default();
+    let server = IpcServer::bind(config(endpoint, transport), gate.handler())
+        .await
+        .unwrap();
+    let client = IpcClient::new(config(endpoint, transport)).unwrap();
+    let in_flight = send_in_background(&client, held(id));
+    gate.held.notified().await;
+    Held {
+        server,
+        gate,
+        in_flight,
+    }
+}
+
 each_backend!(async answers_come_back_as_they_complete_not_in_request_order);
 async fn answers_come_back_as_they_complete_not_in_request_order(transport: TransportKind) {
     let endpoint = Endpoint::fresh();
@@ -654,13 +680,11 @@ async fn graceful_shutdown_finishes_tasks_in_flight_then_removes_the_socket(
     transport: TransportKind,
 ) {
     let endpoint = Endpoint::fresh();
-    let gate = Gate::default();
-    let server = IpcServer::bind(config(&endpoint, transport), gate.handler())
-        .await
-        .unwrap();
-    let client = IpcClient::new(config(&endpoint, transport)).unwrap();
-    let in_flight = send_in_background(&client, held("finishing"));
-    gate.held.notified().await;
+    let Held {
+        server,
+        gate,
+        in_flight,
+    } = holding(&endpoint, transport, "finishing").await;
     let shutdown = tokio::spawn(server.shutdown(PATIENCE));
     // The task is released only once the shutdown has begun.
     until_not_accepting(&endpoint, transport).await;
@@ -690,14 +714,12 @@ each_backend!(async a_connection_the_drain_cuts_finds_no_listener_to_reconnect_t
 #[cfg(unix)]
 async fn a_connection_the_drain_cuts_finds_no_listener_to_reconnect_to(transport: TransportKind) {
     let endpoint = Endpoint::fresh();
-    let gate = Gate::default();
-    let server = IpcServer::bind(config(&endpoint, transport), gate.handler())
-        .await
-        .unwrap();
     // A task held in flight keeps the drain going.
-    let client = IpcClient::new(config(&endpoint, transport)).unwrap();
-    let in_flight = send_in_background(&client, held("draining"));
-    gate.held.notified().await;
+    let Held {
+        server,
+        gate,
+        in_flight,
+    } = holding(&endpoint, transport, "draining").await;
     let mut idle = support::RawClient::connect(&endpoint.name).await;
     idle.write(&support::frame_bytes(&task("before")))
         .await
@@ -759,13 +781,11 @@ async fn a_replacement_binds_while_the_old_server_drains_and_keeps_its_socket(
     transport: TransportKind,
 ) {
     let endpoint = Endpoint::fresh();
-    let gate = Gate::default();
-    let old = IpcServer::bind(config(&endpoint, transport), gate.handler())
-        .await
-        .unwrap();
-    let client = IpcClient::new(config(&endpoint, transport)).unwrap();
-    let in_flight = send_in_background(&client, held("draining"));
-    gate.held.notified().await;
+    let Held {
+        server: old,
+        gate,
+        in_flight,
+    } = holding(&endpoint, transport, "draining").await;
     let shutdown = tokio::spawn(old.shutdown(PATIENCE));
     support::eventually("the old server to let go of the socket", PATIENCE, || {
         (!endpoint.path().exists()).then_some(())
@@ -814,13 +834,11 @@ async fn a_shutdown_whose_grace_expires_cuts_the_connection_and_the_client_hears
     transport: TransportKind,
 ) {
     let endpoint = Endpoint::fresh();
-    let gate = Gate::default();
-    let server = IpcServer::bind(config(&endpoint, transport), gate.handler())
-        .await
-        .unwrap();
-    let client = IpcClient::new(config(&endpoint, transport)).unwrap();
-    let stuck = send_in_background(&client, held("never"));
-    gate.held.notified().await;
+    let Held {
+        server,
+        in_flight: stuck,
+        ..
+    } = holding(&endpoint, transport, "never").await;
     let report = server.shutdown(Duration::from_millis(100)).await;
     assert!(!report.drained);
     match stuck.await.unwrap() {
