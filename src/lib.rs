@@ -137,6 +137,8 @@ mod policy;
 pub mod proto;
 pub mod sample;
 pub mod server;
+#[cfg(test)]
+mod simulation;
 pub mod telemetry;
 mod transport;
 pub mod view;

@@ -191,7 +191,7 @@ struct Slot<'a>(&'a Shared);
 
 impl Drop for Slot<'_> {
     fn drop(&mut self) {
-        self.0.slots.release();
+        self.0.slots.release(Instant::now());
     }
 }
 
@@ -199,7 +199,10 @@ impl Drop for Slot<'_> {
 /// (or the waiting room is full, or the server is stopping).
 async fn wait_for_slot(shared: &Shared) -> Option<Slot<'_>> {
     let (admit, mut admitted) = oneshot::channel();
-    let (id, deadline) = match shared.slots.arrive(move |_| admit.send(()).is_ok()) {
+    let (id, deadline) = match shared
+        .slots
+        .arrive(move |_| admit.send(()).is_ok(), Instant::now())
+    {
         Admitted::Now => return Some(Slot(shared)),
         Admitted::Refused => return None,
         Admitted::Later { id, deadline } => (id, deadline),

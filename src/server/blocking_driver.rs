@@ -229,7 +229,7 @@ impl<H: TaskHandler> Acceptor<H> {
         }
         for (arrival, _) in waiting {
             if !self.shared.slots.withdraw(arrival) {
-                self.shared.slots.release();
+                self.shared.slots.release(Instant::now());
             }
         }
         self.wake.unregister(ACCEPT_THREAD);
@@ -284,7 +284,7 @@ impl<H: TaskHandler> Acceptor<H> {
             id,
             peer: credentials,
         };
-        match self.shared.slots.arrive(handoff) {
+        match self.shared.slots.arrive(handoff, Instant::now()) {
             Admitted::Now => self.serve(accepted),
             Admitted::Later {
                 id: arrival,
@@ -327,7 +327,7 @@ impl<H: TaskHandler> Acceptor<H> {
             let _span = connection_span(id, &Ok(peer)).entered();
             tracing::warn!(%error, "cannot start a thread for the connection; closing it");
             self.wake.unregister(id);
-            self.shared.slots.release();
+            self.shared.slots.release(Instant::now());
         }
     }
 }
@@ -363,7 +363,7 @@ impl<H: TaskHandler> Worker<H> {
         tracing::debug!("serving");
         let outcome = self.serve();
         drop(active);
-        shared.slots.release();
+        shared.slots.release(Instant::now());
         shared.connection_ended(outcome);
     }
 

@@ -14,7 +14,7 @@
 mod async_driver;
 #[cfg(feature = "ipc-legacy")]
 mod blocking_driver;
-mod slots;
+pub(crate) mod slots;
 
 use std::future::Future;
 use std::panic::AssertUnwindSafe;

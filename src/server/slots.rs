@@ -66,11 +66,12 @@ impl Slots {
     pub(crate) fn arrive(
         &self,
         handoff: impl FnOnce(ArrivalId) -> bool + Send + 'static,
+        now: Instant,
     ) -> Admitted {
         let mut inner = self.lock();
         inner.next_id += 1;
         let id = inner.next_id;
-        match inner.admission.arrive(id, Instant::now()) {
+        match inner.admission.arrive(id, now) {
             Arrival::Admitted => Admitted::Now,
             Arrival::Waiting { deadline } => {
                 inner.handoffs.insert(id, Box::new(handoff));
@@ -82,9 +83,8 @@ impl Slots {
 
     /// A served connection ended: its slot goes to the oldest waiter still
     /// in time and still there.
-    pub(crate) fn release(&self) {
+    pub(crate) fn release(&self, now: Instant) {
         let mut inner = self.lock();
-        let now = Instant::now();
         for expired in inner.admission.expire(now) {
             inner.handoffs.remove(&expired);
         }

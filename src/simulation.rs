@@ -1,0 +1,1012 @@
+//! A deterministic simulation of a server and its clients (first cut, on
+//! the rules as they were: the slots, the memory budget, the server and
+//! client connection cores), to find the interleavings that break them.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::frame::{FrameSettings, HEADER_LEN};
+use crate::policy::budget::MemoryBudget;
+use crate::policy::client::{ClientConnection, Outcome};
+use crate::policy::server::{ConnectionLimits, Reply, ServerConnection, ServerEvent, TaskTicket};
+use crate::proto::{DetectionResult, DetectionTask};
+use crate::server::slots::{Admitted, Slots};
+use crate::telemetry::Counters;
+
+/// The largest task frame the simulated clients send.
+const LARGEST_TASK_FRAME: usize = 256;
+
+/// splitmix64: a few lines, seeded, the same everywhere.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        if n == 0 { 0 } else { self.next() % n }
+    }
+
+    fn range(&mut self, low: u64, high: u64) -> u64 {
+        low + self.below(high - low + 1)
+    }
+
+    fn chance(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
+    }
+
+    fn millis(&mut self, low: u64, high: u64) -> Duration {
+        Duration::from_millis(self.range(low, high))
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Settings {
+    max_connections: usize,
+    accept_timeout: Duration,
+    limits: ConnectionLimits,
+    budget: usize,
+    clients: usize,
+    grace: Duration,
+    /// Weights of the client kinds, in `Kind`'s order.
+    kinds: [u64; 4],
+    /// Percent of results that are large (a quarter of a frame or more).
+    large_results: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// Sends its tasks, a few in flight, reads every answer, hangs up.
+    Polite,
+    /// Sends its tasks and never reads.
+    NeverReads,
+    /// Writes a few bytes at a time.
+    Trickles,
+    /// Hangs up at a random moment.
+    Leaves,
+}
+
+/// One direction of a connection: bytes written and not yet read.
+#[derive(Debug, Default)]
+struct Pipe {
+    bytes: VecDeque<u8>,
+    capacity: usize,
+    writer_gone: bool,
+    reader_gone: bool,
+}
+
+impl Pipe {
+    fn room(&self) -> usize {
+        self.capacity.saturating_sub(self.bytes.len())
+    }
+}
+
+enum Server {
+    /// Not yet admitted.
+    Waiting {
+        arrival: u64,
+        deadline: Instant,
+        admitted: Arc<AtomicBool>,
+    },
+    Served {
+        core: Box<ServerConnection>,
+        handlers: BTreeMap<TaskTicket, Handler>,
+        stopping: bool,
+    },
+    Closed,
+}
+
+/// What a handler will do, decided when it starts.
+struct Handler {
+    done_at: Option<Instant>,
+    result_bytes: usize,
+    panics: bool,
+    task_id: String,
+}
+
+struct Client {
+    kind: Kind,
+    core: ClientConnection<usize>,
+    to_send: VecDeque<DetectionTask>,
+    /// Every task begun: its id and what became of it.
+    tasks: Vec<(String, Option<Result<(), String>>)>,
+    hung_up: bool,
+    in_flight_goal: usize,
+}
+
+/// The frame deadline as the server owes it, worked out from outside.
+#[derive(Default)]
+struct FrameClock {
+    /// (first byte, one past the last) of each frame written, in the stream.
+    frames: VecDeque<(usize, usize)>,
+    read_total: usize,
+    started: Option<Instant>,
+    paused: Duration,
+    pause_began: Option<Instant>,
+}
+
+struct Conn {
+    client: Client,
+    server: Server,
+    up: Pipe,
+    down: Pipe,
+    written_total: usize,
+    clock: FrameClock,
+}
+
+pub(crate) struct Sim {
+    seed: u64,
+    rng: Rng,
+    settings: Settings,
+    t0: Instant,
+    now: Instant,
+    slots: Slots,
+    budget: Arc<MemoryBudget>,
+    counters: Arc<Counters>,
+    conns: Vec<Conn>,
+    started_clients: usize,
+    shutdown_at: Option<Instant>,
+    log: Vec<String>,
+    steps: usize,
+    max_ratio: f64,
+}
+
+/// A broken invariant, with the seed that replays it and the steps before.
+#[derive(Debug)]
+pub(crate) struct Failure {
+    pub(crate) seed: u64,
+    pub(crate) invariant: String,
+    pub(crate) trace: String,
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "seed {}: {}\nreplay: SIM_SEED={} cargo nextest run --lib simulation\nlast steps:\n{}",
+            self.seed, self.invariant, self.seed, self.trace
+        )
+    }
+}
+
+enum Action {
+    Arrive,
+    WaiterWakes(usize),
+    ClientBegins(usize),
+    ClientWrites(usize),
+    ClientReads(usize),
+    ClientHangsUp(usize),
+    ClientTimer(usize),
+    ServerReads(usize),
+    ServerWrites(usize),
+    ServerTimer(usize),
+    HandlerDone(usize, TaskTicket),
+    Shutdown,
+    Advance,
+}
+
+impl Sim {
+    pub(crate) fn new(seed: u64) -> Sim {
+        let mut rng = Rng(seed);
+        let max_frame_bytes = if rng.chance(50) { 1024 } else { 4096 };
+        let settings = Settings {
+            max_connections: rng.range(1, 4) as usize,
+            accept_timeout: rng.millis(10, 200),
+            limits: ConnectionLimits {
+                settings: FrameSettings {
+                    max_frame_bytes,
+                    ..FrameSettings::DEFAULT
+                },
+                read_timeout: rng.millis(50, 500),
+                write_timeout: rng.millis(20, 300),
+                task_timeout: rng.millis(20, 400),
+                max_in_flight: rng.range(1, 8) as usize,
+            },
+            budget: rng.range(1, 8) as usize * (max_frame_bytes as usize + HEADER_LEN),
+            clients: rng.range(1, 8) as usize,
+            grace: rng.millis(50, 500),
+            kinds: [rng.below(4), rng.below(4), rng.below(4), rng.below(4)],
+            large_results: rng.below(80),
+        };
+        // One seed in three is a memory squeeze: a small budget, peers that
+        // never read and results that are large, tricklers among them.
+        let settings = if seed.is_multiple_of(3) {
+            Settings {
+                budget: rng.range(1, 2) as usize * (max_frame_bytes as usize + HEADER_LEN),
+                kinds: [1, 2, 3, 0],
+                large_results: rng.range(50, 90),
+                clients: rng.range(3, 8) as usize,
+                max_connections: rng.range(2, 4) as usize,
+                limits: ConnectionLimits {
+                    read_timeout: rng.millis(200, 600),
+                    write_timeout: rng.millis(150, 400),
+                    ..settings.limits
+                },
+                ..settings
+            }
+        } else {
+            settings
+        };
+        let t0 = Instant::now();
+        Sim {
+            seed,
+            rng,
+            settings,
+            t0,
+            now: t0,
+            slots: Slots::new(settings.max_connections, settings.accept_timeout),
+            budget: Arc::new(MemoryBudget::new(settings.budget)),
+            counters: Arc::new(Counters::default()),
+            conns: Vec::new(),
+            started_clients: 0,
+            shutdown_at: None,
+            log: Vec::new(),
+            steps: 0,
+            max_ratio: 0.0,
+        }
+    }
+
+    fn note(&mut self, line: String) {
+        let at = self.now.duration_since(self.t0).as_micros();
+        self.log.push(format!("{at:>9}us {line}"));
+    }
+
+    fn fail(&self, invariant: String) -> Failure {
+        let start = self.log.len().saturating_sub(40);
+        Failure {
+            seed: self.seed,
+            invariant: format!("{invariant} ({:?})", self.settings),
+            trace: self.log[start..].join("\n"),
+        }
+    }
+
+    /// Runs to the end: every client started, the server shut down.
+    pub(crate) fn run(mut self) -> Result<(), Failure> {
+        let result = self.run_inner();
+        if std::env::var("SIM_STATS").is_ok() {
+            let stats = self.counters.snapshot("sim", 0);
+            eprintln!(
+                "seed {} pauses {} max_held_ratio {:.2}",
+                self.seed, stats.budget_pauses, self.max_ratio
+            );
+        }
+        result
+    }
+
+    fn run_inner(&mut self) -> Result<(), Failure> {
+        loop {
+            let actions = self.enabled();
+            if actions.is_empty() {
+                break;
+            }
+            let pick = self.rng.below(actions.len() as u64) as usize;
+            let action = actions.into_iter().nth(pick).expect("picked within bounds");
+            self.step(action)?;
+            self.steps += 1;
+            self.check()?;
+            if self.steps > 200_000 {
+                return Err(self.fail("the run did not end within 200,000 steps".to_owned()));
+            }
+        }
+        self.check_end()
+    }
+
+    fn enabled(&mut self) -> Vec<Action> {
+        let now = self.now;
+        let mut actions = Vec::new();
+        let mut due = false;
+        if self.shutdown_at.is_none() && self.started_clients < self.settings.clients {
+            actions.push(Action::Arrive);
+        }
+        for (index, conn) in self.conns.iter_mut().enumerate() {
+            let client = &mut conn.client;
+            if !client.hung_up && client.core.closed_reason().is_none() {
+                if !client.to_send.is_empty() && client.core.in_flight() < client.in_flight_goal {
+                    actions.push(Action::ClientBegins(index));
+                }
+                if !client.core.pending_output().is_empty() && conn.up.room() > 0 {
+                    actions.push(Action::ClientWrites(index));
+                }
+                if client.kind != Kind::NeverReads
+                    && (!conn.down.bytes.is_empty() || conn.down.writer_gone)
+                {
+                    actions.push(Action::ClientReads(index));
+                }
+                let idle = client.to_send.is_empty() && client.core.in_flight() == 0;
+                if client.kind == Kind::Leaves || idle || conn.down.writer_gone {
+                    actions.push(Action::ClientHangsUp(index));
+                }
+                if let Some(deadline) = client.core.poll_timeout()
+                    && deadline <= now
+                {
+                    due = true;
+                    actions.push(Action::ClientTimer(index));
+                }
+            }
+            match &conn.server {
+                Server::Waiting {
+                    deadline, admitted, ..
+                } => {
+                    if *deadline <= now || admitted.load(Ordering::SeqCst) {
+                        due |= *deadline <= now;
+                        actions.push(Action::WaiterWakes(index));
+                    }
+                }
+                Server::Served { core, handlers, .. } => {
+                    if core.wants_read() && (!conn.up.bytes.is_empty() || conn.up.writer_gone) {
+                        actions.push(Action::ServerReads(index));
+                    }
+                    if !core.pending_output().is_empty()
+                        && (conn.down.room() > 0 || conn.down.reader_gone)
+                    {
+                        actions.push(Action::ServerWrites(index));
+                    }
+                    if let Some(deadline) = core.poll_timeout()
+                        && deadline <= now
+                    {
+                        due = true;
+                        actions.push(Action::ServerTimer(index));
+                    }
+                    for (&ticket, handler) in handlers {
+                        if handler.done_at.is_some_and(|at| at <= now) {
+                            due = true;
+                            actions.push(Action::HandlerDone(index, ticket));
+                        }
+                    }
+                }
+                Server::Closed => {}
+            }
+        }
+        if self.shutdown_at.is_none() && self.started_clients == self.settings.clients {
+            actions.push(Action::Shutdown);
+        }
+        if !due && self.next_deadline().is_some() {
+            actions.push(Action::Advance);
+        }
+        actions
+    }
+
+    /// The earliest instant something is timed for, after now.
+    fn next_deadline(&self) -> Option<Instant> {
+        let mut next: Option<Instant> = None;
+        let mut consider = |at: Option<Instant>| {
+            if let Some(at) = at
+                && at > self.now
+            {
+                next = Some(next.map_or(at, |next| next.min(at)));
+            }
+        };
+        for conn in &self.conns {
+            if !conn.client.hung_up {
+                consider(conn.client.core.poll_timeout());
+            }
+            match &conn.server {
+                Server::Waiting { deadline, .. } => consider(Some(*deadline)),
+                Server::Served { core, handlers, .. } => {
+                    consider(core.poll_timeout());
+                    for handler in handlers.values() {
+                        consider(handler.done_at);
+                    }
+                }
+                Server::Closed => {}
+            }
+        }
+        if let Some(at) = self.shutdown_at {
+            consider(Some(at + self.settings.grace));
+        }
+        next
+    }
+
+    fn step(&mut self, action: Action) -> Result<(), Failure> {
+        let now = self.now;
+        match action {
+            Action::Arrive => self.arrive(),
+            Action::WaiterWakes(index) => self.waiter_wakes(index)?,
+            Action::ClientBegins(index) => {
+                let client = &mut self.conns[index].client;
+                let task = client.to_send.pop_front().expect("enabled with a task");
+                let waiter = client.tasks.len();
+                let frame = HEADER_LEN + prost::Message::encoded_len(&task);
+                match client
+                    .core
+                    .begin(&task, waiter, now + Duration::from_secs(3600), now)
+                {
+                    Ok(_) => {
+                        client.tasks.push((task.task_id.clone(), None));
+                        let conn = &mut self.conns[index];
+                        let start =
+                            conn.written_total + conn.client.core.pending_output().len() - frame;
+                        conn.clock.frames.push_back((start, start + frame));
+                        self.note(format!("client {index} begins {}", task.task_id));
+                    }
+                    Err(_) => self.note(format!("client {index} cannot begin {}", task.task_id)),
+                }
+            }
+            Action::ClientWrites(index) => {
+                let trickle = self.conns[index].client.kind == Kind::Trickles;
+                let cap = match (trickle, self.rng.chance(90)) {
+                    (true, true) => self.rng.range(1, 3) as usize,
+                    (true, false) => self.rng.range(4, 128) as usize,
+                    (false, _) => usize::MAX,
+                };
+                let conn = &mut self.conns[index];
+                if conn.up.reader_gone {
+                    conn.client
+                        .core
+                        .on_io_error(&std::io::ErrorKind::BrokenPipe.into());
+                } else {
+                    let pending = conn.client.core.pending_output();
+                    let count = pending.len().min(conn.up.room()).min(cap);
+                    conn.up.bytes.extend(&pending[..count]);
+                    conn.written_total += count;
+                    conn.client.core.on_written(count, now);
+                }
+                self.settle_client(index);
+            }
+            Action::ClientReads(index) => {
+                let conn = &mut self.conns[index];
+                if conn.down.bytes.is_empty() {
+                    conn.client.core.on_eof(now);
+                } else {
+                    let count = conn.down.bytes.len();
+                    let bytes: Vec<u8> = conn.down.bytes.drain(..count).collect();
+                    conn.client.core.read_buffer().extend_from_slice(&bytes);
+                    conn.client.core.on_read(count, now);
+                }
+                self.settle_client(index);
+            }
+            Action::ClientHangsUp(index) => {
+                let conn = &mut self.conns[index];
+                conn.client.hung_up = true;
+                conn.client.core.close("the client hung up".to_owned());
+                conn.up.writer_gone = true;
+                conn.down.reader_gone = true;
+                self.note(format!("client {index} hangs up"));
+                self.settle_client(index);
+            }
+            Action::ClientTimer(index) => {
+                self.conns[index].client.core.handle_timeout(now);
+                self.settle_client(index);
+            }
+            Action::ServerReads(index) => {
+                let chunk = self.rng.range(1, 4096) as usize;
+                let conn = &mut self.conns[index];
+                let Server::Served { core, .. } = &mut conn.server else {
+                    unreachable!()
+                };
+                if conn.up.bytes.is_empty() {
+                    core.on_eof(now);
+                    self.note(format!("server {index} reads the end"));
+                } else {
+                    let count = chunk.min(conn.up.bytes.len());
+                    let bytes: Vec<u8> = conn.up.bytes.drain(..count).collect();
+                    core.read_buffer().extend_from_slice(&bytes);
+                    core.on_read(count, now);
+                    conn.clock.on_read(count, now);
+                    self.note(format!("server {index} reads {count}"));
+                }
+                self.drive_server(index)?;
+            }
+            Action::ServerWrites(index) => {
+                let chunk = self.rng.range(1, 8192) as usize;
+                let conn = &mut self.conns[index];
+                let Server::Served { core, .. } = &mut conn.server else {
+                    unreachable!()
+                };
+                if conn.down.reader_gone {
+                    core.on_io_error(std::io::ErrorKind::BrokenPipe.into());
+                } else {
+                    let pending = core.pending_output();
+                    let count = pending.len().min(conn.down.room()).min(chunk);
+                    conn.down.bytes.extend(&pending[..count]);
+                    core.on_written(count, now);
+                }
+                self.drive_server(index)?;
+            }
+            Action::ServerTimer(index) => {
+                let Server::Served { core, .. } = &mut self.conns[index].server else {
+                    unreachable!()
+                };
+                core.handle_timeout(now);
+                if let Some(next) = core.poll_timeout()
+                    && next <= now
+                {
+                    return Err(self.fail(format!(
+                        "server connection {index} asks to be woken at {next:?}, which is already \
+                         due (a busy loop)"
+                    )));
+                }
+                self.note(format!("server {index} timer"));
+                self.drive_server(index)?;
+            }
+            Action::HandlerDone(index, ticket) => {
+                let Server::Served { core, handlers, .. } = &mut self.conns[index].server else {
+                    unreachable!()
+                };
+                let handler = handlers.remove(&ticket).expect("enabled with a handler");
+                core.task_finished(ticket, handler.outcome(), now);
+                self.note(format!("handler {index}/{ticket} done"));
+                self.drive_server(index)?;
+            }
+            Action::Shutdown => {
+                self.shutdown_at = Some(now);
+                self.note("shutdown begins".to_owned());
+                for index in 0..self.conns.len() {
+                    match &mut self.conns[index].server {
+                        Server::Waiting {
+                            arrival, admitted, ..
+                        } => {
+                            // As the async driver: a waiter told to stop
+                            // withdraws; a false withdrawal means admitted.
+                            let arrival = *arrival;
+                            let got = admitted.load(Ordering::SeqCst);
+                            if got || !self.slots.withdraw(arrival) {
+                                self.admit(index, now);
+                            } else {
+                                self.refuse(index);
+                            }
+                        }
+                        Server::Served { .. } => {}
+                        Server::Closed => continue,
+                    }
+                    if let Server::Served { core, stopping, .. } = &mut self.conns[index].server {
+                        *stopping = true;
+                        core.stop_reading(now);
+                    }
+                    self.drive_server(index)?;
+                }
+            }
+            Action::Advance => {
+                let next = self.next_deadline().expect("enabled with a deadline");
+                let step = self.rng.millis(1, 50);
+                self.now = next.min(self.now + step);
+                self.note("time passes".to_owned());
+                if let Some(at) = self.shutdown_at
+                    && self.now >= at + self.settings.grace
+                {
+                    self.abort();
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn arrive(&mut self) {
+        let index = self.conns.len();
+        self.started_clients += 1;
+        let weights = self.settings.kinds;
+        let mut pick = self.rng.below(weights.iter().sum::<u64>().max(1));
+        let mut kind = Kind::Polite;
+        for (candidate, weight) in [Kind::Polite, Kind::NeverReads, Kind::Trickles, Kind::Leaves]
+            .into_iter()
+            .zip(weights)
+        {
+            if pick < weight {
+                kind = candidate;
+                break;
+            }
+            pick -= weight;
+        }
+        let count = self.rng.range(1, 12);
+        let to_send = (0..count)
+            .map(|n| DetectionTask {
+                task_id: format!("c{index}-t{n}"),
+                metadata: Some("m".repeat(self.rng.below(200) as usize)),
+                ..Default::default()
+            })
+            .collect();
+        let limits = self.settings.limits;
+        let client = Client {
+            kind,
+            core: ClientConnection::new(
+                limits.settings,
+                Duration::from_secs(3600),
+                Duration::from_secs(3600),
+                limits.max_in_flight,
+                self.now,
+            ),
+            to_send,
+            tasks: Vec::new(),
+            hung_up: false,
+            // A trickler pipelines, so that a frame of its is often half
+            // read when its connection stops reading.
+            in_flight_goal: if kind == Kind::Trickles {
+                limits.max_in_flight
+            } else {
+                self.rng.range(1, limits.max_in_flight as u64) as usize
+            },
+        };
+        let admitted = Arc::new(AtomicBool::new(false));
+        let told = admitted.clone();
+        let server = match self.slots.arrive(
+            move |_| {
+                told.store(true, Ordering::SeqCst);
+                true
+            },
+            self.now,
+        ) {
+            Admitted::Now => self.served(),
+            Admitted::Later { id, deadline } => Server::Waiting {
+                arrival: id,
+                deadline,
+                admitted,
+            },
+            Admitted::Refused => Server::Closed,
+        };
+        let refused = matches!(server, Server::Closed);
+        let capacity = self.rng.range(64, 4096) as usize;
+        self.conns.push(Conn {
+            client,
+            server,
+            up: Pipe {
+                capacity,
+                ..Pipe::default()
+            },
+            down: Pipe {
+                capacity,
+                ..Pipe::default()
+            },
+            written_total: 0,
+            clock: FrameClock::default(),
+        });
+        if refused {
+            self.refuse(index);
+        }
+        self.note(format!("client {index} ({kind:?}) arrives, {count} tasks"));
+    }
+
+    fn served(&self) -> Server {
+        Server::Served {
+            core: Box::new(ServerConnection::new(
+                self.settings.limits,
+                self.counters.clone(),
+                self.budget.clone(),
+                Arc::default(),
+                self.now,
+            )),
+            handlers: BTreeMap::new(),
+            stopping: false,
+        }
+    }
+
+    fn admit(&mut self, index: usize, now: Instant) {
+        if let Server::Waiting { deadline, .. } = self.conns[index].server
+            && deadline <= now
+        {
+            self.note(format!("server {index} admitted at or after its deadline"));
+        }
+        self.conns[index].server = self.served();
+        self.note(format!("server {index} admitted"));
+    }
+
+    fn refuse(&mut self, index: usize) {
+        let conn = &mut self.conns[index];
+        conn.server = Server::Closed;
+        conn.down.writer_gone = true;
+        conn.up.reader_gone = true;
+        self.note(format!("server {index} refused"));
+    }
+
+    fn waiter_wakes(&mut self, index: usize) -> Result<(), Failure> {
+        let Server::Waiting {
+            arrival,
+            deadline,
+            admitted,
+        } = &self.conns[index].server
+        else {
+            unreachable!()
+        };
+        let (arrival, deadline) = (*arrival, *deadline);
+        // As the async driver: told, or its own timer fired and a false
+        // withdrawal means a slot was handed over meanwhile.
+        if admitted.load(Ordering::SeqCst) || !self.slots.withdraw(arrival) {
+            let _ = deadline;
+            self.admit(index, self.now);
+            if self.shutdown_at.is_some()
+                && let Server::Served { core, stopping, .. } = &mut self.conns[index].server
+            {
+                *stopping = true;
+                core.stop_reading(self.now);
+            }
+            self.drive_server(index)
+        } else {
+            self.refuse(index);
+            Ok(())
+        }
+    }
+
+    /// What a driver does after any event: start and cancel handlers, and
+    /// close the connection when the core says so.
+    fn drive_server(&mut self, index: usize) -> Result<(), Failure> {
+        let now = self.now;
+        loop {
+            let Server::Served { core, handlers, .. } = &mut self.conns[index].server else {
+                return Ok(());
+            };
+            let Some(event) = core.poll_event() else {
+                break;
+            };
+            match event {
+                ServerEvent::StartTask { ticket, task } => {
+                    let task_timeout = self.settings.limits.task_timeout;
+                    let max = self.settings.limits.settings.max_frame_bytes as u64;
+                    let done_at = match self.rng.below(10) {
+                        0..=3 => Some(now),
+                        4..=8 => {
+                            Some(now + self.rng.millis(0, 2 * task_timeout.as_millis() as u64))
+                        }
+                        _ => None,
+                    };
+                    let result_bytes = if !self.rng.chance(self.settings.large_results) {
+                        self.rng.range(0, 100)
+                    } else if self.rng.chance(85) {
+                        self.rng.range(max / 4, max - 64)
+                    } else {
+                        self.rng.range(max, 2 * max)
+                    } as usize;
+                    let handler = Handler {
+                        done_at,
+                        result_bytes,
+                        panics: self.rng.chance(5),
+                        task_id: task.task_id,
+                    };
+                    if done_at == Some(now) {
+                        core.task_finished(ticket, handler.outcome(), now);
+                    } else {
+                        handlers.insert(ticket, handler);
+                    }
+                }
+                ServerEvent::CancelTask { ticket } => {
+                    handlers.remove(&ticket);
+                }
+            }
+        }
+        let Server::Served { core, .. } = &mut self.conns[index].server else {
+            return Ok(());
+        };
+        if let Some(outcome) = core.poll_close() {
+            self.note(format!("server {index} closes: {outcome:?}"));
+            self.close_server(index);
+        }
+        Ok(())
+    }
+
+    fn close_server(&mut self, index: usize) {
+        let conn = &mut self.conns[index];
+        conn.server = Server::Closed;
+        conn.down.writer_gone = true;
+        conn.up.reader_gone = true;
+        self.slots.release(self.now);
+    }
+
+    fn abort(&mut self) {
+        self.note("grace over: abort".to_owned());
+        for index in 0..self.conns.len() {
+            match self.conns[index].server {
+                Server::Served { .. } => self.close_server(index),
+                Server::Waiting { .. } => self.refuse(index),
+                Server::Closed => {}
+            }
+        }
+    }
+
+    fn settle_client(&mut self, index: usize) {
+        let client = &mut self.conns[index].client;
+        for delivery in client.core.take_deliveries() {
+            let (task_id, outcome) = &mut client.tasks[delivery.waiter];
+            let settled = match delivery.outcome {
+                Outcome::Answered(body) => {
+                    match crate::frame::codec::decode_message::<DetectionResult>(&body) {
+                        Ok(result) if result.task_id == *task_id => Ok(()),
+                        Ok(result) => Err(format!("answered with {:?}'s result", result.task_id)),
+                        Err(error) => Err(format!("answer does not decode: {error}")),
+                    }
+                }
+                Outcome::Lost(reason) if reason.is_empty() => Err("lost, no reason".to_owned()),
+                Outcome::Lost(_) => Ok(()),
+            };
+            if outcome.is_some() {
+                *outcome = Some(Err("told twice".to_owned()));
+            } else {
+                *outcome = Some(settled);
+            }
+        }
+    }
+
+    /// The invariants, after every step.
+    fn check(&mut self) -> Result<(), Failure> {
+        let now = self.now;
+        let served = self
+            .conns
+            .iter()
+            .filter(|conn| matches!(conn.server, Server::Served { .. }))
+            .count();
+        if served > self.settings.max_connections {
+            return Err(self.fail(format!(
+                "{served} connections served at once, max_connections = {}",
+                self.settings.max_connections
+            )));
+        }
+        let bound = self.memory_bound();
+        let held = self.budget.held();
+        self.max_ratio = self.max_ratio.max(held as f64 / bound as f64);
+        if held > bound {
+            return Err(self.fail(format!(
+                "{held} bytes held, over the documented bound of {bound}"
+            )));
+        }
+        for index in 0..self.conns.len() {
+            let conn = &mut self.conns[index];
+            let Server::Served { core, .. } = &conn.server else {
+                continue;
+            };
+            let reading = core.wants_read();
+            let timeout = self.settings.limits.read_timeout;
+            let Some(deadline) = conn.clock.deadline(reading, timeout, now) else {
+                continue;
+            };
+            if now > deadline {
+                return Err(self.fail(format!(
+                    "server connection {index} still reads a frame {:?} past read_timeout \
+                     (time not reading excluded)",
+                    now - deadline
+                )));
+            }
+            let wake = core.poll_timeout();
+            if reading && wake.is_none_or(|wake| wake > deadline) {
+                let t0 = self.t0;
+                return Err(self.fail(format!(
+                    "server connection {index} reads a frame due by {:?} but will not look \
+                     before {:?}",
+                    deadline - t0,
+                    wake.map(|wake| wake - t0)
+                )));
+            }
+        }
+        for (index, conn) in self.conns.iter().enumerate() {
+            for (task_id, outcome) in &conn.client.tasks {
+                if let Some(Err(error)) = outcome {
+                    return Err(self.fail(format!("client {index}, task {task_id}: {error}")));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// What the docs promise: `max_bytes_in_flight`, plus one task per
+    /// connection (one with nothing in flight may always take one).
+    fn memory_bound(&self) -> usize {
+        self.settings.budget + self.settings.max_connections * LARGEST_TASK_FRAME
+    }
+
+    fn check_end(&mut self) -> Result<(), Failure> {
+        for index in 0..self.conns.len() {
+            if !self.conns[index].client.hung_up {
+                self.conns[index]
+                    .client
+                    .core
+                    .close("the run ended".to_owned());
+                self.settle_client(index);
+            }
+        }
+        self.check()?;
+        for (index, conn) in self.conns.iter().enumerate() {
+            if !matches!(conn.server, Server::Closed) {
+                return Err(self.fail(format!("server connection {index} never closed")));
+            }
+            if let Some((task_id, _)) = conn.client.tasks.iter().find(|(_, o)| o.is_none()) {
+                return Err(self.fail(format!("client {index}: task {task_id} never settled")));
+            }
+        }
+        if let Some(at) = self.shutdown_at
+            && self.now > at + self.settings.grace + Duration::from_secs(1)
+        {
+            return Err(self.fail("shutdown took longer than grace + 1 s".to_owned()));
+        }
+        Ok(())
+    }
+}
+
+impl Handler {
+    fn outcome(&self) -> Result<Reply, String> {
+        if self.panics {
+            return Err("panicked: simulated".to_owned());
+        }
+        Ok(Reply::Owned(crate::sample::detection_result(
+            &self.task_id,
+            self.result_bytes,
+        )))
+    }
+}
+
+impl FrameClock {
+    fn on_read(&mut self, count: usize, now: Instant) {
+        let before = self.read_total;
+        self.read_total += count;
+        while let Some(&(start, end)) = self.frames.front() {
+            if self.read_total >= end {
+                self.frames.pop_front();
+                self.started = None;
+                self.paused = Duration::ZERO;
+                self.pause_began = None;
+                continue;
+            }
+            if self.read_total > start && self.started.is_none() {
+                let _ = before;
+                self.started = Some(now);
+            }
+            break;
+        }
+    }
+
+    /// When the frame in progress must have arrived whole, the time the
+    /// server did not read excluded; `None` between frames.
+    fn deadline(&mut self, reading: bool, timeout: Duration, now: Instant) -> Option<Instant> {
+        let started = self.started?;
+        match (reading, self.pause_began) {
+            (false, None) => self.pause_began = Some(now),
+            (true, Some(began)) => {
+                self.paused += now - began;
+                self.pause_began = None;
+            }
+            _ => {}
+        }
+        let paused = self.paused + self.pause_began.map_or(Duration::ZERO, |began| now - began);
+        Some(started + timeout + paused)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seeds() -> (u64, u64) {
+        if let Ok(seed) = std::env::var("SIM_SEED") {
+            return (seed.parse().expect("SIM_SEED is a number"), 1);
+        }
+        let count = std::env::var("SIM_SEEDS")
+            .ok()
+            .and_then(|count| count.parse().ok())
+            .unwrap_or(2000);
+        (0, count)
+    }
+
+    #[test]
+    fn every_invariant_holds_under_every_explored_schedule() {
+        let (first, count) = seeds();
+        let mut failures = Vec::new();
+        for seed in first..first + count {
+            if let Err(failure) = Sim::new(seed).run() {
+                failures.push(failure);
+            }
+        }
+        let mut report = String::new();
+        for failure in failures.iter().take(3) {
+            let _ = writeln!(report, "{failure}\n");
+        }
+        let summary: Vec<String> = failures
+            .iter()
+            .map(|f| {
+                format!(
+                    "{}: {}",
+                    f.seed,
+                    f.invariant.split(" (").next().unwrap_or("")
+                )
+            })
+            .collect();
+        assert!(
+            failures.is_empty(),
+            "{} of {count} seeds failed:\n{}\n\n{report}",
+            failures.len(),
+            summary.join("\n")
+        );
+    }
+}
