@@ -1,5 +1,6 @@
 //! [`IpcConfig`]: the decision record's eight settings plus the task
-//! deadline, where they come from, and what values they may take.
+//! deadline and the per-peer connection cap, where they come from, and what
+//! values they may take.
 //!
 //! Values are layered, each layer overriding the one before:
 //!
@@ -21,8 +22,9 @@
 //! accept_timeout_ms = 5000
 //! read_timeout_ms = 30000
 //! write_timeout_ms = 10000
-//! task_timeout_ms = 30000
+//! task_timeout_ms = 25000
 //! max_connections = 16
+//! max_connections_per_peer = 0    # 0: no cap beyond max_connections
 //! crc32_variant = "ieee"          # or "castagnoli"
 //! socket_group = ""               # Unix: a group whose members may connect
 //! ```
@@ -53,6 +55,15 @@ pub const MAX_FRAME_BYTES: usize = 64 * 1024 * 1024;
 
 /// Largest accepted `max_connections`.
 pub const MAX_CONNECTIONS_LIMIT: usize = 65_536;
+
+/// Largest `max_connections` the `legacy` backend serves: it runs a thread
+/// per connection (each with a [`LEGACY_THREAD_STACK_BYTES`] stack).
+pub const LEGACY_MAX_CONNECTIONS: usize = 1024;
+
+/// The stack of each `legacy` connection thread: 1 MiB of address space,
+/// of which only what is used is memory. A handler's synchronous part (up
+/// to its first await) runs on it.
+pub const LEGACY_THREAD_STACK_BYTES: usize = 1024 * 1024;
 
 /// Largest accepted timeout: one day. Anything longer is almost certainly a
 /// unit mistake (seconds or microseconds written as milliseconds).
@@ -177,10 +188,20 @@ pub struct IpcConfig {
     /// Deadline for writing one frame. Default 10000.
     pub write_timeout_ms: u64,
     /// Server: how long a handler may take over one task before the task is
-    /// answered with an error and its work stopped. Default 30000.
+    /// answered with an error and its work stopped. Default 25000, at most
+    /// five sixths of `read_timeout_ms`, so that the answer reaches the
+    /// agent before the agent stops waiting for it (see
+    /// [`task_timeout_answerable`](Self::task_timeout_answerable));
+    /// [`ConfigLoader`] lowers the default to five sixths of a lower
+    /// `read_timeout_ms`.
     pub task_timeout_ms: u64,
     /// Connections served at once. Default 16.
     pub max_connections: usize,
+    /// Server: connections one peer (one uid) may hold at once, served or
+    /// waiting for a slot; 0 (the default) sets no cap beyond
+    /// `max_connections`. With several agents or a `socket_group`, a cap
+    /// keeps one peer from holding every slot.
+    pub max_connections_per_peer: usize,
     /// Frame checksum polynomial. Default IEEE.
     pub crc32_variant: Crc32Variant,
     /// Unix: the group (name or gid) whose members may connect: the socket
@@ -208,8 +229,9 @@ impl IpcConfig {
             accept_timeout_ms: 5_000,
             read_timeout_ms: 30_000,
             write_timeout_ms: 10_000,
-            task_timeout_ms: 30_000,
+            task_timeout_ms: 25_000,
             max_connections: 16,
+            max_connections_per_peer: 0,
             crc32_variant: Crc32Variant::Ieee,
             socket_group: None,
         }
@@ -272,6 +294,16 @@ impl IpcConfig {
                 format!("must be between 1 and {MAX_CONNECTIONS_LIMIT}"),
             ));
         }
+        if self.max_connections_per_peer > self.max_connections {
+            return Err(invalid(
+                ConfigField::MaxConnectionsPerPeer,
+                self.max_connections_per_peer.to_string(),
+                format!(
+                    "must be between 0 (no cap) and max_connections = {}",
+                    self.max_connections
+                ),
+            ));
+        }
         for (field, value) in [
             (ConfigField::AcceptTimeoutMs, self.accept_timeout_ms),
             (ConfigField::ReadTimeoutMs, self.read_timeout_ms),
@@ -287,6 +319,44 @@ impl IpcConfig {
             }
         }
         Ok(())
+    }
+
+    /// What a server checks beyond [`validate`](Self::validate): with the
+    /// `legacy` transport, `max_connections` at most
+    /// [`LEGACY_MAX_CONNECTIONS`] (it runs a thread per connection).
+    pub fn validate_server(&self) -> Result<(), IpcError> {
+        self.validate_server_with_origins(|_| None)
+    }
+
+    fn validate_server_with_origins(
+        &self,
+        origin_of: impl Fn(ConfigField) -> Option<ConfigOrigin>,
+    ) -> Result<(), IpcError> {
+        self.validate_with_origins(&origin_of)?;
+        if self.transport == TransportKind::Legacy && self.max_connections > LEGACY_MAX_CONNECTIONS
+        {
+            return Err(IpcError::InvalidConfig {
+                field: ConfigField::MaxConnections.key(),
+                value: self.max_connections.to_string(),
+                origin: origin_of(ConfigField::MaxConnections),
+                requirement: format!(
+                    "must be at most {LEGACY_MAX_CONNECTIONS} with transport = \"legacy\", which \
+                     runs a thread per connection; use interprocess or tokio for more"
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// Whether the answer to a task that runs out of time reaches an agent
+    /// with the same `read_timeout_ms` before it gives up: `task_timeout_ms`
+    /// at most five sixths of `read_timeout_ms`. The agent's clock starts at
+    /// its send, before the collector's; the sixth left is for the answer to
+    /// travel. Without it the agent gives up first, retires the connection
+    /// and never learns why. (A collector whose agents wait longer than it
+    /// does may ignore this; `serve` warns.)
+    pub fn task_timeout_answerable(&self) -> bool {
+        self.task_timeout_ms <= answerable_within(self.read_timeout_ms)
     }
 
     /// The frame settings both ends must share. Saturates an out-of-range
@@ -329,12 +399,20 @@ impl IpcConfig {
             ConfigField::WriteTimeoutMs => self.write_timeout_ms.to_string(),
             ConfigField::TaskTimeoutMs => self.task_timeout_ms.to_string(),
             ConfigField::MaxConnections => self.max_connections.to_string(),
+            ConfigField::MaxConnectionsPerPeer => self.max_connections_per_peer.to_string(),
             ConfigField::Crc32Variant => format!("{:?}", self.crc32_variant.name()),
             ConfigField::SocketGroup => {
                 toml::Value::from(self.socket_group.as_deref().unwrap_or_default()).to_string()
             }
         }
     }
+}
+
+/// The longest task deadline whose answer still reaches an agent that
+/// waits `read_timeout_ms`: five sixths of it, the last sixth left for the
+/// answer to travel.
+fn answerable_within(read_timeout_ms: u64) -> u64 {
+    read_timeout_ms.saturating_mul(5) / 6
 }
 
 /// The default endpoint for this platform and user.
@@ -384,6 +462,8 @@ pub enum ConfigField {
     TaskTimeoutMs,
     /// `max_connections`
     MaxConnections,
+    /// `max_connections_per_peer`
+    MaxConnectionsPerPeer,
     /// `crc32_variant`
     Crc32Variant,
     /// `socket_group`
@@ -392,7 +472,7 @@ pub enum ConfigField {
 
 impl ConfigField {
     /// Every setting, in the decision record's order.
-    pub const ALL: [ConfigField; 10] = [
+    pub const ALL: [ConfigField; 11] = [
         ConfigField::Transport,
         ConfigField::EndpointPath,
         ConfigField::MaxFrameBytes,
@@ -401,6 +481,7 @@ impl ConfigField {
         ConfigField::WriteTimeoutMs,
         ConfigField::TaskTimeoutMs,
         ConfigField::MaxConnections,
+        ConfigField::MaxConnectionsPerPeer,
         ConfigField::Crc32Variant,
         ConfigField::SocketGroup,
     ];
@@ -416,6 +497,7 @@ impl ConfigField {
             ConfigField::WriteTimeoutMs => "write_timeout_ms",
             ConfigField::TaskTimeoutMs => "task_timeout_ms",
             ConfigField::MaxConnections => "max_connections",
+            ConfigField::MaxConnectionsPerPeer => "max_connections_per_peer",
             ConfigField::Crc32Variant => "crc32_variant",
             ConfigField::SocketGroup => "socket_group",
         }
@@ -476,6 +558,8 @@ pub struct ConfigOverrides {
     pub task_timeout_ms: Option<u64>,
     /// See [`IpcConfig::max_connections`].
     pub max_connections: Option<usize>,
+    /// See [`IpcConfig::max_connections_per_peer`].
+    pub max_connections_per_peer: Option<usize>,
     /// See [`IpcConfig::crc32_variant`].
     pub crc32_variant: Option<Crc32Variant>,
     /// See [`IpcConfig::socket_group`].
@@ -517,6 +601,13 @@ impl ConfigOverrides {
             ConfigField::MaxConnections => {
                 self.max_connections = Some(parse(var, value, "a whole number of connections")?);
             }
+            ConfigField::MaxConnectionsPerPeer => {
+                self.max_connections_per_peer = Some(parse(
+                    var,
+                    value,
+                    "a whole number of connections (0: no cap)",
+                )?);
+            }
             ConfigField::Crc32Variant => {
                 self.crc32_variant = Some(parse(var, value, "ieee or castagnoli")?);
             }
@@ -544,6 +635,13 @@ pub struct LoadedConfig {
 }
 
 impl LoadedConfig {
+    /// [`IpcConfig::validate_server`], naming where a refused value came
+    /// from.
+    pub fn validate_server(&self) -> Result<(), IpcError> {
+        self.config
+            .validate_server_with_origins(|field| Some(self.origin(field).clone()))
+    }
+
     /// Where the value of `field` came from.
     pub fn origin(&self, field: ConfigField) -> &ConfigOrigin {
         &self.origins[field.index()]
@@ -685,6 +783,15 @@ impl ConfigLoader {
 
         loaded.apply(self.flags, |_| ConfigOrigin::Flag);
 
+        // The default task deadline keeps within a read timeout set lower.
+        if loaded.origin(ConfigField::TaskTimeoutMs) == &ConfigOrigin::Default {
+            let config = &mut loaded.config;
+            config.task_timeout_ms = config
+                .task_timeout_ms
+                .min(answerable_within(config.read_timeout_ms))
+                .max(1);
+        }
+
         loaded
             .config
             .validate_with_origins(|field| Some(loaded.origin(field).clone()))?;
@@ -712,6 +819,7 @@ impl LoadedConfig {
             write_timeout_ms => WriteTimeoutMs,
             task_timeout_ms => TaskTimeoutMs,
             max_connections => MaxConnections,
+            max_connections_per_peer => MaxConnectionsPerPeer,
             crc32_variant => Crc32Variant,
         );
         if let Some(group) = layer.socket_group {

@@ -18,7 +18,7 @@ use crate::frame::codec::decode_message;
 use crate::frame::{
     Crc32Variant, FrameDecoder, FrameSettings, HEADER_LEN, encode_frame, encode_message,
 };
-use crate::policy::budget::MemoryBudget;
+use crate::policy::budget::Budget;
 use crate::policy::client::{ClientConnection, Outcome, Refusal};
 use crate::policy::inbound::Inbound;
 use crate::policy::server::{ConnectionLimits, Reply, ServerConnection, ServerEvent};
@@ -277,7 +277,7 @@ pub fn config_loader(data: &[u8]) {
 /// * the output is always whole result frames, each answering a task that
 ///   was started, at most once;
 /// * once closed, it asks for nothing more;
-/// * the memory it held is all given back to the budget.
+/// * the budget is never exceeded, and all it held is given back.
 pub fn server_connection(data: &[u8]) {
     let mut input = Input { data };
     let max_in_flight = usize::from(input.byte() % 8) + 1;
@@ -291,11 +291,13 @@ pub fn server_connection(data: &[u8]) {
         task_timeout: Duration::from_millis(u64::from(input.byte()) + 1),
         max_in_flight,
     };
-    let budget = Arc::new(MemoryBudget::new(usize::from(input.u16())));
+    // The budget as a driver carries it: the least a server accepts, or
+    // more.
+    let limit = limits.largest_reservation() + usize::from(input.u16());
+    let mut budget = Budget::new(limit);
     let counters = Arc::new(Counters::default());
     let mut now = Instant::now();
-    let mut connection =
-        ServerConnection::new(limits, counters, budget.clone(), Arc::default(), now);
+    let mut connection = ServerConnection::new(limits, counters, Arc::default(), now);
     let mut running: Vec<u64> = Vec::new();
     let mut started: HashMap<u64, String> = HashMap::new();
     let mut answered: HashSet<u64> = HashSet::new();
@@ -353,6 +355,20 @@ pub fn server_connection(data: &[u8]) {
             5 => connection.on_eof(now),
             _ => connection.stop_reading(now),
         }
+        loop {
+            budget.release(connection.take_released());
+            if let Some(bytes) = connection.budget_request()
+                && budget.request(1, bytes)
+            {
+                connection.on_granted(bytes, now);
+                continue;
+            }
+            match budget.poll_grant() {
+                Some((_, bytes)) => connection.on_granted(bytes, now),
+                None => break,
+            }
+        }
+        assert!(budget.held() <= limit, "over the budget");
         while let Some(event) = connection.poll_event() {
             assert!(!closed, "an event after the connection closed");
             match event {
@@ -392,7 +408,7 @@ pub fn server_connection(data: &[u8]) {
             assert!(!connection.wants_read() && connection.poll_timeout().is_none());
         }
     }
-    drop(connection);
+    budget.release(connection.release_all());
     assert_eq!(budget.held(), 0, "every byte held is given back");
 }
 

@@ -126,6 +126,7 @@ compile_error!("daemoneye-ipc supports Unix (Linux, macOS, the BSDs) and Windows
 mod backoff;
 pub mod client;
 pub mod config;
+mod drive;
 pub mod endpoint;
 pub mod error;
 pub mod frame;

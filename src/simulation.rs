@@ -1,23 +1,58 @@
-//! A deterministic simulation of a server and its clients (first cut, on
-//! the rules as they were: the slots, the memory budget, the server and
-//! client connection cores), to find the interleavings that break them.
+//! A deterministic simulation of a server and its clients: every rule that
+//! holds across connections (the connection limit, the waiting room, the
+//! memory budget, deadlines under backpressure) checked under thousands of
+//! seeded interleavings, with a virtual clock.
+//!
+//! What runs is the product's own code, minus the sockets and the runtime:
+//! the shared [`Slots`] and [`SharedBudget`], each connection's
+//! [`Served`] glue and [`ServerConnection`](crate::policy::server::ServerConnection)
+//! core, and each client's [`ClientConnection`] core. The simulation plays
+//! the parts of the drivers (a waiter's timer, a shutdown), of the sockets
+//! (pipes with a capacity, partial reads and writes, a peer that hangs up),
+//! of the handlers (instant, slow, never finishing, panicking, with results
+//! from nothing to twice the frame limit), and of clients that behave or
+//! do not (pipelining, never reading, trickling bytes, leaving).
+//!
+//! At every step a seeded scheduler picks one of the enabled actions: a
+//! client arrives, writes, reads or hangs up; the server reads, writes, or
+//! its timer fires; a handler finishes; a waiter wakes; the server starts
+//! to shut down; or the clock moves on, never past a deadline that is due.
+//! After every step the invariants are checked (see [`Sim::check`]):
+//!
+//! * connections served ≤ `max_connections`, and the acceptor counts
+//!   exactly the connections being served;
+//! * bytes reserved ≤ `max_bytes_in_flight`, and bytes actually held (read
+//!   and not decoded, tasks running, results not written) ≤
+//!   `max_bytes_in_flight` + [`READ_SLACK`] per connection;
+//! * a frame being read is cut by `read_timeout` of the time the server
+//!   was reading, never later, and the server always asks to be woken by
+//!   then; nothing asks to be woken at an instant already past;
+//! * no waiter is admitted at or after its deadline, and every waiter whose
+//!   deadline has come has its fate;
+//! * every task a client sent is answered exactly once, with its own result,
+//!   or its connection ends with a reason;
+//! * at the end: every connection closed, no slot and no byte of the budget
+//!   left held, and shutdown over within grace + 1 s.
+//!
+//! A failing seed prints itself, the settings and the last steps, and
+//! replays alone with `SIM_SEED=<seed>`; `SIM_SEEDS=<n>` explores more.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::frame::{FrameSettings, HEADER_LEN};
-use crate::policy::budget::MemoryBudget;
+use crate::policy::acceptor::{Arrival, ArrivalId, Fate};
 use crate::policy::client::{ClientConnection, Outcome};
-use crate::policy::server::{ConnectionLimits, Reply, ServerConnection, ServerEvent, TaskTicket};
+use crate::policy::server::{ConnectionLimits, READ_SLACK, Reply, TaskTicket};
 use crate::proto::{DetectionResult, DetectionTask};
-use crate::server::slots::{Admitted, Slots};
+use crate::server::HandlerOutcome;
+use crate::server::budget::SharedBudget;
+use crate::server::connection::{Handlers, Served};
+use crate::server::slots::Slots;
 use crate::telemetry::Counters;
-
-/// The largest task frame the simulated clients send.
-const LARGEST_TASK_FRAME: usize = 256;
 
 /// splitmix64: a few lines, seeded, the same everywhere.
 struct Rng(u64);
@@ -51,10 +86,13 @@ impl Rng {
 #[derive(Debug, Clone, Copy)]
 struct Settings {
     max_connections: usize,
+    max_per_peer: Option<usize>,
     accept_timeout: Duration,
     limits: ConnectionLimits,
     budget: usize,
     clients: usize,
+    /// How many uids the clients run as.
+    peers: u32,
     grace: Duration,
     /// Weights of the client kinds, in `Kind`'s order.
     kinds: [u64; 4],
@@ -68,7 +106,7 @@ enum Kind {
     Polite,
     /// Sends its tasks and never reads.
     NeverReads,
-    /// Writes a few bytes at a time.
+    /// Writes a few bytes at a time, pipelining.
     Trickles,
     /// Hangs up at a random moment.
     Leaves,
@@ -89,17 +127,24 @@ impl Pipe {
     }
 }
 
+/// A fate the acceptor passed on, and when.
+type Told = Arc<Mutex<Option<(Fate, Instant)>>>;
+
 enum Server {
-    /// Not yet admitted.
+    /// Waiting for a slot, as the async driver's `wait_for_slot` does.
     Waiting {
-        arrival: u64,
+        arrival: ArrivalId,
         deadline: Instant,
-        admitted: Arc<AtomicBool>,
+        told: Told,
     },
     Served {
-        core: Box<ServerConnection>,
+        served: Box<Served<Arc<SharedBudget>>>,
+        slot: ArrivalId,
+        /// Handlers still running, with what they will do.
         handlers: BTreeMap<TaskTicket, Handler>,
-        stopping: bool,
+        /// Set by the budget when a reservation this connection waits for
+        /// is granted.
+        granted: Arc<AtomicBool>,
     },
     Closed,
 }
@@ -110,10 +155,13 @@ struct Handler {
     result_bytes: usize,
     panics: bool,
     task_id: String,
+    /// The task's frame, held while the handler runs.
+    frame: usize,
 }
 
 struct Client {
     kind: Kind,
+    uid: u32,
     core: ClientConnection<usize>,
     to_send: VecDeque<DetectionTask>,
     /// Every task begun: its id and what became of it.
@@ -140,23 +188,27 @@ struct Conn {
     down: Pipe,
     written_total: usize,
     clock: FrameClock,
+    /// Bytes of task frames the server has decoded.
+    decoded_total: usize,
 }
 
+/// One seeded run. See the [module docs](self).
 pub(crate) struct Sim {
     seed: u64,
     rng: Rng,
     settings: Settings,
     t0: Instant,
     now: Instant,
+    /// The virtual time, for hand-offs made under the acceptor's lock.
+    clock: Arc<Mutex<Instant>>,
     slots: Slots,
-    budget: Arc<MemoryBudget>,
+    budget: Arc<SharedBudget>,
     counters: Arc<Counters>,
     conns: Vec<Conn>,
     started_clients: usize,
     shutdown_at: Option<Instant>,
     log: Vec<String>,
     steps: usize,
-    max_ratio: f64,
 }
 
 /// A broken invariant, with the seed that replays it and the steps before.
@@ -188,47 +240,110 @@ enum Action {
     ServerReads(usize),
     ServerWrites(usize),
     ServerTimer(usize),
+    ServerCollects(usize),
     HandlerDone(usize, TaskTicket),
     Shutdown,
     Advance,
+}
+
+/// The handlers of one simulated connection, as its driver runs them.
+struct SimHandlers<'a> {
+    rng: &'a mut Rng,
+    settings: Settings,
+    now: Instant,
+    running: &'a mut BTreeMap<TaskTicket, Handler>,
+    /// Bytes of task frames decoded, counted as their tasks start.
+    decoded: &'a mut usize,
+}
+
+impl Handlers for SimHandlers<'_> {
+    fn start(&mut self, ticket: TaskTicket, task: DetectionTask) -> Option<HandlerOutcome> {
+        let limits = self.settings.limits;
+        let max = u64::from(limits.settings.max_frame_bytes);
+        let done_at = match self.rng.below(10) {
+            0..=3 => Some(self.now),
+            4..=8 => Some(
+                self.now
+                    + self
+                        .rng
+                        .millis(0, 2 * limits.task_timeout.as_millis() as u64),
+            ),
+            _ => None,
+        };
+        let result_bytes = if !self.rng.chance(self.settings.large_results) {
+            self.rng.range(0, 100)
+        } else if self.rng.chance(85) {
+            self.rng.range(max / 4, max - 64)
+        } else {
+            self.rng.range(max, 2 * max)
+        } as usize;
+        let frame = HEADER_LEN + prost::Message::encoded_len(&task);
+        *self.decoded += frame;
+        let handler = Handler {
+            done_at,
+            result_bytes,
+            panics: self.rng.chance(5),
+            frame,
+            task_id: task.task_id,
+        };
+        if done_at == Some(self.now) {
+            return Some(handler.outcome());
+        }
+        self.running.insert(ticket, handler);
+        None
+    }
+
+    fn cancel(&mut self, ticket: TaskTicket) {
+        self.running.remove(&ticket);
+    }
 }
 
 impl Sim {
     pub(crate) fn new(seed: u64) -> Sim {
         let mut rng = Rng(seed);
         let max_frame_bytes = if rng.chance(50) { 1024 } else { 4096 };
-        let settings = Settings {
-            max_connections: rng.range(1, 4) as usize,
-            accept_timeout: rng.millis(10, 200),
-            limits: ConnectionLimits {
-                settings: FrameSettings {
-                    max_frame_bytes,
-                    ..FrameSettings::DEFAULT
-                },
-                read_timeout: rng.millis(50, 500),
-                write_timeout: rng.millis(20, 300),
-                task_timeout: rng.millis(20, 400),
-                max_in_flight: rng.range(1, 8) as usize,
+        let limits = ConnectionLimits {
+            settings: FrameSettings {
+                max_frame_bytes,
+                ..FrameSettings::DEFAULT
             },
-            budget: rng.range(1, 8) as usize * (max_frame_bytes as usize + HEADER_LEN),
+            read_timeout: rng.millis(50, 500),
+            write_timeout: rng.millis(20, 300),
+            task_timeout: rng.millis(20, 400),
+            max_in_flight: rng.range(1, 8) as usize,
+        };
+        let max_connections = rng.range(1, 4) as usize;
+        let settings = Settings {
+            max_connections,
+            max_per_peer: rng
+                .chance(30)
+                .then(|| rng.range(1, max_connections as u64) as usize),
+            accept_timeout: rng.millis(10, 200),
+            limits,
+            budget: rng.range(2, 8) as usize * (HEADER_LEN + max_frame_bytes as usize),
             clients: rng.range(1, 8) as usize,
+            peers: rng.range(1, 3) as u32,
             grace: rng.millis(50, 500),
             kinds: [rng.below(4), rng.below(4), rng.below(4), rng.below(4)],
             large_results: rng.below(80),
         };
-        // One seed in three is a memory squeeze: a small budget, peers that
-        // never read and results that are large, tricklers among them.
+        // One seed in three is a memory squeeze: a budget of the smallest
+        // size a server accepts, peers that never read and results that are
+        // large, tricklers among them.
         let settings = if seed.is_multiple_of(3) {
             Settings {
-                budget: rng.range(1, 2) as usize * (max_frame_bytes as usize + HEADER_LEN),
+                // The least a server accepts: a task and a result of the
+                // largest size.
+                budget: 2 * (HEADER_LEN + max_frame_bytes as usize) + rng.below(2) as usize * 1024,
                 kinds: [1, 2, 3, 0],
                 large_results: rng.range(50, 90),
                 clients: rng.range(3, 8) as usize,
                 max_connections: rng.range(2, 4) as usize,
+                max_per_peer: None,
                 limits: ConnectionLimits {
                     read_timeout: rng.millis(200, 600),
                     write_timeout: rng.millis(150, 400),
-                    ..settings.limits
+                    ..limits
                 },
                 ..settings
             }
@@ -242,15 +357,19 @@ impl Sim {
             settings,
             t0,
             now: t0,
-            slots: Slots::new(settings.max_connections, settings.accept_timeout),
-            budget: Arc::new(MemoryBudget::new(settings.budget)),
+            clock: Arc::new(Mutex::new(t0)),
+            slots: Slots::new(
+                settings.max_connections,
+                settings.max_per_peer,
+                settings.accept_timeout,
+            ),
+            budget: Arc::new(SharedBudget::new(settings.budget)),
             counters: Arc::new(Counters::default()),
             conns: Vec::new(),
             started_clients: 0,
             shutdown_at: None,
             log: Vec::new(),
             steps: 0,
-            max_ratio: 0.0,
         }
     }
 
@@ -260,7 +379,7 @@ impl Sim {
     }
 
     fn fail(&self, invariant: String) -> Failure {
-        let start = self.log.len().saturating_sub(40);
+        let start = self.log.len().saturating_sub(60);
         Failure {
             seed: self.seed,
             invariant: format!("{invariant} ({:?})", self.settings),
@@ -270,18 +389,6 @@ impl Sim {
 
     /// Runs to the end: every client started, the server shut down.
     pub(crate) fn run(mut self) -> Result<(), Failure> {
-        let result = self.run_inner();
-        if std::env::var("SIM_STATS").is_ok() {
-            let stats = self.counters.snapshot("sim", 0);
-            eprintln!(
-                "seed {} pauses {} max_held_ratio {:.2}",
-                self.seed, stats.budget_pauses, self.max_ratio
-            );
-        }
-        result
-    }
-
-    fn run_inner(&mut self) -> Result<(), Failure> {
         loop {
             let actions = self.enabled();
             if actions.is_empty() {
@@ -332,15 +439,20 @@ impl Sim {
                 }
             }
             match &conn.server {
-                Server::Waiting {
-                    deadline, admitted, ..
-                } => {
-                    if *deadline <= now || admitted.load(Ordering::SeqCst) {
+                Server::Waiting { deadline, told, .. } => {
+                    let decided = told.lock().expect("not poisoned").is_some();
+                    if *deadline <= now || decided {
                         due |= *deadline <= now;
                         actions.push(Action::WaiterWakes(index));
                     }
                 }
-                Server::Served { core, handlers, .. } => {
+                Server::Served {
+                    served,
+                    handlers,
+                    granted,
+                    ..
+                } => {
+                    let core = &served.core;
                     if core.wants_read() && (!conn.up.bytes.is_empty() || conn.up.writer_gone) {
                         actions.push(Action::ServerReads(index));
                     }
@@ -354,6 +466,9 @@ impl Sim {
                     {
                         due = true;
                         actions.push(Action::ServerTimer(index));
+                    }
+                    if granted.load(Ordering::SeqCst) {
+                        actions.push(Action::ServerCollects(index));
                     }
                     for (&ticket, handler) in handlers {
                         if handler.done_at.is_some_and(|at| at <= now) {
@@ -390,8 +505,10 @@ impl Sim {
             }
             match &conn.server {
                 Server::Waiting { deadline, .. } => consider(Some(*deadline)),
-                Server::Served { core, handlers, .. } => {
-                    consider(core.poll_timeout());
+                Server::Served {
+                    served, handlers, ..
+                } => {
+                    consider(served.core.poll_timeout());
                     for handler in handlers.values() {
                         consider(handler.done_at);
                     }
@@ -479,14 +596,21 @@ impl Sim {
             Action::ServerReads(index) => {
                 let chunk = self.rng.range(1, 4096) as usize;
                 let conn = &mut self.conns[index];
-                let Server::Served { core, .. } = &mut conn.server else {
-                    unreachable!()
+                let Server::Served { served, .. } = &mut conn.server else {
+                    unreachable!("enabled while served")
                 };
+                let core = &mut served.core;
                 if conn.up.bytes.is_empty() {
                     core.on_eof(now);
                     self.note(format!("server {index} reads the end"));
                 } else {
-                    let count = chunk.min(conn.up.bytes.len());
+                    let window = core.read_window();
+                    if window == 0 {
+                        return Err(self.fail(format!(
+                            "server connection {index} wants to read with no room to read into"
+                        )));
+                    }
+                    let count = chunk.min(conn.up.bytes.len()).min(window);
                     let bytes: Vec<u8> = conn.up.bytes.drain(..count).collect();
                     core.read_buffer().extend_from_slice(&bytes);
                     core.on_read(count, now);
@@ -498,9 +622,10 @@ impl Sim {
             Action::ServerWrites(index) => {
                 let chunk = self.rng.range(1, 8192) as usize;
                 let conn = &mut self.conns[index];
-                let Server::Served { core, .. } = &mut conn.server else {
-                    unreachable!()
+                let Server::Served { served, .. } = &mut conn.server else {
+                    unreachable!("enabled while served")
                 };
+                let core = &mut served.core;
                 if conn.down.reader_gone {
                     core.on_io_error(std::io::ErrorKind::BrokenPipe.into());
                 } else {
@@ -512,27 +637,39 @@ impl Sim {
                 self.drive_server(index)?;
             }
             Action::ServerTimer(index) => {
-                let Server::Served { core, .. } = &mut self.conns[index].server else {
-                    unreachable!()
+                let Server::Served { served, .. } = &mut self.conns[index].server else {
+                    unreachable!("enabled while served")
                 };
-                core.handle_timeout(now);
-                if let Some(next) = core.poll_timeout()
+                served.core.handle_timeout(now);
+                if let Some(next) = served.core.poll_timeout()
                     && next <= now
                 {
                     return Err(self.fail(format!(
-                        "server connection {index} asks to be woken at {next:?}, which is already \
-                         due (a busy loop)"
+                        "server connection {index} asks to be woken at {:?}, which is already \
+                         due (a busy loop)",
+                        next - self.t0
                     )));
                 }
                 self.note(format!("server {index} timer"));
                 self.drive_server(index)?;
             }
+            Action::ServerCollects(index) => {
+                let Server::Served { granted, .. } = &self.conns[index].server else {
+                    unreachable!("enabled while served")
+                };
+                granted.store(false, Ordering::SeqCst);
+                self.note(format!("server {index} woken by the budget"));
+                self.drive_server(index)?;
+            }
             Action::HandlerDone(index, ticket) => {
-                let Server::Served { core, handlers, .. } = &mut self.conns[index].server else {
-                    unreachable!()
+                let Server::Served {
+                    served, handlers, ..
+                } = &mut self.conns[index].server
+                else {
+                    unreachable!("enabled while served")
                 };
                 let handler = handlers.remove(&ticket).expect("enabled with a handler");
-                core.task_finished(ticket, handler.outcome(), now);
+                served.core.task_finished(ticket, handler.outcome(), now);
                 self.note(format!("handler {index}/{ticket} done"));
                 self.drive_server(index)?;
             }
@@ -540,34 +677,23 @@ impl Sim {
                 self.shutdown_at = Some(now);
                 self.note("shutdown begins".to_owned());
                 for index in 0..self.conns.len() {
-                    match &mut self.conns[index].server {
-                        Server::Waiting {
-                            arrival, admitted, ..
-                        } => {
-                            // As the async driver: a waiter told to stop
-                            // withdraws; a false withdrawal means admitted.
-                            let arrival = *arrival;
-                            let got = admitted.load(Ordering::SeqCst);
-                            if got || !self.slots.withdraw(arrival) {
-                                self.admit(index, now);
-                            } else {
-                                self.refuse(index);
-                            }
+                    match &self.conns[index].server {
+                        // As the async driver: a waiter told to stop
+                        // withdraws, then hears its fate.
+                        Server::Waiting { arrival, .. } => {
+                            self.slots.withdraw(*arrival, now);
+                            self.waiter_wakes(index)?;
                         }
-                        Server::Served { .. } => {}
-                        Server::Closed => continue,
+                        Server::Served { .. } => self.stop_reading(index)?,
+                        Server::Closed => {}
                     }
-                    if let Server::Served { core, stopping, .. } = &mut self.conns[index].server {
-                        *stopping = true;
-                        core.stop_reading(now);
-                    }
-                    self.drive_server(index)?;
                 }
             }
             Action::Advance => {
                 let next = self.next_deadline().expect("enabled with a deadline");
                 let step = self.rng.millis(1, 50);
                 self.now = next.min(self.now + step);
+                *self.clock.lock().expect("not poisoned") = self.now;
                 self.note("time passes".to_owned());
                 if let Some(at) = self.shutdown_at
                     && self.now >= at + self.settings.grace
@@ -604,8 +730,10 @@ impl Sim {
             })
             .collect();
         let limits = self.settings.limits;
+        let uid = 1000 + self.rng.below(u64::from(self.settings.peers)) as u32;
         let client = Client {
             kind,
+            uid,
             core: ClientConnection::new(
                 limits.settings,
                 Duration::from_secs(3600),
@@ -624,28 +752,10 @@ impl Sim {
                 self.rng.range(1, limits.max_in_flight as u64) as usize
             },
         };
-        let admitted = Arc::new(AtomicBool::new(false));
-        let told = admitted.clone();
-        let server = match self.slots.arrive(
-            move |_| {
-                told.store(true, Ordering::SeqCst);
-                true
-            },
-            self.now,
-        ) {
-            Admitted::Now => self.served(),
-            Admitted::Later { id, deadline } => Server::Waiting {
-                arrival: id,
-                deadline,
-                admitted,
-            },
-            Admitted::Refused => Server::Closed,
-        };
-        let refused = matches!(server, Server::Closed);
         let capacity = self.rng.range(64, 4096) as usize;
         self.conns.push(Conn {
             client,
-            server,
+            server: Server::Closed,
             up: Pipe {
                 capacity,
                 ..Pipe::default()
@@ -656,35 +766,57 @@ impl Sim {
             },
             written_total: 0,
             clock: FrameClock::default(),
+            decoded_total: 0,
         });
-        if refused {
-            self.refuse(index);
+        let told: Told = Arc::default();
+        let tell = told.clone();
+        let clock = self.clock.clone();
+        let (arrival, outcome) = self.slots.arrive(
+            Some(uid),
+            move |_, fate| {
+                let decided_at = *clock.lock().expect("not poisoned");
+                *tell.lock().expect("not poisoned") = Some((fate, decided_at));
+                true
+            },
+            self.now,
+        );
+        self.note(format!(
+            "client {index} ({kind:?}, uid {uid}) arrives, {count} tasks: {outcome:?}"
+        ));
+        match outcome {
+            Arrival::Admitted => self.serve(index, arrival),
+            Arrival::Waiting { deadline } => {
+                self.conns[index].server = Server::Waiting {
+                    arrival,
+                    deadline,
+                    told,
+                };
+            }
+            Arrival::Refused(_) => self.refuse(index),
         }
-        self.note(format!("client {index} ({kind:?}) arrives, {count} tasks"));
     }
 
-    fn served(&self) -> Server {
-        Server::Served {
-            core: Box::new(ServerConnection::new(
-                self.settings.limits,
-                self.counters.clone(),
-                self.budget.clone(),
-                Arc::default(),
-                self.now,
-            )),
+    fn serve(&mut self, index: usize, slot: ArrivalId) {
+        let granted = Arc::new(AtomicBool::new(false));
+        let wake = {
+            let granted = granted.clone();
+            Box::new(move || granted.store(true, Ordering::SeqCst))
+        };
+        let served = Served::new(
+            self.settings.limits,
+            self.counters.clone(),
+            Arc::default(),
+            self.budget.clone(),
+            wake,
+            self.now,
+        );
+        self.conns[index].server = Server::Served {
+            served: Box::new(served),
+            slot,
             handlers: BTreeMap::new(),
-            stopping: false,
-        }
-    }
-
-    fn admit(&mut self, index: usize, now: Instant) {
-        if let Server::Waiting { deadline, .. } = self.conns[index].server
-            && deadline <= now
-        {
-            self.note(format!("server {index} admitted at or after its deadline"));
-        }
-        self.conns[index].server = self.served();
-        self.note(format!("server {index} admitted"));
+            granted,
+        };
+        self.note(format!("server {index} serves"));
     }
 
     fn refuse(&mut self, index: usize) {
@@ -695,84 +827,83 @@ impl Sim {
         self.note(format!("server {index} refused"));
     }
 
+    /// As the async driver's waiter: its fate heard, or its timer fired
+    /// (which makes the acceptor decide).
     fn waiter_wakes(&mut self, index: usize) -> Result<(), Failure> {
+        let now = self.now;
         let Server::Waiting {
             arrival,
             deadline,
-            admitted,
+            told,
         } = &self.conns[index].server
         else {
-            unreachable!()
+            unreachable!("enabled while waiting")
         };
-        let (arrival, deadline) = (*arrival, *deadline);
-        // As the async driver: told, or its own timer fired and a false
-        // withdrawal means a slot was handed over meanwhile.
-        if admitted.load(Ordering::SeqCst) || !self.slots.withdraw(arrival) {
-            let _ = deadline;
-            self.admit(index, self.now);
-            if self.shutdown_at.is_some()
-                && let Server::Served { core, stopping, .. } = &mut self.conns[index].server
+        let (arrival, deadline, told) = (*arrival, *deadline, told.clone());
+        if told.lock().expect("not poisoned").is_none() && deadline <= now {
+            self.slots.handle_timeout(now);
+            if let Some(next) = self.slots.poll_timeout()
+                && next <= now
             {
-                *stopping = true;
-                core.stop_reading(self.now);
+                return Err(self.fail(format!(
+                    "the acceptor asks to be woken at {:?}, which is already due (a busy loop)",
+                    next - self.t0
+                )));
             }
-            self.drive_server(index)
-        } else {
-            self.refuse(index);
-            Ok(())
+        }
+        let fate = *told.lock().expect("not poisoned");
+        match fate {
+            None if deadline <= now => Err(self.fail(format!(
+                "waiter {index}'s deadline passed and the acceptor has not decided its fate"
+            ))),
+            None => Ok(()),
+            Some((Fate::Admitted, at)) if at >= deadline => Err(self.fail(format!(
+                "waiter {index} admitted at {:?}, at or after its deadline {:?}",
+                at - self.t0,
+                deadline - self.t0
+            ))),
+            Some((Fate::Admitted, _)) => {
+                self.serve(index, arrival);
+                if self.shutdown_at.is_some() {
+                    self.stop_reading(index)?;
+                }
+                Ok(())
+            }
+            Some((Fate::Expired, _)) => {
+                self.refuse(index);
+                Ok(())
+            }
         }
     }
 
-    /// What a driver does after any event: start and cancel handlers, and
-    /// close the connection when the core says so.
+    fn stop_reading(&mut self, index: usize) -> Result<(), Failure> {
+        if let Server::Served { served, .. } = &mut self.conns[index].server {
+            served.core.stop_reading(self.now);
+        }
+        self.drive_server(index)
+    }
+
+    /// What a driver does after any event ([`Served::step`]), and closing
+    /// the connection when the core says so.
     fn drive_server(&mut self, index: usize) -> Result<(), Failure> {
         let now = self.now;
-        loop {
-            let Server::Served { core, handlers, .. } = &mut self.conns[index].server else {
-                return Ok(());
-            };
-            let Some(event) = core.poll_event() else {
-                break;
-            };
-            match event {
-                ServerEvent::StartTask { ticket, task } => {
-                    let task_timeout = self.settings.limits.task_timeout;
-                    let max = self.settings.limits.settings.max_frame_bytes as u64;
-                    let done_at = match self.rng.below(10) {
-                        0..=3 => Some(now),
-                        4..=8 => {
-                            Some(now + self.rng.millis(0, 2 * task_timeout.as_millis() as u64))
-                        }
-                        _ => None,
-                    };
-                    let result_bytes = if !self.rng.chance(self.settings.large_results) {
-                        self.rng.range(0, 100)
-                    } else if self.rng.chance(85) {
-                        self.rng.range(max / 4, max - 64)
-                    } else {
-                        self.rng.range(max, 2 * max)
-                    } as usize;
-                    let handler = Handler {
-                        done_at,
-                        result_bytes,
-                        panics: self.rng.chance(5),
-                        task_id: task.task_id,
-                    };
-                    if done_at == Some(now) {
-                        core.task_finished(ticket, handler.outcome(), now);
-                    } else {
-                        handlers.insert(ticket, handler);
-                    }
-                }
-                ServerEvent::CancelTask { ticket } => {
-                    handlers.remove(&ticket);
-                }
-            }
-        }
-        let Server::Served { core, .. } = &mut self.conns[index].server else {
+        let settings = self.settings;
+        let conn = &mut self.conns[index];
+        let Server::Served {
+            served, handlers, ..
+        } = &mut conn.server
+        else {
             return Ok(());
         };
-        if let Some(outcome) = core.poll_close() {
+        let mut sim_handlers = SimHandlers {
+            rng: &mut self.rng,
+            settings,
+            now,
+            running: handlers,
+            decoded: &mut conn.decoded_total,
+        };
+        let ended = served.step(&mut sim_handlers, now);
+        if let Some(outcome) = ended {
             self.note(format!("server {index} closes: {outcome:?}"));
             self.close_server(index);
         }
@@ -781,10 +912,13 @@ impl Sim {
 
     fn close_server(&mut self, index: usize) {
         let conn = &mut self.conns[index];
-        conn.server = Server::Closed;
+        let Server::Served { slot, .. } = std::mem::replace(&mut conn.server, Server::Closed)
+        else {
+            return;
+        };
         conn.down.writer_gone = true;
         conn.up.reader_gone = true;
-        self.slots.release(self.now);
+        self.slots.release(slot, self.now);
     }
 
     fn abort(&mut self) {
@@ -792,7 +926,10 @@ impl Sim {
         for index in 0..self.conns.len() {
             match self.conns[index].server {
                 Server::Served { .. } => self.close_server(index),
-                Server::Waiting { .. } => self.refuse(index),
+                Server::Waiting { arrival, .. } => {
+                    self.slots.withdraw(arrival, self.now);
+                    self.refuse(index);
+                }
                 Server::Closed => {}
             }
         }
@@ -824,10 +961,21 @@ impl Sim {
     /// The invariants, after every step.
     fn check(&mut self) -> Result<(), Failure> {
         let now = self.now;
+        // A waiter the acceptor admitted holds its slot before its driver
+        // hears of it.
         let served = self
             .conns
             .iter()
-            .filter(|conn| matches!(conn.server, Server::Served { .. }))
+            .filter(|conn| match &conn.server {
+                Server::Served { .. } => true,
+                Server::Waiting { told, .. } => {
+                    matches!(
+                        *told.lock().expect("not poisoned"),
+                        Some((Fate::Admitted, _))
+                    )
+                }
+                Server::Closed => false,
+            })
             .count();
         if served > self.settings.max_connections {
             return Err(self.fail(format!(
@@ -835,9 +983,74 @@ impl Sim {
                 self.settings.max_connections
             )));
         }
+        if self.slots.served() != served {
+            return Err(self.fail(format!(
+                "the acceptor counts {} connections served, {served} are",
+                self.slots.served()
+            )));
+        }
+        if let Some(limit) = self.settings.max_per_peer {
+            let mut per_peer: BTreeMap<u32, usize> = BTreeMap::new();
+            for conn in &self.conns {
+                let holds = match &conn.server {
+                    Server::Served { .. } => true,
+                    Server::Waiting { told, .. } => !matches!(
+                        *told.lock().expect("not poisoned"),
+                        Some((Fate::Expired, _))
+                    ),
+                    Server::Closed => false,
+                };
+                if holds {
+                    *per_peer.entry(conn.client.uid).or_default() += 1;
+                }
+            }
+            if let Some((uid, count)) = per_peer.into_iter().find(|&(_, count)| count > limit) {
+                return Err(self.fail(format!(
+                    "uid {uid} holds {count} connections, max_connections_per_peer = {limit}"
+                )));
+            }
+        }
+        let reserved = self.budget.held();
+        if reserved > self.settings.budget {
+            return Err(self.fail(format!(
+                "{reserved} bytes reserved, over max_bytes_in_flight = {}",
+                self.settings.budget
+            )));
+        }
+        // Liveness of the budget: requests wait first come first served, so
+        // if every waiting request (not yet granted) fits in what is free,
+        // the first of them does, and should have been granted.
+        let waiting: Vec<(usize, usize)> = self
+            .conns
+            .iter()
+            .enumerate()
+            .filter_map(|(index, conn)| match &conn.server {
+                Server::Served {
+                    served, granted, ..
+                } if !granted.load(Ordering::SeqCst) => Some((index, served.core.awaited_grant()?)),
+                _ => None,
+            })
+            .collect();
+        if !waiting.is_empty()
+            && waiting
+                .iter()
+                .all(|&(_, request)| reserved + request <= self.settings.budget)
+        {
+            return Err(self.fail(format!(
+                "connections wait for the budget (index, bytes: {waiting:?}) while only \
+                 {reserved} of {} bytes are held",
+                self.settings.budget
+            )));
+        }
+        let covered = self.bytes_held_for_tasks();
+        if covered > self.settings.budget {
+            return Err(self.fail(format!(
+                "{covered} bytes held for tasks and results, over max_bytes_in_flight = {}",
+                self.settings.budget
+            )));
+        }
+        let held = self.bytes_held();
         let bound = self.memory_bound();
-        let held = self.budget.held();
-        self.max_ratio = self.max_ratio.max(held as f64 / bound as f64);
         if held > bound {
             return Err(self.fail(format!(
                 "{held} bytes held, over the documented bound of {bound}"
@@ -845,9 +1058,10 @@ impl Sim {
         }
         for index in 0..self.conns.len() {
             let conn = &mut self.conns[index];
-            let Server::Served { core, .. } = &conn.server else {
+            let Server::Served { served, .. } = &conn.server else {
                 continue;
             };
+            let core = &served.core;
             let reading = core.wants_read();
             let timeout = self.settings.limits.read_timeout;
             let Some(deadline) = conn.clock.deadline(reading, timeout, now) else {
@@ -881,10 +1095,40 @@ impl Sim {
         Ok(())
     }
 
-    /// What the docs promise: `max_bytes_in_flight`, plus one task per
-    /// connection (one with nothing in flight may always take one).
+    /// Bytes the server holds for its connections, counted from outside:
+    /// read and not yet decoded, tasks whose handlers still run, results
+    /// not yet written.
+    fn bytes_held(&self) -> usize {
+        let unread: usize = self
+            .conns
+            .iter()
+            .filter(|conn| matches!(conn.server, Server::Served { .. }))
+            .map(|conn| conn.clock.read_total - conn.decoded_total)
+            .sum();
+        unread + self.bytes_held_for_tasks()
+    }
+
+    /// Of [`bytes_held`](Self::bytes_held), what tasks and results hold:
+    /// all of it covered by reservations.
+    fn bytes_held_for_tasks(&self) -> usize {
+        self.conns
+            .iter()
+            .map(|conn| match &conn.server {
+                Server::Served {
+                    served, handlers, ..
+                } => {
+                    let running: usize = handlers.values().map(|handler| handler.frame).sum();
+                    running + served.core.pending_output().len()
+                }
+                _ => 0,
+            })
+            .sum()
+    }
+
+    /// What docs/security.md promises: `max_bytes_in_flight`, plus what
+    /// each connection reads ahead of its reservations.
     fn memory_bound(&self) -> usize {
-        self.settings.budget + self.settings.max_connections * LARGEST_TASK_FRAME
+        self.settings.budget + self.settings.max_connections * READ_SLACK
     }
 
     fn check_end(&mut self) -> Result<(), Failure> {
@@ -905,6 +1149,18 @@ impl Sim {
             if let Some((task_id, _)) = conn.client.tasks.iter().find(|(_, o)| o.is_none()) {
                 return Err(self.fail(format!("client {index}: task {task_id} never settled")));
             }
+        }
+        if self.slots.served() != 0 {
+            return Err(self.fail(format!(
+                "{} slots still held after every connection closed",
+                self.slots.served()
+            )));
+        }
+        if self.budget.held() != 0 {
+            return Err(self.fail(format!(
+                "{} bytes of the budget still held after every connection closed",
+                self.budget.held()
+            )));
         }
         if let Some(at) = self.shutdown_at
             && self.now > at + self.settings.grace + Duration::from_secs(1)
@@ -929,7 +1185,6 @@ impl Handler {
 
 impl FrameClock {
     fn on_read(&mut self, count: usize, now: Instant) {
-        let before = self.read_total;
         self.read_total += count;
         while let Some(&(start, end)) = self.frames.front() {
             if self.read_total >= end {
@@ -940,7 +1195,6 @@ impl FrameClock {
                 continue;
             }
             if self.read_total > start && self.started.is_none() {
-                let _ = before;
                 self.started = Some(now);
             }
             break;
@@ -968,6 +1222,8 @@ impl FrameClock {
 mod tests {
     use super::*;
 
+    /// The seeds to explore: `SIM_SEED` alone, or `SIM_SEEDS` from 0
+    /// (default 2,000).
     fn seeds() -> (u64, u64) {
         if let Ok(seed) = std::env::var("SIM_SEED") {
             return (seed.parse().expect("SIM_SEED is a number"), 1);

@@ -513,15 +513,15 @@ mod overlapped {
             }
         }
 
-        /// Starts reading into the read slot's buffer (if no read is in
-        /// flight). `Ok(false)` if the peer had closed its end already: the
+        /// Starts reading at most `max` bytes into the read slot's buffer (if
+        /// no read is in flight). `Ok(false)` if the peer had closed its end already: the
         /// end of the stream, as [`poll_read`](Self::poll_read) reports one
         /// that closes during a read.
-        pub(crate) fn start_read(&mut self) -> io::Result<bool> {
+        pub(crate) fn start_read(&mut self, max: usize) -> io::Result<bool> {
             if self.read.pending {
                 return Ok(true);
             }
-            let length = self.read.buffer.len() as u32;
+            let length = self.read.buffer.len().min(max) as u32;
             let buffer = self.read.buffer.as_mut_ptr();
             let overlapped = self.read.prepare();
             // SAFETY: `buffer` is writable for `length` bytes; it and

@@ -207,6 +207,7 @@ fn every_setting_can_come_from_the_environment() {
         ("DAEMONEYE_IPC_WRITE_TIMEOUT_MS", "33"),
         ("DAEMONEYE_IPC_TASK_TIMEOUT_MS", "55"),
         ("DAEMONEYE_IPC_MAX_CONNECTIONS", "44"),
+        ("DAEMONEYE_IPC_MAX_CONNECTIONS_PER_PEER", "4"),
         ("DAEMONEYE_IPC_CRC32_VARIANT", "Castagnoli"),
         // A group every Unix has (gid 0); Windows has no socket groups.
         #[cfg(unix)]
@@ -222,6 +223,7 @@ fn every_setting_can_come_from_the_environment() {
         write_timeout_ms: 33,
         task_timeout_ms: 55,
         max_connections: 44,
+        max_connections_per_peer: 4,
         crc32_variant: Crc32Variant::Castagnoli,
         socket_group: cfg!(unix).then(|| "0".to_owned()),
     };

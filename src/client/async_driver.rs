@@ -5,13 +5,11 @@
 //! not take at once from the caller of the only one ([`write_now`]).
 
 use std::future::poll_fn;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::task::{Context, Poll, Waker};
 use std::time::Instant;
 
-use tokio::io::AsyncWrite;
 use tokio::sync::Notify;
 
 use super::{IoWake, Link, LinkHandle, Waiter};
@@ -35,17 +33,8 @@ pub(super) fn start(connection: Connection, core: ClientConnection<Waiter>) -> L
 pub(super) fn write_now(connection: &mut Connection, core: &mut ClientConnection<Waiter>) {
     // The caller will not wait for the socket: if it is full, the driver is
     // woken and registers its own interest when it polls the write again.
-    let mut no_wait = Context::from_waker(Waker::noop());
-    while !core.pending_output().is_empty() {
-        match Pin::new(&mut *connection).poll_write(&mut no_wait, core.pending_output()) {
-            Poll::Ready(Ok(0)) => {
-                return core.on_io_error(&std::io::ErrorKind::WriteZero.into());
-            }
-            Poll::Ready(Ok(written)) => core.on_written(written, Instant::now()),
-            Poll::Ready(Err(error)) => return core.on_io_error(&error),
-            Poll::Pending => return,
-        }
-    }
+    let _ =
+        crate::drive::async_io::write(&mut Context::from_waker(Waker::noop()), connection, core);
 }
 
 /// Ends the connection for its callers however the driving task ends: on
@@ -128,40 +117,8 @@ fn drive_io(cx: &mut Context<'_>, connection: &Mutex<Option<Connection>>, link: 
     // The core's lock first, then the connection's, as callers take them.
     let mut core = link.lock();
     let mut connection = lock(connection);
-    let Some(connection) = connection.as_mut() else {
-        return Poll::Pending;
-    };
-    let mut progressed = false;
-    while !core.pending_output().is_empty() {
-        match Pin::new(&mut *connection).poll_write(cx, core.pending_output()) {
-            Poll::Ready(Ok(0)) => {
-                core.on_io_error(&std::io::ErrorKind::WriteZero.into());
-                return Poll::Ready(());
-            }
-            Poll::Ready(Ok(written)) => {
-                core.on_written(written, Instant::now());
-                progressed = true;
-            }
-            Poll::Ready(Err(error)) => {
-                core.on_io_error(&error);
-                return Poll::Ready(());
-            }
-            Poll::Pending => break,
-        }
-    }
-    if core.wants_read() {
-        match tokio_util::io::poll_read_buf(Pin::new(&mut *connection), cx, core.read_buffer()) {
-            Poll::Ready(Ok(0)) => core.on_eof(Instant::now()),
-            Poll::Ready(Ok(read)) => core.on_read(read, Instant::now()),
-            Poll::Ready(Err(error)) => core.on_io_error(&error),
-            Poll::Pending if !progressed => return Poll::Pending,
-            Poll::Pending => {}
-        }
-        return Poll::Ready(());
-    }
-    if progressed {
-        Poll::Ready(())
-    } else {
-        Poll::Pending
+    match connection.as_mut() {
+        Some(connection) => crate::drive::async_io::drive_io(cx, connection, &mut *core),
+        None => Poll::Pending,
     }
 }

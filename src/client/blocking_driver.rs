@@ -7,8 +7,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::{IoWake, Link, LinkHandle, Waiter};
+use crate::drive::blocking_io::{drive_io, interest};
 use crate::policy::client::ClientConnection;
-use crate::transport::legacy::{Interest, Stream, Waker};
+use crate::transport::legacy::{Stream, Waker};
 
 /// Starts the thread that drives `stream`.
 pub(super) fn start(stream: Stream, core: ClientConnection<Waiter>) -> std::io::Result<LinkHandle> {
@@ -29,12 +30,10 @@ fn run(mut stream: Stream, link: &Link, waker: &Waker) {
     while !link.finished() {
         let (progressed, interest, deadline) = {
             let mut core = link.lock();
-            let progressed = drive_io(&mut stream, &mut core);
-            let interest = Interest {
-                read: core.wants_read(),
-                write: !core.pending_output().is_empty(),
-            };
-            (progressed, interest, core.poll_timeout())
+            // The calls return at once, so holding the core's lock over
+            // them is brief.
+            let progressed = drive_io(&mut stream, &mut *core);
+            (progressed, interest(&*core), core.poll_timeout())
         };
         link.settle();
         if progressed {
@@ -53,34 +52,4 @@ fn run(mut stream: Stream, link: &Link, waker: &Waker) {
     };
     link.settle();
     tracing::debug!(%reason, "connection ended");
-}
-
-/// Writes and reads what can be without blocking (the calls return at
-/// once, so holding the core's lock over them is brief); true if either
-/// made progress or failed.
-fn drive_io(stream: &mut Stream, core: &mut ClientConnection<Waiter>) -> bool {
-    let mut progressed = false;
-    if !core.pending_output().is_empty() {
-        match stream.write_from(core.pending_output()) {
-            Ok(written) => {
-                core.on_written(written, Instant::now());
-                progressed = true;
-            }
-            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {}
-            Err(error) => {
-                core.on_io_error(&error);
-                return true;
-            }
-        }
-    }
-    if core.wants_read() {
-        match stream.read_into(core.read_buffer()) {
-            Ok(0) => core.on_eof(Instant::now()),
-            Ok(read) => core.on_read(read, Instant::now()),
-            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => return progressed,
-            Err(error) => core.on_io_error(&error),
-        }
-        return true;
-    }
-    progressed
 }

@@ -359,6 +359,12 @@ impl FrameDecoder {
         self.pending.is_some()
     }
 
+    /// The body length the frame in progress announced, once its header has
+    /// been taken off the buffer.
+    pub(crate) fn pending_length(&self) -> Option<usize> {
+        self.pending.map(|header| header.length as usize)
+    }
+
     /// Takes one complete frame off the front of `buf` and returns its
     /// verified body, or `Ok(None)` if more bytes are needed.
     ///

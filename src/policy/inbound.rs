@@ -28,9 +28,10 @@ pub(crate) struct Inbound<M> {
     /// cannot say once a frame is split off the front: it counts from the
     /// split, not the allocation.
     oversized: bool,
-    /// When the first byte of the frame in progress arrived (or when reading
-    /// resumed after a pause). `None` between frames.
-    frame_started: Option<Instant>,
+    /// The clock of the frame in progress; `None` between frames.
+    clock: Option<FrameClock>,
+    /// Reading is paused: a frame's clock does not run meanwhile.
+    paused: bool,
     frame_timeout: Duration,
     _messages: PhantomData<fn() -> M>,
 }
@@ -42,7 +43,8 @@ impl<M: prost::Message + Default> Inbound<M> {
             decoder: FrameDecoder::new(settings),
             buf: BytesMut::new(),
             oversized: false,
-            frame_started: None,
+            clock: None,
+            paused: false,
             frame_timeout,
             _messages: PhantomData,
         }
@@ -63,9 +65,33 @@ impl<M: prost::Message + Default> Inbound<M> {
         // Drivers may grow the buffer as they read into it (the legacy one
         // sizes its reads to what arrives): looked at after every read.
         self.oversized |= self.buf.capacity() > RETAINED_CAPACITY;
-        if count > 0 && self.frame_started.is_none() {
-            self.frame_started = Some(now);
+        if count > 0 && self.clock.is_none() {
+            self.clock = Some(FrameClock::started(now, self.paused));
         }
+    }
+
+    /// Bytes of the stream received and not yet taken as messages.
+    pub(crate) fn buffered(&self) -> usize {
+        self.buf.len()
+            + if self.decoder.is_mid_frame() {
+                HEADER_LEN
+            } else {
+                0
+            }
+    }
+
+    /// The size (header included) of the next frame, once its header has
+    /// arrived; a header over `max_frame_bytes` is an error.
+    pub(crate) fn next_frame_size(&self) -> Result<Option<usize>, IpcError> {
+        let length = match self.decoder.pending_length() {
+            Some(length) => length,
+            None => match self.buf.first_chunk::<HEADER_LEN>() {
+                Some(header) => crate::frame::FrameHeader::parse(*header)
+                    .check_length(self.decoder.settings().max_frame_bytes)?,
+                None => return Ok(None),
+            },
+        };
+        Ok(Some(HEADER_LEN + length))
     }
 
     /// The next complete message in the buffer, if there is one, with its
@@ -102,7 +128,7 @@ impl<M: prost::Message + Default> Inbound<M> {
 
     fn frame_done(&mut self, now: Instant) {
         // Bytes left over belong to the next frame, which has begun.
-        self.frame_started = (!self.buf.is_empty()).then_some(now);
+        self.clock = (!self.buf.is_empty()).then(|| FrameClock::started(now, self.paused));
         self.shrink_after_large_frame();
     }
 
@@ -126,30 +152,41 @@ impl<M: prost::Message + Default> Inbound<M> {
         self.oversized
     }
 
-    /// When the frame in progress must be complete, if one is in progress.
+    /// When the frame in progress must be complete, if one is in progress
+    /// and reading is not paused.
     pub(crate) fn deadline(&self) -> Option<Instant> {
-        self.frame_started
-            .map(|started| started + self.frame_timeout)
+        let clock = self.clock.as_ref()?;
+        let left = self.frame_timeout.saturating_sub(clock.elapsed);
+        clock.running_since.map(|since| since + left)
     }
 
-    /// Restarts the clock of a frame in progress: for a reader that stopped
-    /// reading for a while (backpressure), since the time it did not read is
-    /// not the peer's delay.
+    /// Stops the frame clock: the reader stopped reading for a while
+    /// (backpressure, the memory budget), and the time it does not read is
+    /// not the peer's delay. The time the frame has taken so far stands.
+    pub(crate) fn pause(&mut self, now: Instant) {
+        self.paused = true;
+        if let Some(clock) = &mut self.clock {
+            clock.stop(now);
+        }
+    }
+
+    /// Starts the frame clock again where [`pause`](Self::pause) stopped it.
     pub(crate) fn resume(&mut self, now: Instant) {
-        if self.frame_started.is_some() {
-            self.frame_started = Some(now);
+        self.paused = false;
+        if let Some(clock) = &mut self.clock {
+            clock.running_since.get_or_insert(now);
         }
     }
 
     /// True while part of a frame has arrived.
     pub(crate) fn is_mid_frame(&self) -> bool {
-        self.frame_started.is_some()
+        self.clock.is_some()
     }
 
     /// The error for a frame (or, with `idle`, a connection) whose time ran
     /// out: both limits are the same duration, `read_timeout_ms`.
     pub(crate) fn timed_out(&self) -> IpcError {
-        let received = match self.frame_started {
+        let received = match self.clock {
             Some(_) => {
                 self.buf.len()
                     + if self.decoder.is_mid_frame() {
@@ -163,6 +200,30 @@ impl<M: prost::Message + Default> Inbound<M> {
         IpcError::ReadTimeout {
             waited_ms: millis(self.frame_timeout),
             received,
+        }
+    }
+}
+
+/// How long the frame in progress has taken, time paused excluded.
+#[derive(Debug, Clone, Copy)]
+struct FrameClock {
+    /// Taken before the last pause.
+    elapsed: Duration,
+    /// Running since; `None` while paused.
+    running_since: Option<Instant>,
+}
+
+impl FrameClock {
+    fn started(now: Instant, paused: bool) -> FrameClock {
+        FrameClock {
+            elapsed: Duration::ZERO,
+            running_since: (!paused).then_some(now),
+        }
+    }
+
+    fn stop(&mut self, now: Instant) {
+        if let Some(since) = self.running_since.take() {
+            self.elapsed += now.saturating_duration_since(since);
         }
     }
 }

@@ -32,16 +32,16 @@
 //! * [`client`]: one client connection: the pending table that correlates
 //!   results with callers by `task_id`, tasks given up on, the in-flight
 //!   limit, retirement of a connection that stopped answering.
-//! * [`admission`]: connection slots and the bounded waiting room in front
-//!   of them.
+//! * [`acceptor`]: connection slots and the bounded waiting room in front
+//!   of them; the fate of every waiting connection.
 //! * [`budget`]: the bytes a server holds for tasks in flight, across its
-//!   connections.
+//!   connections, reserved before the work that needs them starts.
 //! * [`encodings`]: the encoding of a shared result, made once for the
 //!   whole server.
 //! * [`inbound`] and [`outbound`]: the frame streams each side reads and
 //!   writes, with their deadlines and buffer limits.
 
-pub(crate) mod admission;
+pub(crate) mod acceptor;
 pub(crate) mod budget;
 pub(crate) mod client;
 pub(crate) mod encodings;

@@ -4,14 +4,25 @@
 //!
 //! * **Frames and idleness.** Once a frame's first byte has arrived, the
 //!   whole frame must arrive within `read_timeout`, however its bytes are
-//!   spaced. Between frames, with nothing in flight, the connection may sit
-//!   idle for `read_timeout`; a client waiting on a slow handler is not idle.
+//!   spaced; time the connection is not read (below) does not count, and
+//!   time already taken is not forgiven. Between frames, with nothing in
+//!   flight, the connection may sit idle for `read_timeout`; a client
+//!   waiting on a slow handler is not idle.
 //! * **In-flight limit and backpressure.** A task is in flight from the
 //!   moment its frame is decoded until its result is written. With
 //!   `max_in_flight` tasks in flight the connection is not read (frames
 //!   already buffered wait too), so a client cannot queue unbounded work or
 //!   make the server hold unbounded results for a peer that does not read.
-//!   Time spent not reading is not charged to the peer's frame.
+//! * **Memory.** Before a task's body is read, the connection reserves from
+//!   the server-wide budget ([`super::budget`]) room for the task's frame
+//!   and for the largest result frame; what the result does not use goes
+//!   back once it is encoded, the rest as it is written. A connection whose
+//!   reservation must wait stops reading until it is granted. Beyond what
+//!   is reserved it reads at most [`READ_SLACK`] bytes (enough to learn the
+//!   next frames' sizes). The driver carries requests and releases to the
+//!   budget ([`budget_request`](ServerConnection::budget_request),
+//!   [`take_released`](ServerConnection::take_released)) and grants back
+//!   ([`on_granted`](ServerConnection::on_granted)).
 //! * **Results as they finish.** Each result is encoded into the output as
 //!   its handler finishes, in completion order, every ready frame written
 //!   together. A result too large for a frame is replaced by an error result
@@ -22,10 +33,6 @@
 //! * **Bad input.** A frame that fails its checksum, announces more than
 //!   `max_frame_bytes`, is not a `DetectionTask`, or is cut short, closes
 //!   this connection, and only this one.
-//! * **Memory.** Every task in flight and every result not yet written holds
-//!   its frame's size against the server-wide [`MemoryBudget`]; past it, a
-//!   connection with something in flight stops reading until enough has
-//!   been written, and one with nothing in flight may still take one task.
 //! * **Draining.** After [`stop_reading`](ServerConnection::stop_reading)
 //!   (graceful shutdown) or the peer closing its side, nothing more is read;
 //!   tasks in flight are answered, then the connection closes.
@@ -37,15 +44,20 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 
-use super::budget::MemoryBudget;
 use super::encodings::SharedEncodings;
 use super::inbound::Inbound;
 use super::outbound::Outbound;
 use super::{earliest, millis};
 use crate::error::IpcError;
-use crate::frame::FrameSettings;
+use crate::frame::{FrameSettings, HEADER_LEN};
 use crate::proto::{DetectionResult, DetectionTask};
 use crate::telemetry::{Counters, add, bump};
+
+/// Bytes a connection reads beyond what it has reserved from the budget:
+/// the start of the frames after the one it is reading, so that it learns
+/// their sizes. So each connection holds at most this much outside the
+/// budget.
+pub(crate) const READ_SLACK: usize = 8 * 1024;
 
 /// What a handler answers with.
 #[derive(Debug, Clone)]
@@ -85,6 +97,20 @@ pub(crate) struct ConnectionLimits {
     pub(crate) max_in_flight: usize,
 }
 
+impl ConnectionLimits {
+    /// What a task reserves for its result: the largest result frame.
+    pub(crate) fn result_allowance(&self) -> usize {
+        HEADER_LEN + self.settings.max_frame_bytes as usize
+    }
+
+    /// The most one task ever reserves: a task frame and a result frame,
+    /// both of the largest size. A budget smaller than this could never
+    /// serve such a task.
+    pub(crate) fn largest_reservation(&self) -> usize {
+        2 * self.result_allowance()
+    }
+}
+
 /// Identifies one task for as long as it is in flight on its connection.
 /// (Task ids are the client's and need not be unique on the server.)
 pub(crate) type TaskTicket = u64;
@@ -120,24 +146,77 @@ enum Reading {
 struct Running {
     task_id: String,
     deadline: Instant,
-    /// The task's frame size, held against the budget until it is answered.
-    bytes: usize,
+    /// The task's frame, held until its handler is done with it.
+    task_bytes: usize,
+    /// Held for the result until it is encoded.
+    result_allowance: usize,
 }
 
-/// How soon a connection held back by the memory budget looks again (other
-/// connections free the budget; they cannot wake this one).
-const BUDGET_RECHECK: Duration = Duration::from_millis(5);
+/// This connection's share of the budget.
+#[derive(Debug, Default)]
+struct Account {
+    /// Granted and not yet set aside for a task.
+    credit: usize,
+    /// Everything granted and not released, `credit` included.
+    held: usize,
+    /// Released and not yet handed back to the budget.
+    released: usize,
+    /// Set aside for the frame at the front of the read buffer: its size,
+    /// and its whole reservation (the frame and its result).
+    next_frame: Option<(usize, usize)>,
+    /// Bytes this connection needs granted before it reads on.
+    request: Request,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum Request {
+    #[default]
+    None,
+    /// Not yet handed to the driver.
+    Due(usize),
+    /// Handed to the driver; waiting to be granted.
+    Sent(usize),
+}
+
+impl Account {
+    fn release(&mut self, bytes: usize) {
+        debug_assert!(bytes <= self.held, "released more than was held");
+        let bytes = bytes.min(self.held);
+        self.held -= bytes;
+        self.released += bytes;
+    }
+
+    /// Sets aside `need` bytes for the next frame, or asks for what is
+    /// missing; true if set aside.
+    fn set_aside(&mut self, frame: usize, need: usize) -> bool {
+        if self.next_frame.is_some() {
+            return true;
+        }
+        if self.credit >= need {
+            self.credit -= need;
+            self.next_frame = Some((frame, need));
+            return true;
+        }
+        if self.request == Request::None {
+            self.request = Request::Due(need - self.credit);
+        }
+        false
+    }
+
+    /// Gives back what is set aside but not used by a task.
+    fn release_unused(&mut self) {
+        let unused = self.credit + self.next_frame.take().map_or(0, |(_, need)| need);
+        self.credit = 0;
+        self.release(unused);
+    }
+}
 
 /// The policy of one served connection. See the [module docs](self).
 #[derive(Debug)]
 pub(crate) struct ServerConnection {
     limits: ConnectionLimits,
     counters: Arc<Counters>,
-    budget: Arc<MemoryBudget>,
-    /// What this connection holds against the budget.
-    held: usize,
-    /// When to look at the budget again, while it holds reading back.
-    budget_recheck: Option<Instant>,
+    account: Account,
     inbound: Inbound<DetectionTask>,
     outbound: Outbound<DetectionResult>,
     /// Shared results' encodings, server-wide.
@@ -148,7 +227,8 @@ pub(crate) struct ServerConnection {
     next_ticket: TaskTicket,
     events: VecDeque<ServerEvent>,
     reading: Reading,
-    /// Reading was held back (in-flight limit) the last time we looked.
+    /// Reading was held back the last time we looked (the frame clock is
+    /// paused).
     read_paused: bool,
     /// The last task received or result written: the idle clock.
     last_activity: Instant,
@@ -161,7 +241,6 @@ impl ServerConnection {
     pub(crate) fn new(
         limits: ConnectionLimits,
         counters: Arc<Counters>,
-        budget: Arc<MemoryBudget>,
         encodings: Arc<SharedEncodings>,
         now: Instant,
     ) -> Self {
@@ -170,9 +249,7 @@ impl ServerConnection {
             outbound: Outbound::new(limits.settings, limits.write_timeout),
             limits,
             counters,
-            budget,
-            held: 0,
-            budget_recheck: None,
+            account: Account::default(),
             encodings,
             running: HashMap::new(),
             deadlines: BTreeSet::new(),
@@ -190,23 +267,18 @@ impl ServerConnection {
 
     /// Whether the driver should read now.
     pub(crate) fn wants_read(&self) -> bool {
-        !self.closed && self.reading == Reading::Open && self.has_room()
+        !self.closed
+            && self.reading == Reading::Open
+            && self.in_flight() < self.limits.max_in_flight
+            && self.account.request == Request::None
+            && self.read_window() > 0
     }
 
-    fn has_room(&self) -> bool {
-        let in_flight = self.in_flight();
-        in_flight < self.limits.max_in_flight && (in_flight == 0 || self.budget.has_room())
-    }
-
-    fn hold(&mut self, bytes: usize) {
-        self.held += bytes;
-        self.budget.hold(bytes);
-    }
-
-    fn release(&mut self, bytes: usize) {
-        let bytes = bytes.min(self.held);
-        self.held -= bytes;
-        self.budget.release(bytes);
+    /// How many bytes the driver may read now: what is left of the frame
+    /// reserved for, and [`READ_SLACK`] beyond it.
+    pub(crate) fn read_window(&self) -> usize {
+        let covered = self.account.next_frame.map_or(0, |(frame, _)| frame);
+        (covered + READ_SLACK).saturating_sub(self.inbound.buffered())
     }
 
     /// Tasks running or answered but not yet written.
@@ -214,7 +286,8 @@ impl ServerConnection {
         self.running.len() + self.outbound.queued_frames()
     }
 
-    /// The buffer to read into (see [`Inbound::read_buffer`]).
+    /// The buffer to read into (see [`Inbound::read_buffer`]); read at most
+    /// [`read_window`](Self::read_window) bytes into it.
     pub(crate) fn read_buffer(&mut self) -> &mut BytesMut {
         self.inbound.read_buffer()
     }
@@ -250,37 +323,67 @@ impl ServerConnection {
     fn decode_buffered(&mut self, now: Instant) {
         while !self.closed
             && matches!(self.reading, Reading::Open | Reading::PeerClosing)
-            && self.has_room()
+            && self.in_flight() < self.limits.max_in_flight
         {
-            match self.inbound.next_message(now) {
-                Ok(Some((task, bytes))) => self.start(task, bytes, now),
-                Ok(None) if self.reading == Reading::PeerClosing => {
-                    match self.inbound.on_eof(now) {
-                        Ok(Some((task, bytes))) => self.start(task, bytes, now),
-                        Ok(None) => self.reading = Reading::PeerClosed,
-                        Err(error) => self.fail(error),
+            let frame = match self.inbound.next_frame_size() {
+                Ok(Some(frame)) => frame,
+                Ok(None) => {
+                    if self.reading == Reading::PeerClosing {
+                        self.peer_done(now);
                     }
                     break;
                 }
+                Err(error) => {
+                    self.fail(error);
+                    break;
+                }
+            };
+            let whole = self.inbound.buffered() >= frame;
+            if self.reading == Reading::PeerClosing && !whole {
+                // Cut short: no need to reserve for it first.
+                self.peer_done(now);
+                break;
+            }
+            let need = frame + self.limits.result_allowance();
+            if !self.account.set_aside(frame, need) || !whole {
+                break;
+            }
+            match self.inbound.next_message(now) {
+                Ok(Some((task, bytes))) => self.start(task, bytes, now),
                 Ok(None) => break,
                 Err(error) => self.fail(error),
             }
         }
     }
 
+    /// The peer closed its side and no whole frame is left.
+    fn peer_done(&mut self, now: Instant) {
+        match self.inbound.on_eof(now) {
+            Ok(Some((task, bytes))) => self.start(task, bytes, now),
+            Ok(None) => self.reading = Reading::PeerClosed,
+            Err(error) => self.fail(error),
+        }
+    }
+
     fn start(&mut self, task: DetectionTask, bytes: usize, now: Instant) {
         bump(&self.counters.frames_in);
         tracing::debug!(task_id = ?task.task_id, task_type = task.task_type, "task received");
+        let (frame, need) = self
+            .account
+            .next_frame
+            .take()
+            .expect("a frame is decoded only once reserved for");
+        debug_assert_eq!(frame, bytes, "the frame reserved for is the one decoded");
         self.next_ticket += 1;
         let ticket = self.next_ticket;
         let deadline = now + self.limits.task_timeout;
-        self.hold(bytes);
         self.running.insert(
             ticket,
             Running {
                 task_id: task.task_id.clone(),
                 deadline,
-                bytes,
+                task_bytes: frame,
+                result_allowance: need - frame,
             },
         );
         self.deadlines.insert((deadline, ticket));
@@ -297,11 +400,66 @@ impl ServerConnection {
         self.refresh(now);
     }
 
+    // ---- the budget ----------------------------------------------------------
+
+    /// Bytes to reserve before reading on, once: the driver asks the budget
+    /// and calls [`on_granted`](Self::on_granted) when it is granted (at
+    /// once, or later).
+    pub(crate) fn budget_request(&mut self) -> Option<usize> {
+        match self.account.request {
+            Request::Due(bytes) => {
+                self.account.request = Request::Sent(bytes);
+                Some(bytes)
+            }
+            Request::None | Request::Sent(_) => None,
+        }
+    }
+
+    /// A request was handed to the driver and not granted yet.
+    pub(crate) fn awaits_grant(&self) -> bool {
+        self.awaited_grant().is_some()
+    }
+
+    /// The bytes of the request handed to the driver and not granted yet.
+    pub(crate) fn awaited_grant(&self) -> Option<usize> {
+        match self.account.request {
+            Request::Sent(bytes) => Some(bytes),
+            Request::None | Request::Due(_) => None,
+        }
+    }
+
+    /// The budget granted `bytes`.
+    pub(crate) fn on_granted(&mut self, bytes: usize, now: Instant) {
+        self.account.held += bytes;
+        self.account.credit += bytes;
+        self.account.request = Request::None;
+        self.decode_buffered(now);
+        self.refresh(now);
+    }
+
+    /// Bytes to give back to the budget.
+    pub(crate) fn take_released(&mut self) -> usize {
+        std::mem::take(&mut self.account.released)
+    }
+
+    /// Gives up everything held (the connection is being dropped): what the
+    /// driver must give back to the budget.
+    pub(crate) fn release_all(&mut self) -> usize {
+        let held = std::mem::take(&mut self.account.held);
+        self.account = Account::default();
+        self.take_released() + held
+    }
+
     // ---- tasks ---------------------------------------------------------------
 
     /// The next thing the driver must do, if any.
     pub(crate) fn poll_event(&mut self) -> Option<ServerEvent> {
         self.events.pop_front()
+    }
+
+    /// Whether [`poll_event`](Self::poll_event) has something.
+    pub(crate) fn has_events(&self) -> bool {
+        !self.events.is_empty()
     }
 
     /// The handler of `ticket` finished: with its reply, or with the reason
@@ -317,10 +475,10 @@ impl ServerConnection {
             return;
         };
         self.deadlines.remove(&(running.deadline, ticket));
-        self.release(running.bytes);
         if self.closed {
             return;
         }
+        self.account.release(running.task_bytes);
         let task_id = running.task_id;
         let reply = match outcome {
             Ok(reply) => reply,
@@ -336,13 +494,14 @@ impl ServerConnection {
                 ))
             }
         };
-        self.answer(task_id, reply, now);
+        self.answer(task_id, reply, running.result_allowance, now);
         self.refresh(now);
     }
 
-    /// Queues the reply's frame; a result too large for a frame is replaced
-    /// by an error result naming its size and the limit.
-    fn answer(&mut self, task_id: String, reply: Reply, now: Instant) {
+    /// Queues the reply's frame, within `allowance` (set aside for it), and
+    /// gives back what it did not use; a result too large for a frame is
+    /// replaced by an error result naming its size and the limit.
+    fn answer(&mut self, task_id: String, reply: Reply, allowance: usize, now: Instant) {
         let queued = match &reply {
             Reply::Owned(result) if result.task_id == task_id => self.outbound.push(&[result], now),
             Reply::Owned(result) => {
@@ -375,8 +534,7 @@ impl ServerConnection {
                 self.outbound.push(&[&result], now)
             }
         };
-        match queued {
-            Ok(bytes) => self.hold(bytes),
+        let queued = match queued {
             Err(IpcError::MessageTooLarge { length, limit }) => {
                 bump(&self.counters.oversize_results);
                 tracing::warn!(task_id = ?task_id, length, limit, "result exceeds max_frame_bytes; answering with an error");
@@ -391,12 +549,22 @@ impl ServerConnection {
                 // max_frame_bytes is at least MIN_FRAME_BYTES, room for this
                 // answer whatever the id (ids longer than that cannot have
                 // arrived in a frame either).
-                match self.outbound.push(&[&refusal], now) {
-                    Ok(bytes) => self.hold(bytes),
-                    Err(error) => self.fail(error),
-                }
+                self.outbound.push(&[&refusal], now)
             }
-            Err(error) => self.fail(error),
+            other => other,
+        };
+        match queued {
+            Ok(bytes) => {
+                debug_assert!(
+                    bytes <= allowance,
+                    "a frame is never larger than the largest"
+                );
+                self.account.release(allowance - bytes.min(allowance));
+            }
+            Err(error) => {
+                self.account.release(allowance);
+                self.fail(error);
+            }
         }
     }
 
@@ -411,7 +579,7 @@ impl ServerConnection {
     /// were written.
     pub(crate) fn on_written(&mut self, count: usize, now: Instant) {
         add(&self.counters.bytes_out, count as u64);
-        self.release(count);
+        self.account.release(count);
         let frames = self.outbound.on_written(count, now);
         if frames > 0 {
             add(&self.counters.frames_out, frames as u64);
@@ -433,7 +601,6 @@ impl ServerConnection {
             self.read_deadline(),
             self.outbound.deadline(),
             self.deadlines.first().map(|(deadline, _)| *deadline),
-            self.budget_recheck,
         ])
     }
 
@@ -470,18 +637,20 @@ impl ServerConnection {
             }
             self.deadlines.pop_first();
             if let Some(running) = self.running.remove(&ticket) {
-                self.release(running.bytes);
-                self.task_timed_out(ticket, running.task_id, now);
+                self.account.release(running.task_bytes);
+                self.task_timed_out(ticket, running.task_id, running.result_allowance, now);
             }
-        }
-        if self.budget_recheck.is_some_and(|recheck| recheck <= now) {
-            self.budget_recheck = None;
-            self.decode_buffered(now);
         }
         self.refresh(now);
     }
 
-    fn task_timed_out(&mut self, ticket: TaskTicket, task_id: String, now: Instant) {
+    fn task_timed_out(
+        &mut self,
+        ticket: TaskTicket,
+        task_id: String,
+        allowance: usize,
+        now: Instant,
+    ) {
         bump(&self.counters.task_timeouts);
         let limit = millis(self.limits.task_timeout);
         tracing::warn!(task_id = ?task_id, task_timeout_ms = limit, "handler did not finish in time; answered with an error and stopped");
@@ -494,15 +663,16 @@ impl ServerConnection {
                  the collector"
             ),
         );
-        self.answer(task_id, Reply::Owned(answer), now);
+        self.answer(task_id, Reply::Owned(answer), allowance, now);
     }
 
     // ---- the end -------------------------------------------------------------
 
     /// `Some` once, when the connection is over: `Ok` after a clean end
     /// (drained, or the peer left between frames), the error otherwise.
-    /// The driver then closes the connection and drops every task still
-    /// running.
+    /// The driver then closes the connection, drops every task still
+    /// running, and gives back what [`release_all`](Self::release_all)
+    /// returns.
     pub(crate) fn poll_close(&mut self) -> Option<Result<(), IpcError>> {
         self.close.take()
     }
@@ -512,40 +682,37 @@ impl ServerConnection {
             self.closed = true;
             self.events.clear();
             self.close = Some(Err(error));
-            self.release(self.held);
+            let held = self.account.held;
+            self.account.release(held);
+            self.account.credit = 0;
+            self.account.next_frame = None;
         }
     }
 
-    /// Re-evaluates after any event: a frame clock paused by backpressure
-    /// restarts when reading resumes, and a drained connection ends.
+    /// Re-evaluates after any event: the frame clock stops while reading is
+    /// held back and runs again when it resumes; what a connection that
+    /// reads no more had set aside goes back; a drained connection ends.
     fn refresh(&mut self, now: Instant) {
         if self.closed {
             return;
         }
         let reading = self.wants_read();
-        if reading && self.read_paused {
-            self.inbound.resume(now);
+        if reading == self.read_paused {
+            if reading {
+                self.inbound.resume(now);
+            } else {
+                self.inbound.pause(now);
+            }
+            self.read_paused = !reading;
         }
-        self.read_paused = self.reading == Reading::Open && !reading;
-        let held_back_by_budget = self.read_paused
-            && self.in_flight() < self.limits.max_in_flight
-            && !self.budget.has_room();
-        if held_back_by_budget && self.budget_recheck.is_none() {
-            bump(&self.counters.budget_pauses);
-        }
-        self.budget_recheck = held_back_by_budget.then(|| now + BUDGET_RECHECK);
         let done_reading = matches!(self.reading, Reading::Stopped | Reading::PeerClosed);
+        if done_reading {
+            self.account.release_unused();
+        }
         if done_reading && self.in_flight() == 0 {
             self.closed = true;
             self.close = Some(Ok(()));
         }
-    }
-}
-
-impl Drop for ServerConnection {
-    /// What the connection still held goes back to the budget.
-    fn drop(&mut self) {
-        self.release(self.held);
     }
 }
 
@@ -582,15 +749,17 @@ mod tests {
     fn connection(max_in_flight: usize) -> (ServerConnection, Arc<Counters>, Instant) {
         let counters = Arc::new(Counters::default());
         let t0 = Instant::now();
-        let budget = Arc::new(MemoryBudget::new(usize::MAX));
-        let connection = ServerConnection::new(
-            limits(max_in_flight),
-            counters.clone(),
-            budget,
-            Arc::default(),
-            t0,
-        );
+        let connection =
+            ServerConnection::new(limits(max_in_flight), counters.clone(), Arc::default(), t0);
         (connection, counters, t0)
+    }
+
+    /// Grants every reservation the connection asks for, as a driver with a
+    /// budget to spare would.
+    fn grant_all(connection: &mut ServerConnection, now: Instant) {
+        while let Some(bytes) = connection.budget_request() {
+            connection.on_granted(bytes, now);
+        }
     }
 
     fn task(id: &str) -> DetectionTask {
@@ -609,6 +778,7 @@ mod tests {
     fn receive(connection: &mut ServerConnection, bytes: &[u8], now: Instant) {
         connection.read_buffer().extend_from_slice(bytes);
         connection.on_read(bytes.len(), now);
+        grant_all(connection, now);
     }
 
     /// Every task started so far, by ticket and id.
@@ -639,6 +809,7 @@ mod tests {
             results.push(decode_message(&body).unwrap());
         }
         connection.on_written(count, now);
+        grant_all(connection, now);
         results
     }
 
@@ -817,8 +988,7 @@ mod tests {
             },
             ..limits(32)
         };
-        let budget = Arc::new(MemoryBudget::new(usize::MAX));
-        let mut c = ServerConnection::new(small, counters.clone(), budget, Arc::default(), t0);
+        let mut c = ServerConnection::new(small, counters.clone(), Arc::default(), t0);
         receive(&mut c, &frame("huge"), t0);
         let [(ticket, _)] = started(&mut c)[..] else {
             panic!()

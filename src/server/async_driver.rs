@@ -4,28 +4,28 @@
 
 use std::collections::HashMap;
 use std::future::poll_fn;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Instant;
 
-use tokio::io::AsyncWrite;
-use tokio::sync::oneshot;
-use tokio::task::{AbortHandle, Id as TokioTaskId, JoinSet};
+use tokio::sync::{Notify, oneshot};
+use tokio::task::{AbortHandle, JoinSet};
 use tokio_util::sync::DropGuard;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use super::slots::Admitted;
+use super::connection::{Handlers, Served};
 use super::{
     ACCEPT_BACKOFF_MAX, ACCEPT_BACKOFF_MIN, DriverWake, HandlerOutcome, Handling, Shared, Started,
-    TaskHandler, bind_error, panicked, start_handler,
+    TaskHandler, bind_error, start_handler,
 };
 use crate::backoff::Backoff;
 use crate::config::TransportKind;
+use crate::drive::async_io::drive_io;
 use crate::endpoint::Endpoint;
 use crate::error::IpcError;
-use crate::policy::server::{ServerConnection, ServerEvent, TaskTicket};
+use crate::policy::acceptor::{Arrival, ArrivalId, Fate};
+use crate::policy::server::TaskTicket;
+use crate::proto::DetectionTask;
 use crate::telemetry::{ActiveConnection, bump};
 use crate::transport::{Connection, Listener};
 
@@ -169,12 +169,12 @@ async fn serve_connection<H: TaskHandler>(
         peer_uid = peer.as_ref().ok().and_then(|p| p.uid),
         peer_pid = peer.as_ref().ok().and_then(|p| p.pid),
     );
+    let uid = peer.as_ref().ok().and_then(|p| p.uid);
     async move {
         if !shared.admit_peer(peer) {
             return;
         }
-        let Some(_slot) = wait_for_slot(&shared).await else {
-            shared.refused_for_limit();
+        let Some(_slot) = wait_for_slot(&shared, uid).await else {
             return;
         };
         let _active = ActiveConnection::enter(&shared.counters);
@@ -187,35 +187,94 @@ async fn serve_connection<H: TaskHandler>(
 }
 
 /// A slot held; released when dropped.
-struct Slot<'a>(&'a Shared);
+struct Slot<'a> {
+    shared: &'a Shared,
+    id: ArrivalId,
+}
 
 impl Drop for Slot<'_> {
     fn drop(&mut self) {
-        self.0.slots.release(Instant::now());
+        self.shared.slots.release(self.id, Instant::now());
     }
 }
 
-/// A serving slot, waited for up to `accept_timeout`; `None` if none freed
-/// (or the waiting room is full, or the server is stopping).
-async fn wait_for_slot(shared: &Shared) -> Option<Slot<'_>> {
-    let (admit, mut admitted) = oneshot::channel();
-    let (id, deadline) = match shared
+/// A place in the waiting room. Dropped while still there (the connection's
+/// task was cut), it withdraws, and gives back a slot handed over meanwhile.
+struct Waiting<'a> {
+    shared: &'a Shared,
+    id: ArrivalId,
+    fate: oneshot::Receiver<Fate>,
+    /// The fate has been heard: nothing for Drop to settle.
+    heard: bool,
+}
+
+impl<'a> Waiting<'a> {
+    /// What the acceptor decided: the slot, or nothing.
+    fn decided(mut self, fate: Fate) -> Option<Slot<'a>> {
+        self.heard = true;
+        if fate != Fate::Admitted {
+            self.shared.refused_for_limit(None);
+            return None;
+        }
+        Some(Slot {
+            shared: self.shared,
+            id: self.id,
+        })
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        if self.heard {
+            return;
+        }
+        self.shared.slots.withdraw(self.id, Instant::now());
+        if let Ok(Fate::Admitted) = self.fate.try_recv() {
+            self.shared.slots.release(self.id, Instant::now());
+        }
+    }
+}
+
+/// A serving slot, waited for up to `accept_timeout`; `None` (counted and
+/// logged) if the connection is refused on arrival, no slot frees in time,
+/// or the server stops.
+async fn wait_for_slot(shared: &Shared, uid: Option<u32>) -> Option<Slot<'_>> {
+    let (tell, fate) = oneshot::channel();
+    let now = Instant::now();
+    let (id, arrival) = shared
         .slots
-        .arrive(move |_| admit.send(()).is_ok(), Instant::now())
-    {
-        Admitted::Now => return Some(Slot(shared)),
-        Admitted::Refused => return None,
-        Admitted::Later { id, deadline } => (id, deadline),
+        .arrive(uid, move |_, fate| tell.send(fate).is_ok(), now);
+    let deadline = match arrival {
+        Arrival::Admitted => return Some(Slot { shared, id }),
+        Arrival::Refused(refusal) => {
+            shared.refused_for_limit(Some(refusal));
+            return None;
+        }
+        Arrival::Waiting { deadline } => deadline,
     };
     tracing::debug!("all slots taken; waiting for one");
-    let got_one = tokio::select! {
-        _ = shared.stop_reading.cancelled() => false,
-        got = tokio::time::timeout_at(deadline.into(), &mut admitted) => matches!(got, Ok(Ok(()))),
+    let mut waiting = Waiting {
+        shared,
+        id,
+        fate,
+        heard: false,
     };
-    // The receiver is still alive here, so a slot handed over between the
-    // wait ending and the withdrawal is ours: withdrawing says so.
-    // (Lazily: a `Slot` built and dropped would release a slot not held.)
-    (got_one || !shared.slots.withdraw(id)).then(|| Slot(shared))
+    loop {
+        // The acceptor tells the fate; the timer and a shutdown only make
+        // it decide (under its lock), so the fate heard is the one decided.
+        tokio::select! {
+            biased;
+            fate = &mut waiting.fate => {
+                return waiting.decided(fate.unwrap_or(Fate::Expired));
+            }
+            () = tokio::time::sleep_until(deadline.into()) => {
+                shared.slots.handle_timeout(Instant::now().max(deadline));
+            }
+            () = shared.stop_reading.cancelled() => {
+                shared.slots.withdraw(id, Instant::now());
+            }
+        }
+    }
 }
 
 /// Serves `connection` until the peer leaves, a frame is bad, a deadline
@@ -225,33 +284,35 @@ async fn serve<H: TaskHandler>(
     shared: &Shared,
     handler: Arc<H>,
 ) -> Result<(), IpcError> {
-    let mut core = ServerConnection::new(
+    let granted = Arc::new(Notify::new());
+    let wake = {
+        let granted = granted.clone();
+        Box::new(move || granted.notify_one())
+    };
+    let mut served = Served::new(
         shared.limits,
         shared.counters.clone(),
-        shared.budget.clone(),
         shared.encodings.clone(),
+        &shared.budget,
+        wake,
         Instant::now(),
     );
-    let mut handlers = Handlers::default();
+    let mut handlers = AsyncHandlers {
+        shared,
+        handler,
+        running: JoinSet::new(),
+        aborts: HashMap::new(),
+    };
     let abort = shared.abort.cancelled();
     let stop_reading = shared.stop_reading.cancelled();
     tokio::pin!(abort, stop_reading);
     let mut stopping = false;
 
     let outcome = loop {
-        while let Some(event) = core.poll_event() {
-            match event {
-                ServerEvent::StartTask { ticket, task } => {
-                    if let Some(outcome) = handlers.start(ticket, task, &handler) {
-                        core.task_finished(ticket, outcome, Instant::now());
-                    }
-                }
-                ServerEvent::CancelTask { ticket } => handlers.cancel(ticket),
-            }
-        }
-        if let Some(outcome) = core.poll_close() {
+        if let Some(outcome) = served.step(&mut handlers, Instant::now()) {
             break outcome;
         }
+        let core = &mut served.core;
         let deadline = core.poll_timeout();
         tokio::select! {
             biased;
@@ -263,7 +324,8 @@ async fn serve<H: TaskHandler>(
                 stopping = true;
                 core.stop_reading(Instant::now());
             }
-            () = poll_fn(|cx| drive_io(cx, &mut connection, &mut core)) => {}
+            () = poll_fn(|cx| drive_io(cx, &mut connection, core)) => {}
+            () = granted.notified() => {}
             () = sleep_until(deadline), if deadline.is_some() => core.handle_timeout(Instant::now()),
         }
     };
@@ -281,114 +343,49 @@ async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
-/// Writes whatever output the core has and reads if it wants to; ready once
-/// either made progress (or failed, which the core records).
-fn drive_io(
-    cx: &mut Context<'_>,
-    connection: &mut Connection,
-    core: &mut ServerConnection,
-) -> Poll<()> {
-    let mut progressed = false;
-    while !core.pending_output().is_empty() {
-        match Pin::new(&mut *connection).poll_write(cx, core.pending_output()) {
-            Poll::Ready(Ok(0)) => {
-                core.on_io_error(std::io::ErrorKind::WriteZero.into());
-                return Poll::Ready(());
-            }
-            Poll::Ready(Ok(written)) => {
-                core.on_written(written, Instant::now());
-                progressed = true;
-            }
-            Poll::Ready(Err(error)) => {
-                core.on_io_error(error);
-                return Poll::Ready(());
-            }
-            Poll::Pending => break,
-        }
-    }
-    if core.wants_read() {
-        match tokio_util::io::poll_read_buf(Pin::new(&mut *connection), cx, core.read_buffer()) {
-            Poll::Ready(Ok(0)) => core.on_eof(Instant::now()),
-            Poll::Ready(Ok(read)) => core.on_read(read, Instant::now()),
-            Poll::Ready(Err(error)) => core.on_io_error(error),
-            Poll::Pending => {
-                return if progressed {
-                    Poll::Ready(())
-                } else {
-                    Poll::Pending
-                };
-            }
-        }
-        return Poll::Ready(());
-    }
-    if progressed {
-        Poll::Ready(())
-    } else {
-        Poll::Pending
-    }
-}
-
-/// The handlers running for one connection, each a Tokio task.
-#[derive(Default)]
-struct Handlers {
-    running: JoinSet<(TaskTicket, super::Reply)>,
-    /// To answer for a handler that panicked.
-    tickets: HashMap<TokioTaskId, TaskTicket>,
+/// The handlers running for one connection, each a Tokio task (those that
+/// had to wait; the others were answered at once).
+struct AsyncHandlers<'a, H> {
+    shared: &'a Shared,
+    handler: Arc<H>,
+    running: JoinSet<(TaskTicket, HandlerOutcome)>,
     /// To stop a handler past its deadline.
     aborts: HashMap<TaskTicket, AbortHandle>,
 }
 
-impl Handlers {
-    /// Starts the handler; returns its outcome at once if it needed no
-    /// task of its own.
-    fn start<H: TaskHandler>(
-        &mut self,
-        ticket: TaskTicket,
-        task: crate::proto::DetectionTask,
-        handler: &Arc<H>,
-    ) -> Option<HandlerOutcome> {
-        match start_handler(handler, task) {
+impl<H: TaskHandler> Handlers for AsyncHandlers<'_, H> {
+    fn start(&mut self, ticket: TaskTicket, task: DetectionTask) -> Option<HandlerOutcome> {
+        match start_handler(self.shared, &self.handler, task) {
             Handling::Finished(outcome) => Some(outcome),
             Handling::Running(future) => {
                 let abort = self
                     .running
                     .spawn(async move { (ticket, future.await) }.in_current_span());
-                self.tickets.insert(abort.id(), ticket);
                 self.aborts.insert(ticket, abort);
                 None
             }
         }
     }
 
-    /// Drops the handler's future.
     fn cancel(&mut self, ticket: TaskTicket) {
         if let Some(abort) = self.aborts.remove(&ticket) {
             abort.abort();
         }
     }
+}
 
+impl<H> AsyncHandlers<'_, H> {
     /// The next handler to finish; `None` at once if none is running.
+    /// (A handler's panic is its outcome, caught where it is polled; a
+    /// handler cancelled past its deadline has been answered already.)
     async fn next_done(&mut self) -> Option<(TaskTicket, HandlerOutcome)> {
         loop {
-            let (id, done) = match self.running.join_next_with_id().await? {
-                Ok((id, (ticket, reply))) => (id, Some((ticket, Ok(reply)))),
-                // Cancelled: the core has answered for it already.
-                Err(error) if error.is_cancelled() => (error.id(), None),
-                Err(error) => {
-                    let id = error.id();
-                    let ticket = self.tickets.get(&id).copied();
-                    let reason = match error.try_into_panic() {
-                        Ok(panic) => panicked(&*panic),
-                        Err(error) => error.to_string(),
-                    };
-                    (id, ticket.map(|ticket| (ticket, Err(reason))))
+            match self.running.join_next().await? {
+                Ok((ticket, outcome)) => {
+                    self.aborts.remove(&ticket);
+                    return Some((ticket, outcome));
                 }
-            };
-            if let Some(ticket) = self.tickets.remove(&id) {
-                self.aborts.remove(&ticket);
-            }
-            if let Some(done) = done {
-                return Some(done);
+                Err(_cancelled) => continue,
             }
         }
     }

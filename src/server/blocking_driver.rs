@@ -3,17 +3,14 @@
 //! [`ServerConnection`]. Handlers still run on the caller's Tokio runtime;
 //! each tells its connection's thread when it is done.
 //!
-//! Threads: one accepting, and at most `max_connections` serving.
-//! Connections waiting for a slot are held by the accept thread, not by
-//! threads of their own.
+//! Threads: one accepting, and at most `max_connections` serving (each with
+//! a stack of [`LEGACY_THREAD_STACK_BYTES`]). Connections waiting for a
+//! slot are held by the accept thread, not by threads of their own; the
+//! acceptor in the policy core decides their fate and when to look again.
 
 use std::collections::HashMap;
-use std::future::Future;
-use std::panic::AssertUnwindSafe;
-use std::pin::Pin;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Instant;
 
 use tokio::runtime::Handle;
@@ -21,21 +18,23 @@ use tokio::task::AbortHandle;
 use tokio_util::task::TaskTracker;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 
-use super::slots::Admitted;
+use super::connection::{Handlers, Served};
 use super::{
     ACCEPT_BACKOFF_MAX, ACCEPT_BACKOFF_MIN, DriverWake, HandlerOutcome, Handling, Shared, Started,
-    TaskHandler, bind_error, panicked, start_handler,
+    TaskHandler, bind_error, start_handler,
 };
 use crate::backoff::Backoff;
-use crate::config::TransportKind;
+use crate::config::{LEGACY_THREAD_STACK_BYTES, TransportKind};
+use crate::drive::blocking_io::{drive_io, interest};
 use crate::endpoint::Endpoint;
 use crate::error::IpcError;
-use crate::policy::admission::ArrivalId;
+use crate::policy::acceptor::{Arrival, ArrivalId, Fate};
 use crate::policy::earliest;
-use crate::policy::server::{ServerConnection, ServerEvent, TaskTicket};
+use crate::policy::server::TaskTicket;
+use crate::proto::DetectionTask;
 use crate::telemetry::{ActiveConnection, bump};
 use crate::transport::PeerCredentials;
-use crate::transport::legacy::{Interest, Listener, Stream, Waker};
+use crate::transport::legacy::{Listener, Stream, Waker};
 
 /// The wakers of every thread this driver runs, so that a shutdown (whose
 /// cancellation tokens threads blocked in the OS cannot watch) reaches them.
@@ -141,16 +140,12 @@ struct Accepted {
     peer: PeerCredentials,
 }
 
-/// An accepted connection waiting for a slot.
-struct Waiting {
-    accepted: Accepted,
-    deadline: Instant,
-}
-
 impl<H: TaskHandler> Acceptor<H> {
     fn run(mut self) {
-        let (admitted_tx, admitted) = mpsc::channel::<ArrivalId>();
-        let mut waiting: HashMap<ArrivalId, Waiting> = HashMap::new();
+        // The acceptor's decisions about waiting connections, passed on
+        // under its lock; `parked` only holds their streams meanwhile.
+        let (tell, fates) = mpsc::channel::<(ArrivalId, Fate)>();
+        let mut parked: HashMap<ArrivalId, Accepted> = HashMap::new();
         let mut backoff = Backoff::new(ACCEPT_BACKOFF_MIN, ACCEPT_BACKOFF_MAX);
         let mut retry_at: Option<Instant> = None;
         let mut next_check = Instant::now() + crate::endpoint::SOCKET_CHECK_INTERVAL;
@@ -159,27 +154,9 @@ impl<H: TaskHandler> Acceptor<H> {
         // not a connection accepted and then dropped.
         let mut spare: Option<Waker> = None;
         while !self.shared.stop_accepting.is_cancelled() {
-            // Waiters a freed slot went to.
-            while let Ok(arrival) = admitted.try_recv() {
-                if let Some(admitted) = waiting.remove(&arrival) {
-                    self.serve(admitted.accepted);
-                }
-            }
-            // Waiters whose time is up.
             let now = Instant::now();
-            let expired: Vec<ArrivalId> = waiting
-                .iter()
-                .filter(|(_, waiter)| waiter.deadline <= now)
-                .map(|(&arrival, _)| arrival)
-                .collect();
-            for arrival in expired {
-                // Not withdrawn: admitted just now, and in the channel.
-                if self.shared.slots.withdraw(arrival) {
-                    let accepted = waiting.remove(&arrival).expect("listed above").accepted;
-                    let _span = connection_span(accepted.id, &Ok(accepted.peer)).entered();
-                    self.shared.refused_for_limit();
-                }
-            }
+            self.shared.slots.handle_timeout(now);
+            self.take_fates(&fates, &mut parked);
             if retry_at.is_some_and(|at| at <= now) {
                 retry_at = None;
             }
@@ -198,7 +175,7 @@ impl<H: TaskHandler> Acceptor<H> {
                 match accepted {
                     Ok((stream, waker)) => {
                         backoff.reset();
-                        self.arrive(stream, waker, &admitted_tx, &mut waiting);
+                        self.arrive(stream, waker, &tell, &mut parked);
                         continue;
                     }
                     // A spare waker was just made: accept now.
@@ -213,12 +190,9 @@ impl<H: TaskHandler> Acceptor<H> {
                     }
                 }
             }
-            let deadline = earliest(
-                waiting
-                    .values()
-                    .map(|waiter| Some(waiter.deadline))
-                    .chain([retry_at, Some(next_check)]),
-            );
+            // Every deadline here is in the future: the acceptor expired
+            // its due waiters above.
+            let deadline = earliest([self.shared.slots.poll_timeout(), retry_at, Some(next_check)]);
             if let Err(error) = self
                 .listener
                 .wait(retry_at.is_none(), &self.waker, deadline)
@@ -227,13 +201,39 @@ impl<H: TaskHandler> Acceptor<H> {
                 retry_at = Some(Instant::now() + backoff.next_delay());
             }
         }
-        for (arrival, _) in waiting {
-            if !self.shared.slots.withdraw(arrival) {
-                self.shared.slots.release(Instant::now());
+        for &arrival in parked.keys() {
+            self.shared.slots.withdraw(arrival, Instant::now());
+        }
+        // Withdrawn ones hear Expired; any admitted meanwhile give their
+        // slot back (the server is stopping).
+        while let Ok((arrival, fate)) = fates.try_recv() {
+            if fate == Fate::Admitted {
+                self.shared.slots.release(arrival, Instant::now());
             }
         }
         self.wake.unregister(ACCEPT_THREAD);
         tracing::debug!("stopped accepting");
+    }
+
+    /// Serves the parked connections that were admitted, and closes those
+    /// whose wait expired.
+    fn take_fates(
+        &self,
+        fates: &mpsc::Receiver<(ArrivalId, Fate)>,
+        parked: &mut HashMap<ArrivalId, Accepted>,
+    ) {
+        while let Ok((arrival, fate)) = fates.try_recv() {
+            let Some(accepted) = parked.remove(&arrival) else {
+                continue;
+            };
+            match fate {
+                Fate::Admitted => self.serve(arrival, accepted),
+                Fate::Expired => {
+                    let _span = connection_span(accepted.id, &Ok(accepted.peer)).entered();
+                    self.shared.refused_for_limit(None);
+                }
+            }
+        }
     }
 
     /// Binds the socket again if its file went while serving (Unix).
@@ -251,13 +251,14 @@ impl<H: TaskHandler> Acceptor<H> {
         }
     }
 
-    /// A new connection: checked, then served, held for a slot, or refused.
+    /// A new connection: checked, then served, parked for a slot, or
+    /// refused.
     fn arrive(
         &mut self,
         stream: Stream,
         waker: Waker,
-        admitted: &mpsc::Sender<ArrivalId>,
-        waiting: &mut HashMap<ArrivalId, Waiting>,
+        tell: &mpsc::Sender<(ArrivalId, Fate)>,
+        parked: &mut HashMap<ArrivalId, Accepted>,
     ) {
         bump(&self.shared.counters.accepted);
         let id = self.shared.next_connection_id();
@@ -270,12 +271,12 @@ impl<H: TaskHandler> Acceptor<H> {
             return;
         }
         let handoff = {
-            let admitted = admitted.clone();
+            let tell = tell.clone();
             let waker = self.waker.clone();
-            move |arrival| {
-                let delivered = admitted.send(arrival).is_ok();
+            move |arrival, fate| {
+                let heard = tell.send((arrival, fate)).is_ok();
                 waker.wake();
-                delivered
+                heard
             }
         };
         let accepted = Accepted {
@@ -284,22 +285,21 @@ impl<H: TaskHandler> Acceptor<H> {
             id,
             peer: credentials,
         };
-        match self.shared.slots.arrive(handoff, Instant::now()) {
-            Admitted::Now => self.serve(accepted),
-            Admitted::Later {
-                id: arrival,
-                deadline,
-            } => {
+        let uid = credentials.uid;
+        let (arrival, admitted) = self.shared.slots.arrive(uid, handoff, Instant::now());
+        match admitted {
+            Arrival::Admitted => self.serve(arrival, accepted),
+            Arrival::Waiting { .. } => {
                 tracing::debug!("all slots taken; waiting for one");
-                waiting.insert(arrival, Waiting { accepted, deadline });
+                parked.insert(arrival, accepted);
             }
-            Admitted::Refused => self.shared.refused_for_limit(),
+            Arrival::Refused(refusal) => self.shared.refused_for_limit(Some(refusal)),
         }
     }
 
     /// Starts the thread that serves an admitted connection (holding its
     /// slot until it ends).
-    fn serve(&self, accepted: Accepted) {
+    fn serve(&self, slot: ArrivalId, accepted: Accepted) {
         let Accepted {
             stream,
             waker,
@@ -310,6 +310,7 @@ impl<H: TaskHandler> Acceptor<H> {
         let worker = Worker {
             stream,
             waker,
+            slot,
             shared: self.shared.clone(),
             handler: self.handler.clone(),
             runtime: self.runtime.clone(),
@@ -318,6 +319,7 @@ impl<H: TaskHandler> Acceptor<H> {
         let wake = self.wake.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("daemoneye-ipc-conn-{id}"))
+            .stack_size(LEGACY_THREAD_STACK_BYTES)
             .spawn(move || {
                 let _span = connection_span(id, &Ok(peer)).entered();
                 worker.run();
@@ -327,7 +329,7 @@ impl<H: TaskHandler> Acceptor<H> {
             let _span = connection_span(id, &Ok(peer)).entered();
             tracing::warn!(%error, "cannot start a thread for the connection; closing it");
             self.wake.unregister(id);
-            self.shared.slots.release(Instant::now());
+            self.shared.slots.release(slot, Instant::now());
         }
     }
 }
@@ -345,6 +347,8 @@ fn connection_span(id: u64, peer: &std::io::Result<PeerCredentials>) -> tracing:
 struct Worker<H> {
     stream: Stream,
     waker: Waker,
+    /// The slot it holds, released when it ends.
+    slot: ArrivalId,
     shared: Arc<Shared>,
     handler: Arc<H>,
     runtime: Handle,
@@ -363,7 +367,7 @@ impl<H: TaskHandler> Worker<H> {
         tracing::debug!("serving");
         let outcome = self.serve();
         drop(active);
-        shared.slots.release(Instant::now());
+        shared.slots.release(self.slot, Instant::now());
         shared.connection_ended(outcome);
     }
 
@@ -371,133 +375,101 @@ impl<H: TaskHandler> Worker<H> {
     /// the server stops.
     fn serve(&mut self) -> Result<(), IpcError> {
         let shared = self.shared.clone();
-        let mut core = ServerConnection::new(
+        let wake = {
+            let waker = self.waker.clone();
+            Box::new(move || waker.wake())
+        };
+        let mut served = Served::new(
             shared.limits,
             shared.counters.clone(),
-            shared.budget.clone(),
             shared.encodings.clone(),
+            &shared.budget,
+            wake,
             Instant::now(),
         );
         let (finished, done) = mpsc::channel::<(TaskTicket, HandlerOutcome)>();
-        let mut running: HashMap<TaskTicket, AbortHandle> = HashMap::new();
+        let mut handlers = ThreadHandlers {
+            shared: &shared,
+            handler: &self.handler,
+            runtime: &self.runtime,
+            waker: &self.waker,
+            finished,
+            running: HashMap::new(),
+        };
         let mut stopping = false;
         let outcome = loop {
             if shared.abort.is_cancelled() {
                 break Ok(());
             }
+            let core = &mut served.core;
             if !stopping && shared.stop_reading.is_cancelled() {
                 stopping = true;
                 core.stop_reading(Instant::now());
             }
             while let Ok((ticket, outcome)) = done.try_recv() {
-                running.remove(&ticket);
+                handlers.running.remove(&ticket);
                 core.task_finished(ticket, outcome, Instant::now());
             }
-            while let Some(event) = core.poll_event() {
-                match event {
-                    ServerEvent::StartTask { ticket, task } => {
-                        match start_handler(&self.handler, task) {
-                            Handling::Finished(outcome) => {
-                                core.task_finished(ticket, outcome, Instant::now());
-                            }
-                            Handling::Running(future) => {
-                                let handle = self.spawn_handler(ticket, future, &finished);
-                                running.insert(ticket, handle);
-                            }
-                        }
-                    }
-                    ServerEvent::CancelTask { ticket } => {
-                        if let Some(handle) = running.remove(&ticket) {
-                            handle.abort();
-                        }
-                    }
-                }
-            }
-            if let Some(outcome) = core.poll_close() {
+            if let Some(outcome) = served.step(&mut handlers, Instant::now()) {
                 break outcome;
             }
-            if self.drive_io(&mut core) {
+            let core = &mut served.core;
+            if drive_io(&mut self.stream, core) {
                 continue;
             }
-            let interest = Interest {
-                read: core.wants_read(),
-                write: !core.pending_output().is_empty(),
-            };
-            if let Err(error) = self.stream.wait(interest, &self.waker, core.poll_timeout()) {
+            // Woken by the budget too: the next step collects the grant.
+            if let Err(error) = self
+                .stream
+                .wait(interest(core), &self.waker, core.poll_timeout())
+            {
                 core.on_io_error(error);
                 continue;
             }
             core.handle_timeout(Instant::now());
         };
-        for handle in running.into_values() {
+        for handle in handlers.running.into_values() {
             handle.abort();
         }
         outcome
     }
-
-    /// Writes and reads what can be without blocking; true if either made
-    /// progress (or failed, which the core records).
-    fn drive_io(&mut self, core: &mut ServerConnection) -> bool {
-        let mut progressed = false;
-        if !core.pending_output().is_empty() {
-            match self.stream.write_from(core.pending_output()) {
-                Ok(written) => {
-                    core.on_written(written, Instant::now());
-                    progressed = true;
-                }
-                Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(error) => {
-                    core.on_io_error(error);
-                    return true;
-                }
-            }
-        }
-        if core.wants_read() {
-            match self.stream.read_into(core.read_buffer()) {
-                Ok(0) => core.on_eof(Instant::now()),
-                Ok(read) => core.on_read(read, Instant::now()),
-                Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => return progressed,
-                Err(error) => core.on_io_error(error),
-            }
-            return true;
-        }
-        progressed
-    }
-
-    /// Runs a handler that has to wait on the caller's runtime; when it is
-    /// done (or panics) it tells this thread.
-    fn spawn_handler(
-        &self,
-        ticket: TaskTicket,
-        future: Pin<Box<impl Future<Output = super::Reply> + Send + 'static>>,
-        finished: &mpsc::Sender<(TaskTicket, HandlerOutcome)>,
-    ) -> AbortHandle {
-        let finished = finished.clone();
-        let waker = self.waker.clone();
-        self.runtime
-            .spawn(async move {
-                let outcome = CatchUnwind(future).await;
-                // The thread may be gone (the connection closed): fine.
-                let _ = finished.send((ticket, outcome));
-                waker.wake();
-            })
-            .abort_handle()
-    }
 }
 
-/// A future whose panic becomes an `Err` naming it, rather than the end of
-/// the task that polls it.
-struct CatchUnwind<F>(Pin<Box<F>>);
+/// A connection's handlers: those that have to wait run on the caller's
+/// runtime and tell the connection's thread when they are done.
+struct ThreadHandlers<'a, H> {
+    shared: &'a Shared,
+    handler: &'a Arc<H>,
+    runtime: &'a Handle,
+    waker: &'a Waker,
+    finished: mpsc::Sender<(TaskTicket, HandlerOutcome)>,
+    running: HashMap<TaskTicket, AbortHandle>,
+}
 
-impl<F: Future<Output = super::Reply>> Future for CatchUnwind<F> {
-    type Output = HandlerOutcome;
+impl<H: TaskHandler> Handlers for ThreadHandlers<'_, H> {
+    fn start(&mut self, ticket: TaskTicket, task: DetectionTask) -> Option<HandlerOutcome> {
+        match start_handler(self.shared, self.handler, task) {
+            Handling::Finished(outcome) => Some(outcome),
+            Handling::Running(future) => {
+                let finished = self.finished.clone();
+                let waker = self.waker.clone();
+                let handle = self
+                    .runtime
+                    .spawn(async move {
+                        let outcome = future.await;
+                        // The thread may be gone (the connection closed): fine.
+                        let _ = finished.send((ticket, outcome));
+                        waker.wake();
+                    })
+                    .abort_handle();
+                self.running.insert(ticket, handle);
+                None
+            }
+        }
+    }
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<HandlerOutcome> {
-        let inner = self.0.as_mut();
-        match std::panic::catch_unwind(AssertUnwindSafe(|| inner.poll(cx))) {
-            Ok(Poll::Ready(reply)) => Poll::Ready(Ok(reply)),
-            Ok(Poll::Pending) => Poll::Pending,
-            Err(panic) => Poll::Ready(Err(panicked(&*panic))),
+    fn cancel(&mut self, ticket: TaskTicket) {
+        if let Some(handle) = self.running.remove(&ticket) {
+            handle.abort();
         }
     }
 }

@@ -14,15 +14,17 @@
 mod async_driver;
 #[cfg(feature = "ipc-legacy")]
 mod blocking_driver;
+pub(crate) mod budget;
+pub(crate) mod connection;
 pub(crate) mod slots;
 
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::task::{Context, Poll, Waker};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -31,7 +33,7 @@ use crate::config::{IpcConfig, TransportKind};
 use crate::endpoint::{Endpoint, SocketGroup};
 use crate::error::IpcError;
 use crate::peer::PeerPolicy;
-use crate::policy::budget::MemoryBudget;
+use crate::policy::acceptor::Refusal;
 use crate::policy::encodings::SharedEncodings;
 use crate::policy::server::ConnectionLimits;
 use crate::proto::DetectionTask;
@@ -40,6 +42,7 @@ use crate::transport::PeerCredentials;
 
 pub use crate::policy::server::Reply;
 
+use self::budget::SharedBudget;
 use self::slots::Slots;
 
 /// Tasks one connection may have in flight before the server stops reading
@@ -48,13 +51,24 @@ use self::slots::Slots;
 pub const DEFAULT_MAX_IN_FLIGHT_PER_CONNECTION: usize = 32;
 
 /// Bytes a server holds for tasks in flight, every connection together,
-/// before its connections stop reading, unless
-/// [`ServerBuilder::max_bytes_in_flight`] says otherwise: 64 MiB.
+/// unless [`ServerBuilder::max_bytes_in_flight`] says otherwise: 64 MiB, or
+/// four of the largest tasks' reservations if `max_frame_bytes` makes that
+/// more (see [`ServerBuilder::max_bytes_in_flight`]).
 pub const DEFAULT_MAX_BYTES_IN_FLIGHT: usize = 64 * 1024 * 1024;
 
 /// Backoff between failed accepts (fd exhaustion, for instance).
 const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// How long a shutdown waits for connections after it has cut them, before
+/// it returns anyway (a handler blocking a `legacy` connection's thread can
+/// hold that thread past any cancellation).
+const ABORT_WAIT: Duration = Duration::from_secs(1);
+
+/// A handler whose first poll (run where its task was read, to spare a
+/// task of its own) takes longer than this has blocked its connection; from
+/// then on every handler of the server runs as a task of its own.
+const INLINE_POLL_LIMIT: Duration = Duration::from_millis(2);
 
 /// Answers tasks. Implemented for every
 /// `Fn(DetectionTask) -> impl Future<Output = R>` where `R` is a
@@ -76,8 +90,10 @@ const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// read (a handler that is done at once is answered without a task of its
 /// own), so blocking there would stall that connection. Put blocking or
 /// CPU-heavy work on `tokio::task::spawn_blocking`, as `daemoneye-ipc serve`
-/// does. A handler that has not finished within `task_timeout_ms` is
-/// answered with an error and its future is dropped.
+/// does. A server whose handler blocks that first poll for more than 2 ms
+/// logs a warning naming the task and from then on starts every handler as
+/// a task of its own. A handler that has not finished within
+/// `task_timeout_ms` is answered with an error and its future is dropped.
 pub trait TaskHandler: Send + Sync + 'static {
     /// Runs one task. Several run at once: a handler that has to wait
     /// continues as a task of its own while its connection reads the next.
@@ -102,7 +118,7 @@ pub struct ServerBuilder {
     config: IpcConfig,
     allowed_uids: Vec<u32>,
     max_in_flight_per_connection: usize,
-    max_bytes_in_flight: usize,
+    max_bytes_in_flight: Option<usize>,
 }
 
 impl ServerBuilder {
@@ -122,15 +138,24 @@ impl ServerBuilder {
         self
     }
 
-    /// Bytes the server holds for tasks in flight, every connection together
-    /// (tasks decoded and not yet answered, results encoded and not yet
-    /// written, each counted by its frame's size). Past it, connections that
-    /// have something in flight stop reading until results have been
-    /// written; a connection with nothing in flight may still take one
-    /// task, so none is starved. Default [`DEFAULT_MAX_BYTES_IN_FLIGHT`];
-    /// [`ServerStats::bytes_held`] says how much is held.
+    /// Bytes the server holds for tasks in flight, every connection
+    /// together. Before a connection reads a task's body it reserves room
+    /// for the task's frame and for the largest result frame
+    /// (`max_frame_bytes` plus an 8-byte header); what the result does not
+    /// use goes back once it is encoded, the rest as it is written. A
+    /// reservation that does not fit waits, first come first served, and
+    /// its connection reads nothing meanwhile. So the bytes held for tasks
+    /// and results never exceed this, however large the results and
+    /// however slowly peers read them; each connection also reads up to
+    /// 8 KiB ahead of what it reserved (docs/security.md gives the whole
+    /// bound). [`ServerStats::bytes_held`] says how much is held now.
+    ///
+    /// Default [`DEFAULT_MAX_BYTES_IN_FLIGHT`], or four times the largest
+    /// reservation if that is more. [`bind`](Self::bind) refuses less than
+    /// twice the largest result frame (one task of the largest size could
+    /// never be read).
     pub fn max_bytes_in_flight(mut self, bytes: usize) -> Self {
-        self.max_bytes_in_flight = bytes;
+        self.max_bytes_in_flight = Some(bytes);
         self
     }
 
@@ -144,7 +169,39 @@ impl ServerBuilder {
             max_in_flight_per_connection,
             max_bytes_in_flight,
         } = self;
-        config.validate()?;
+        config.validate_server()?;
+        if !config.task_timeout_answerable() {
+            tracing::warn!(
+                task_timeout_ms = config.task_timeout_ms,
+                read_timeout_ms = config.read_timeout_ms,
+                "task_timeout_ms is over five sixths of read_timeout_ms: an agent that waits \
+                 read_timeout_ms gives up on a task that runs out of time before this collector's \
+                 answer reaches it; lower task_timeout_ms unless the agents wait longer"
+            );
+        }
+        let limits = ConnectionLimits {
+            settings: config.frame_settings(),
+            read_timeout: config.read_timeout(),
+            write_timeout: config.write_timeout(),
+            task_timeout: config.task_timeout(),
+            max_in_flight: max_in_flight_per_connection,
+        };
+        let max_bytes_in_flight = max_bytes_in_flight
+            .unwrap_or_else(|| DEFAULT_MAX_BYTES_IN_FLIGHT.max(4 * limits.largest_reservation()));
+        if max_bytes_in_flight < limits.largest_reservation() {
+            return Err(IpcError::InvalidConfig {
+                field: "max_bytes_in_flight",
+                value: max_bytes_in_flight.to_string(),
+                origin: None,
+                requirement: format!(
+                    "must be at least {} bytes: a task and its result each take up to \
+                     max_frame_bytes = {} plus an 8-byte header, and each task reserves both \
+                     before it is read",
+                    limits.largest_reservation(),
+                    config.max_frame_bytes
+                ),
+            });
+        }
         let endpoint = Endpoint::parse(&config.endpoint_path)?;
         // A live server on the name is refused here on Windows; on Unix,
         // `endpoint::unix::bind` finds out under the endpoint's lock.
@@ -164,21 +221,20 @@ impl ServerBuilder {
             None => None,
         };
         let shared = Arc::new(Shared {
-            limits: ConnectionLimits {
-                settings: config.frame_settings(),
-                read_timeout: config.read_timeout(),
-                write_timeout: config.write_timeout(),
-                task_timeout: config.task_timeout(),
-                max_in_flight: max_in_flight_per_connection,
-            },
-            slots: Slots::new(config.max_connections, config.accept_timeout()),
+            limits,
+            slots: Slots::new(
+                config.max_connections,
+                (config.max_connections_per_peer > 0).then_some(config.max_connections_per_peer),
+                config.accept_timeout(),
+            ),
             accept_timeout: config.accept_timeout(),
             peers: PeerPolicy::new(allowed_uids)
                 .admitting_group(socket_group.as_ref().map(|group| group.gid)),
             socket_group,
             counters: Arc::new(Counters::default()),
-            budget: Arc::new(MemoryBudget::new(max_bytes_in_flight)),
+            budget: SharedBudget::new(max_bytes_in_flight),
             encodings: Arc::default(),
+            inline_first_poll: AtomicBool::new(true),
             peer_log: LogThrottle::per_second(),
             limit_log: LogThrottle::per_second(),
             stop_accepting: CancellationToken::new(),
@@ -301,7 +357,7 @@ impl IpcServer {
             config,
             allowed_uids: Vec::new(),
             max_in_flight_per_connection: DEFAULT_MAX_IN_FLIGHT_PER_CONNECTION,
-            max_bytes_in_flight: DEFAULT_MAX_BYTES_IN_FLIGHT,
+            max_bytes_in_flight: None,
         }
     }
 
@@ -331,7 +387,8 @@ impl IpcServer {
 
     /// Stops accepting and reading new tasks, lets tasks in flight finish
     /// and their results go out for up to `grace`, then cuts whatever is
-    /// left.
+    /// left, and returns within a second of that even if a connection has
+    /// not stopped yet.
     ///
     /// The socket file is removed at once, with the listener: a replacement
     /// server may bind the endpoint while this one drains, and this one
@@ -355,7 +412,16 @@ impl IpcServer {
             tracing::warn!("grace period over with tasks in flight; closing their connections");
             self.shared.abort.cancel();
             self.wake_driver();
-            self.tasks.wait().await;
+            if tokio::time::timeout(ABORT_WAIT, self.tasks.wait())
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    still_running = self.tasks.len(),
+                    "connections not stopped within a second of being cut (a handler blocking \
+                     its connection's thread?); returning without them"
+                );
+            }
         }
         let stats = self.stats();
         tracing::info!(drained, "shut down");
@@ -399,9 +465,12 @@ struct Shared {
     #[cfg_attr(windows, allow(dead_code))]
     socket_group: Option<SocketGroup>,
     counters: Arc<Counters>,
-    budget: Arc<MemoryBudget>,
+    budget: SharedBudget,
     /// Shared results' encodings, made once for every connection.
     encodings: Arc<SharedEncodings>,
+    /// Whether handlers are first polled where their task was read (until
+    /// one blocks there; see [`INLINE_POLL_LIMIT`]).
+    inline_first_poll: AtomicBool,
     /// Rejections are counted always, logged at most once a second.
     peer_log: LogThrottle,
     limit_log: LogThrottle,
@@ -442,15 +511,30 @@ impl Shared {
     }
 
     /// Counts a connection closed without a slot (and logs it, at most once
-    /// a second).
-    fn refused_for_limit(&self) {
+    /// a second): `refusal` if it was refused on arrival, `None` if no slot
+    /// freed while it waited.
+    fn refused_for_limit(&self, refusal: Option<Refusal>) {
         crate::telemetry::bump(&self.counters.rejected_limit);
-        if let Some(rejected) = self.limit_log.admit(std::time::Instant::now()) {
-            tracing::warn!(
+        let Some(rejected) = self.limit_log.admit(Instant::now()) else {
+            return;
+        };
+        let accept_timeout_ms = self.accept_timeout.as_millis() as u64;
+        match refusal {
+            Some(Refusal::PeerLimit { uid, limit }) => tracing::warn!(
                 rejected_since_last_line = rejected,
-                accept_timeout_ms = self.accept_timeout.as_millis() as u64,
+                peer_uid = uid,
+                "this peer holds max_connections_per_peer = {limit} connections already; closing"
+            ),
+            Some(Refusal::RoomFull) => tracing::warn!(
+                rejected_since_last_line = rejected,
+                "every slot and every place in the waiting room is taken (max_connections \
+                 reached); closing"
+            ),
+            None => tracing::warn!(
+                rejected_since_last_line = rejected,
+                accept_timeout_ms,
                 "no connection slot freed in time (max_connections reached); closing"
-            );
+            ),
         }
     }
 
@@ -472,24 +556,61 @@ impl Shared {
 /// A handler started on a task: finished already, or still running.
 enum Handling<F> {
     Finished(HandlerOutcome),
-    Running(Pin<Box<F>>),
+    Running(CatchUnwind<F>),
 }
 
-/// Starts the handler on `task` with one poll: a handler that finishes at
-/// once (nothing to wait for) is answered without the cost of a task of its
-/// own; one that must wait is handed back, to be spawned and polled with a
-/// real waker from then on. A panic on that first poll is caught.
+/// Starts the handler on `task`, with one poll where the task was read: a
+/// handler that finishes at once (nothing to wait for) is answered without
+/// the cost of a task of its own; one that must wait is handed back, to be
+/// run as a task and polled with a real waker from then on. Either way a
+/// panic is caught. Once a first poll has blocked for longer than
+/// [`INLINE_POLL_LIMIT`], handlers are no longer polled here.
 fn start_handler<H: TaskHandler>(
+    shared: &Shared,
     handler: &Arc<H>,
     task: DetectionTask,
 ) -> Handling<impl Future<Output = Reply> + Send + 'static> {
     let handler = handler.clone();
-    let mut running = Box::pin(async move { handler.handle(task).await });
-    let mut first_poll = Context::from_waker(Waker::noop());
-    match std::panic::catch_unwind(AssertUnwindSafe(|| running.as_mut().poll(&mut first_poll))) {
-        Ok(Poll::Ready(reply)) => Handling::Finished(Ok(reply)),
-        Ok(Poll::Pending) => Handling::Running(running),
-        Err(panic) => Handling::Finished(Err(panicked(&*panic))),
+    let task_id = shared
+        .inline_first_poll
+        .load(Relaxed)
+        .then(|| task.task_id.clone());
+    let mut running = CatchUnwind(Box::pin(async move { handler.handle(task).await }));
+    let Some(task_id) = task_id else {
+        return Handling::Running(running);
+    };
+    let started = Instant::now();
+    let polled = Pin::new(&mut running).poll(&mut Context::from_waker(Waker::noop()));
+    let took = started.elapsed();
+    if took > INLINE_POLL_LIMIT && shared.inline_first_poll.swap(false, Relaxed) {
+        tracing::warn!(
+            task_id = ?task_id,
+            blocked_ms = took.as_millis() as u64,
+            "a handler blocked its connection before its first await; from now on every handler \
+             runs as a task of its own (move blocking work to tokio::task::spawn_blocking)"
+        );
+    }
+    match polled {
+        Poll::Ready(outcome) => Handling::Finished(outcome),
+        Poll::Pending => Handling::Running(running),
+    }
+}
+
+/// A handler's future whose panic becomes an `Err` naming it, rather than
+/// the end of whatever polls it: the one way both drivers catch a
+/// handler's panic.
+struct CatchUnwind<F>(Pin<Box<F>>);
+
+impl<F: Future<Output = Reply>> Future for CatchUnwind<F> {
+    type Output = HandlerOutcome;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<HandlerOutcome> {
+        let inner = self.0.as_mut();
+        match std::panic::catch_unwind(AssertUnwindSafe(|| inner.poll(cx))) {
+            Ok(Poll::Ready(reply)) => Poll::Ready(Ok(reply)),
+            Ok(Poll::Pending) => Poll::Pending,
+            Err(panic) => Poll::Ready(Err(panicked(&*panic))),
+        }
     }
 }
 
@@ -505,4 +626,4 @@ fn panicked(panic: &(dyn std::any::Any + Send)) -> String {
 
 /// A handler's result as the policy core takes it: the reply, or why there
 /// is none.
-type HandlerOutcome = Result<Reply, String>;
+pub(crate) type HandlerOutcome = Result<Reply, String>;

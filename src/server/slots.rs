@@ -1,16 +1,20 @@
-//! [`Slots`]: the [`Admission`] policy shared by every connection of a
-//! server, with the hand-off that tells a waiting connection it got a slot.
+//! [`Slots`]: the [`Acceptor`] shared by every connection of a server, and
+//! the hand-off that tells a waiting connection its fate.
+//!
+//! The acceptor decides; this only passes its decisions on, under the same
+//! lock that made them, so a waiter learns its fate exactly once and never
+//! from two places. A fate that finds no one to hear it (the waiter is
+//! gone) is settled here: a slot handed to no one is released at once.
 
 use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use crate::policy::admission::{Admission, Arrival, ArrivalId};
+use crate::policy::acceptor::{Acceptor, Arrival, ArrivalId, Fate};
 
-/// Tells the waiting connection with this id it has been admitted; false if
-/// no one was there to hear it (the waiter is gone), so the slot goes to
-/// the next. Called under the slots' lock: it must only signal.
-pub(crate) type Handoff = Box<dyn FnOnce(ArrivalId) -> bool + Send>;
+/// Tells the waiting connection with this id its fate; false if no one was
+/// there to hear it. Called under the slots' lock: it must only signal.
+pub(crate) type Handoff = Box<dyn FnOnce(ArrivalId, Fate) -> bool + Send>;
 
 /// Connection slots and the waiting room of one server.
 pub(crate) struct Slots {
@@ -18,95 +22,105 @@ pub(crate) struct Slots {
 }
 
 struct Inner {
-    admission: Admission,
+    acceptor: Acceptor,
     handoffs: HashMap<ArrivalId, Handoff>,
-    next_id: ArrivalId,
 }
 
 impl std::fmt::Debug for Slots {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Slots")
-            .field("admission", &self.lock().admission)
+            .field("acceptor", &self.lock().acceptor)
             .finish_non_exhaustive()
     }
 }
 
-/// What an arriving connection is told.
-pub(crate) enum Admitted {
-    /// It holds a slot; release it with [`Slots::release`] when done.
-    Now,
-    /// It waits, as `id`, until `deadline`; its hand-off is called if a slot
-    /// frees for it first.
-    Later { id: ArrivalId, deadline: Instant },
-    /// It is refused: the waiting room is full.
-    Refused,
-}
-
 impl Slots {
-    pub(crate) fn new(max_connections: usize, wait_limit: Duration) -> Slots {
+    pub(crate) fn new(
+        max_connections: usize,
+        max_per_peer: Option<usize>,
+        wait_limit: Duration,
+    ) -> Slots {
         Slots {
             inner: Mutex::new(Inner {
-                admission: Admission::new(max_connections, wait_limit),
+                acceptor: Acceptor::new(max_connections, max_per_peer, wait_limit),
                 handoffs: HashMap::new(),
-                next_id: 0,
             }),
         }
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
-        // Each critical section is a few field updates; a panic inside one
-        // cannot leave them inconsistent.
+        // Each critical section runs the acceptor (which does not panic on
+        // any input) and signals; nothing can be left half done.
         self.inner
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// A connection arrives; if it must wait, `handoff` will tell it when it
-    /// is admitted.
+    /// A connection from `uid` arrives; if it must wait, `handoff` tells it
+    /// its fate.
     pub(crate) fn arrive(
         &self,
-        handoff: impl FnOnce(ArrivalId) -> bool + Send + 'static,
+        uid: Option<u32>,
+        handoff: impl FnOnce(ArrivalId, Fate) -> bool + Send + 'static,
         now: Instant,
-    ) -> Admitted {
+    ) -> (ArrivalId, Arrival) {
         let mut inner = self.lock();
-        inner.next_id += 1;
-        let id = inner.next_id;
-        match inner.admission.arrive(id, now) {
-            Arrival::Admitted => Admitted::Now,
-            Arrival::Waiting { deadline } => {
-                inner.handoffs.insert(id, Box::new(handoff));
-                Admitted::Later { id, deadline }
-            }
-            Arrival::Refused => Admitted::Refused,
+        let (id, arrival) = inner.acceptor.arrive(uid, now);
+        if let Arrival::Waiting { .. } = arrival {
+            inner.handoffs.insert(id, Box::new(handoff));
         }
+        inner.pass_on(now);
+        (id, arrival)
     }
 
-    /// A served connection ended: its slot goes to the oldest waiter still
-    /// in time and still there.
-    pub(crate) fn release(&self, now: Instant) {
+    /// The served connection `id` ended: its slot goes to the oldest waiter
+    /// still in time.
+    pub(crate) fn release(&self, id: ArrivalId, now: Instant) {
         let mut inner = self.lock();
-        for expired in inner.admission.expire(now) {
-            inner.handoffs.remove(&expired);
-        }
-        // Each `release` frees a slot and hands it to the oldest waiter; one
-        // that is no longer there frees it again for the next.
-        while let Some(id) = inner.admission.release(now) {
-            if inner
+        let released = inner.acceptor.release(id, now);
+        debug_assert!(released, "connection {id} released a slot it did not hold");
+        inner.pass_on(now);
+    }
+
+    /// Expires the waiters whose deadline has come.
+    pub(crate) fn handle_timeout(&self, now: Instant) {
+        let mut inner = self.lock();
+        inner.acceptor.handle_timeout(now);
+        inner.pass_on(now);
+    }
+
+    /// The waiter `id` gives up; its hand-off hears `Expired`, or has heard
+    /// `Admitted` already.
+    pub(crate) fn withdraw(&self, id: ArrivalId, now: Instant) {
+        let mut inner = self.lock();
+        inner.acceptor.withdraw(id);
+        inner.pass_on(now);
+    }
+
+    /// When the oldest waiter's time is up.
+    pub(crate) fn poll_timeout(&self) -> Option<Instant> {
+        self.lock().acceptor.poll_timeout()
+    }
+
+    /// Connections holding a slot now.
+    #[cfg(test)]
+    pub(crate) fn served(&self) -> usize {
+        self.lock().acceptor.served()
+    }
+}
+
+impl Inner {
+    /// Hands every decided fate to its waiter. A slot whose waiter has gone
+    /// is released at once, which may admit the next.
+    fn pass_on(&mut self, now: Instant) {
+        while let Some((id, fate)) = self.acceptor.poll_decision() {
+            let heard = self
                 .handoffs
                 .remove(&id)
-                .is_some_and(|handoff| handoff(id))
-            {
-                return;
+                .is_some_and(|handoff| handoff(id, fate));
+            if !heard && fate == Fate::Admitted {
+                self.acceptor.release(id, now);
             }
         }
-    }
-
-    /// A waiter gives up (its deadline passed, or the server stops). True if
-    /// it was still waiting; false if it had been admitted meanwhile, and so
-    /// holds a slot it must release.
-    pub(crate) fn withdraw(&self, id: ArrivalId) -> bool {
-        let mut inner = self.lock();
-        inner.handoffs.remove(&id);
-        inner.admission.withdraw(id)
     }
 }

@@ -90,6 +90,10 @@ struct ConfigArgs {
     /// Connections served at once.
     #[arg(long, value_name = "N")]
     max_connections: Option<usize>,
+    /// Server: connections one peer (uid) may hold, served or waiting; 0
+    /// for no cap.
+    #[arg(long, value_name = "N")]
+    max_connections_per_peer: Option<usize>,
     /// Server: how long an excess connection waits for a slot; client: how
     /// long to keep trying to connect.
     #[arg(long, value_name = "N")]
@@ -124,6 +128,7 @@ impl ConfigArgs {
             write_timeout_ms: self.write_timeout_ms,
             task_timeout_ms: self.task_timeout_ms,
             max_connections: self.max_connections,
+            max_connections_per_peer: self.max_connections_per_peer,
             crc32_variant: self.crc32,
             socket_group: self.socket_group.clone(),
         };

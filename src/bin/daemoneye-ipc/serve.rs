@@ -38,7 +38,9 @@ pub struct ServeCmd {
 
 impl ServeCmd {
     pub async fn run(self) -> Result<(), Failure> {
-        let config = self.settings.load().map_err(Failure::usage)?.config;
+        let loaded = self.settings.load().map_err(Failure::usage)?;
+        loaded.validate_server().map_err(Failure::usage)?;
+        let config = loaded.config;
         // Hooked before the endpoint exists: a stop request that arrives as
         // soon as the socket is visible must not find the default handler,
         // which would kill the process without cleaning up.

@@ -101,11 +101,12 @@ impl Stream {
         })
     }
 
-    /// Reads what has arrived into the end of `buf`. `Ok(0)` is the end of
-    /// the stream; `WouldBlock` means nothing has arrived.
-    pub(crate) fn read_into(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
+    /// Reads what has arrived, `max` bytes at most, into the end of `buf`.
+    /// `Ok(0)` is the end of the stream; `WouldBlock` means nothing has
+    /// arrived.
+    pub(crate) fn read_into(&mut self, buf: &mut BytesMut, max: usize) -> io::Result<usize> {
         let start = buf.len();
-        buf.resize(start + self.read_room, 0);
+        buf.resize(start + self.read_room.min(max), 0);
         let outcome = loop {
             match (&*self.socket).read(&mut buf[start..]) {
                 Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
@@ -114,7 +115,7 @@ impl Stream {
         };
         let read = *outcome.as_ref().unwrap_or(&0);
         buf.truncate(start + read);
-        self.read_room = if read == self.read_room {
+        self.read_room = if read >= self.read_room {
             (self.read_room * 2).min(MAX_READ)
         } else {
             read.next_power_of_two().clamp(MIN_READ, MAX_READ)
@@ -323,20 +324,20 @@ mod tests {
         let mut writer = Stream::new(b).unwrap();
         let mut buf = BytesMut::new();
         assert_eq!(
-            reader.read_into(&mut buf).unwrap_err().kind(),
+            reader.read_into(&mut buf, usize::MAX).unwrap_err().kind(),
             io::ErrorKind::WouldBlock
         );
         writer.write_from(&[7; MIN_READ]).unwrap();
-        assert_eq!(reader.read_into(&mut buf).unwrap(), MIN_READ);
+        assert_eq!(reader.read_into(&mut buf, usize::MAX).unwrap(), MIN_READ);
         assert_eq!(reader.read_room, MIN_READ * 2, "a full read doubles it");
         writer.write_from(b"small").unwrap();
-        assert_eq!(reader.read_into(&mut buf).unwrap(), 5);
+        assert_eq!(reader.read_into(&mut buf, usize::MAX).unwrap(), 5);
         assert_eq!(reader.read_room, MIN_READ);
         assert_eq!(buf.len(), MIN_READ + 5, "nothing but what was read is kept");
         assert_eq!(&buf[MIN_READ..], b"small");
         drop(writer);
         assert_eq!(
-            reader.read_into(&mut buf).unwrap(),
+            reader.read_into(&mut buf, usize::MAX).unwrap(),
             0,
             "the end of the stream"
         );

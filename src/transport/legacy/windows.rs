@@ -102,11 +102,13 @@ impl Stream {
         Stream { io, side }
     }
 
-    /// Reads what has arrived into the end of `buf`. `Ok(0)` is the end of
-    /// the stream; `WouldBlock` means nothing has arrived (a read is then
-    /// in flight, and [`wait`](Self::wait) watches it).
-    pub(crate) fn read_into(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
-        if !self.io.read_pending() && !self.io.start_read()? {
+    /// Reads what has arrived into the end of `buf`: at most `max` bytes
+    /// (asked for when a read starts; the window never shrinks while it is
+    /// in flight). `Ok(0)` is the end of the stream; `WouldBlock` means
+    /// nothing has arrived (a read is then in flight, and
+    /// [`wait`](Self::wait) watches it).
+    pub(crate) fn read_into(&mut self, buf: &mut BytesMut, max: usize) -> io::Result<usize> {
+        if !self.io.read_pending() && !self.io.start_read(max)? {
             return Ok(0);
         }
         match self.io.poll_read() {
@@ -291,7 +293,7 @@ mod tests {
 
         let mut received = BytesMut::new();
         while received.len() < sent.len() {
-            match client.read_into(&mut received) {
+            match client.read_into(&mut received, usize::MAX) {
                 Ok(read) => assert_ne!(read, 0, "the end came before the bytes"),
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
                     client.wait(READ, &waker, deadline).unwrap();
@@ -301,6 +303,6 @@ mod tests {
             }
         }
         assert_eq!(&received[..], sent);
-        assert_eq!(client.read_into(&mut received).unwrap(), 0);
+        assert_eq!(client.read_into(&mut received, usize::MAX).unwrap(), 0);
     }
 }
