@@ -71,6 +71,16 @@ if [[ $(id -u) -eq 0 ]]; then
     trap - EXIT
 fi
 
+step "the simulation: 50,000 seeded interleavings of clients, slots, budget and connections"
+# (The suite above ran its default 2,000.) A failing seed prints itself;
+# SIM_SEED=<n> replays it alone, SIM_SEEDS=<n> explores more.
+SIM_SEEDS=50000 cargo nextest run --locked --all-features --profile ci --lib -E 'test(simulation::)' --no-capture
+
+step "loom: the locks connections share, under every interleaving it explores"
+# Its own target directory: the cfg changes every crate's build.
+RUSTFLAGS="--cfg daemoneye_loom" CARGO_TARGET_DIR=target/loom \
+    cargo test --locked --lib --release --all-features loom
+
 step "doctests, all features"
 cargo test --locked --doc --all-features
 

@@ -133,6 +133,8 @@ pub mod frame;
 #[cfg(fuzzing)]
 #[doc(hidden)]
 pub mod fuzzing;
+#[cfg(all(test, daemoneye_loom))]
+mod loom;
 mod peer;
 mod policy;
 pub mod proto;
@@ -140,6 +142,7 @@ pub mod sample;
 pub mod server;
 #[cfg(test)]
 mod simulation;
+mod sync;
 pub mod telemetry;
 mod transport;
 pub mod view;

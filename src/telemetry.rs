@@ -22,6 +22,9 @@ pub struct ServerStats {
     pub rejected_peer: u64,
     /// Connections being served now.
     pub active: u64,
+    /// The most connections served at once since the server started: never
+    /// more than `max_connections`.
+    pub active_peak: u64,
     /// Frames received (tasks).
     pub frames_in: u64,
     /// Frames sent (results).
@@ -51,10 +54,12 @@ pub struct ServerStats {
     pub task_timeouts: u64,
     /// Failed `accept` calls (each followed by a backoff).
     pub accept_errors: u64,
-    /// Bytes held now for tasks in flight, every connection together: tasks
-    /// decoded and not yet answered, results encoded and not yet written.
+    /// Bytes reserved now for tasks in flight, every connection together:
+    /// each task's frame and room for its result until the result is
+    /// encoded, then the result until it is written. Never more than the
+    /// server's `max_bytes_in_flight`.
     pub bytes_held: u64,
-    /// Times a connection stopped reading because the server held its
+    /// Times a connection stopped reading to wait for room in the server's
     /// budget of bytes for tasks in flight.
     pub budget_pauses: u64,
 }
@@ -66,6 +71,7 @@ pub(crate) struct Counters {
     pub(crate) rejected_limit: AtomicU64,
     pub(crate) rejected_peer: AtomicU64,
     pub(crate) active: AtomicU64,
+    pub(crate) active_peak: AtomicU64,
     pub(crate) frames_in: AtomicU64,
     pub(crate) frames_out: AtomicU64,
     pub(crate) bytes_in: AtomicU64,
@@ -103,6 +109,7 @@ impl Counters {
             rejected_limit: get(&self.rejected_limit),
             rejected_peer: get(&self.rejected_peer),
             active: get(&self.active),
+            active_peak: get(&self.active_peak),
             frames_in: get(&self.frames_in),
             frames_out: get(&self.frames_out),
             bytes_in: get(&self.bytes_in),
@@ -144,7 +151,8 @@ pub(crate) struct ActiveConnection<'a>(&'a Counters);
 
 impl<'a> ActiveConnection<'a> {
     pub(crate) fn enter(counters: &'a Counters) -> Self {
-        bump(&counters.active);
+        let active = counters.active.fetch_add(1, Relaxed) + 1;
+        counters.active_peak.fetch_max(active, Relaxed);
         ActiveConnection(counters)
     }
 }

@@ -547,3 +547,91 @@ fn validate_checks_a_config_built_in_code() {
     );
     assert!(IpcConfig::default().validate().is_ok());
 }
+
+#[test]
+fn the_default_task_deadline_keeps_within_a_lower_read_timeout() {
+    // #17: with both at 30 s the collector's answer to a task that ran out
+    // of time raced the agent's own deadline, which started first.
+    let defaults = load(None, &[], ConfigOverrides::default()).unwrap().config;
+    assert_eq!(defaults.task_timeout_ms, 25_000);
+    assert!(defaults.task_timeout_answerable());
+
+    let lowered = load(
+        None,
+        &[],
+        ConfigOverrides {
+            read_timeout_ms: Some(1500),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(lowered.config.task_timeout_ms, 1250, "five sixths of 1500");
+    assert_eq!(
+        lowered.origin(ConfigField::TaskTimeoutMs),
+        &ConfigOrigin::Default
+    );
+    assert!(lowered.config.task_timeout_answerable());
+
+    // One set explicitly is kept, answerable or not (`serve` warns).
+    let explicit = load(
+        None,
+        &[],
+        ConfigOverrides {
+            read_timeout_ms: Some(1500),
+            task_timeout_ms: Some(1500),
+            ..Default::default()
+        },
+    )
+    .unwrap()
+    .config;
+    assert_eq!(explicit.task_timeout_ms, 1500);
+    assert!(!explicit.task_timeout_answerable());
+}
+
+#[test]
+fn the_per_peer_cap_is_off_by_default_and_at_most_max_connections() {
+    let defaults = load(None, &[], ConfigOverrides::default()).unwrap().config;
+    assert_eq!(defaults.max_connections_per_peer, 0);
+    let message = load_err(
+        None,
+        &[("DAEMONEYE_IPC_MAX_CONNECTIONS_PER_PEER", "17")],
+        ConfigOverrides::default(),
+    );
+    assert_mentions(
+        &message,
+        &[
+            "invalid ipc.max_connections_per_peer = 17",
+            "(from env DAEMONEYE_IPC_MAX_CONNECTIONS_PER_PEER)",
+            "between 0 (no cap) and max_connections = 16",
+        ],
+    );
+}
+
+#[test]
+fn a_legacy_server_refuses_more_connections_than_it_runs_threads_for() {
+    if !TransportKind::Legacy.is_compiled() {
+        return; // A build without legacy refuses the transport itself.
+    }
+    let config = IpcConfig {
+        transport: TransportKind::Legacy,
+        max_connections: 1025,
+        ..IpcConfig::default()
+    };
+    config.validate().unwrap();
+    let message = config.validate_server().unwrap_err().to_string();
+    assert_mentions(
+        &message,
+        &[
+            "max_connections = 1025",
+            "at most 1024 with transport = \"legacy\"",
+            "use interprocess or tokio",
+        ],
+    );
+    IpcConfig {
+        transport: TransportKind::Legacy,
+        max_connections: 1024,
+        ..IpcConfig::default()
+    }
+    .validate_server()
+    .unwrap();
+}

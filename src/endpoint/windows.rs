@@ -27,6 +27,46 @@ pub(crate) fn create_pipe_instance(endpoint: &Endpoint, first: bool) -> io::Resu
     crate::win32::create_pipe_instance(endpoint.pipe_name(), first, PIPE_SDDL)
 }
 
+/// The pipe instances of a listener: always one waiting for the next client.
+/// When that one connects (or fails), [`rotate`](Self::rotate) creates the
+/// next before handing it over, so a client never finds the name missing
+/// between two accepts, and a failed instance is never reused. `P` is how a
+/// backend wraps an instance (tokio's `NamedPipeServer`, the legacy
+/// backend's overlapped pipe).
+#[derive(Debug)]
+pub(crate) struct PipeInstances<P> {
+    endpoint: Endpoint,
+    waiting: P,
+}
+
+impl<P> PipeInstances<P> {
+    /// Creates the pipe's first instance, failing if another server owns the
+    /// name, and wraps it with `wrap`.
+    pub(crate) fn first(
+        endpoint: &Endpoint,
+        wrap: impl FnOnce(OwnedHandle) -> io::Result<P>,
+    ) -> io::Result<PipeInstances<P>> {
+        Ok(PipeInstances {
+            endpoint: endpoint.clone(),
+            waiting: wrap(create_pipe_instance(endpoint, true)?)?,
+        })
+    }
+
+    /// The instance waiting for a client.
+    pub(crate) fn waiting(&mut self) -> &mut P {
+        &mut self.waiting
+    }
+
+    /// Puts a new instance in the waiting one's place and returns the old.
+    pub(crate) fn rotate(
+        &mut self,
+        wrap: impl FnOnce(OwnedHandle) -> io::Result<P>,
+    ) -> io::Result<P> {
+        let next = wrap(create_pipe_instance(&self.endpoint, false)?)?;
+        Ok(std::mem::replace(&mut self.waiting, next))
+    }
+}
+
 /// Opens the endpoint's pipe as a client: read and write, overlapped I/O,
 /// at the identification impersonation level. Fails at once (no waiting)
 /// if every instance is busy (`ERROR_PIPE_BUSY`) or there is no pipe.

@@ -14,7 +14,9 @@
 //! answered. So the cache holds at most one encoding (at most
 //! `max_frame_bytes`), however many connections the server has.
 
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Weak};
+
+use crate::sync::{Mutex, MutexGuard};
 
 use bytes::{Bytes, BytesMut};
 
@@ -69,7 +71,7 @@ impl SharedEncodings {
         Some(answer)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Encoded>> {
+    fn lock(&self) -> MutexGuard<'_, Option<Encoded>> {
         // Nothing panics while the lock is held; poisoning is ignored.
         self.last
             .lock()

@@ -14,12 +14,20 @@
 //!  task finished      --task_finished-->    encode the result
 //!  bytes written      --on_written(n)-->    advance the output
 //!  woke at deadline   --handle_timeout-->   close if a limit passed
+//!  budget granted     --on_granted(n)--->   read on
 //!                     <--poll_event()----   start or cancel a task
 //!                     <--pending_output()-  bytes to write (every ready frame)
-//!                     <--wants_read()-----  whether to read at all
+//!                     <--read_window()----  how much to read, if at all
+//!                     <--budget_request()-  bytes to reserve before reading on
+//!                     <--take_released()--  bytes to give back to the budget
 //!                     <--poll_timeout()---  when to wake next
 //!                     <--poll_close()-----  close, and why
 //! ```
+//!
+//! What connections share (the acceptor, the budget) is a state machine of
+//! its own here too; the server keeps each behind one lock
+//! (`src/server/slots.rs`, `src/server/budget.rs`) and passes its
+//! decisions on.
 //!
 //! `quinn-proto` is the model: the protocol decides, the driver does I/O and
 //! keeps time. Because time only ever comes in as an argument, every timing

@@ -445,9 +445,8 @@ impl ServerConnection {
     /// Gives up everything held (the connection is being dropped): what the
     /// driver must give back to the budget.
     pub(crate) fn release_all(&mut self) -> usize {
-        let held = std::mem::take(&mut self.account.held);
-        self.account = Account::default();
-        self.take_released() + held
+        let account = std::mem::take(&mut self.account);
+        account.held + account.released
     }
 
     // ---- tasks ---------------------------------------------------------------
@@ -935,10 +934,122 @@ mod tests {
         assert_eq!(
             c.poll_timeout(),
             Some(t1 + READ),
-            "the frame clock restarted when reading resumed"
+            "the frame clock ran from its first byte only while reading"
         );
         c.handle_timeout(t1);
         assert!(c.poll_close().is_none());
+    }
+
+    /// Bytes arrive, and nothing is granted: the reservation they need
+    /// stays asked for.
+    fn arrive(connection: &mut ServerConnection, bytes: &[u8], now: Instant) {
+        connection.read_buffer().extend_from_slice(bytes);
+        connection.on_read(bytes.len(), now);
+    }
+
+    #[test]
+    fn a_frame_clock_stopped_while_reading_waits_resumes_where_it_stopped() {
+        // #17: every pause used to restart the frame clock, so a peer that
+        // trickled a frame while reading flapped could outlive the limit.
+        let (mut c, _, t0) = connection(32);
+        let second = frame("second");
+        receive(&mut c, &[frame("first"), second[..4].to_vec()].concat(), t0);
+        let [(first, _)] = started(&mut c)[..] else {
+            panic!()
+        };
+        c.task_finished(first, ok("first"), t0);
+        written(&mut c, t0);
+        assert_eq!(c.poll_timeout(), Some(t0 + READ), "half a header in");
+
+        // Ten seconds later the header is whole: the frame needs its
+        // reservation, which is not granted yet, so reading stops.
+        let t1 = t0 + Duration::from_secs(10);
+        arrive(&mut c, &second[4..10], t1);
+        let asked = c.budget_request().expect("a reservation for the frame");
+        assert!(!c.wants_read());
+        assert_eq!(c.poll_timeout(), None, "the frame's clock is stopped");
+
+        // Granted 100 s later: the 10 s the frame had taken still count.
+        let t2 = t1 + Duration::from_secs(100);
+        c.on_granted(asked, t2);
+        let left = READ - Duration::from_secs(10);
+        assert_eq!(c.poll_timeout(), Some(t2 + left));
+        c.handle_timeout(t2 + left - Duration::from_nanos(1));
+        assert!(c.poll_close().is_none(), "not a moment early");
+        c.handle_timeout(t2 + left);
+        assert!(matches!(closed_with(&mut c), IpcError::ReadTimeout { .. }));
+    }
+
+    #[test]
+    fn a_task_reserves_its_frame_and_the_largest_result_before_its_body_is_read() {
+        let (mut c, _, t0) = connection(32);
+        let bytes = frame("task");
+        arrive(&mut c, &bytes[..HEADER_LEN], t0);
+        let limits = limits(32);
+        assert_eq!(
+            c.budget_request(),
+            Some(bytes.len() + limits.result_allowance()),
+            "the frame and the largest result frame"
+        );
+        assert_eq!(c.budget_request(), None, "asked once");
+        assert!(!c.wants_read(), "nothing more is read until it is granted");
+        c.on_granted(bytes.len() + limits.result_allowance(), t0);
+        assert!(c.wants_read());
+        arrive(&mut c, &bytes[HEADER_LEN..], t0);
+        let [(ticket, _)] = started(&mut c)[..] else {
+            panic!()
+        };
+        assert_eq!(c.take_released(), 0, "all of it held while the task runs");
+
+        // The handler done, its frame goes back, and what the result does
+        // not use of its allowance; the result's own bytes as written.
+        c.task_finished(ticket, ok("task"), t0);
+        let result = c.pending_output().len();
+        assert_eq!(
+            c.take_released(),
+            bytes.len() + limits.result_allowance() - result
+        );
+        c.on_written(result, t0);
+        assert_eq!(c.take_released(), result);
+        assert_eq!(c.release_all(), 0, "nothing left held");
+    }
+
+    #[test]
+    fn a_connection_that_waits_for_the_budget_reads_nothing_more_and_resumes_when_granted() {
+        let (mut c, _, t0) = connection(32);
+        let tasks = [frame("a"), frame("b")].concat();
+        arrive(&mut c, &tasks, t0);
+        let first = c.budget_request().expect("a reservation for a");
+        c.on_granted(first, t0);
+        assert_eq!(started(&mut c).len(), 1, "a, reserved for, is taken");
+        let second = c.budget_request().expect("b waits for its own");
+        assert!(!c.wants_read() && started(&mut c).is_empty());
+        c.on_granted(second, t0);
+        assert_eq!(started(&mut c)[0].1, "b");
+        assert!(c.wants_read());
+    }
+
+    #[test]
+    fn a_closed_connection_gives_back_everything_it_held() {
+        let (mut c, _, t0) = connection(32);
+        receive(&mut c, &frame("a"), t0);
+        let [(ticket, _)] = started(&mut c)[..] else {
+            panic!()
+        };
+        let held = frame("a").len() + limits(32).result_allowance();
+        let mut corrupt = frame("b");
+        *corrupt.last_mut().unwrap() ^= 1;
+        receive(&mut c, &corrupt, t0);
+        assert!(matches!(
+            closed_with(&mut c),
+            IpcError::ChecksumMismatch { .. }
+        ));
+        c.task_finished(ticket, ok("a"), t0);
+        // The second frame's reservation was granted too, by grant_all.
+        assert_eq!(
+            c.release_all(),
+            held + corrupt.len() + limits(32).result_allowance()
+        );
     }
 
     #[test]

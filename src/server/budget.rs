@@ -7,8 +7,8 @@
 //! connection releases, is kept for its connection and the connection is
 //! woken to collect it: nothing polls.
 
+use crate::sync::{Mutex, MutexGuard};
 use std::collections::HashMap;
-use std::sync::{Mutex, MutexGuard};
 use std::time::Instant;
 
 use crate::policy::budget::{Budget, Holder};
@@ -137,6 +137,21 @@ impl SharedBudget {
         inner.pass_on();
     }
 
+    /// Debug view (test only).
+    #[cfg(test)]
+    pub(crate) fn debug(&self) -> String {
+        let inner = self.lock();
+        format!(
+            "{:?} accounts {:?}",
+            inner.budget,
+            inner
+                .holders
+                .iter()
+                .map(|(holder, account)| (*holder, account.granted))
+                .collect::<Vec<_>>()
+        )
+    }
+
     /// Bytes held now, every connection together.
     pub(crate) fn held(&self) -> usize {
         self.lock().budget.held()
@@ -162,5 +177,142 @@ impl Inner {
                 None => self.budget.release(bytes),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::{Duration, Instant};
+
+    use bytes::BytesMut;
+
+    use super::*;
+    use crate::frame::{FrameSettings, encode_message};
+    use crate::policy::server::{ConnectionLimits, ServerEvent};
+    use crate::proto::{DetectionResult, DetectionTask};
+
+    const LIMITS: ConnectionLimits = ConnectionLimits {
+        settings: FrameSettings {
+            max_frame_bytes: 1024,
+            ..FrameSettings::DEFAULT
+        },
+        read_timeout: Duration::from_secs(30),
+        write_timeout: Duration::from_secs(10),
+        task_timeout: Duration::from_secs(60),
+        max_in_flight: 32,
+    };
+
+    fn frame(id: &str) -> Vec<u8> {
+        let task = DetectionTask {
+            task_id: id.to_owned(),
+            ..Default::default()
+        };
+        let mut wire = BytesMut::new();
+        encode_message(&task, LIMITS.settings, &mut wire).unwrap();
+        wire.to_vec()
+    }
+
+    /// A connection of a server sharing `budget`, and how often it was woken.
+    fn connection(
+        budget: &SharedBudget,
+        now: Instant,
+    ) -> (ServerConnection, Holder, Arc<AtomicUsize>) {
+        let woken = Arc::new(AtomicUsize::new(0));
+        let wake = {
+            let woken = woken.clone();
+            Box::new(move || {
+                woken.fetch_add(1, Ordering::SeqCst);
+            })
+        };
+        let core = ServerConnection::new(LIMITS, Arc::default(), Arc::default(), now);
+        (core, budget.join(wake), woken)
+    }
+
+    fn started(core: &mut ServerConnection) -> Vec<u64> {
+        std::iter::from_fn(|| core.poll_event())
+            .map(|event| match event {
+                ServerEvent::StartTask { ticket, .. } => ticket,
+                other => panic!("{other:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_connection_waits_for_room_another_holds_and_is_woken_when_it_is_written() {
+        // Room for one task of the largest size and a little more: a small
+        // task reserves its frame and the largest result, so the second
+        // connection's task must wait for the first's result to go out.
+        let counters = Counters::default();
+        let t0 = Instant::now();
+        let budget = SharedBudget::new(LIMITS.largest_reservation());
+        let (mut busy, busy_holder, _) = connection(&budget, t0);
+        let (mut waiting, waiting_holder, woken) = connection(&budget, t0);
+
+        let a = frame("a");
+        busy.read_buffer().extend_from_slice(&a);
+        busy.on_read(a.len(), t0);
+        budget.settle(busy_holder, &mut busy, &counters, t0);
+        let [ticket] = started(&mut busy)[..] else {
+            panic!("a is taken")
+        };
+
+        let b = frame("b");
+        waiting.read_buffer().extend_from_slice(&b);
+        waiting.on_read(b.len(), t0);
+        budget.settle(waiting_holder, &mut waiting, &counters, t0);
+        assert!(started(&mut waiting).is_empty(), "b waits for room");
+        assert!(!waiting.wants_read());
+        assert_eq!(counters.budget_pauses.load(Ordering::Relaxed), 1, "counted");
+        assert!(budget.held() <= LIMITS.largest_reservation());
+
+        // a's result, a whole frame, is encoded: the unused allowance goes
+        // back, not enough for b. Once it is written there is room, and b's
+        // connection is woken, without having looked.
+        busy.task_finished(
+            ticket,
+            Ok(DetectionResult {
+                task_id: "a".into(),
+                error_message: Some("x".repeat(1018)),
+                ..Default::default()
+            }
+            .into()),
+            t0,
+        );
+        budget.settle(busy_holder, &mut busy, &counters, t0);
+        let result = busy.pending_output().len();
+        assert_eq!(result, LIMITS.result_allowance(), "the largest result");
+        assert_eq!(budget.held(), result, "b still waits");
+        busy.on_written(result, t0);
+        assert_eq!(woken.load(Ordering::SeqCst), 0);
+        budget.settle(busy_holder, &mut busy, &counters, t0);
+        assert_eq!(woken.load(Ordering::SeqCst), 1, "woken once room came back");
+        budget.settle(waiting_holder, &mut waiting, &counters, t0);
+        assert_eq!(started(&mut waiting).len(), 1, "b is taken");
+        assert_eq!(counters.budget_pauses.load(Ordering::Relaxed), 1);
+
+        budget.leave(busy_holder, busy.release_all());
+        budget.leave(waiting_holder, waiting.release_all());
+        assert_eq!(budget.held(), 0, "everything given back");
+    }
+
+    #[test]
+    fn a_grant_to_a_connection_that_has_left_goes_back() {
+        let counters = Counters::default();
+        let t0 = Instant::now();
+        let budget = SharedBudget::new(LIMITS.largest_reservation());
+        let (mut busy, busy_holder, _) = connection(&budget, t0);
+        let (mut gone, gone_holder, _) = connection(&budget, t0);
+        for (core, holder, id) in [(&mut busy, busy_holder, "a"), (&mut gone, gone_holder, "b")] {
+            let bytes = frame(id);
+            core.read_buffer().extend_from_slice(&bytes);
+            core.on_read(bytes.len(), t0);
+            budget.settle(holder, core, &counters, t0);
+        }
+        // b's connection ends while it waits; a's then gives everything back.
+        budget.leave(gone_holder, gone.release_all());
+        budget.leave(busy_holder, busy.release_all());
+        assert_eq!(budget.held(), 0);
     }
 }

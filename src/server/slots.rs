@@ -6,8 +6,8 @@
 //! from two places. A fate that finds no one to hear it (the waiter is
 //! gone) is settled here: a slot handed to no one is released at once.
 
+use crate::sync::{Mutex, MutexGuard};
 use std::collections::HashMap;
-use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::policy::acceptor::{Acceptor, Arrival, ArrivalId, Fate};

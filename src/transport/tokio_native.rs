@@ -54,17 +54,14 @@ mod windows {
     use tokio::net::windows::named_pipe::{ClientOptions, NamedPipeClient, NamedPipeServer};
 
     use crate::endpoint::Endpoint;
-    use crate::endpoint::windows::create_pipe_instance;
+    use crate::endpoint::windows::PipeInstances;
     use crate::transport::PeerCredentials;
 
-    /// Always one instance waiting for the next client: the one `accept`
-    /// awaits. The next is created before a connected one is handed off, so
-    /// a client never finds the name missing between two accepts. Each
-    /// instance is the endpoint's ([`create_pipe_instance`]), wrapped.
+    /// The endpoint's pipe instances, each wrapped as tokio's server end;
+    /// `accept` awaits the waiting one.
     #[derive(Debug)]
     pub(crate) struct Listener {
-        endpoint: Endpoint,
-        waiting: NamedPipeServer,
+        instances: PipeInstances<NamedPipeServer>,
     }
 
     #[derive(Debug)]
@@ -75,21 +72,13 @@ mod windows {
 
     impl Listener {
         pub(crate) fn bind(endpoint: &Endpoint) -> io::Result<Listener> {
-            // first: fail if another server already owns the name.
-            let waiting = crate::win32::tokio_pipe_server(create_pipe_instance(endpoint, true)?)?;
-            Ok(Listener {
-                endpoint: endpoint.clone(),
-                waiting,
-            })
+            let instances = PipeInstances::first(endpoint, crate::win32::tokio_pipe_server)?;
+            Ok(Listener { instances })
         }
 
         pub(crate) async fn accept(&mut self) -> io::Result<Stream> {
-            let connected = self.waiting.connect().await;
-            // Replace the instance whether or not the connect worked: a failed
-            // instance is not reused (no disconnect()+connect()).
-            let next =
-                crate::win32::tokio_pipe_server(create_pipe_instance(&self.endpoint, false)?)?;
-            let instance = std::mem::replace(&mut self.waiting, next);
+            let connected = self.instances.waiting().connect().await;
+            let instance = self.instances.rotate(crate::win32::tokio_pipe_server)?;
             connected?;
             Ok(Stream::Server(instance))
         }

@@ -14,8 +14,8 @@
 //! }
 //! ```
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, ChildStdin, Stdio};
+use std::io::{BufRead, BufReader, Lines, Write};
+use std::process::{Child, ChildStdin, ChildStdout, Stdio};
 
 use daemoneye_ipc::proto::ProcessFilter;
 use daemoneye_ipc::{
@@ -26,19 +26,25 @@ use daemoneye_ipc::{
 use super::{PATIENCE, block_on, rerun_test_binary};
 
 /// How the server is told what to serve, in its environment:
-/// `TRANSPORT CRC WRITE_TIMEOUT_MS ENDPOINT`.
+/// `TRANSPORT CRC WRITE_TIMEOUT_MS MAX_BYTES_IN_FLIGHT ENDPOINT` (0 bytes:
+/// the default budget).
 const SPEC: &str = "DAEMONEYE_TEST_SIZED_SERVER";
 /// What it prints once it is listening.
 const READY: &str = "sized-server-ready";
+/// What it prints, with its counters as JSON, for each `stats` line read.
+const STATS: &str = "sized-server-stats ";
 
-/// The child's side: serves as [`SPEC`] says until standard input closes.
+/// The child's side: serves as [`SPEC`] says until standard input closes,
+/// printing its counters for each `stats` line it reads there.
 pub fn serve_from_env() {
     let spec =
         std::env::var(SPEC).expect("started by a test, with DAEMONEYE_TEST_SIZED_SERVER set");
-    let [transport, crc32, write_timeout_ms, endpoint] =
-        spec.splitn(4, ' ').collect::<Vec<_>>()[..]
+    let [transport, crc32, write_timeout_ms, budget, endpoint] =
+        spec.splitn(5, ' ').collect::<Vec<_>>()[..]
     else {
-        panic!("{SPEC} is `TRANSPORT CRC WRITE_TIMEOUT_MS ENDPOINT`, not {spec:?}");
+        panic!(
+            "{SPEC} is `TRANSPORT CRC WRITE_TIMEOUT_MS MAX_BYTES_IN_FLIGHT ENDPOINT`, not {spec:?}"
+        );
     };
     let config = IpcConfig {
         transport: transport.parse().unwrap(),
@@ -47,17 +53,31 @@ pub fn serve_from_env() {
         endpoint_path: endpoint.to_owned(),
         ..IpcConfig::default()
     };
+    let budget: usize = budget.parse().unwrap();
     block_on(async {
-        let server = IpcServer::bind(config, |task: DetectionTask| async move { answer(&task) })
-            .await
-            .unwrap();
+        let mut builder = IpcServer::builder(config);
+        if budget > 0 {
+            builder = builder.max_bytes_in_flight(budget);
+        }
+        let server = std::sync::Arc::new(
+            builder
+                .bind(|task: DetectionTask| async move { answer(&task) })
+                .await
+                .unwrap(),
+        );
         println!("{READY}");
-        tokio::task::spawn_blocking(|| {
-            std::io::Read::read_to_end(&mut std::io::stdin(), &mut Vec::new())
+        let watched = server.clone();
+        tokio::task::spawn_blocking(move || {
+            for line in std::io::stdin().lines().map_while(Result::ok) {
+                if line == "stats" {
+                    let stats = serde_json::to_string(&watched.stats()).unwrap();
+                    println!("{STATS}{stats}");
+                }
+            }
         })
         .await
-        .unwrap()
         .unwrap();
+        let server = std::sync::Arc::into_inner(server).expect("the stats reader is done");
         server.shutdown(PATIENCE).await;
     });
 }
@@ -118,6 +138,7 @@ pub fn describe(payload: &str) -> String {
 pub struct SizedServer {
     child: Child,
     stdin: Option<ChildStdin>,
+    stdout: Lines<BufReader<ChildStdout>>,
 }
 
 impl SizedServer {
@@ -127,23 +148,56 @@ impl SizedServer {
         write_timeout_ms: u64,
         endpoint: &str,
     ) -> SizedServer {
+        SizedServer::start_with_budget(transport, crc32, write_timeout_ms, 0, endpoint)
+    }
+
+    /// With `max_bytes_in_flight` (0: the default).
+    pub fn start_with_budget(
+        transport: TransportKind,
+        crc32: Crc32Variant,
+        write_timeout_ms: u64,
+        max_bytes_in_flight: usize,
+        endpoint: &str,
+    ) -> SizedServer {
         let mut child = rerun_test_binary("sized_server_process")
             .env(
                 SPEC,
-                format!("{transport} {crc32} {write_timeout_ms} {endpoint}"),
+                format!("{transport} {crc32} {write_timeout_ms} {max_bytes_in_flight} {endpoint}"),
             )
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
             .unwrap();
-        let stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
         let ready = stdout
-            .lines()
+            .by_ref()
             .map_while(Result::ok)
             .any(|line| line.contains(READY));
         assert!(ready, "the {transport} sized server did not start");
         let stdin = child.stdin.take();
-        SizedServer { child, stdin }
+        SizedServer {
+            child,
+            stdin,
+            stdout,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The server's counters now.
+    pub fn stats(&mut self) -> serde_json::Value {
+        let stdin = self.stdin.as_mut().expect("running");
+        writeln!(stdin, "stats").unwrap();
+        stdin.flush().unwrap();
+        let line = self
+            .stdout
+            .by_ref()
+            .map_while(Result::ok)
+            .find_map(|line| line.strip_prefix(STATS).map(str::to_owned))
+            .expect("the server answers with its counters");
+        serde_json::from_str(&line).unwrap()
     }
 }
 

@@ -87,6 +87,7 @@ fn log_counters(stats: &ServerStats, when: &str) {
         rejected_limit = stats.rejected_limit,
         rejected_peer = stats.rejected_peer,
         active = stats.active,
+        active_peak = stats.active_peak,
         frames_in = stats.frames_in,
         frames_out = stats.frames_out,
         bytes_in = stats.bytes_in,
@@ -101,6 +102,8 @@ fn log_counters(stats: &ServerStats, when: &str) {
         handler_errors = stats.handler_errors,
         task_timeouts = stats.task_timeouts,
         accept_errors = stats.accept_errors,
+        bytes_held = stats.bytes_held,
+        budget_pauses = stats.budget_pauses,
         "counters"
     );
 }

@@ -3,57 +3,57 @@
 //! `unsafe` calls are all in [`crate::win32`].
 
 use std::io;
-use std::os::windows::io::BorrowedHandle;
+use std::os::windows::io::{BorrowedHandle, OwnedHandle};
 use std::time::Instant;
 
 use bytes::BytesMut;
 
 use super::Interest;
 use crate::endpoint::Endpoint;
-use crate::endpoint::windows::{create_pipe_instance, open_pipe};
+use crate::endpoint::windows::{PipeInstances, open_pipe};
 use crate::transport::{PeerCredentials, PipeOwner};
 use crate::win32::{Event, PipeIo, wait_any};
 
 /// Bytes each read or write moves at most (the pipe's own buffer size).
 const IO_BUFFER: usize = crate::win32::PIPE_BUFFER_BYTES as usize;
 
-/// The pipe's waiting instance, with a connect in flight on it.
+/// The endpoint's pipe instances, each wrapped for overlapped I/O; the
+/// waiting one has a connect in flight.
 #[derive(Debug)]
 pub(crate) struct Listener {
-    endpoint: Endpoint,
-    waiting: PipeIo,
+    instances: PipeInstances<PipeIo>,
+}
+
+/// Wraps one pipe instance for overlapped I/O.
+fn overlapped(pipe: OwnedHandle) -> io::Result<PipeIo> {
+    PipeIo::new(pipe, IO_BUFFER)
 }
 
 impl Listener {
     /// Creates the pipe's first instance (failing if the name is taken).
     pub(crate) fn bind(endpoint: &Endpoint) -> io::Result<Listener> {
-        let waiting = PipeIo::new(create_pipe_instance(endpoint, true)?, IO_BUFFER)?;
-        Ok(Listener {
-            endpoint: endpoint.clone(),
-            waiting,
-        })
+        let instances = PipeInstances::first(endpoint, overlapped)?;
+        Ok(Listener { instances })
     }
 
     /// The next connected client if one has arrived; `WouldBlock` if none
-    /// has. The next instance is created before the connected one is handed
-    /// over, so a client never finds the name missing.
+    /// has.
     pub(crate) fn accept(&mut self) -> io::Result<Stream> {
         loop {
-            let connected = if self.waiting.read_pending() {
-                match self.waiting.poll_read() {
+            let waiting = self.instances.waiting();
+            let connected = if waiting.read_pending() {
+                match waiting.poll_read() {
                     None => return Err(io::ErrorKind::WouldBlock.into()),
                     Some(outcome) => outcome.map(drop),
                 }
             } else {
-                match self.waiting.start_connect() {
+                match waiting.start_connect() {
                     Ok(true) => Ok(()),
                     Ok(false) => return Err(io::ErrorKind::WouldBlock.into()),
                     Err(error) => Err(error),
                 }
             };
-            // Whether or not that instance connected, it is not reused.
-            let next = PipeIo::new(create_pipe_instance(&self.endpoint, false)?, IO_BUFFER)?;
-            let instance = std::mem::replace(&mut self.waiting, next);
+            let instance = self.instances.rotate(overlapped)?;
             match connected {
                 Ok(()) => return Ok(Stream::new(instance, Side::Server)),
                 // A client that came and went: wait on the fresh instance.
@@ -71,13 +71,14 @@ impl Listener {
         waker: &Waker,
         deadline: Option<Instant>,
     ) -> io::Result<()> {
-        if accepting && !self.waiting.read_pending() && self.waiting.start_connect()? {
+        let waiting = self.instances.waiting();
+        if accepting && !waiting.read_pending() && waiting.start_connect()? {
             // Connected already: the next accept takes it.
             return Ok(());
         }
         let mut handles = vec![waker.event.handle()];
         if accepting {
-            handles.push(self.waiting.read_event());
+            handles.push(waiting.read_event());
         }
         wait(&handles, deadline)
     }
