@@ -8,6 +8,15 @@ use std::time::Duration;
 use daemoneye_ipc::TransportKind;
 use support::*;
 
+/// A task on a connection of its own: its answer, or `None` if the server
+/// closed the connection instead (before or after the task was written).
+#[cfg(unix)]
+async fn try_task(endpoint: &str, id: &str) -> Option<daemoneye_ipc::DetectionResult> {
+    let mut client = RawClient::connect(endpoint).await;
+    client.write(&frame_bytes(&quick_task(id))).await.ok()?;
+    client.read_reply(PATIENCE).await
+}
+
 async fn served_client(endpoint: &str, id: &str) -> RawClient {
     let mut client = RawClient::connect(endpoint).await;
     client.write(&frame_bytes(&quick_task(id))).await.unwrap();
@@ -151,4 +160,41 @@ fn accept_errors_back_off_instead_of_spinning_and_recover(transport: TransportKi
         );
     });
     server.wait_for_log("retry_in_ms", 1);
+}
+
+#[cfg(unix)]
+each_backend!(one_peer_holds_no_more_than_max_connections_per_peer);
+/// With slots to spare, a third connection from the same uid is closed at
+/// once when that uid may hold two, and named in the log; when one of its
+/// two leaves, it may connect again. (Unix: Windows reports no uid for a
+/// pipe's client, so the cap does not apply there.)
+#[cfg(unix)]
+fn one_peer_holds_no_more_than_max_connections_per_peer(transport: TransportKind) {
+    let endpoint = Endpoint::fresh();
+    let mut server = ServerProcess::start(
+        &endpoint.name,
+        transport,
+        &[
+            "--max-connections",
+            "4",
+            "--max-connections-per-peer",
+            "2",
+            "--accept-timeout-ms",
+            "60000",
+        ],
+    );
+    block_on(async {
+        let first = served_client(&server.endpoint, "first").await;
+        let _second = served_client(&server.endpoint, "second").await;
+        // Closed unanswered, at once: not after the minute a waiter waits.
+        assert_eq!(try_task(&server.endpoint, "third").await, None);
+        drop(first);
+        // The first's slot frees once the server notices it left.
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        while try_task(&server.endpoint, "again").await.is_none() {
+            assert!(tokio::time::Instant::now() < deadline, "never served again");
+        }
+    });
+    server.wait_for_log("holds max_connections_per_peer = 2 connections already", 1);
+    assert!(server.counters()["rejected_limit"] >= 1);
 }

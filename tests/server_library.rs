@@ -920,3 +920,78 @@ async fn stats_count_connections_frames_and_bytes_and_name_the_transport(transpo
     })
     .await;
 }
+
+each_backend!(async a_handler_that_blocks_its_first_poll_stops_the_server_polling_handlers_inline);
+/// A handler is first polled where its task was read (on the connection's
+/// own task, or its thread on `legacy`), until one blocks there for more
+/// than 2 ms: from then on each runs as a task of its own. Which task a
+/// handler's synchronous part runs on shows it.
+async fn a_handler_that_blocks_its_first_poll_stops_the_server_polling_handlers_inline(
+    transport: TransportKind,
+) {
+    let endpoint = Endpoint::fresh();
+    let _server = IpcServer::bind(config(&endpoint, transport), |task: DetectionTask| {
+        // Runs in the first poll: before the handler's first await.
+        let polled_on = format!("{:?}", tokio::task::try_id());
+        if task.task_id == "blocks" {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        async move {
+            DetectionResult {
+                task_id: task.task_id,
+                error_message: Some(polled_on),
+                ..Default::default()
+            }
+        }
+    })
+    .await
+    .unwrap();
+    let client = IpcClient::new(config(&endpoint, transport)).unwrap();
+    let mut polled_on = Vec::new();
+    for id in ["first", "blocks", "after"] {
+        let result = client.send(task(id)).await.unwrap();
+        polled_on.push(result.error_message.unwrap());
+    }
+    assert_eq!(
+        polled_on[0], polled_on[1],
+        "inline: both on the connection's own task (or thread)"
+    );
+    assert_ne!(
+        polled_on[1], polled_on[2],
+        "after a blocking first poll, a task of its own"
+    );
+}
+
+each_backend!(async a_shutdown_returns_within_a_second_of_cutting_a_connection_that_cannot_stop);
+/// A handler that blocks its connection (on `legacy`, its thread; on the
+/// others, a runtime worker) cannot be cancelled: a shutdown cuts the
+/// connection at the end of the grace period and returns within a second
+/// more, rather than waiting for it.
+async fn a_shutdown_returns_within_a_second_of_cutting_a_connection_that_cannot_stop(
+    transport: TransportKind,
+) {
+    const BLOCKED: Duration = Duration::from_secs(4);
+    const GRACE: Duration = Duration::from_millis(100);
+    let endpoint = Endpoint::fresh();
+    let blocking = Arc::new(Notify::new());
+    let told = blocking.clone();
+    let server = IpcServer::bind(config(&endpoint, transport), move |task: DetectionTask| {
+        // Blocks in the first poll, where no cancellation reaches it.
+        told.notify_one();
+        std::thread::sleep(BLOCKED);
+        async move { ok(&task) }
+    })
+    .await
+    .unwrap();
+    let client = IpcClient::new(config(&endpoint, transport)).unwrap();
+    let _stuck = send_in_background(&client, task("stuck"));
+    blocking.notified().await;
+    let started = std::time::Instant::now();
+    let report = server.shutdown(GRACE).await;
+    let took = started.elapsed();
+    assert!(!report.drained);
+    assert!(
+        took < GRACE + Duration::from_secs(2),
+        "shutdown took {took:?}, the handler blocks for {BLOCKED:?}"
+    );
+}
