@@ -359,6 +359,21 @@ pub enum IpcError {
         reason: String,
     },
 
+    /// The server refused the connection and said why (its notice: the
+    /// agent's credentials, no slot free); the task did not run.
+    #[error(
+        "the collector at {endpoint} refused this connection: {reason}; task {task_id:?} did not \
+         run"
+    )]
+    Refused {
+        /// The endpoint.
+        endpoint: String,
+        /// The task that was not run.
+        task_id: String,
+        /// The server's words.
+        reason: String,
+    },
+
     /// A task was sent without a `task_id`.
     #[error(
         "refusing to send a task with an empty task_id: the id is what matches the result to the \

@@ -133,6 +133,8 @@ pub mod frame;
 #[cfg(fuzzing)]
 #[doc(hidden)]
 pub mod fuzzing;
+#[cfg(any(target_os = "linux", target_os = "android"))]
+mod linux;
 #[cfg(all(test, daemoneye_loom))]
 mod loom;
 mod peer;

@@ -821,8 +821,20 @@ impl Sim {
         self.note(format!("server {index} serves"));
     }
 
+    /// Closes an unserved connection, with the notice saying why, as the
+    /// drivers do.
     fn refuse(&mut self, index: usize) {
         let conn = &mut self.conns[index];
+        let notice = DetectionResult {
+            error_message: Some("refused".to_owned()),
+            ..Default::default()
+        };
+        let mut frame = bytes::BytesMut::new();
+        crate::frame::encode_message(&notice, self.settings.limits.settings, &mut frame)
+            .expect("a small frame");
+        if !conn.down.reader_gone && conn.down.room() >= frame.len() {
+            conn.down.bytes.extend(&frame[..]);
+        }
         conn.server = Server::Closed;
         conn.down.writer_gone = true;
         conn.up.reader_gone = true;
@@ -955,8 +967,10 @@ impl Sim {
                         Err(error) => Err(format!("answer does not decode: {error}")),
                     }
                 }
-                Outcome::Lost(reason) if reason.is_empty() => Err("lost, no reason".to_owned()),
-                Outcome::Lost(_) => Ok(()),
+                Outcome::Lost(reason) | Outcome::Refused(reason) if reason.is_empty() => {
+                    Err("lost, no reason".to_owned())
+                }
+                Outcome::Lost(_) | Outcome::Refused(_) => Ok(()),
             };
             if outcome.is_some() {
                 *outcome = Some(Err("told twice".to_owned()));

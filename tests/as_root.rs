@@ -125,6 +125,13 @@ fn peers_of_another_uid_are_refused_unless_allowed(transport: TransportKind) {
                 "refused uid must not get a result"
             );
             assert!(output.stdout.is_empty());
+            let message = stderr(&output);
+            assert!(
+                message.contains(
+                    "refused this connection: this agent runs as uid 65534, which is not allowed"
+                ),
+                "the agent is told why: {message}"
+            );
             server.wait_for_log("peer rejected", 1);
             let logs = server.logs();
             assert!(
@@ -258,4 +265,109 @@ fn members_of_the_socket_group_get_in_and_others_are_refused_at_connect(transpor
         "config shows the setting: {}",
         String::from_utf8_lossy(&config.stdout)
     );
+}
+
+/// Runs a command in a PID namespace of its own, as a container would.
+const IN_PID_NAMESPACE: &[&str] = &["unshare", "--pid", "--fork", "--mount-proc", "--"];
+
+/// Runs a command in a user namespace of its own with no uid mapped: it
+/// runs as the overflow uid there, and every peer's uid shows as that.
+const IN_UNMAPPED_USER_NAMESPACE: &[&str] = &["unshare", "--user", "--"];
+
+fn send_args<'a>(endpoint: &'a str, transport: TransportKind, task_id: &'a str) -> Vec<&'a str> {
+    vec![
+        "send",
+        "--transport",
+        transport.name(),
+        "--endpoint",
+        endpoint,
+        "--task-id",
+        task_id,
+        "--accept-timeout-ms",
+        "2000",
+    ]
+}
+
+each_backend!(an_agent_in_another_pid_namespace_is_served);
+/// #18: an agent in a container (its own PID namespace) reaching a host
+/// collector through a shared socket. Linux reports no pid for a peer in
+/// another PID namespace (0); that is no reason to refuse it. (It used to
+/// be: "no server answered ... connection reset" on `interprocess`,
+/// "credentials that cannot be read (Success)" on `legacy`.)
+fn an_agent_in_another_pid_namespace_is_served(transport: TransportKind) {
+    require_root();
+    let endpoint = Endpoint::fresh();
+    let mut server = ServerProcess::start(&endpoint.name, transport, &[]);
+    let output = daemoneye_ipc_in(IN_PID_NAMESPACE)
+        .args(send_args(&server.endpoint, transport, "from-a-container"))
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(String::from_utf8_lossy(&output.stdout).contains("from-a-container"));
+    assert_eq!(server.counters()["rejected_peer"], 0);
+}
+
+each_backend!(a_collector_in_another_pid_namespace_serves_a_host_agent);
+/// #18: the collector in a container, the agent on the host: the agent
+/// reads no pid for its server either, and trusts it by its uid.
+fn a_collector_in_another_pid_namespace_serves_a_host_agent(transport: TransportKind) {
+    require_root();
+    let endpoint = Endpoint::fresh();
+    let server = ServerProcess::start_in(IN_PID_NAMESPACE, &endpoint.name, transport, &[]);
+    let output = daemoneye_ipc()
+        .args(send_args(&server.endpoint, transport, "to-a-container"))
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(String::from_utf8_lossy(&output.stdout).contains("to-a-container"));
+}
+
+each_backend!(a_collector_that_cannot_see_its_peers_uid_refuses_it_and_says_why);
+/// #18: a collector in a user namespace that maps no uid sees every peer as
+/// the overflow uid, the same as its own there: it cannot tell who is
+/// connecting, so it refuses them, and its log and the agent's error say
+/// so.
+fn a_collector_that_cannot_see_its_peers_uid_refuses_it_and_says_why(transport: TransportKind) {
+    require_root();
+    let endpoint = Endpoint::fresh();
+    let mut server =
+        ServerProcess::start_in(IN_UNMAPPED_USER_NAMESPACE, &endpoint.name, transport, &[]);
+    let output = daemoneye_ipc()
+        .args(send_args(&server.endpoint, transport, "unseen"))
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    server.wait_for_log("peer rejected", 1);
+    let logs = server.logs();
+    assert!(
+        logs.contains("user namespace cannot see (the kernel shows it as the overflow uid 65534"),
+        "{logs}"
+    );
+    let message = stderr(&output);
+    assert!(
+        message.contains("refused this connection") && message.contains("overflow uid"),
+        "{message}"
+    );
+}
+
+each_backend!(an_agent_that_cannot_see_its_servers_uid_refuses_it_and_says_why);
+/// #18, the other way: an agent in a user namespace that maps no uid
+/// cannot tell who runs its server, refuses it before sending anything,
+/// and says why: not "connection reset".
+fn an_agent_that_cannot_see_its_servers_uid_refuses_it_and_says_why(transport: TransportKind) {
+    require_root();
+    let endpoint = Endpoint::fresh();
+    let server = ServerProcess::start(&endpoint.name, transport, &[]);
+    let output = daemoneye_ipc_in(IN_UNMAPPED_USER_NAMESPACE)
+        .args(send_args(&server.endpoint, transport, "t"))
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let message = stderr(&output);
+    assert!(
+        message.contains("refusing to send tasks to the server")
+            && message.contains("overflow uid 65534"),
+        "{message}"
+    );
+    assert!(!message.contains("connection reset"), "{message}");
 }

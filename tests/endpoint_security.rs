@@ -293,3 +293,112 @@ fn of_ten_servers_started_at_once_on_one_endpoint_exactly_one_serves(transport: 
             .success
     );
 }
+
+/// The child of [`modes_are_exact_under_any_umask_and_no_other_thread_sees_it_change`]:
+/// sets the umask it is given, then binds and stops a server 40 times over
+/// while a thread of its own creates files, each of which must get exactly
+/// `0666` less that umask; then binds once more and waits for its standard
+/// input to close.
+#[test]
+#[ignore = "a server process of this file's tests, which start it themselves"]
+fn server_under_a_umask() {
+    use std::io::Write;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    let umask = u32::from_str_radix(&std::env::var("DAEMONEYE_TEST_UMASK").unwrap(), 8).unwrap();
+    let endpoint = std::env::var("DAEMONEYE_TEST_ENDPOINT").unwrap();
+    let transport: TransportKind = std::env::var("DAEMONEYE_TEST_TRANSPORT")
+        .unwrap()
+        .parse()
+        .unwrap();
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(umask as _));
+    let files = tempfile::tempdir().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (created, wrong) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let creator = {
+        let (stop, created, wrong) = (stop.clone(), created.clone(), wrong.clone());
+        let dir = files.path().to_owned();
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                let path = dir.join("f");
+                fs::File::create(&path).unwrap();
+                if mode(&path) != 0o666 & !umask {
+                    wrong.fetch_add(1, Ordering::SeqCst);
+                }
+                fs::remove_file(&path).unwrap();
+                created.fetch_add(1, Ordering::SeqCst);
+            }
+        })
+    };
+    let config = daemoneye_ipc::IpcConfig {
+        transport,
+        endpoint_path: endpoint,
+        ..daemoneye_ipc::IpcConfig::default()
+    };
+    let handler = |task: daemoneye_ipc::DetectionTask| async move {
+        daemoneye_ipc::DetectionResult {
+            task_id: task.task_id,
+            ..Default::default()
+        }
+    };
+    block_on(async {
+        for _ in 0..40 {
+            let server = daemoneye_ipc::IpcServer::bind(config.clone(), handler)
+                .await
+                .unwrap();
+            server.shutdown(std::time::Duration::ZERO).await;
+        }
+        let _server = daemoneye_ipc::IpcServer::bind(config.clone(), handler)
+            .await
+            .unwrap();
+        stop.store(true, Ordering::SeqCst);
+        creator.join().unwrap();
+        println!(
+            "bound; files created {}, with a wrong mode {}",
+            created.load(Ordering::SeqCst),
+            wrong.load(Ordering::SeqCst)
+        );
+        std::io::stdout().flush().unwrap();
+        tokio::task::spawn_blocking(|| {
+            std::io::Read::read_to_end(&mut std::io::stdin(), &mut Vec::new())
+        })
+        .await
+        .unwrap()
+        .unwrap();
+    });
+}
+
+each_backend!(modes_are_exact_under_any_umask_and_no_other_thread_sees_it_change);
+/// #18: the directory is 0700 and the socket 0600 exactly whatever the
+/// process umask, even one that takes the owner's own bits; and binding
+/// never changes the umask, which is every thread's (the collector embeds
+/// this library in a process of many threads).
+fn modes_are_exact_under_any_umask_and_no_other_thread_sees_it_change(transport: TransportKind) {
+    use std::io::{BufRead, BufReader};
+    for umask in ["000", "022", "077", "277"] {
+        let endpoint = Endpoint::fresh();
+        let mut child = rerun_test_binary("server_under_a_umask")
+            .env("DAEMONEYE_TEST_UMASK", umask)
+            .env("DAEMONEYE_TEST_ENDPOINT", &endpoint.name)
+            .env("DAEMONEYE_TEST_TRANSPORT", transport.name())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let report = BufReader::new(child.stdout.take().unwrap())
+            .lines()
+            .map_while(Result::ok)
+            .find(|line| line.contains("bound;"))
+            .unwrap_or_else(|| panic!("umask {umask}: the server did not bind"));
+        let socket = endpoint.path();
+        assert_eq!(mode(socket.parent().unwrap()), 0o700, "umask {umask}");
+        assert_eq!(mode(socket), 0o600, "umask {umask}");
+        assert!(
+            report.ends_with("with a wrong mode 0"),
+            "umask {umask}: another thread saw the umask change: {report}"
+        );
+        drop(child.stdin.take());
+        child.wait().unwrap();
+    }
+}

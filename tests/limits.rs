@@ -51,6 +51,11 @@ fn a_third_client_is_not_served_while_two_are_held_and_is_closed_after_the_accep
             None,
             "closed, never answered"
         );
+        let notice = third.notice.take().expect("told why, before the close");
+        assert!(
+            notice.contains("no connection slot freed within accept_timeout_ms = 1000 (max_connections = 2 reached)"),
+            "{notice}"
+        );
         let waited = started.elapsed();
         assert!(
             waited >= Duration::from_millis(900),

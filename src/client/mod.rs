@@ -45,7 +45,6 @@ use crate::peer::PeerPolicy;
 use crate::policy::client::{ClientConnection, Delivery, Outcome, Refusal, Ticket};
 use crate::proto::{DetectionResult, DetectionTask};
 use crate::server::DEFAULT_MAX_IN_FLIGHT_PER_CONNECTION;
-use crate::transport::PeerCredentials;
 
 /// First and longest pause between connect attempts.
 const CONNECT_BACKOFF_MIN: Duration = Duration::from_millis(5);
@@ -236,7 +235,16 @@ impl IpcClient {
                 Some(pending) => return self.answer(pending, deadline).await,
                 None if attempt < 2 => continue,
                 None => {
-                    let reason = link.link.lock().closed_reason().map(str::to_owned);
+                    let (refusal, reason) = {
+                        let core = link.link.lock();
+                        (
+                            core.refusal().map(str::to_owned),
+                            core.closed_reason().map(str::to_owned),
+                        )
+                    };
+                    if let Some(refusal) = refusal {
+                        return Err(self.refused(&task.task_id, refusal));
+                    }
                     return Err(self.lost(
                         &task.task_id,
                         reason.unwrap_or_else(|| {
@@ -317,6 +325,10 @@ impl IpcClient {
                 pending.settled = true;
                 Err(self.lost(&task_id, reason))
             }
+            Ok(Ok(Outcome::Refused(reason))) => {
+                pending.settled = true;
+                Err(self.refused(&task_id, reason))
+            }
             // The core hands every waiter an outcome before letting it go.
             Ok(Err(_dropped)) => Err(self.lost(&task_id, "the connection ended".to_owned())),
             Err(_elapsed) => Err(IpcError::ResponseTimeout {
@@ -368,7 +380,7 @@ impl IpcClient {
                 // Reading the server's credentials also proves the socket is
                 // connected: interprocess can hand back an unconnected one
                 // when the server's accept queue was full (ENOTCONN here).
-                Ok(connected) => match connected.peer_credentials() {
+                Ok(connected) => match connected.peer() {
                     Err(error) if server_not_ready(&error) => error.to_string(),
                     credentials => {
                         let untrusted = |reason| IpcError::UntrustedServer {
@@ -412,6 +424,14 @@ impl IpcClient {
             transport: config.transport.name(),
             source,
         })
+    }
+
+    fn refused(&self, task_id: &str, reason: String) -> IpcError {
+        IpcError::Refused {
+            endpoint: self.inner.endpoint.to_string(),
+            task_id: task_id.to_owned(),
+            reason,
+        }
     }
 
     fn lost(&self, task_id: &str, reason: String) -> IpcError {
@@ -480,12 +500,12 @@ impl Connected {
         }
     }
 
-    fn peer_credentials(&self) -> std::io::Result<PeerCredentials> {
+    fn peer(&self) -> std::io::Result<crate::peer::Peer> {
         match self {
             #[cfg(async_backend)]
-            Connected::Async(connection) => connection.peer_credentials(),
+            Connected::Async(connection) => connection.peer(),
             #[cfg(feature = "ipc-legacy")]
-            Connected::Blocking(stream) => stream.peer_credentials(),
+            Connected::Blocking(stream) => stream.peer(),
         }
     }
 
@@ -602,7 +622,7 @@ impl Link {
             } => match writer.write_from(core.pending_output()) {
                 Ok(written) => core.on_written(written, Instant::now()),
                 Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(error) => core.on_io_error(&error),
+                Err(error) => core.on_write_error(&error),
             },
             #[allow(unreachable_patterns)] // Reached where legacy has no writer.
             _ => {}

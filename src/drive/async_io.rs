@@ -11,15 +11,17 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use super::StreamCore;
 
 /// Writes whatever output the core has and reads if it wants to; ready once
-/// either made progress (or failed, which the core records). Pending when
-/// nothing could be done, with `cx` registered for whichever would help.
+/// either made progress (or failed, which the core records; a failed write
+/// still lets the read run, for what the peer sent before it went). Pending
+/// when nothing could be done, with `cx` registered for whichever would
+/// help.
 pub(crate) fn drive_io<S, C>(cx: &mut Context<'_>, stream: &mut S, core: &mut C) -> Poll<()>
 where
     S: AsyncRead + AsyncWrite + Unpin,
     C: StreamCore,
 {
     let wrote = match write(cx, stream, core) {
-        Poll::Ready(Err(())) => return Poll::Ready(()),
+        Poll::Ready(Err(())) => true,
         Poll::Ready(Ok(wrote)) => wrote,
         Poll::Pending => false,
     };
@@ -57,7 +59,7 @@ where
     while !core.pending_output().is_empty() {
         match Pin::new(&mut *stream).poll_write(cx, core.pending_output()) {
             Poll::Ready(Ok(0)) => {
-                core.on_io_error(std::io::ErrorKind::WriteZero.into());
+                core.on_write_error(std::io::ErrorKind::WriteZero.into());
                 return Poll::Ready(Err(()));
             }
             Poll::Ready(Ok(written)) => {
@@ -65,7 +67,7 @@ where
                 wrote = true;
             }
             Poll::Ready(Err(error)) => {
-                core.on_io_error(error);
+                core.on_write_error(error);
                 return Poll::Ready(Err(()));
             }
             Poll::Pending if wrote => return Poll::Ready(Ok(true)),

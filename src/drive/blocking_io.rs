@@ -19,8 +19,9 @@ pub(crate) fn drive_io<C: StreamCore>(stream: &mut Stream, core: &mut C) -> bool
             }
             Err(error) if error.kind() == WouldBlock => {}
             Err(error) => {
-                core.on_io_error(error);
-                return true;
+                // What the peer sent before it went is still read below.
+                core.on_write_error(error);
+                progressed = true;
             }
         }
     }

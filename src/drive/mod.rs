@@ -34,8 +34,13 @@ pub(crate) trait StreamCore {
     fn on_read(&mut self, count: usize, now: Instant);
     /// The peer closed its side.
     fn on_eof(&mut self, now: Instant);
-    /// Reading or writing failed: the connection is over.
+    /// Reading failed: the connection is over.
     fn on_io_error(&mut self, error: io::Error);
+    /// Writing failed: the peer has gone (what it sent before may still be
+    /// read).
+    fn on_write_error(&mut self, error: io::Error) {
+        self.on_io_error(error);
+    }
 }
 
 impl StreamCore for crate::policy::server::ServerConnection {
@@ -100,5 +105,9 @@ impl<W> StreamCore for crate::policy::client::ClientConnection<W> {
 
     fn on_io_error(&mut self, error: io::Error) {
         self.on_io_error(&error);
+    }
+
+    fn on_write_error(&mut self, error: io::Error) {
+        self.on_write_error(&error);
     }
 }

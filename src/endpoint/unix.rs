@@ -135,13 +135,8 @@ impl SocketWatch {
             lost.forget();
         }
         clear_the_path(&self.path)?;
-        let listener =
-            bind_listener(&self.path, self.mode).map_err(|source| IpcError::EndpointIo {
-                endpoint: self.path.display().to_string(),
-                action: format!("binding the socket {} again", self.path.display()),
-                source,
-            })?;
-        *file = Some(verify_bound(&self.path, self.mode, self.group.as_ref())?);
+        let (listener, socket_file) = bind_socket(&self.path, self.mode, self.group.as_ref())?;
+        *file = Some(socket_file);
         tracing::info!(endpoint = %self.path.display(), "socket file re-created");
         Ok(Some(listener))
     }
@@ -154,7 +149,7 @@ impl SocketWatch {
 /// user could tamper with it); the endpoint's lock is taken, so that no
 /// other server touches the path from here on; what is at the path is
 /// refused if it is not a socket, or removed if it is a stale one; the
-/// socket is created 0600 before its file exists, then checked.
+/// socket is bound, given exactly 0600, checked, and only then listens.
 ///
 /// With a socket `group`, the directory is 0750 (and set-group-id) and the
 /// socket 0660, both owned by that group, and never more open than that on
@@ -177,11 +172,19 @@ pub(crate) fn bind(
     let dir = path
         .parent()
         .expect("parse() leaves a file name under a parent");
+    let created = !dir.exists();
     DirBuilder::new()
         .recursive(true)
         .mode(DIR_MODE)
         .create(dir)
         .map_err(io_error(format!("creating directory {}", dir.display())))?;
+    if created {
+        // Born 0700 less the umask: exactly 0700 (a umask may have taken
+        // our own bits), without touching the process-wide umask.
+        rustix::fs::chmod(dir, Mode::from_raw_mode(DIR_MODE as _)).map_err(|errno| {
+            io_error(format!("setting {} to mode 0700", dir.display()))(errno.into())
+        })?;
+    }
     if let Some(group) = group {
         open_to_group(dir, group)?;
     }
@@ -189,9 +192,7 @@ pub(crate) fn bind(
     let lock = EndpointLock::acquire(path)?;
     clear_the_path(path)?;
     let mode = group.map_or(SOCKET_MODE, |_| GROUP_SOCKET_MODE);
-    let listener = bind_listener(path, mode)
-        .map_err(io_error(format!("binding the socket {}", path.display())))?;
-    let socket_file = verify_bound(path, mode, group)?;
+    let (listener, socket_file) = bind_socket(path, mode, group)?;
     let watch = SocketWatch {
         path: path.to_owned(),
         mode,
@@ -358,24 +359,45 @@ fn probe(path: &Path) -> io::Result<()> {
 /// Accept queue length; the kernel caps it at `net.core.somaxconn`.
 const BACKLOG: i32 = 1024;
 
-/// Socket, mode, bind, listen: the socket file has `mode` from the moment
-/// it exists, because the mode is set on the socket before `bind` creates
-/// the file, under a umask that leaves exactly that mode (where the OS
-/// cannot set a mode on an unbound socket, as on macOS, the umask alone
-/// does it).
-fn bind_listener(path: &Path, mode: u32) -> io::Result<UnixListener> {
-    let socket = new_socket(false)?;
-    let address = SocketAddrUnix::new(path)?;
+/// Socket, bind, mode, check, listen: the socket file has exactly `mode`
+/// (and `group`) before anyone can connect to it, and no process-wide state
+/// changes on the way (a umask would be every thread's).
+///
+/// The file is born with the socket's mode less the umask: where the OS can
+/// set a mode on an unbound socket (Linux), that is set to `mode` first, so
+/// the file is never more open than `mode`. It is then given `mode` exactly,
+/// checked, and only then does the socket listen: a client that finds the
+/// file earlier is refused the connection, as if no server were there yet.
+fn bind_socket(
+    path: &Path,
+    mode: u32,
+    group: Option<&SocketGroup>,
+) -> Result<(UnixListener, SocketFile), IpcError> {
+    let failed = |action: &str| {
+        let action = format!("{action} the socket {}", path.display());
+        move |source: io::Error| IpcError::EndpointIo {
+            endpoint: path.display().to_string(),
+            action,
+            source,
+        }
+    };
+    let socket = new_socket(false).map_err(failed("creating"))?;
+    let address = SocketAddrUnix::new(path).map_err(|errno| failed("addressing")(errno.into()))?;
     match rustix::fs::fchmod(&socket, Mode::from_raw_mode(mode as _)) {
-        // No mode on unbound sockets here (macOS): the umask alone does it.
+        // No mode on unbound sockets here (macOS): the chmod below does it.
         Ok(()) | Err(rustix::io::Errno::INVAL) => {}
-        Err(err) => return Err(err.into()),
+        Err(errno) => return Err(failed("setting the mode of")(errno.into())),
     }
-    // The file gets the socket's mode less the umask: a umask leaving
-    // exactly `mode` (a usual 022 would take the group's write bit).
-    with_umask_for(mode, || Ok(rustix::net::bind(&socket, &address)?))?;
-    rustix::net::listen(&socket, BACKLOG)?;
-    Ok(UnixListener::from(socket))
+    rustix::net::bind(&socket, &address).map_err(|errno| failed("binding")(errno.into()))?;
+    // The directory is ours and no one else may write in it: the path is
+    // the socket just bound.
+    if let Err(errno) = rustix::fs::chmod(path, Mode::from_raw_mode(mode as _)) {
+        let _ = fs::remove_file(path);
+        return Err(failed(&format!("setting mode {mode:04o} on"))(errno.into()));
+    }
+    let socket_file = verify_bound(path, mode, group)?;
+    rustix::net::listen(&socket, BACKLOG).map_err(|errno| failed("listening on")(errno.into()))?;
+    Ok((UnixListener::from(socket), socket_file))
 }
 
 /// A close-on-exec Unix stream socket, non-blocking if asked, atomically
@@ -601,23 +623,4 @@ impl Drop for SocketFile {
             }
         }
     }
-}
-
-/// Runs `bind` with the process umask leaving at most `mode` (077 for an
-/// owner-only socket), so that the socket file is created with no more than
-/// that.
-///
-/// The umask is process-wide: files and directories another thread creates
-/// meanwhile come out as restricted too (usable by their owner, never more
-/// open than asked). Concurrent binds are serialised so that each restores
-/// the umask it found.
-fn with_umask_for<T>(mode: u32, bind: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
-    static UMASK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _serialised = UMASK
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
-    let previous = rustix::process::umask(Mode::from_raw_mode((!mode & 0o777) as _));
-    let outcome = bind();
-    rustix::process::umask(previous);
-    outcome
 }

@@ -27,6 +27,14 @@
 //!   connection is not waiting for (never sent, or answered already) ends
 //!   the connection: every waiting caller hears why, none gets a wrong
 //!   answer.
+//! * **Notices.** A result with an empty `task_id` answers no task (a task
+//!   always has an id): it is the server saying why it closes the
+//!   connection without serving it (the peer refused, no slot freed). Every
+//!   waiting caller hears that the connection was refused, and why; their
+//!   tasks did not run.
+//! * **A failed write.** When a write fails the server has gone, but what it
+//!   sent before it went (a notice) may still be waiting to be read: the
+//!   connection writes no more and reads to the end before it closes.
 //! * **Decoding.** The connection reads a result's `task_id`, and checks
 //!   that each top-level field is framed soundly; the fields themselves are
 //!   decoded by the caller it goes to, into the type that caller asked for
@@ -85,6 +93,9 @@ pub(crate) enum Outcome {
     /// The connection ended first, for this reason; the task may or may not
     /// have run.
     Lost(String),
+    /// The server refused the connection, for this reason (its notice): the
+    /// task did not run.
+    Refused(String),
 }
 
 /// An outcome for the caller behind `waiter`.
@@ -118,6 +129,11 @@ pub(crate) struct ClientConnection<W> {
     next_ticket: Ticket,
     /// Why the connection ended, once it has.
     closed: Option<String>,
+    /// The server's notice, if it refused the connection.
+    refused: Option<String>,
+    /// Why a write failed: nothing more is written, and what the server
+    /// sent before is read to the end.
+    write_failed: Option<String>,
     retired: bool,
     /// When the last outstanding task was settled.
     idle_since: Instant,
@@ -140,6 +156,8 @@ impl<W> ClientConnection<W> {
             max_in_flight: max_in_flight.max(1),
             next_ticket: 0,
             closed: None,
+            refused: None,
+            write_failed: None,
             retired: false,
             idle_since: now,
             deliveries: Vec::new(),
@@ -157,7 +175,7 @@ impl<W> ClientConnection<W> {
         deadline: Instant,
         now: Instant,
     ) -> Result<Ticket, (Refusal, W)> {
-        if self.closed.is_some() || self.retired {
+        if self.closed.is_some() || self.retired || self.write_failed.is_some() {
             return Err((Refusal::Closed, waiter));
         }
         if self.pending.contains_key(&task.task_id) {
@@ -202,8 +220,12 @@ impl<W> ClientConnection<W> {
         }
     }
 
-    /// Bytes to write: every task frame queued, back to back.
+    /// Bytes to write: every task frame queued, back to back (nothing once a
+    /// write has failed).
     pub(crate) fn pending_output(&self) -> &[u8] {
+        if self.write_failed.is_some() {
+            return &[];
+        }
         self.outbound.pending()
     }
 
@@ -239,23 +261,41 @@ impl<W> ClientConnection<W> {
 
     /// The server closed the connection.
     pub(crate) fn on_eof(&mut self, now: Instant) {
+        let closed = || "the server closed the connection".to_owned();
         let reason = match self.inbound.eof_frame(now) {
             Ok(Some((id, body))) => {
                 self.settle(id.task_id, body, now);
-                "the server closed the connection".to_owned()
+                self.write_failed.take().unwrap_or_else(closed)
             }
-            Ok(None) => "the server closed the connection".to_owned(),
+            Ok(None) => self.write_failed.take().unwrap_or_else(closed),
             Err(error) => error.to_string(),
         };
         self.close(reason);
     }
 
-    /// Reading or writing failed.
+    /// Reading failed.
     pub(crate) fn on_io_error(&mut self, error: &io::Error) {
-        self.close(error.to_string());
+        let reason = self
+            .write_failed
+            .take()
+            .unwrap_or_else(|| error.to_string());
+        self.close(reason);
+    }
+
+    /// Writing failed: the server has gone. Nothing more is written; what it
+    /// sent before it went is still read, to the end of the stream, before
+    /// the connection closes (a notice saying why it went may be there).
+    pub(crate) fn on_write_error(&mut self, error: &io::Error) {
+        if self.closed.is_none() && self.write_failed.is_none() {
+            self.write_failed = Some(error.to_string());
+            self.outbound.discard();
+        }
     }
 
     fn settle(&mut self, task_id: String, body: Bytes, now: Instant) {
+        if task_id.is_empty() {
+            return self.on_notice(&body);
+        }
         match self.pending.remove(&task_id) {
             Some(Entry::Waiting { waiter, .. }) => {
                 self.waiting -= 1;
@@ -280,6 +320,35 @@ impl<W> ClientConnection<W> {
             self.idle_since = now;
         }
         self.close_if_retired_and_unwatched();
+    }
+
+    /// The server's notice that it refuses the connection: every waiting
+    /// caller hears why, and the connection closes.
+    fn on_notice(&mut self, body: &[u8]) {
+        let notice: Result<crate::proto::DetectionResult, _> =
+            crate::frame::codec::decode_message(body);
+        let message = match notice {
+            Ok(notice) => notice
+                .error_message
+                .unwrap_or_else(|| "the server gave no reason".to_owned()),
+            Err(error) => format!("the server's notice does not decode ({error})"),
+        };
+        self.refused = Some(message.clone());
+        for entry in self.pending.drain().map(|(_, entry)| entry) {
+            if let Entry::Waiting { waiter, .. } = entry {
+                self.deliveries.push(Delivery {
+                    waiter,
+                    outcome: Outcome::Refused(message.clone()),
+                });
+            }
+        }
+        self.waiting = 0;
+        self.closed = Some(format!("the server refused the connection: {message}"));
+    }
+
+    /// The server's notice, if it refused this connection.
+    pub(crate) fn refusal(&self) -> Option<&str> {
+        self.refused.as_deref()
     }
 
     /// Outcomes ready for their callers, to be handed over outside any lock.
@@ -328,6 +397,7 @@ impl<W> ClientConnection<W> {
             .any(|entry| matches!(entry, Entry::Abandoned { deadline } if *deadline <= now));
         let busy = !self.pending.is_empty();
         self.closed.is_none()
+            && self.write_failed.is_none()
             && !self.retired
             && !stuck
             && (busy || now < self.idle_since + idle_limit)
@@ -431,6 +501,7 @@ mod tests {
                         )
                     }
                     Outcome::Lost(reason) => format!("lost: {reason}"),
+                    Outcome::Refused(reason) => format!("refused: {reason}"),
                 };
                 (d.waiter, what)
             })
@@ -640,5 +711,60 @@ mod tests {
         ));
         c.close("again".into());
         assert!(delivered(&mut c).is_empty());
+    }
+
+    #[test]
+    fn a_notice_refuses_every_waiting_caller_with_the_servers_words() {
+        let (mut c, t0) = connection(32);
+        let deadline = t0 + READ;
+        c.begin(&task("a"), "a", deadline, t0).unwrap();
+        c.begin(&task("b"), "b", deadline, t0).unwrap();
+        receive(&mut c, &result_frame("", "no slot freed"), t0);
+        let mut outcomes = delivered(&mut c);
+        outcomes.sort();
+        assert_eq!(
+            outcomes,
+            [
+                ("a", "refused: no slot freed".to_owned()),
+                ("b", "refused: no slot freed".to_owned())
+            ]
+        );
+        assert_eq!(c.refusal(), Some("no slot freed"));
+        assert!(
+            c.closed_reason()
+                .unwrap()
+                .contains("refused the connection")
+        );
+        assert!(matches!(
+            c.begin(&task("c"), "c", deadline, t0),
+            Err((Refusal::Closed, _))
+        ));
+    }
+
+    #[test]
+    fn after_a_failed_write_what_the_server_sent_before_it_went_is_still_read() {
+        // #18: a server that refuses a connection says why and closes; the
+        // agent's write of its task may fail before it reads why.
+        let (mut c, t0) = connection(32);
+        c.begin(&task("a"), "a", t0 + READ, t0).unwrap();
+        c.on_write_error(&io::ErrorKind::BrokenPipe.into());
+        assert!(c.pending_output().is_empty(), "nothing more is written");
+        assert!(c.wants_read(), "but what arrived is read");
+        assert!(!c.usable(t0, READ), "and no new task goes on it");
+        receive(&mut c, &result_frame("", "this agent runs as uid 7"), t0);
+        assert_eq!(
+            delivered(&mut c),
+            [("a", "refused: this agent runs as uid 7".to_owned())]
+        );
+
+        // No notice: the write's error is the reason, once the end comes.
+        let (mut c, t0) = connection(32);
+        c.begin(&task("a"), "a", t0 + READ, t0).unwrap();
+        c.on_write_error(&io::ErrorKind::BrokenPipe.into());
+        c.on_eof(t0);
+        let [(_, outcome)] = &delivered(&mut c)[..] else {
+            panic!()
+        };
+        assert!(outcome.starts_with("lost: broken pipe"), "{outcome}");
     }
 }

@@ -81,6 +81,14 @@ impl<M: prost::Message> Outbound<M> {
         length
     }
 
+    /// Drops every frame not written yet (the peer is gone).
+    pub(crate) fn discard(&mut self) {
+        self.buf = BytesMut::new();
+        self.oversized = false;
+        self.frames.clear();
+        self.head_since = None;
+    }
+
     /// Every byte not written yet.
     pub(crate) fn pending(&self) -> &[u8] {
         &self.buf

@@ -15,8 +15,8 @@ use tracing::Instrument;
 
 use super::connection::{Handlers, Served};
 use super::{
-    ACCEPT_BACKOFF_MAX, ACCEPT_BACKOFF_MIN, DriverWake, HandlerOutcome, Handling, Shared, Started,
-    TaskHandler, bind_error, start_handler,
+    ACCEPT_BACKOFF_MAX, ACCEPT_BACKOFF_MIN, DriverWake, HandlerOutcome, Handling, NOTICE_WAIT,
+    Notice, Shared, Started, TaskHandler, bind_error, connection_span, start_handler,
 };
 use crate::backoff::Backoff;
 use crate::config::TransportKind;
@@ -162,20 +162,17 @@ async fn serve_connection<H: TaskHandler>(
     shared: Arc<Shared>,
     handler: Arc<H>,
 ) {
-    let peer = connection.peer_credentials();
-    let span = tracing::info_span!(
-        "connection",
-        id,
-        peer_uid = peer.as_ref().ok().and_then(|p| p.uid),
-        peer_pid = peer.as_ref().ok().and_then(|p| p.pid),
-    );
-    let uid = peer.as_ref().ok().and_then(|p| p.uid);
+    let peer = connection.peer();
+    let span = connection_span(id, &peer);
+    let uid = peer.as_ref().ok().and_then(|peer| peer.credentials.uid);
     async move {
-        if !shared.admit_peer(peer) {
-            return;
+        let mut connection = connection;
+        if let Err(notice) = shared.admit_peer(peer) {
+            return tell(&mut connection, notice).await;
         }
-        let Some(_slot) = wait_for_slot(&shared, uid).await else {
-            return;
+        let _slot = match wait_for_slot(&shared, uid).await {
+            Ok(slot) => slot,
+            Err(notice) => return tell(&mut connection, notice).await,
         };
         let _active = ActiveConnection::enter(&shared.counters);
         tracing::debug!("serving");
@@ -184,6 +181,13 @@ async fn serve_connection<H: TaskHandler>(
     }
     .instrument(span)
     .await
+}
+
+/// Writes `notice` before the connection is dropped unserved (at most
+/// [`NOTICE_WAIT`]: nothing waits on a peer that does not read).
+async fn tell(connection: &mut Connection, notice: Notice) {
+    use tokio::io::AsyncWriteExt;
+    let _ = tokio::time::timeout(NOTICE_WAIT, connection.write_all(&notice.0)).await;
 }
 
 /// A slot held; released when dropped.
@@ -209,14 +213,13 @@ struct Waiting<'a> {
 }
 
 impl<'a> Waiting<'a> {
-    /// What the acceptor decided: the slot, or nothing.
-    fn decided(mut self, fate: Fate) -> Option<Slot<'a>> {
+    /// What the acceptor decided: the slot, or why not.
+    fn decided(mut self, fate: Fate) -> Result<Slot<'a>, Notice> {
         self.heard = true;
         if fate != Fate::Admitted {
-            self.shared.refused_for_limit(None);
-            return None;
+            return Err(self.shared.refused_for_limit(None));
         }
-        Some(Slot {
+        Ok(Slot {
             shared: self.shared,
             id: self.id,
         })
@@ -235,21 +238,18 @@ impl Drop for Waiting<'_> {
     }
 }
 
-/// A serving slot, waited for up to `accept_timeout`; `None` (counted and
-/// logged) if the connection is refused on arrival, no slot frees in time,
-/// or the server stops.
-async fn wait_for_slot(shared: &Shared, uid: Option<u32>) -> Option<Slot<'_>> {
+/// A serving slot, waited for up to `accept_timeout`; the notice that says
+/// why not (counted and logged) if the connection is refused on arrival, no
+/// slot frees in time, or the server stops.
+async fn wait_for_slot(shared: &Shared, uid: Option<u32>) -> Result<Slot<'_>, Notice> {
     let (tell, fate) = oneshot::channel();
     let now = Instant::now();
     let (id, arrival) = shared
         .slots
         .arrive(uid, move |_, fate| tell.send(fate).is_ok(), now);
     let deadline = match arrival {
-        Arrival::Admitted => return Some(Slot { shared, id }),
-        Arrival::Refused(refusal) => {
-            shared.refused_for_limit(Some(refusal));
-            return None;
-        }
+        Arrival::Admitted => return Ok(Slot { shared, id }),
+        Arrival::Refused(refusal) => return Err(shared.refused_for_limit(Some(refusal))),
         Arrival::Waiting { deadline } => deadline,
     };
     tracing::debug!("all slots taken; waiting for one");

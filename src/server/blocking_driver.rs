@@ -20,21 +20,21 @@ use tokio_util::task::task_tracker::TaskTrackerToken;
 
 use super::connection::{Handlers, Served};
 use super::{
-    ACCEPT_BACKOFF_MAX, ACCEPT_BACKOFF_MIN, DriverWake, HandlerOutcome, Handling, Shared, Started,
-    TaskHandler, bind_error, start_handler,
+    ACCEPT_BACKOFF_MAX, ACCEPT_BACKOFF_MIN, DriverWake, HandlerOutcome, Handling, NOTICE_WAIT,
+    Notice, Shared, Started, TaskHandler, bind_error, connection_span, start_handler,
 };
 use crate::backoff::Backoff;
 use crate::config::{LEGACY_THREAD_STACK_BYTES, TransportKind};
 use crate::drive::blocking_io::{drive_io, interest};
 use crate::endpoint::Endpoint;
 use crate::error::IpcError;
+use crate::peer::Peer;
 use crate::policy::acceptor::{Arrival, ArrivalId, Fate};
 use crate::policy::earliest;
 use crate::policy::server::TaskTicket;
 use crate::proto::DetectionTask;
 use crate::telemetry::{ActiveConnection, bump};
-use crate::transport::PeerCredentials;
-use crate::transport::legacy::{Listener, Stream, Waker};
+use crate::transport::legacy::{Interest, Listener, Stream, Waker};
 
 /// The wakers of every thread this driver runs, so that a shutdown (whose
 /// cancellation tokens threads blocked in the OS cannot watch) reaches them.
@@ -137,7 +137,7 @@ struct Accepted {
     stream: Stream,
     waker: Waker,
     id: u64,
-    peer: PeerCredentials,
+    peer: Peer,
 }
 
 impl<H: TaskHandler> Acceptor<H> {
@@ -229,8 +229,9 @@ impl<H: TaskHandler> Acceptor<H> {
             match fate {
                 Fate::Admitted => self.serve(arrival, accepted),
                 Fate::Expired => {
-                    let _span = connection_span(accepted.id, &Ok(accepted.peer)).entered();
-                    self.shared.refused_for_limit(None);
+                    let _span = connection_span(accepted.id, &Ok(accepted.peer.clone())).entered();
+                    let notice = self.shared.refused_for_limit(None);
+                    self.tell(accepted.stream, notice);
                 }
             }
         }
@@ -262,13 +263,13 @@ impl<H: TaskHandler> Acceptor<H> {
     ) {
         bump(&self.shared.counters.accepted);
         let id = self.shared.next_connection_id();
-        let peer = stream.peer_credentials();
+        let peer = stream.peer();
         let _span = connection_span(id, &peer).entered();
         // For the span of the serving thread; Windows admits peers whose
         // credentials it cannot read (the pipe's descriptor decides).
-        let credentials = peer.as_ref().ok().copied().unwrap_or_default();
-        if !self.shared.admit_peer(peer) {
-            return;
+        let known = peer.as_ref().ok().cloned().unwrap_or_default();
+        if let Err(notice) = self.shared.admit_peer(peer) {
+            return self.tell(stream, notice);
         }
         let handoff = {
             let tell = tell.clone();
@@ -283,9 +284,9 @@ impl<H: TaskHandler> Acceptor<H> {
             stream,
             waker,
             id,
-            peer: credentials,
+            peer: known,
         };
-        let uid = credentials.uid;
+        let uid = accepted.peer.credentials.uid;
         let (arrival, admitted) = self.shared.slots.arrive(uid, handoff, Instant::now());
         match admitted {
             Arrival::Admitted => self.serve(arrival, accepted),
@@ -293,7 +294,32 @@ impl<H: TaskHandler> Acceptor<H> {
                 tracing::debug!("all slots taken; waiting for one");
                 parked.insert(arrival, accepted);
             }
-            Arrival::Refused(refusal) => self.shared.refused_for_limit(Some(refusal)),
+            Arrival::Refused(refusal) => {
+                let notice = self.shared.refused_for_limit(Some(refusal));
+                self.tell(accepted.stream, notice);
+            }
+        }
+    }
+
+    /// Writes `notice` before `stream` is dropped unserved (waiting at most
+    /// [`NOTICE_WAIT`] for the write to be taken).
+    fn tell(&self, mut stream: Stream, notice: Notice) {
+        let deadline = Instant::now() + NOTICE_WAIT;
+        let write = Interest {
+            read: false,
+            write: true,
+        };
+        let mut left = &notice.0[..];
+        while !left.is_empty() && Instant::now() < deadline {
+            match stream.write_from(left) {
+                Ok(written) => left = &left[written..],
+                Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
+                    if stream.wait(write, &self.waker, Some(deadline)).is_err() {
+                        return;
+                    }
+                }
+                Err(_) => return,
+            }
         }
     }
 
@@ -317,30 +343,23 @@ impl<H: TaskHandler> Acceptor<H> {
             _token: self.tasks.token(),
         };
         let wake = self.wake.clone();
+        let span = connection_span(id, &Ok(peer));
+        let thread_span = span.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("daemoneye-ipc-conn-{id}"))
             .stack_size(LEGACY_THREAD_STACK_BYTES)
             .spawn(move || {
-                let _span = connection_span(id, &Ok(peer)).entered();
+                let _span = thread_span.entered();
                 worker.run();
                 wake.unregister(id);
             });
         if let Err(error) = spawned {
-            let _span = connection_span(id, &Ok(peer)).entered();
+            let _span = span.entered();
             tracing::warn!(%error, "cannot start a thread for the connection; closing it");
             self.wake.unregister(id);
             self.shared.slots.release(slot, Instant::now());
         }
     }
-}
-
-fn connection_span(id: u64, peer: &std::io::Result<PeerCredentials>) -> tracing::Span {
-    tracing::info_span!(
-        "connection",
-        id,
-        peer_uid = peer.as_ref().ok().and_then(|p| p.uid),
-        peer_pid = peer.as_ref().ok().and_then(|p| p.pid),
-    )
 }
 
 /// What a connection's thread owns.

@@ -32,13 +32,13 @@ use tokio_util::task::TaskTracker;
 use crate::config::{IpcConfig, TransportKind};
 use crate::endpoint::{Endpoint, SocketGroup};
 use crate::error::IpcError;
+use crate::peer::Peer;
 use crate::peer::PeerPolicy;
 use crate::policy::acceptor::Refusal;
 use crate::policy::encodings::SharedEncodings;
 use crate::policy::server::ConnectionLimits;
 use crate::proto::DetectionTask;
 use crate::telemetry::{Counters, LogThrottle, ServerStats};
-use crate::transport::PeerCredentials;
 
 pub use crate::policy::server::Reply;
 
@@ -222,6 +222,7 @@ impl ServerBuilder {
         };
         let shared = Arc::new(Shared {
             limits,
+            max_connections: config.max_connections,
             slots: Slots::new(
                 config.max_connections,
                 (config.max_connections_per_peer > 0).then_some(config.max_connections_per_peer),
@@ -454,10 +455,20 @@ impl Drop for IpcServer {
     }
 }
 
+/// The frame a server writes before it closes a connection it does not
+/// serve, saying why (see [`Shared::notice`]); written once, best effort.
+#[derive(Debug)]
+struct Notice(bytes::Bytes);
+
+/// How long a notice may take to be written: the connection is new, so its
+/// buffer is empty and this is never reached but by a peer that is gone.
+const NOTICE_WAIT: Duration = Duration::from_millis(100);
+
 /// State every connection shares, whichever driver serves it.
 #[derive(Debug)]
 struct Shared {
     limits: ConnectionLimits,
+    max_connections: usize,
     slots: Slots,
     accept_timeout: Duration,
     peers: PeerPolicy,
@@ -493,49 +504,77 @@ impl Shared {
     }
 
     /// Admits a peer by its credentials, or counts its refusal (and logs
-    /// it, at most once a second).
-    fn admit_peer(&self, peer: std::io::Result<PeerCredentials>) -> bool {
-        match self.peers.check(peer) {
-            Ok(()) => true,
-            Err(reason) => {
-                crate::telemetry::bump(&self.counters.rejected_peer);
-                if let Some(rejected) = self.peer_log.admit(std::time::Instant::now()) {
-                    tracing::warn!(
-                        rejected_since_last_line = rejected,
-                        "peer rejected: it {reason}"
-                    );
-                }
-                false
-            }
+    /// it, at most once a second) and returns the notice that tells the
+    /// peer why.
+    fn admit_peer(&self, peer: std::io::Result<Peer>) -> Result<(), Notice> {
+        let reason = match self.peers.check(peer) {
+            Ok(()) => return Ok(()),
+            Err(reason) => reason,
+        };
+        crate::telemetry::bump(&self.counters.rejected_peer);
+        if let Some(rejected) = self.peer_log.admit(Instant::now()) {
+            tracing::warn!(
+                rejected_since_last_line = rejected,
+                "peer rejected: it {reason}"
+            );
         }
+        Err(self.notice(&format!("this agent {reason}")))
     }
 
     /// Counts a connection closed without a slot (and logs it, at most once
     /// a second): `refusal` if it was refused on arrival, `None` if no slot
-    /// freed while it waited.
-    fn refused_for_limit(&self, refusal: Option<Refusal>) {
+    /// freed while it waited. Returns the notice that tells the peer why.
+    fn refused_for_limit(&self, refusal: Option<Refusal>) -> Notice {
         crate::telemetry::bump(&self.counters.rejected_limit);
-        let Some(rejected) = self.limit_log.admit(Instant::now()) else {
-            return;
-        };
         let accept_timeout_ms = self.accept_timeout.as_millis() as u64;
-        match refusal {
-            Some(Refusal::PeerLimit { uid, limit }) => tracing::warn!(
-                rejected_since_last_line = rejected,
-                peer_uid = uid,
-                "this peer holds max_connections_per_peer = {limit} connections already; closing"
+        let max_connections = self.max_connections;
+        let (logged, why) = match refusal {
+            Some(Refusal::PeerLimit { uid, limit }) => (
+                format!("this peer holds max_connections_per_peer = {limit} connections already"),
+                format!(
+                    "uid {uid} holds max_connections_per_peer = {limit} connections already; \
+                     close one, or raise the collector's limit"
+                ),
             ),
-            Some(Refusal::RoomFull) => tracing::warn!(
-                rejected_since_last_line = rejected,
+            Some(Refusal::RoomFull) => (
                 "every slot and every place in the waiting room is taken (max_connections \
-                 reached); closing"
+                 reached)"
+                    .to_owned(),
+                format!(
+                    "every connection slot and every place in the waiting room is taken \
+                     (max_connections = {max_connections}); retry later"
+                ),
             ),
-            None => tracing::warn!(
+            None => (
+                "no connection slot freed in time (max_connections reached)".to_owned(),
+                format!(
+                    "no connection slot freed within accept_timeout_ms = {accept_timeout_ms} \
+                     (max_connections = {max_connections} reached); retry later"
+                ),
+            ),
+        };
+        if let Some(rejected) = self.limit_log.admit(Instant::now()) {
+            tracing::warn!(
                 rejected_since_last_line = rejected,
                 accept_timeout_ms,
-                "no connection slot freed in time (max_connections reached); closing"
-            ),
+                "{logged}; closing"
+            );
         }
+        self.notice(&why)
+    }
+
+    /// The frame that tells a peer why its connection is closed unserved: a
+    /// result for no task (an empty `task_id`; see `src/policy/client.rs`).
+    fn notice(&self, why: &str) -> Notice {
+        let notice = crate::proto::DetectionResult {
+            success: false,
+            error_message: Some(why.to_owned()),
+            ..Default::default()
+        };
+        let mut frame = bytes::BytesMut::new();
+        // Small; max_frame_bytes is at least 1024.
+        let _ = crate::frame::encode_message(&notice, self.limits.settings, &mut frame);
+        Notice(frame.freeze())
     }
 
     /// Counts and logs how a served connection ended.
@@ -551,6 +590,17 @@ impl Shared {
             }
         }
     }
+}
+
+/// The span every line about one connection is logged in.
+fn connection_span(id: u64, peer: &std::io::Result<Peer>) -> tracing::Span {
+    let credentials = peer.as_ref().ok().map(|peer| peer.credentials);
+    tracing::info_span!(
+        "connection",
+        id,
+        peer_uid = credentials.and_then(|c| c.uid),
+        peer_pid = credentials.and_then(|c| c.pid),
+    )
 }
 
 /// A handler started on a task: finished already, or still running.

@@ -10,7 +10,6 @@ use interprocess::local_socket::tokio::prelude::*;
 #[cfg(unix)]
 use interprocess::local_socket::{GenericFilePath, Name};
 
-use super::PeerCredentials;
 use crate::endpoint::Endpoint;
 
 pub(crate) use interprocess::local_socket::tokio::Stream;
@@ -129,22 +128,18 @@ pub(crate) fn pipe_handle(stream: &Stream) -> std::os::windows::io::BorrowedHand
     }
 }
 
-pub(crate) fn peer_credentials(stream: &Stream) -> io::Result<PeerCredentials> {
-    let creds = stream.peer_creds()?;
-    // interprocess' Pid is pid_t (i32) on Unix and already u32 on Windows.
-    #[allow(clippy::useless_conversion)]
-    let pid = creds.pid().and_then(|pid| u32::try_from(pid).ok());
-    Ok(PeerCredentials {
-        #[cfg(unix)]
-        uid: creds.euid(),
-        #[cfg(unix)]
-        gid: creds.egid(),
-        #[cfg(windows)]
-        uid: None,
-        #[cfg(windows)]
-        gid: None,
-        pid,
-    })
+/// Who is on the other end, read from the socket or pipe beneath (not
+/// through interprocess' own peer credentials, which take a peer in another
+/// PID namespace for a reset connection).
+pub(crate) fn peer(stream: &Stream) -> io::Result<crate::peer::Peer> {
+    #[cfg(unix)]
+    match stream {
+        Stream::UdSocket(socket) => {
+            crate::peer::of_socket(std::os::fd::AsFd::as_fd(socket.inner()))
+        }
+    }
+    #[cfg(windows)]
+    crate::peer::of_pipe(pipe_handle(stream))
 }
 
 #[cfg(all(test, windows))]

@@ -179,13 +179,14 @@ impl Connection {
         crate::win32::pipe_owner(handle)
     }
 
-    /// The peer's credentials. Fields the OS does not report are `None`.
-    pub(crate) fn peer_credentials(&self) -> io::Result<PeerCredentials> {
+    /// Who is on the other end ([`crate::peer`] reads it, the same way for
+    /// every backend).
+    pub(crate) fn peer(&self) -> io::Result<crate::peer::Peer> {
         match self {
             #[cfg(feature = "ipc-interprocess")]
-            Connection::Interprocess(stream) => interprocess::peer_credentials(stream),
+            Connection::Interprocess(stream) => interprocess::peer(stream),
             #[cfg(feature = "ipc-tokio")]
-            Connection::Tokio(stream) => tokio_native::peer_credentials(stream),
+            Connection::Tokio(stream) => tokio_native::peer(stream),
         }
     }
 }

@@ -2,9 +2,9 @@
 //! `tokio::net::windows::named_pipe` on Windows.
 
 #[cfg(unix)]
-pub(crate) use self::unix::{Listener, Stream, connect, peer_credentials};
+pub(crate) use self::unix::{Listener, Stream, connect, peer};
 #[cfg(windows)]
-pub(crate) use self::windows::{Listener, Stream, connect, peer_credentials};
+pub(crate) use self::windows::{Listener, Stream, connect, peer};
 
 #[cfg(unix)]
 mod unix {
@@ -12,7 +12,6 @@ mod unix {
     use std::os::unix::net::UnixListener;
 
     use crate::endpoint::Endpoint;
-    use crate::transport::PeerCredentials;
 
     #[derive(Debug)]
     pub(crate) struct Listener(tokio::net::UnixListener);
@@ -37,13 +36,8 @@ mod unix {
         Stream::connect(endpoint.path()).await
     }
 
-    pub(crate) fn peer_credentials(stream: &Stream) -> io::Result<PeerCredentials> {
-        let creds = stream.peer_cred()?;
-        Ok(PeerCredentials {
-            uid: Some(creds.uid()),
-            gid: Some(creds.gid()),
-            pid: creds.pid().and_then(|pid| u32::try_from(pid).ok()),
-        })
+    pub(crate) fn peer(stream: &Stream) -> io::Result<crate::peer::Peer> {
+        crate::peer::of_socket(std::os::fd::AsFd::as_fd(stream))
     }
 }
 
@@ -55,7 +49,6 @@ mod windows {
 
     use crate::endpoint::Endpoint;
     use crate::endpoint::windows::PipeInstances;
-    use crate::transport::PeerCredentials;
 
     /// The endpoint's pipe instances, each wrapped as tokio's server end;
     /// `accept` awaits the waiting one.
@@ -92,10 +85,10 @@ mod windows {
             .map(Stream::Client)
     }
 
-    /// Tokio's pipes expose no peer identity; the security descriptor is
-    /// what admits or refuses a client.
-    pub(crate) fn peer_credentials(_stream: &Stream) -> io::Result<PeerCredentials> {
-        Ok(PeerCredentials::default())
+    /// The client's pid; the security descriptor is what admits or refuses
+    /// a client.
+    pub(crate) fn peer(stream: &Stream) -> io::Result<crate::peer::Peer> {
+        crate::peer::of_pipe(std::os::windows::io::AsHandle::as_handle(stream))
     }
 
     impl std::os::windows::io::AsHandle for Stream {

@@ -200,6 +200,22 @@ pub fn daemoneye_ipc() -> Command {
     command_for(Path::new(built_binary()))
 }
 
+/// The `daemoneye-ipc` binary run by `wrapper` (a command and its
+/// arguments, such as `unshare --pid --fork --`), with a clean
+/// `DAEMONEYE_IPC_*` environment.
+#[cfg(unix)]
+pub fn daemoneye_ipc_in(wrapper: &[&str]) -> Command {
+    let (program, arguments) = wrapper.split_first().expect("a wrapper command");
+    let mut command = Command::new(program);
+    command.args(arguments).arg(built_binary());
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("DAEMONEYE_IPC_") {
+            command.env_remove(key);
+        }
+    }
+    command
+}
+
 /// A copy of the `daemoneye-ipc` binary that another user can reach and
 /// run: in a fresh directory (0755) under [`shared_temp_root`], itself
 /// 0755; removed when dropped. The build's own binary may sit in a private
@@ -337,10 +353,39 @@ impl ServerProcess {
         server
     }
 
+    /// Starts `serve` run by `wrapper` (see [`daemoneye_ipc_in`]) and waits
+    /// until it is listening.
+    #[cfg(unix)]
+    pub fn start_in(
+        wrapper: &[&str],
+        endpoint: &str,
+        transport: TransportKind,
+        args: &[&str],
+    ) -> ServerProcess {
+        let mut server = ServerProcess::spawn_command(
+            daemoneye_ipc_in(wrapper),
+            endpoint,
+            &[],
+            &[&["--transport", transport.name()], args].concat(),
+        );
+        server.transport = transport;
+        server.wait_until_listening();
+        server
+    }
+
     fn spawn_with(endpoint: &str, env: &[(&str, &str)], args: &[&str]) -> ServerProcess {
+        ServerProcess::spawn_command(daemoneye_ipc(), endpoint, env, args)
+    }
+
+    fn spawn_command(
+        mut command: Command,
+        endpoint: &str,
+        env: &[(&str, &str)],
+        args: &[&str],
+    ) -> ServerProcess {
         let log_dir = tempfile::tempdir().unwrap();
         let log = log_dir.path().join("server.log");
-        let child = daemoneye_ipc()
+        let child = command
             .args(["serve", "--endpoint", endpoint])
             .args(args)
             .envs(env.iter().copied())
@@ -577,6 +622,14 @@ pub struct RawClient {
     stream: tokio::net::windows::named_pipe::NamedPipeClient,
     buf: BytesMut,
     codec: ClientCodec,
+    /// The server's notice, if it closed the connection with one (a result
+    /// for no task, saying why it would not serve this connection).
+    pub notice: Option<String>,
+    /// What this client wrote, read back as tasks, to tell the answer to a
+    /// task with an empty id from a notice.
+    sent: BytesMut,
+    sent_tasks: daemoneye_ipc::frame::codec::ServerCodec,
+    empty_ids_sent: usize,
 }
 
 impl RawClient {
@@ -598,16 +651,26 @@ impl RawClient {
             stream,
             buf: BytesMut::new(),
             codec: ClientCodec::new(FrameSettings::DEFAULT),
+            notice: None,
+            sent: BytesMut::new(),
+            sent_tasks: daemoneye_ipc::frame::codec::ServerCodec::new(FrameSettings::DEFAULT),
+            empty_ids_sent: 0,
         }
     }
 
     pub async fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.sent.extend_from_slice(bytes);
+        // Garbage stops the count: what follows is no task anyway.
+        while let Ok(Some(task)) = self.sent_tasks.decode(&mut self.sent) {
+            self.empty_ids_sent += usize::from(task.task_id.is_empty());
+        }
         self.stream.write_all(bytes).await?;
         self.stream.flush().await
     }
 
     /// The next result, or `None` if the server closed the connection
-    /// (cleanly, or by a reset because our unread request was discarded).
+    /// (cleanly, or by a reset because our unread request was discarded),
+    /// with or without a notice saying why (kept in [`notice`](Self::notice)).
     /// Panics on a bad frame, another I/O error, or silence past `deadline`.
     pub async fn read_reply(&mut self, deadline: Duration) -> Option<DetectionResult> {
         tokio::time::timeout(deadline, async {
@@ -617,6 +680,13 @@ impl RawClient {
                     .decode(&mut self.buf)
                     .expect("the server sends valid frames")
                 {
+                    if result.task_id.is_empty() {
+                        if self.empty_ids_sent == 0 {
+                            self.notice = result.error_message;
+                            continue;
+                        }
+                        self.empty_ids_sent -= 1;
+                    }
                     return Some(result);
                 }
                 match self.stream.read_buf(&mut self.buf).await {

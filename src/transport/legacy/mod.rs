@@ -7,8 +7,8 @@
 //! * Unix ([`unix`]): `std::os::unix::net` sockets in non-blocking mode,
 //!   `poll(2)` (through rustix) to wait for readiness, a deadline, or a
 //!   wake-up from another thread (an eventfd, or a pipe where there is
-//!   none), and the peer's credentials
-//!   from `SO_PEERCRED` (Linux) or `getpeereid` (macOS, the BSDs).
+//!   none); the peer's credentials come from [`crate::peer`], as for every
+//!   backend.
 //! * Windows (`windows`): named pipes opened for overlapped I/O through
 //!   the Win32 API, each operation waited on with an event, a deadline,
 //!   and a wake-up event; busy pipes are an error the client retries.

@@ -13,7 +13,6 @@ use rustix::net::SocketAddrUnix;
 
 use super::Interest;
 use crate::endpoint::Endpoint;
-use crate::transport::PeerCredentials;
 
 /// The smallest and largest room read into at once. The room is zeroed
 /// before each read (safe code cannot hand the kernel uninitialised
@@ -150,8 +149,8 @@ impl Stream {
         wait(socket, waker, deadline)
     }
 
-    pub(crate) fn peer_credentials(&self) -> io::Result<PeerCredentials> {
-        peer_credentials(&self.socket)
+    pub(crate) fn peer(&self) -> io::Result<crate::peer::Peer> {
+        crate::peer::of_socket(self.socket.as_fd())
     }
 }
 
@@ -162,29 +161,6 @@ pub(crate) fn connect(endpoint: &Endpoint) -> io::Result<Stream> {
     let socket = crate::endpoint::unix::new_socket(true)?;
     rustix::net::connect(&socket, &SocketAddrUnix::new(endpoint.path())?)?;
     Stream::new(UnixStream::from(socket))
-}
-
-/// `SO_PEERCRED`: the peer's pid, uid and gid as of its connect.
-#[cfg(any(target_os = "linux", target_os = "android"))]
-fn peer_credentials(socket: &UnixStream) -> io::Result<PeerCredentials> {
-    let credentials = rustix::net::sockopt::socket_peercred(socket)?;
-    Ok(PeerCredentials {
-        uid: Some(credentials.uid.as_raw()),
-        gid: Some(credentials.gid.as_raw()),
-        pid: u32::try_from(credentials.pid.as_raw_nonzero().get()).ok(),
-    })
-}
-
-/// `getpeereid`: the peer's effective uid and gid; these systems do not
-/// report a pid this way.
-#[cfg(not(any(target_os = "linux", target_os = "android")))]
-fn peer_credentials(socket: &UnixStream) -> io::Result<PeerCredentials> {
-    let (uid, gid) = nix::unistd::getpeereid(socket).map_err(io::Error::from)?;
-    Ok(PeerCredentials {
-        uid: Some(uid.as_raw()),
-        gid: Some(gid.as_raw()),
-        pid: None,
-    })
 }
 
 /// Wakes a thread blocked in a [`Stream::wait`] or [`Listener::wait`] from

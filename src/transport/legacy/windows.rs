@@ -11,7 +11,7 @@ use bytes::BytesMut;
 use super::Interest;
 use crate::endpoint::Endpoint;
 use crate::endpoint::windows::{PipeInstances, open_pipe};
-use crate::transport::{PeerCredentials, PipeOwner};
+use crate::transport::PipeOwner;
 use crate::win32::{Event, PipeIo, wait_any};
 
 /// Bytes each read or write moves at most (the pipe's own buffer size).
@@ -165,13 +165,10 @@ impl Stream {
 
     /// Server side: the client's process id. Windows reports no uid; the
     /// pipe's security descriptor is what admits or refuses a client.
-    pub(crate) fn peer_credentials(&self) -> io::Result<PeerCredentials> {
+    pub(crate) fn peer(&self) -> io::Result<crate::peer::Peer> {
         match self.side {
-            Side::Server => Ok(PeerCredentials {
-                pid: Some(crate::win32::client_process_id(self.handle())?),
-                ..PeerCredentials::default()
-            }),
-            Side::Client => Ok(PeerCredentials::default()),
+            Side::Server => crate::peer::of_pipe(self.handle()),
+            Side::Client => Ok(crate::peer::Peer::default()),
         }
     }
 
