@@ -6,9 +6,10 @@
 #
 # Needs the Rust toolchain (with rustfmt and clippy), cargo-nextest and
 # python3; installs what else it uses when missing: the declared minimum
-# Rust (rustup toolchain install 1.88 --profile minimal) and cargo-deny
-# (cargo install cargo-deny --locked). Exits non-zero on the first failing
-# step.
+# Rust (rustup toolchain install 1.88 --profile minimal), a nightly with
+# Miri (rustup toolchain install nightly --profile minimal --component
+# miri) and cargo-deny (cargo install cargo-deny --locked). Exits non-zero
+# on the first failing step.
 #
 # Run as root, it runs every test. Run as anyone else, it leaves out the
 # tests that need root (tests/as_root.rs: they run processes as another
@@ -80,6 +81,16 @@ step "loom: the locks connections share, under every interleaving it explores"
 # Its own target directory: the cfg changes every crate's build.
 RUSTFLAGS="--cfg daemoneye_loom" CARGO_TARGET_DIR=target/loom \
     cargo test --locked --lib --release --all-features loom
+
+step "Miri: the sans-I/O cores' unit tests (frame, policy, views) under the interpreter"
+# Nightly with its miri component (rustup picks a nightly that has it when
+# it installs one). Its own target directory, like loom's.
+if ! rustup component list --toolchain nightly --installed 2>/dev/null | grep -q '^miri'; then
+    rustup toolchain install nightly --profile minimal --component miri
+fi
+MIRIFLAGS="-Zmiri-disable-isolation" CARGO_TARGET_DIR=target/miri \
+    cargo +nightly miri test --locked --lib --no-default-features --features ipc-legacy \
+    -- policy:: frame:: view::
 
 step "doctests, all features"
 cargo test --locked --doc --all-features

@@ -287,7 +287,7 @@ impl Drop for LocalAllocation {
 mod overlapped {
     use std::io;
     use std::os::windows::io::{AsHandle, AsRawHandle, BorrowedHandle, FromRawHandle, OwnedHandle};
-    use std::ptr;
+    use std::ptr::{self, NonNull};
     use std::time::Duration;
 
     use windows_sys::Win32::Foundation::{
@@ -368,40 +368,122 @@ mod overlapped {
         Ok(pid)
     }
 
-    /// One overlapped operation's state: its `OVERLAPPED` (whose event is
-    /// signalled on completion) and its buffer. Kept in a `Box` by
-    /// [`PipeIo`], so neither moves while the kernel may write to them.
+    /// One overlapped operation's slot: its `OVERLAPPED` (whose event is
+    /// signalled on completion) and its buffer.
+    ///
+    /// The kernel writes both while an operation is in flight, from the call
+    /// that starts it until its completion is seen (`GetOverlappedResult`)
+    /// or it is cancelled and waited for. So they are not Rust values this
+    /// struct holds (a `&mut` to the slot would then claim memory the kernel
+    /// is writing) but allocations it owns through raw pointers, from
+    /// `Box::into_raw`: they never move, and Rust code makes a reference
+    /// into them only while no operation is pending ([`prepare`](Self::prepare),
+    /// [`filled`](Self::filled), [`fill`](Self::fill) check). They are freed
+    /// on drop, and leaked rather than freed if an operation could still be
+    /// pending then (the owner cancels and waits first).
     struct Operation {
-        overlapped: OVERLAPPED,
+        overlapped: NonNull<OVERLAPPED>,
+        buffer: NonNull<[u8]>,
         event: Event,
-        buffer: Vec<u8>,
-        /// Issued and not yet seen complete: the kernel may use
-        /// `overlapped` and `buffer`.
+        /// Issued and not yet seen complete: the kernel may write the
+        /// `OVERLAPPED` and the buffer.
         pending: bool,
     }
+
+    // SAFETY: the allocations behind the pointers are owned by this value
+    // alone, and the kernel finds an operation by its OVERLAPPED's address
+    // (which does not move), not by the thread that started it; the event
+    // handle is a process-wide value. So an Operation may move to another
+    // thread. It is not Sync: `&self` methods read no memory the kernel
+    // writes, and every other use takes `&mut self`.
+    unsafe impl Send for Operation {}
 
     impl Operation {
         fn new(buffer_size: usize) -> io::Result<Operation> {
             let event = Event::new(true)?;
-            let overlapped = OVERLAPPED {
+            let overlapped = Box::new(OVERLAPPED {
                 hEvent: event.0.as_raw_handle(),
                 ..OVERLAPPED::default()
-            };
+            });
+            let buffer = vec![0u8; buffer_size].into_boxed_slice();
             Ok(Operation {
-                overlapped,
+                overlapped: NonNull::from(Box::leak(overlapped)),
+                buffer: NonNull::from(Box::leak(buffer)),
                 event,
-                buffer: vec![0; buffer_size],
                 pending: false,
             })
         }
 
-        /// Resets the `OVERLAPPED` for a new operation (keeping its event).
-        fn prepare(&mut self) -> *mut OVERLAPPED {
-            self.overlapped = OVERLAPPED {
+        fn capacity(&self) -> usize {
+            self.buffer.len()
+        }
+
+        /// A fresh `OVERLAPPED` (keeping its event) for a new operation, as
+        /// the pointer to hand the call that starts it. Refused while an
+        /// operation is pending: the kernel would still be using this one.
+        fn prepare(&mut self) -> io::Result<*mut OVERLAPPED> {
+            if self.pending {
+                return Err(io::Error::other(
+                    "an overlapped operation is already in flight on this slot",
+                ));
+            }
+            let fresh = OVERLAPPED {
                 hEvent: self.event.0.as_raw_handle(),
                 ..OVERLAPPED::default()
             };
-            &mut self.overlapped
+            // SAFETY: the pointer is valid for writes and aligned (it came
+            // from a Box and is freed only on drop); no operation is pending,
+            // so the kernel does not use this memory now.
+            unsafe { self.overlapped.as_ptr().write(fresh) };
+            Ok(self.overlapped.as_ptr())
+        }
+
+        /// Copies the first bytes of `data` (as many as fit) into the buffer
+        /// for a write about to start; `None` while an operation is
+        /// pending.
+        fn fill(&mut self, data: &[u8]) -> Option<usize> {
+            if self.pending {
+                return None;
+            }
+            let length = data.len().min(self.capacity());
+            // SAFETY: the buffer is valid for `capacity` bytes of writes and
+            // `length` is at most that; no operation is pending, so nothing
+            // else uses it; `data` is a separate allocation.
+            unsafe {
+                ptr::copy_nonoverlapping(data.as_ptr(), self.buffer.as_ptr().cast::<u8>(), length);
+            }
+            Some(length)
+        }
+
+        /// The first `count` bytes the operation that just completed left
+        /// in the buffer; `None` while one is pending.
+        fn filled(&self, count: usize) -> Option<&[u8]> {
+            if self.pending {
+                return None;
+            }
+            let count = count.min(self.capacity());
+            // SAFETY: the buffer is valid and initialised for `capacity`
+            // bytes (zeroed when allocated, then written only by the kernel
+            // and `fill`); no operation is pending, so nothing writes it
+            // while the returned slice, tied to `&self`, lives (writing
+            // needs `&mut self`).
+            Some(unsafe { std::slice::from_raw_parts(self.buffer.as_ptr().cast::<u8>(), count) })
+        }
+    }
+
+    impl Drop for Operation {
+        fn drop(&mut self) {
+            if self.pending {
+                // The owner cancels and waits before dropping; if that wait
+                // failed, the kernel might still write here: leak it.
+                return;
+            }
+            // SAFETY: both came from Box::leak in `new`, are freed once,
+            // here, and no operation uses them (none is pending).
+            unsafe {
+                drop(Box::from_raw(self.overlapped.as_ptr()));
+                drop(Box::from_raw(self.buffer.as_ptr()));
+            }
         }
     }
 
@@ -432,18 +514,10 @@ mod overlapped {
     /// kernel to let go of the buffers before freeing them, then closes
     /// the handle.
     pub(crate) struct PipeIo {
-        read: Box<Operation>,
-        write: Box<Operation>,
+        read: Operation,
+        write: Operation,
         pipe: OwnedHandle,
     }
-
-    // SAFETY: what is not Send in a PipeIo is the OVERLAPPED's raw fields:
-    // its event handle (a process-wide value owned by the same operation)
-    // and the kernel's bookkeeping. The kernel finds an operation by the
-    // OVERLAPPED's address, which the Box keeps fixed, so the PipeIo may
-    // move to, and be used from, another thread; it is used from one thread
-    // at a time (it is not Sync).
-    unsafe impl Send for PipeIo {}
 
     impl std::fmt::Debug for PipeIo {
         fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -459,8 +533,8 @@ mod overlapped {
         /// `pipe` must have been opened with `FILE_FLAG_OVERLAPPED`.
         pub(crate) fn new(pipe: OwnedHandle, buffer_size: usize) -> io::Result<PipeIo> {
             Ok(PipeIo {
-                read: Box::new(Operation::new(buffer_size)?),
-                write: Box::new(Operation::new(buffer_size)?),
+                read: Operation::new(buffer_size)?,
+                write: Operation::new(buffer_size)?,
                 pipe,
             })
         }
@@ -488,13 +562,14 @@ mod overlapped {
         }
 
         /// Server instance: starts waiting for a client (in the read slot).
-        /// `Ok(true)` if one is connected already.
+        /// `Ok(true)` if one is connected already. An error if a connect or
+        /// read is in flight already.
         pub(crate) fn start_connect(&mut self) -> io::Result<bool> {
-            debug_assert!(!self.read.pending);
-            let overlapped = self.read.prepare();
-            // SAFETY: the pipe is an open server instance; `overlapped` lives
-            // in a Box owned by `self`, which does not free it while the
-            // operation is pending (see Drop).
+            let overlapped = self.read.prepare()?;
+            // SAFETY: the pipe handle is open (owned by self); `overlapped`
+            // points to memory `self.read` owns, which stays put and is not
+            // freed or touched by Rust while the operation is pending (see
+            // Operation).
             let ok = unsafe { ConnectNamedPipe(self.pipe.as_raw_handle(), overlapped) } != 0;
             if !ok && io::Error::last_os_error().raw_os_error() == Some(ERROR_PIPE_CONNECTED as i32)
             {
@@ -513,21 +588,22 @@ mod overlapped {
             }
         }
 
-        /// Starts reading at most `max` bytes into the read slot's buffer (if
-        /// no read is in flight). `Ok(false)` if the peer had closed its end already: the
-        /// end of the stream, as [`poll_read`](Self::poll_read) reports one
-        /// that closes during a read.
+        /// Starts reading at most `max` bytes into the read slot's buffer,
+        /// if no read is in flight (`Ok(true)` then as well). `Ok(false)` if
+        /// the peer had closed its end already: the end of the stream, as
+        /// [`poll_read`](Self::poll_read) reports one that closes during a
+        /// read.
         pub(crate) fn start_read(&mut self, max: usize) -> io::Result<bool> {
             if self.read.pending {
                 return Ok(true);
             }
-            let length = self.read.buffer.len().min(max) as u32;
-            let buffer = self.read.buffer.as_mut_ptr();
-            let overlapped = self.read.prepare();
-            // SAFETY: `buffer` is writable for `length` bytes; it and
-            // `overlapped` live in a Box owned by `self` and stay put (the
-            // buffer is never resized) until the operation completes or Drop
-            // has cancelled and awaited it.
+            let length = u32::try_from(self.read.capacity().min(max)).unwrap_or(u32::MAX);
+            let buffer = self.read.buffer.as_ptr().cast::<u8>();
+            let overlapped = self.read.prepare()?;
+            // SAFETY: `buffer` is valid for writes of `length` bytes (at most
+            // its capacity); it and `overlapped` are memory `self.read` owns,
+            // which stays put and which Rust neither touches nor frees while
+            // the operation is pending (see Operation).
             let ok = unsafe {
                 ReadFile(
                     self.pipe.as_raw_handle(),
@@ -555,16 +631,18 @@ mod overlapped {
         /// slot holds), if no write is in flight; returns how many were
         /// handed to the kernel (0 if a write is in flight already).
         pub(crate) fn start_write(&mut self, data: &[u8]) -> io::Result<usize> {
-            if self.write.pending || data.is_empty() {
+            if data.is_empty() {
                 return Ok(0);
             }
-            let length = data.len().min(self.write.buffer.len());
-            self.write.buffer[..length].copy_from_slice(&data[..length]);
-            let buffer = self.write.buffer.as_ptr();
-            let overlapped = self.write.prepare();
-            // SAFETY: `buffer` holds `length` initialised bytes; it and
-            // `overlapped` stay put until the operation completes or Drop has
-            // cancelled and awaited it.
+            let Some(length) = self.write.fill(data) else {
+                return Ok(0);
+            };
+            let buffer = self.write.buffer.as_ptr().cast::<u8>().cast_const();
+            let overlapped = self.write.prepare()?;
+            // SAFETY: `buffer` holds `length` initialised bytes (just
+            // copied); it and `overlapped` are memory `self.write` owns,
+            // which stays put and which Rust neither touches nor frees while
+            // the operation is pending (see Operation).
             let ok = unsafe {
                 WriteFile(
                     self.pipe.as_raw_handle(),
@@ -587,7 +665,7 @@ mod overlapped {
         /// read (empty at the end of the stream, or for a connect).
         pub(crate) fn poll_read(&mut self) -> Option<io::Result<&[u8]>> {
             match self.poll(Slot::Read)? {
-                Ok(count) => Some(Ok(&self.read.buffer[..count])),
+                Ok(count) => Some(Ok(self.read.filled(count).expect("just completed"))),
                 // The peer closed its end: the end of the stream.
                 Err(error) if error.raw_os_error() == Some(ERROR_BROKEN_PIPE as i32) => {
                     Some(Ok(&[]))
@@ -610,12 +688,14 @@ mod overlapped {
                 return None;
             }
             let mut count = 0u32;
-            // SAFETY: the operation was issued on this pipe with this
-            // OVERLAPPED; bWait = FALSE only asks how it stands.
+            // SAFETY: the operation was issued on this open pipe with this
+            // OVERLAPPED, which is still valid; bWait = FALSE only asks how
+            // it stands. The kernel reads the OVERLAPPED through the pointer;
+            // no Rust reference to it exists.
             let done = unsafe {
                 GetOverlappedResult(
                     self.pipe.as_raw_handle(),
-                    &operation.overlapped,
+                    operation.overlapped.as_ptr(),
                     &mut count,
                     0,
                 )
@@ -633,7 +713,7 @@ mod overlapped {
         }
 
         /// Cancels the operation in `slot`, if one is in flight, and waits
-        /// until the kernel has let go of its buffer.
+        /// until the kernel has let go of its memory.
         fn cancel(&mut self, slot: Slot) {
             let operation = match slot {
                 Slot::Read => &mut self.read,
@@ -643,19 +723,27 @@ mod overlapped {
                 return;
             }
             let mut count = 0u32;
-            // SAFETY: cancelling and then waiting (bWait = TRUE) for the one
-            // operation issued with this OVERLAPPED on this open pipe; after
-            // the wait the kernel no longer touches it or its buffer.
-            unsafe {
-                CancelIoEx(self.pipe.as_raw_handle(), &operation.overlapped);
+            // SAFETY: cancelling, then waiting (bWait = TRUE) for, the one
+            // operation issued with this OVERLAPPED on this open pipe: once
+            // the wait returns, the operation has completed or been
+            // cancelled, and the kernel no longer touches the OVERLAPPED or
+            // the buffer.
+            let waited = unsafe {
+                CancelIoEx(self.pipe.as_raw_handle(), operation.overlapped.as_ptr());
                 GetOverlappedResult(
                     self.pipe.as_raw_handle(),
-                    &operation.overlapped,
+                    operation.overlapped.as_ptr(),
                     &mut count,
                     1,
-                );
+                )
+            } != 0;
+            let error = io::Error::last_os_error().raw_os_error();
+            // Done, cancelled, or failed on its own: not pending any more. A
+            // wait that failed for another reason says nothing: the memory
+            // is then leaked rather than freed (see Operation's drop).
+            if waited || matches!(error, Some(code) if code != ERROR_IO_INCOMPLETE as i32) {
+                operation.pending = false;
             }
-            operation.pending = false;
         }
     }
 
@@ -670,6 +758,109 @@ mod overlapped {
             self.cancel(Slot::Read);
             self.cancel(Slot::Write);
             // Then the fields drop: the buffers, then the pipe handle.
+        }
+    }
+
+    /// The unsafe code above, where it matters most: operations cancelled
+    /// and dropped while the kernel still holds their memory. Run under
+    /// Wine by ci/cross-test.sh.
+    #[cfg(test)]
+    mod tests {
+        use std::os::windows::io::OwnedHandle;
+        use std::time::{Duration, Instant};
+
+        use super::*;
+        use crate::endpoint::Endpoint;
+        use crate::endpoint::windows::{create_pipe_instance, open_pipe};
+
+        /// A connected pair of overlapped pipe ends: (server, client).
+        fn pair(name: &str) -> (PipeIo, PipeIo) {
+            let endpoint = Endpoint::parse(&format!("{name}-{}", std::process::id())).unwrap();
+            let mut server =
+                PipeIo::new(create_pipe_instance(&endpoint, true).unwrap(), 4096).unwrap();
+            let waiting = !server.start_connect().unwrap();
+            let client = PipeIo::new(open_pipe(&endpoint).unwrap(), 4096).unwrap();
+            if waiting {
+                let connected = wait_for(|| server.poll_read().map(|outcome| outcome.map(drop)));
+                connected.unwrap();
+            }
+            (server, client)
+        }
+
+        /// Polls until `poll` has an answer, for at most ten seconds.
+        fn wait_for<T>(mut poll: impl FnMut() -> Option<T>) -> T {
+            let give_up = Instant::now() + Duration::from_secs(10);
+            loop {
+                if let Some(answer) = poll() {
+                    return answer;
+                }
+                assert!(Instant::now() < give_up, "nothing happened in 10 s");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+
+        #[test]
+        fn a_read_in_flight_is_cancelled_and_waited_for_when_its_pipe_is_dropped() {
+            let (mut server, mut client) = pair("daemoneye-test-drop-read");
+            assert!(server.start_read(4096).unwrap());
+            assert!(server.read_pending(), "nothing to read: the read waits");
+            drop(server);
+            // The kernel let go of the server's buffer before it was freed,
+            // and the client sees the pipe's end.
+            let ended = if client.start_read(4096).unwrap() {
+                wait_for(|| client.poll_read().map(|read| read.map(<[u8]>::is_empty))).unwrap()
+            } else {
+                true
+            };
+            assert!(ended, "the client reads the end of the stream");
+        }
+
+        #[test]
+        fn a_write_in_flight_is_cancelled_and_waited_for_when_its_pipe_is_dropped() {
+            let (mut server, client) = pair("daemoneye-test-drop-write");
+            // The client reads nothing: writes fill the pipe until one waits.
+            let data = vec![7u8; 4096];
+            let mut waited = false;
+            for _ in 0..1024 {
+                server.start_write(&data).unwrap();
+                if server.poll_write().is_none() {
+                    waited = true;
+                    break;
+                }
+            }
+            assert!(waited, "some write waits for a reader");
+            drop(server);
+            drop(client);
+        }
+
+        #[test]
+        fn a_connect_in_flight_is_cancelled_and_waited_for_when_its_instance_is_dropped() {
+            let endpoint = Endpoint::parse(&format!(
+                "daemoneye-test-drop-connect-{}",
+                std::process::id()
+            ))
+            .unwrap();
+            let instance: OwnedHandle = create_pipe_instance(&endpoint, true).unwrap();
+            let mut server = PipeIo::new(instance, 4096).unwrap();
+            assert!(!server.start_connect().unwrap(), "no client yet");
+            assert!(server.read_pending());
+            drop(server);
+        }
+
+        #[test]
+        fn a_second_operation_on_a_busy_slot_is_refused_not_started() {
+            let endpoint =
+                Endpoint::parse(&format!("daemoneye-test-busy-slot-{}", std::process::id()))
+                    .unwrap();
+            let mut server =
+                PipeIo::new(create_pipe_instance(&endpoint, true).unwrap(), 4096).unwrap();
+            assert!(!server.start_connect().unwrap());
+            // In release builds too: the OVERLAPPED in flight is not reused.
+            let error = server.start_connect().unwrap_err();
+            assert!(error.to_string().contains("already in flight"), "{error}");
+            // A read on the same slot waits for the connect instead.
+            assert!(server.start_read(4096).unwrap());
+            assert!(server.read_pending());
         }
     }
 }
