@@ -32,9 +32,15 @@ fn require_root() {
     );
 }
 
-fn serve_once(endpoint: &str) -> Output {
+fn serve_once(endpoint: &str, transport: TransportKind) -> Output {
     daemoneye_ipc()
-        .args(["serve", "--endpoint", endpoint])
+        .args([
+            "serve",
+            "--endpoint",
+            endpoint,
+            "--transport",
+            transport.name(),
+        ])
         .output()
         .unwrap()
 }
@@ -43,11 +49,11 @@ fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
+each_backend!(a_parent_symlink_owned_by_another_user_is_refused);
 /// A parent reached through a symlink: the link must be ours or root's,
 /// since its owner could point it elsewhere. Needs root, to give the link
 /// to another user.
-#[test]
-fn a_parent_symlink_owned_by_another_user_is_refused() {
+fn a_parent_symlink_owned_by_another_user_is_refused(transport: TransportKind) {
     require_root();
     let endpoint = Endpoint::fresh();
     let real = endpoint.dir.path().join("real");
@@ -58,12 +64,12 @@ fn a_parent_symlink_owned_by_another_user_is_refused() {
     let name = name.to_str().unwrap();
 
     // Our own link: followed, and the directory created where it leads.
-    let mut server = ServerProcess::start(name, transports()[0], &[]);
+    let mut server = ServerProcess::start(name, transport, &[]);
     assert!(real.join("run").join("procmond.sock").exists());
     assert!(server.terminate().success());
 
     std::os::unix::fs::lchown(&via, Some(NOBODY), Some(NOBODY)).unwrap();
-    let output = serve_once(name);
+    let output = serve_once(name, transport);
     assert_eq!(output.status.code(), Some(1));
     let message = stderr(&output);
     assert!(

@@ -101,3 +101,37 @@ fn invalid_settings_exit_2_with_one_line_naming_the_problem() {
         stderr(&output)
     );
 }
+
+/// A backend this build lacks is a usage error (exit 2) naming what the
+/// build has and the feature that adds it, for every command that takes a
+/// transport. A build with all three has none to refuse: ci/test.sh's
+/// feature matrix builds each backend alone, and runs this there.
+#[test]
+fn a_transport_not_built_in_exits_2_naming_the_feature() {
+    use daemoneye_ipc::TransportKind;
+    let missing: Vec<TransportKind> = TransportKind::ALL
+        .into_iter()
+        .filter(|kind| !kind.is_compiled())
+        .collect();
+    assert_eq!(
+        missing.len() + TransportKind::compiled().count(),
+        TransportKind::ALL.len()
+    );
+    for kind in missing {
+        for command in ["serve", "send", "ping", "config"] {
+            let output = daemoneye_ipc()
+                .args([command, "--transport", kind.name()])
+                .output()
+                .unwrap();
+            let message = stderr(&output);
+            assert_eq!(output.status.code(), Some(2), "{command}: {message}");
+            assert!(
+                message.contains(&format!(
+                    "transport \"{kind}\" (from command-line flag) is not compiled into this build"
+                )) && message.contains(&format!("ipc-{kind}")),
+                "{command}: {message}"
+            );
+            assert_eq!(message.lines().count(), 1, "{command}: one line: {message}");
+        }
+    }
+}

@@ -202,6 +202,11 @@ fn pinning_is_reported_in_the_placement() {
         report["placement"]["pin"], "same",
         "same CPU is the Linux default"
     );
+    assert!(
+        report["placement"]["client_cpu"].is_u64(),
+        "a CPU, not null: {}",
+        report["placement"]
+    );
     assert_eq!(
         report["placement"]["client_cpu"],
         report["placement"]["server_cpu"]

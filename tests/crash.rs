@@ -39,7 +39,11 @@ fn requests_in_flight_fail_within_their_deadline_and_the_client_reconnects(
         ..server.client_config(transport)
     })
     .unwrap();
+    // What `send` promises: a connection within accept_timeout_ms, then an
+    // answer within read_timeout_ms. Half a second more for the timers to
+    // be served on a loaded machine.
     let deadline = Duration::from_millis(2_000 + 5_000);
+    const SCHEDULING: Duration = Duration::from_millis(500);
 
     let outcomes = block_on(async {
         let mut sends = tokio::task::JoinSet::new();
@@ -54,7 +58,10 @@ fn requests_in_flight_fail_within_their_deadline_and_the_client_reconnects(
                 }),
                 ..Default::default()
             };
-            sends.spawn(async move { client.send(task).await });
+            sends.spawn(async move {
+                let started = tokio::time::Instant::now();
+                (client.send(task).await, started.elapsed())
+            });
         }
         tokio::task::spawn_blocking(move || {
             server.wait_for_log("task received", 32);
@@ -63,16 +70,15 @@ fn requests_in_flight_fail_within_their_deadline_and_the_client_reconnects(
         })
         .await
         .unwrap();
-        let killed_at = tokio::time::Instant::now();
         let mut outcomes = Vec::new();
         while let Some(outcome) = sends.join_next().await {
-            outcomes.push((outcome.unwrap(), killed_at.elapsed()));
+            outcomes.push(outcome.unwrap());
         }
         outcomes
     });
     assert_eq!(outcomes.len(), 100);
     let mut lost = 0;
-    for (outcome, after) in outcomes {
+    for (outcome, took) in outcomes {
         match outcome {
             Err(IpcError::ConnectionLost {
                 endpoint: named,
@@ -90,8 +96,8 @@ fn requests_in_flight_fail_within_their_deadline_and_the_client_reconnects(
             other => panic!("{transport}: expected the call to fail, got {other:?}"),
         }
         assert!(
-            after < deadline + Duration::from_secs(3),
-            "{transport}: a call ended {after:?} after the kill, past its deadline"
+            took <= deadline + SCHEDULING,
+            "{transport}: a call took {took:?}, past its deadlines ({deadline:?})"
         );
     }
     assert!(lost >= 32, "the tasks in flight were lost: {lost}");

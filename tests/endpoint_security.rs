@@ -15,9 +15,15 @@ fn mode(path: &std::path::Path) -> u32 {
     fs::symlink_metadata(path).unwrap().mode() & 0o7777
 }
 
-fn serve_once(endpoint: &str) -> Output {
+fn serve_once(endpoint: &str, transport: TransportKind) -> Output {
     daemoneye_ipc()
-        .args(["serve", "--endpoint", endpoint])
+        .args([
+            "serve",
+            "--endpoint",
+            endpoint,
+            "--transport",
+            transport.name(),
+        ])
         .output()
         .unwrap()
 }
@@ -49,13 +55,13 @@ fn the_directory_is_created_0700_and_the_socket_is_0600(transport: TransportKind
     );
 }
 
-#[test]
-fn a_world_writable_parent_directory_is_refused() {
+each_backend!(a_world_writable_parent_directory_is_refused);
+fn a_world_writable_parent_directory_is_refused(transport: TransportKind) {
     let endpoint = Endpoint::fresh();
     let dir = endpoint.path().parent().unwrap();
     fs::create_dir(dir).unwrap();
     fs::set_permissions(dir, fs::Permissions::from_mode(0o777)).unwrap();
-    let output = serve_once(&endpoint.name);
+    let output = serve_once(&endpoint.name, transport);
     assert_eq!(output.status.code(), Some(1));
     let message = stderr(&output);
     assert!(
@@ -66,18 +72,20 @@ fn a_world_writable_parent_directory_is_refused() {
     assert!(!endpoint.path().exists(), "nothing was bound");
 }
 
-#[test]
-fn a_group_writable_parent_directory_is_refused_but_a_private_one_is_kept() {
+each_backend!(a_group_writable_parent_directory_is_refused_but_a_private_one_is_kept);
+fn a_group_writable_parent_directory_is_refused_but_a_private_one_is_kept(
+    transport: TransportKind,
+) {
     let endpoint = Endpoint::fresh();
     let dir = endpoint.path().parent().unwrap();
     fs::create_dir(dir).unwrap();
     fs::set_permissions(dir, fs::Permissions::from_mode(0o770)).unwrap();
-    let message = stderr(&serve_once(&endpoint.name));
+    let message = stderr(&serve_once(&endpoint.name, transport));
     assert!(message.contains("mode 0770"), "{message}");
 
     // An existing 0750 directory (not writable by others) is acceptable as is.
     fs::set_permissions(dir, fs::Permissions::from_mode(0o750)).unwrap();
-    let _server = ServerProcess::start(&endpoint.name, transports()[0], &[]);
+    let _server = ServerProcess::start(&endpoint.name, transport, &[]);
     assert_eq!(
         mode(dir),
         0o750,
@@ -85,13 +93,13 @@ fn a_group_writable_parent_directory_is_refused_but_a_private_one_is_kept() {
     );
 }
 
-#[test]
-fn a_parent_directory_others_can_write_to_is_refused_unless_sticky() {
+each_backend!(a_parent_directory_others_can_write_to_is_refused_unless_sticky);
+fn a_parent_directory_others_can_write_to_is_refused_unless_sticky(transport: TransportKind) {
     let endpoint = Endpoint::fresh();
     // <tmp>/dipcXXXX/run/procmond.sock: loosen <tmp>/dipcXXXX, a parent.
     let grandparent = endpoint.dir.path();
     fs::set_permissions(grandparent, fs::Permissions::from_mode(0o777)).unwrap();
-    let message = stderr(&serve_once(&endpoint.name));
+    let message = stderr(&serve_once(&endpoint.name, transport));
     assert!(
         message.contains(&format!(
             "refusing to use directory {}",
@@ -106,17 +114,17 @@ fn a_parent_directory_others_can_write_to_is_refused_unless_sticky() {
 
     // Sticky, like /tmp: others cannot rename or remove what we put there.
     fs::set_permissions(grandparent, fs::Permissions::from_mode(0o1777)).unwrap();
-    let _server = ServerProcess::start(&endpoint.name, transports()[0], &[]);
+    let _server = ServerProcess::start(&endpoint.name, transport, &[]);
 }
 
-#[test]
-fn a_socket_directory_that_is_a_symlink_is_refused() {
+each_backend!(a_socket_directory_that_is_a_symlink_is_refused);
+fn a_socket_directory_that_is_a_symlink_is_refused(transport: TransportKind) {
     let endpoint = Endpoint::fresh();
     let real = endpoint.dir.path().join("real");
     fs::create_dir(&real).unwrap();
     fs::set_permissions(&real, fs::Permissions::from_mode(0o700)).unwrap();
     symlink(&real, endpoint.path().parent().unwrap()).unwrap();
-    let output = serve_once(&endpoint.name);
+    let output = serve_once(&endpoint.name, transport);
     assert_eq!(output.status.code(), Some(1));
     let message = stderr(&output);
     assert!(message.contains("it is a symbolic link"), "{message}");
@@ -126,8 +134,8 @@ fn a_socket_directory_that_is_a_symlink_is_refused() {
     );
 }
 
-#[test]
-fn a_symlink_at_the_socket_path_is_refused_and_not_followed() {
+each_backend!(a_symlink_at_the_socket_path_is_refused_and_not_followed);
+fn a_symlink_at_the_socket_path_is_refused_and_not_followed(transport: TransportKind) {
     let endpoint = Endpoint::fresh();
     let dir = endpoint.path().parent().unwrap();
     fs::create_dir(dir).unwrap();
@@ -135,7 +143,7 @@ fn a_symlink_at_the_socket_path_is_refused_and_not_followed() {
     let target = endpoint.dir.path().join("elsewhere.sock");
     symlink(&target, endpoint.path()).unwrap();
 
-    let output = serve_once(&endpoint.name);
+    let output = serve_once(&endpoint.name, transport);
     assert_eq!(output.status.code(), Some(1));
     let message = stderr(&output);
     assert!(
@@ -152,13 +160,13 @@ fn a_symlink_at_the_socket_path_is_refused_and_not_followed() {
     assert!(!target.exists(), "nothing was created through the link");
 }
 
-#[test]
-fn a_regular_file_at_the_socket_path_is_refused_and_left_untouched() {
+each_backend!(a_regular_file_at_the_socket_path_is_refused_and_left_untouched);
+fn a_regular_file_at_the_socket_path_is_refused_and_left_untouched(transport: TransportKind) {
     let endpoint = Endpoint::fresh();
     fs::create_dir(endpoint.path().parent().unwrap()).unwrap();
     fs::write(endpoint.path(), b"precious").unwrap();
 
-    let output = serve_once(&endpoint.name);
+    let output = serve_once(&endpoint.name, transport);
     assert_eq!(output.status.code(), Some(1));
     let message = stderr(&output);
     assert!(
@@ -168,11 +176,11 @@ fn a_regular_file_at_the_socket_path_is_refused_and_left_untouched() {
     assert_eq!(fs::read(endpoint.path()).unwrap(), b"precious");
 }
 
-#[test]
-fn an_abstract_namespace_name_is_refused_with_the_reason() {
+each_backend!(an_abstract_namespace_name_is_refused_with_the_reason);
+fn an_abstract_namespace_name_is_refused_with_the_reason(transport: TransportKind) {
     // An invalid endpoint is configuration: every command refuses it with
     // the usage exit code, before binding or connecting.
-    let serve = serve_once("@daemoneye-procmond");
+    let serve = serve_once("@daemoneye-procmond", transport);
     let send = daemoneye_ipc()
         .args([
             "send",

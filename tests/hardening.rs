@@ -6,8 +6,8 @@ mod support;
 
 use std::time::Duration;
 
+use daemoneye_ipc::TransportKind;
 use daemoneye_ipc::frame::{FrameHeader, HEADER_LEN};
-use daemoneye_ipc::{DetectionTask, TransportKind};
 use support::*;
 
 const READ_TIMEOUT_MS: u64 = 1000;
@@ -148,7 +148,6 @@ fn a_zero_length_frame_is_answered(transport: TransportKind) {
         assert_eq!(answer.task_id, "");
         assert!(answer.success);
         assert!(!answer.processes.is_empty());
-        assert_eq!(DetectionTask::default().task_id, answer.task_id);
     });
 }
 
@@ -167,44 +166,43 @@ fn a_frame_written_one_byte_at_a_time_is_answered(transport: TransportKind) {
     });
 }
 
+/// How late a deadline may be kept, by the server's own clock: its timer
+/// firing and the line being logged on a loaded machine or under emulation.
+const LATE: Duration = Duration::from_millis(250);
+
+/// By the server's own log: from the connection's start ("serving") to its
+/// close for `reason`.
+fn served_until(server: &ServerProcess, reason: &str) -> Duration {
+    server.logged_between("serving", reason)
+}
+
 each_backend!(a_trickled_frame_is_cut_at_the_read_deadline);
+/// A frame trickled a byte every 100 ms would take seconds: it is cut
+/// `read_timeout_ms` after its first byte (which comes as the connection
+/// starts), steady progress notwithstanding.
 fn a_trickled_frame_is_cut_at_the_read_deadline(transport: TransportKind) {
     let (_endpoint, mut server) = server(transport);
     block_on(async {
         let mut slow = RawClient::connect(&server.endpoint).await;
         let frame = frame_bytes(&quick_task("trickle-trickle-trickle"));
-        // One byte every 100 ms would take several seconds; the deadline
-        // counts from the first byte, so steady progress does not extend it.
-        let started = tokio::time::Instant::now();
         let mut ticks = tokio::time::interval(Duration::from_millis(100));
-        let mut cut = false;
         for byte in &frame {
             ticks.tick().await;
             if slow.write(&[*byte]).await.is_err() {
-                cut = true;
-                break;
-            }
-            if started.elapsed() > Duration::from_millis(READ_TIMEOUT_MS * 3) {
                 break;
             }
         }
-        let waited = if cut {
-            started.elapsed()
-        } else {
-            started.elapsed() + slow.closed_within(PATIENCE).await
-        };
-        assert!(
-            waited < Duration::from_millis(READ_TIMEOUT_MS * 3),
-            "cut after {waited:?}; the frame would have taken {} ms",
-            frame.len() * 100
-        );
-        assert!(
-            waited >= Duration::from_millis(READ_TIMEOUT_MS - 100),
-            "cut too early: {waited:?}"
-        );
+        slow.closed_within(PATIENCE).await;
         assert_bystander_served(&server, "after").await;
     });
     server.wait_for_log("not complete within 1000 ms", 1);
+    let cut = served_until(&server, "not complete within 1000 ms");
+    let timeout = Duration::from_millis(READ_TIMEOUT_MS);
+    assert!(cut >= timeout, "cut {cut:?} after it started");
+    assert!(
+        cut <= timeout + LATE,
+        "cut {cut:?} after it started, read_timeout_ms = {READ_TIMEOUT_MS}"
+    );
 }
 
 each_backend!(a_partial_header_is_cut_at_the_read_deadline);
@@ -213,20 +211,18 @@ fn a_partial_header_is_cut_at_the_read_deadline(transport: TransportKind) {
     block_on(async {
         let mut stalled = RawClient::connect(&server.endpoint).await;
         stalled.write(&[1, 0, 0]).await.unwrap();
-        let waited = stalled.closed_within(PATIENCE).await;
-        assert!(
-            waited >= Duration::from_millis(READ_TIMEOUT_MS - 100),
-            "cut too early: {waited:?}"
-        );
-        assert!(
-            waited < Duration::from_millis(READ_TIMEOUT_MS * 3),
-            "cut too late: {waited:?}"
-        );
+        stalled.closed_within(PATIENCE).await;
     });
     server.wait_for_log("3 bytes arrived", 1);
+    let cut = served_until(&server, "3 bytes arrived");
+    let timeout = Duration::from_millis(READ_TIMEOUT_MS);
+    assert!(cut >= timeout, "cut {cut:?} after it started");
+    assert!(cut <= timeout + LATE, "cut {cut:?} after it started");
 }
 
 each_backend!(an_idle_connection_is_closed_after_the_read_timeout);
+/// Closed `read_timeout_ms` after its last result went out, by the server's
+/// own log.
 fn an_idle_connection_is_closed_after_the_read_timeout(transport: TransportKind) {
     let (_endpoint, mut server) = server(transport);
     block_on(async {
@@ -235,11 +231,14 @@ fn an_idle_connection_is_closed_after_the_read_timeout(transport: TransportKind)
             .await
             .unwrap();
         assert_eq!(idle.read_result(PATIENCE).await.task_id, "then-nothing");
-        let waited = idle.closed_within(PATIENCE).await;
-        assert!(
-            waited >= Duration::from_millis(READ_TIMEOUT_MS - 200),
-            "closed too early: {waited:?}"
-        );
+        idle.closed_within(PATIENCE).await;
     });
     server.wait_for_log("connection idle for 1000 ms", 1);
+    let closed = server.logged_between("results written", "connection idle for 1000 ms");
+    let timeout = Duration::from_millis(READ_TIMEOUT_MS);
+    assert!(closed >= timeout, "closed {closed:?} after its result");
+    assert!(
+        closed <= timeout + LATE,
+        "closed {closed:?} after its result"
+    );
 }

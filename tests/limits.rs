@@ -89,7 +89,6 @@ fn a_waiting_client_is_served_as_soon_as_a_slot_frees(transport: TransportKind) 
             .await
             .unwrap();
         tokio::task::block_in_place(|| server.wait_for_log("all slots taken; waiting for one", 1));
-        #[cfg(unix)]
         assert_eq!(
             server.counters()["frames_in"],
             2,

@@ -95,11 +95,8 @@ each_backend!(serve_logs_one_json_object_per_line_with_the_tracing_fields);
 fn serve_logs_one_json_object_per_line_with_the_tracing_fields(transport: TransportKind) {
     let endpoint = Endpoint::fresh();
     let mut server = ServerProcess::start(&endpoint.name, transport, &["--log-format", "json"]);
-    #[cfg(unix)]
     let counters = server.counters_json();
-    #[cfg(unix)]
     assert_eq!(counters["transport"], transport.name());
-    #[cfg(unix)]
     assert!(counters["accepted"].is_u64(), "{counters}");
     #[cfg(unix)]
     server.terminate();
@@ -145,11 +142,11 @@ fn an_unknown_log_format_is_a_usage_error_naming_the_choices() {
     );
 }
 
+each_backend!(ping_prints_the_collectors_error_escaped);
 /// A collector whose error text carries terminal controls: `ping` prints it
 /// escaped, so that it cannot recolour or move anything on the operator's
 /// terminal.
-#[test]
-fn ping_prints_the_collectors_error_escaped() {
+fn ping_prints_the_collectors_error_escaped(transport: TransportKind) {
     use daemoneye_ipc::DetectionResult;
     use daemoneye_ipc::frame::{FrameSettings, encode_message};
     use support::raw_server::RawServer;
@@ -158,7 +155,13 @@ fn ping_prints_the_collectors_error_escaped() {
     block_on(async {
         let mut hostile = RawServer::bind(&endpoint).await;
         let mut ping = daemoneye_ipc();
-        ping.args(["ping", "--endpoint", &endpoint.name]);
+        ping.args([
+            "ping",
+            "--endpoint",
+            &endpoint.name,
+            "--transport",
+            transport.name(),
+        ]);
         let ping = tokio::task::spawn_blocking(move || ping.output());
         let answering = async {
             let mut connection = hostile.accept().await;

@@ -392,8 +392,10 @@ async fn tasks_beyond_the_in_flight_limit_wait_their_turn_without_stalling_the_c
     const LIMIT: usize = 4;
     let endpoint = Endpoint::fresh();
     let open = Arc::new(Semaphore::new(0));
+    // The server would take more than the client's limit: what it reads
+    // shows what the client sent.
     let server = IpcServer::builder(config(&endpoint, transport))
-        .max_in_flight_per_connection(LIMIT)
+        .max_in_flight_per_connection(4 * LIMIT)
         .bind(wait_for(&open))
         .await
         .unwrap();
@@ -421,9 +423,11 @@ async fn tasks_beyond_the_in_flight_limit_wait_their_turn_without_stalling_the_c
             send_in_background(&client, task)
         })
         .collect();
-    support::eventually("the server to hold its limit of tasks", PATIENCE, || {
-        (server.stats().frames_in == LIMIT as u64).then_some(())
-    })
+    support::eventually(
+        "the server to hold the client's limit of tasks",
+        PATIENCE,
+        || (server.stats().frames_in == LIMIT as u64).then_some(()),
+    )
     .await;
     // The behaviour under test is what happens once the write deadline has
     // passed with the server holding its limit.
@@ -546,34 +550,39 @@ async fn a_late_result_is_never_taken_for_the_answer_to_a_retry(transport: Trans
 }
 
 each_backend!(async a_send_given_up_on_mid_write_leaves_the_connection_intact);
+/// A caller that gives up while its frame is half written leaves the
+/// connection intact: the rest of the frame still goes out, and the next
+/// task on the same connection is served. The server holds one task at its
+/// in-flight limit, so it reads nothing: a 512 KiB frame cannot go out whole
+/// until it is released, and its send is dropped meanwhile.
 async fn a_send_given_up_on_mid_write_leaves_the_connection_intact(transport: TransportKind) {
     let endpoint = Endpoint::fresh();
-    let server = IpcServer::bind(
-        config(&endpoint, transport),
-        |task: DetectionTask| async move { ok(&task) },
-    )
-    .await
-    .unwrap();
+    let gate = Gate::default();
+    let server = IpcServer::builder(config(&endpoint, transport))
+        .max_in_flight_per_connection(1)
+        .bind(gate.handler())
+        .await
+        .unwrap();
     let client = IpcClient::new(config(&endpoint, transport)).unwrap();
-    client.send(task("warm-up")).await.unwrap();
+    let holding = send_in_background(&client, held("held"));
+    gate.held.notified().await;
     let big = DetectionTask {
         metadata: Some("x".repeat(512 * 1024)),
         ..task("big")
     };
-    for attempt in 0..20 {
-        // Dropped at once or part-way: either way the frame is written whole.
-        let _ = tokio::time::timeout(
-            Duration::from_micros(attempt * 50),
-            client.send(DetectionTask {
-                task_id: format!("big-{attempt}"),
-                ..big.clone()
-            }),
-        )
-        .await;
-    }
+    let cut = tokio::time::timeout(Duration::from_millis(100), client.send(big)).await;
+    assert!(
+        cut.is_err(),
+        "the frame cannot go out whole while the server reads nothing"
+    );
+    assert_eq!(server.stats().frames_in, 1, "nor has any of it been read");
+
+    gate.released.notify_one();
+    assert!(holding.await.unwrap().unwrap().success);
     assert!(client.send(task("after")).await.unwrap().success);
     let stats = server.stats();
     assert_eq!(stats.accepted, 1, "the connection survived");
+    assert_eq!(stats.frames_in, 3, "the given-up frame arrived whole");
     assert_eq!(
         stats.malformed_frames + stats.read_timeouts + stats.crc_errors,
         0
@@ -615,7 +624,7 @@ each_backend!(async an_idle_connection_is_replaced_before_the_server_would_close
 async fn an_idle_connection_is_replaced_before_the_server_would_close_it(transport: TransportKind) {
     let endpoint = Endpoint::fresh();
     let short = IpcConfig {
-        read_timeout_ms: 400,
+        read_timeout_ms: 2000,
         ..config(&endpoint, transport)
     };
     let server = IpcServer::bind(
@@ -626,9 +635,10 @@ async fn an_idle_connection_is_replaced_before_the_server_would_close_it(transpo
     .unwrap();
     let client = IpcClient::new(short).unwrap();
     client.send(task("first")).await.unwrap();
-    // Idle past half the read timeout: the next send must not cross the
+    // Idle past half the read timeout (and short of all of it, by most of a
+    // second even on a loaded machine): the next send must not cross the
     // server's idle close, so the client opens a fresh connection.
-    tokio::time::sleep(Duration::from_millis(250)).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
     assert!(client.send(task("second")).await.unwrap().success);
     assert_eq!(server.stats().accepted, 2);
 }

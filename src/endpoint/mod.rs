@@ -28,8 +28,10 @@ use std::path::{Path, PathBuf};
 use crate::error::IpcError;
 
 /// How often a server looks at its socket file, to bind it again if it was
-/// removed while serving (Unix; a pipe name has no file to lose).
-pub(crate) const SOCKET_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+/// removed while serving (Unix; a pipe name has no file to lose): often
+/// enough that it is back within a second, at the cost of a `stat` each
+/// time.
+pub(crate) const SOCKET_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// Unix: the group whose members may connect, from `ipc.socket_group`.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -581,6 +581,7 @@ impl ServerConnection {
         self.account.release(count);
         let frames = self.outbound.on_written(count, now);
         if frames > 0 {
+            tracing::debug!(frames, "results written");
             add(&self.counters.frames_out, frames as u64);
             self.last_activity = now;
             self.decode_buffered(now);

@@ -207,7 +207,12 @@ pub fn daemoneye_ipc() -> Command {
 pub fn daemoneye_ipc_in(wrapper: &[&str]) -> Command {
     let (program, arguments) = wrapper.split_first().expect("a wrapper command");
     let mut command = Command::new(program);
-    command.args(arguments).arg(built_binary());
+    // Under emulation the binary is the emulator's to run, inside the
+    // wrapper.
+    command
+        .args(arguments)
+        .args(emulator().split_whitespace())
+        .arg(built_binary());
     for (key, _) in std::env::vars_os() {
         if key.to_string_lossy().starts_with("DAEMONEYE_IPC_") {
             command.env_remove(key);
@@ -387,6 +392,13 @@ impl ServerProcess {
         let log = log_dir.path().join("server.log");
         let child = command
             .args(["serve", "--endpoint", endpoint])
+            // Windows has no SIGUSR1: the counters are logged every 100 ms
+            // instead (see `counters`).
+            .args(if cfg!(windows) {
+                &["--counters-interval-ms", "100"][..]
+            } else {
+                &[]
+            })
             .args(args)
             .envs(env.iter().copied())
             .env("RUST_LOG", "daemoneye_ipc=debug")
@@ -423,41 +435,45 @@ impl ServerProcess {
     /// clock: the lines' timestamps (RFC 3339, UTC, microseconds) as time
     /// since the first such line. Exact however late a test looks.
     pub fn logged_at(&self, needle: &str) -> Vec<Duration> {
-        let since_midnight = |line: &str| -> Duration {
-            let time = line
-                .split_whitespace()
-                .next()
-                .and_then(|stamp| stamp.split_once('T'))
-                .map(|(_, time)| time.trim_end_matches('Z'))
-                .unwrap_or_else(|| panic!("no timestamp on {line:?}"));
-            let [hours, minutes, seconds]: [&str; 3] = time
-                .split(':')
-                .collect::<Vec<_>>()
-                .try_into()
-                .unwrap_or_else(|_| panic!("not a time: {time:?}"));
-            let whole = hours.parse::<u64>().unwrap() * 3600 + minutes.parse::<u64>().unwrap() * 60;
-            Duration::from_secs(whole) + Duration::from_secs_f64(seconds.parse().unwrap())
-        };
-        let times: Vec<Duration> = self
-            .logs()
-            .lines()
-            .filter(|line| line.contains(needle))
-            .map(since_midnight)
-            .collect();
+        let times = self.logged_times(needle);
         let Some(&first) = times.first() else {
             return Vec::new();
         };
-        const DAY: Duration = Duration::from_secs(24 * 3600);
-        times
-            .into_iter()
-            // Past midnight, the clock starts again from zero.
-            .map(|time| {
-                if time < first {
-                    time + DAY - first
-                } else {
-                    time - first
-                }
-            })
+        times.into_iter().map(|time| since(first, time)).collect()
+    }
+
+    /// By the server's clock, from the first line containing `from` to the
+    /// first line after it containing `to`.
+    pub fn logged_between(&self, from: &str, to: &str) -> Duration {
+        let logs = self.logs();
+        let mut lines = logs.lines();
+        let start = lines
+            .by_ref()
+            .find(|line| line.contains(from))
+            .unwrap_or_else(|| panic!("no line with {from:?}: {logs}"));
+        let end = lines
+            .find(|line| line.contains(to))
+            .unwrap_or_else(|| panic!("no line with {to:?} after {from:?}: {logs}"));
+        since(time_of_line(start), time_of_line(end))
+    }
+
+    /// By the wall clock this process and the server share: from `instant`
+    /// (a time of day, see [`time_of_day`]) to the first line containing
+    /// `needle`.
+    pub fn logged_after(&self, instant: Duration, needle: &str) -> Duration {
+        let logged = *self
+            .logged_times(needle)
+            .first()
+            .unwrap_or_else(|| panic!("no line with {needle:?}: {}", self.logs()));
+        since(instant, logged)
+    }
+
+    /// The times of day (UTC) of the lines containing `needle`.
+    fn logged_times(&self, needle: &str) -> Vec<Duration> {
+        self.logs()
+            .lines()
+            .filter(|line| line.contains(needle))
+            .map(time_of_line)
             .collect()
     }
 
@@ -500,15 +516,13 @@ impl ServerProcess {
         self.wait_for_exit()
     }
 
-    /// The server's counters, as `serve` logs them on SIGUSR1: every
-    /// numeric field of that log line, by name (`accepted`, `bytes_in`, ...).
-    #[cfg(unix)]
+    /// The server's counters, as `serve` logs them on SIGUSR1 (on Windows
+    /// every 100 ms): every numeric field of the next such log line, by name
+    /// (`accepted`, `bytes_in`, ...).
     pub fn counters(&mut self) -> std::collections::HashMap<String, u64> {
-        use rustix::process::{Pid, Signal, kill_process};
         const MARKER: &str = ": counters ";
         let before = self.logs().matches(MARKER).count();
-        let pid = Pid::from_raw(self.child.id() as i32).unwrap();
-        kill_process(pid, Signal::USR1).unwrap();
+        self.ask_for_counters();
         self.wait_for_log(MARKER, before + 1);
         let logs = self.logs();
         let line = logs
@@ -525,14 +539,12 @@ impl ServerProcess {
     }
 
     /// The counters line of a server started with `--log-format json`, on
-    /// SIGUSR1: one JSON object with every counter a field.
-    #[cfg(unix)]
+    /// SIGUSR1 (on Windows the next periodic one): one JSON object with
+    /// every counter a field.
     pub fn counters_json(&mut self) -> serde_json::Value {
-        use rustix::process::{Pid, Signal, kill_process};
         const MARKER: &str = r#""message":"counters""#;
         let before = self.logs().matches(MARKER).count();
-        let pid = Pid::from_raw(self.child.id() as i32).unwrap();
-        kill_process(pid, Signal::USR1).unwrap();
+        self.ask_for_counters();
         self.wait_for_log(MARKER, before + 1);
         let logs = self.logs();
         let line = logs
@@ -541,6 +553,34 @@ impl ServerProcess {
             .nth(before)
             .expect("the counters line just waited for");
         serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"))
+    }
+
+    /// The counters `serve` logged as it shut down (after [`terminate`]).
+    ///
+    /// [`terminate`]: Self::terminate
+    pub fn counters_at_exit(&self) -> std::collections::HashMap<String, u64> {
+        let logs = self.logs();
+        let line = logs
+            .lines()
+            .rfind(|line| line.contains(": counters ") && line.contains("at shutdown"))
+            .unwrap_or_else(|| panic!("no counters at shutdown: {logs}"));
+        line.split_whitespace()
+            .filter_map(|field| {
+                let (name, value) = field.split_once('=')?;
+                Some((name.to_owned(), value.parse().ok()?))
+            })
+            .collect()
+    }
+
+    /// Unix: SIGUSR1, which makes `serve` log its counters. Windows: nothing
+    /// (it logs them every 100 ms).
+    fn ask_for_counters(&self) {
+        #[cfg(unix)]
+        {
+            use rustix::process::{Pid, Signal, kill_process};
+            let pid = Pid::from_raw(self.child.id() as i32).unwrap();
+            kill_process(pid, Signal::USR1).unwrap();
+        }
     }
 
     /// SIGKILL: no cleanup runs.
@@ -750,6 +790,41 @@ pub fn rss_bytes(pid: u32) -> u64 {
         .and_then(|n| n.parse().ok())
         .expect("VmRSS in /proc/PID/status");
     kib * 1024
+}
+
+/// The time of day (UTC) of a log line, from its timestamp (RFC 3339).
+fn time_of_line(line: &str) -> Duration {
+    let time = line
+        .split_whitespace()
+        .next()
+        .and_then(|stamp| stamp.split_once('T'))
+        .map(|(_, time)| time.trim_end_matches('Z'))
+        .unwrap_or_else(|| panic!("no timestamp on {line:?}"));
+    let [hours, minutes, seconds]: [&str; 3] = time
+        .split(':')
+        .collect::<Vec<_>>()
+        .try_into()
+        .unwrap_or_else(|_| panic!("not a time: {time:?}"));
+    let whole = hours.parse::<u64>().unwrap() * 3600 + minutes.parse::<u64>().unwrap() * 60;
+    Duration::from_secs(whole) + Duration::from_secs_f64(seconds.parse().unwrap())
+}
+
+/// The time of day (UTC) now, by the wall clock the server's log uses.
+pub fn time_of_day() -> Duration {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    Duration::from_nanos((now.as_nanos() % (24 * 3600 * 1_000_000_000)) as u64)
+}
+
+/// From one time of day to a later one (across midnight if need be).
+fn since(from: Duration, to: Duration) -> Duration {
+    const DAY: Duration = Duration::from_secs(24 * 3600);
+    if to < from {
+        to + DAY - from
+    } else {
+        to - from
+    }
 }
 
 /// Async `wait_until`: polls `probe` until it returns `Some`, or panics

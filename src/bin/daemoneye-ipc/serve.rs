@@ -30,6 +30,11 @@ pub struct ServeCmd {
     /// them.
     #[arg(long, value_name = "N", default_value_t = 1 << 30)]
     max_hash_bytes: u64,
+    /// Also log the counters line every N milliseconds (0: only on SIGUSR1
+    /// and at shutdown). Where there is no SIGUSR1 (Windows), this is how to
+    /// watch them.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    counters_interval_ms: u64,
     /// Log lines as text, or as one JSON object per line (for journald and
     /// log shippers). Either way on stderr, filtered by RUST_LOG.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
@@ -59,13 +64,24 @@ impl ServeCmd {
             .bind(move |task| collector.clone().handle(task))
             .await
             .map_err(Failure::runtime)?;
-        // Only a stop ends the loop; on Windows nothing else arrives.
-        #[cfg_attr(windows, allow(clippy::never_loop))]
+        let mut every = (self.counters_interval_ms > 0).then(|| {
+            let period = Duration::from_millis(self.counters_interval_ms);
+            tokio::time::interval_at(tokio::time::Instant::now() + period, period)
+        });
         let signal = loop {
-            match stop.recv().await.map_err(Failure::runtime)? {
-                Signal::Stop(signal) => break signal,
-                #[cfg(unix)]
-                Signal::Counters => log_counters(&server.stats(), "requested (SIGUSR1)"),
+            let tick = async {
+                match every.as_mut() {
+                    Some(every) => every.tick().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                signal = stop.recv() => match signal.map_err(Failure::runtime)? {
+                    Signal::Stop(signal) => break signal,
+                    #[cfg(unix)]
+                    Signal::Counters => log_counters(&server.stats(), "requested (SIGUSR1)"),
+                },
+                _ = tick => log_counters(&server.stats(), "periodic"),
             }
         };
         tracing::info!(signal, "stop requested");
