@@ -1,5 +1,7 @@
 //! Harnesses for the fuzz targets in `fuzz/` (cargo-fuzz, libFuzzer),
-//! compiled only with `--cfg fuzzing`, which cargo-fuzz sets. Each takes
+//! compiled with `--cfg fuzzing`, which cargo-fuzz sets, and in the unit
+//! tests, which replay every input kept in `fuzz/regressions/` and a few
+//! thousand seeded random ones on stable Rust. Each takes
 //! arbitrary bytes, drives one part of the crate with them, and checks that
 //! part's invariants, not only that nothing panics: a broken invariant is a
 //! panic, which the fuzzer reports with the input that caused it.
@@ -22,7 +24,7 @@ use crate::policy::budget::Budget;
 use crate::policy::client::{ClientConnection, Outcome, Refusal};
 use crate::policy::inbound::Inbound;
 use crate::policy::server::{ConnectionLimits, Reply, ServerConnection, ServerEvent};
-use crate::proto::{DetectionResult, DetectionTask, ProcessRecord};
+use crate::proto::{DetectionResult, DetectionTask};
 use crate::telemetry::Counters;
 
 /// Reads the fuzzer's bytes as a little program; past the end, zeros.
@@ -269,15 +271,20 @@ pub fn config_loader(data: &[u8]) {
 }
 
 /// The server's per-connection policy core, fed an arbitrary sequence of
-/// events (task frames, raw bytes, handlers finishing or panicking, partial
-/// writes, time passing, the peer leaving, a graceful stop):
+/// events (task frames, raw bytes, handlers finishing or panicking with
+/// results from nothing to over `max_frame_bytes`, partial writes, time
+/// passing, the peer leaving, a graceful stop), with the budget carried as
+/// a driver carries it:
 ///
 /// * no more than `max_in_flight` tasks are in flight, and none is started
 ///   twice;
 /// * the output is always whole result frames, each answering a task that
 ///   was started, at most once;
 /// * once closed, it asks for nothing more;
-/// * the budget is never exceeded, and all it held is given back.
+/// * the budget is never exceeded, and all it held is given back;
+/// * in the end, once time has run past every deadline and everything is
+///   written, every task started was answered, or the connection closed
+///   with an error.
 pub fn server_connection(data: &[u8]) {
     let mut input = Input { data };
     let max_in_flight = usize::from(input.byte() % 8) + 1;
@@ -291,21 +298,31 @@ pub fn server_connection(data: &[u8]) {
         task_timeout: Duration::from_millis(u64::from(input.byte()) + 1),
         max_in_flight,
     };
-    // The budget as a driver carries it: the least a server accepts, or
-    // more.
+    // The budget: the least a server accepts, or more.
     let limit = limits.largest_reservation() + usize::from(input.u16());
-    let mut budget = Budget::new(limit);
-    let counters = Arc::new(Counters::default());
-    let mut now = Instant::now();
-    let mut connection = ServerConnection::new(limits, counters, Arc::default(), now);
-    let mut running: Vec<u64> = Vec::new();
-    let mut started: HashMap<u64, String> = HashMap::new();
-    let mut answered: HashSet<u64> = HashSet::new();
-    let mut written = BytesMut::new();
-    let mut results = FrameDecoder::new(limits.settings);
-    let mut closed = false;
+    let now = Instant::now();
+    let mut served = Served {
+        connection: ServerConnection::new(
+            limits,
+            Arc::new(Counters::default()),
+            Arc::default(),
+            now,
+        ),
+        budget: Budget::new(limit),
+        limit,
+        max_in_flight,
+        now,
+        running: Vec::new(),
+        started: HashMap::new(),
+        answered: HashSet::new(),
+        written: BytesMut::new(),
+        results: FrameDecoder::new(limits.settings),
+        closed: None,
+    };
 
     while !input.is_empty() {
+        let connection = &mut served.connection;
+        let now = served.now;
         match input.byte() % 7 {
             0 => {
                 let task = DetectionTask {
@@ -321,95 +338,175 @@ pub fn server_connection(data: &[u8]) {
                 }
             }
             1 => {
-                let length = usize::from(input.byte());
+                let length = usize::from(input.byte()).min(connection.read_window());
                 let bytes = input.take(length);
                 connection.read_buffer().extend_from_slice(bytes);
                 connection.on_read(bytes.len(), now);
             }
-            2 if !running.is_empty() => {
-                let ticket = running.remove(usize::from(input.byte()) % running.len());
+            2 if !served.running.is_empty() => {
+                let index = usize::from(input.byte()) % served.running.len();
+                let ticket = served.running.remove(index);
                 let outcome = match input.byte() % 4 {
                     0 => Err("panicked: fuzz".to_owned()),
                     1 => Ok(Reply::Shared(Arc::new(DetectionResult {
                         success: true,
                         ..Default::default()
                     }))),
-                    size => Ok(Reply::Owned(DetectionResult {
-                        task_id: "handler's own id".into(),
-                        processes: vec![ProcessRecord::default(); usize::from(size) * 100],
-                        ..Default::default()
-                    })),
+                    // Up to twice the frame limit: the oversize answer too.
+                    _ => Ok(Reply::Owned(crate::sample::detection_result(
+                        "handler's own id",
+                        usize::from(input.u16() % 8192),
+                    ))),
                 };
                 connection.task_finished(ticket, outcome, now);
             }
             3 => {
-                let pending = connection.pending_output();
-                let count = usize::from(input.u16()).min(pending.len());
-                written.extend_from_slice(&pending[..count]);
-                connection.on_written(count, now);
+                let count = usize::from(input.u16());
+                served.write(count);
             }
             4 => {
-                now += Duration::from_millis(u64::from(input.byte()));
-                connection.handle_timeout(now);
+                served.now += Duration::from_millis(u64::from(input.byte()));
+                let now = served.now;
+                served.connection.handle_timeout(now);
             }
             5 => connection.on_eof(now),
             _ => connection.stop_reading(now),
         }
+        served.settle();
+    }
+
+    // The end: time runs past every deadline, handlers that never finish
+    // are stopped and answered, everything is written, frames waiting for
+    // room are taken, until the connection closes (at the latest when it
+    // has sat idle for read_timeout).
+    let longest = limits
+        .read_timeout
+        .max(limits.write_timeout)
+        .max(limits.task_timeout);
+    let mut rounds = 0;
+    while served.closed.is_none() {
+        rounds += 1;
+        assert!(rounds < 100_000, "the connection never settles");
+        served.write(usize::MAX);
+        served.now += longest + Duration::from_millis(1);
+        let now = served.now;
+        served.connection.handle_timeout(now);
+        served.settle();
+    }
+    // Closing for idleness is an error, but one that may only come with
+    // nothing in flight: it excuses nothing.
+    let failed = matches!(
+        served.closed,
+        Some(Err(ref error)) if !matches!(error, IpcError::ReadTimeout { received: 0, .. })
+    );
+    if !failed {
+        let unanswered: Vec<&String> = served
+            .started
+            .iter()
+            .filter(|(ticket, _)| !served.answered.contains(ticket))
+            .map(|(_, id)| id)
+            .collect();
+        assert!(
+            unanswered.is_empty(),
+            "tasks never answered, on a connection not closed with an error: {unanswered:?}"
+        );
+    }
+    served.budget.release(served.connection.release_all());
+    assert_eq!(served.budget.held(), 0, "every byte held is given back");
+}
+
+/// A server connection as the fuzzer drives it, and what it has seen.
+struct Served {
+    connection: ServerConnection,
+    budget: Budget,
+    limit: usize,
+    max_in_flight: usize,
+    now: Instant,
+    running: Vec<u64>,
+    started: HashMap<u64, String>,
+    answered: HashSet<u64>,
+    written: BytesMut,
+    results: FrameDecoder,
+    /// How the connection ended, once it has.
+    closed: Option<Result<(), IpcError>>,
+}
+
+impl Served {
+    /// Writes up to `count` bytes of the output.
+    fn write(&mut self, count: usize) {
+        let pending = self.connection.pending_output();
+        let count = count.min(pending.len());
+        self.written.extend_from_slice(&pending[..count]);
+        self.connection.on_written(count, self.now);
+        self.settle();
+    }
+
+    /// Carries the budget, takes the events, and checks the invariants.
+    fn settle(&mut self) {
+        let now = self.now;
         loop {
-            budget.release(connection.take_released());
-            if let Some(bytes) = connection.budget_request()
-                && budget.request(1, bytes)
+            self.budget.release(self.connection.take_released());
+            if let Some(bytes) = self.connection.budget_request()
+                && self.budget.request(1, bytes)
             {
-                connection.on_granted(bytes, now);
+                self.connection.on_granted(bytes, now);
                 continue;
             }
-            match budget.poll_grant() {
-                Some((_, bytes)) => connection.on_granted(bytes, now),
+            match self.budget.poll_grant() {
+                Some((_, bytes)) => self.connection.on_granted(bytes, now),
                 None => break,
             }
         }
-        assert!(budget.held() <= limit, "over the budget");
-        while let Some(event) = connection.poll_event() {
-            assert!(!closed, "an event after the connection closed");
+        assert!(self.budget.held() <= self.limit, "over the budget");
+        while let Some(event) = self.connection.poll_event() {
+            assert!(
+                self.closed.is_none(),
+                "an event after the connection closed"
+            );
             match event {
                 ServerEvent::StartTask { ticket, task } => {
                     assert!(
-                        started.insert(ticket, task.task_id).is_none(),
+                        self.started.insert(ticket, task.task_id).is_none(),
                         "started twice"
                     );
-                    running.push(ticket);
+                    self.running.push(ticket);
                 }
-                ServerEvent::CancelTask { ticket } => running.retain(|&running| running != ticket),
+                ServerEvent::CancelTask { ticket } => {
+                    self.running.retain(|&running| running != ticket)
+                }
             }
         }
         assert!(
-            connection.in_flight() <= max_in_flight,
+            self.connection.in_flight() <= self.max_in_flight,
             "over the in-flight limit"
         );
         // Whatever was written is whole result frames, each for a task
         // started, none twice.
-        while let Some(body) = results
-            .decode(&mut written)
+        while let Some(body) = self
+            .results
+            .decode(&mut self.written)
             .expect("the server writes valid frames")
         {
             let result: DetectionResult = decode_message(&body).expect("a DetectionResult");
-            let ticket = started
+            let ticket = self
+                .started
                 .iter()
-                .find(|(ticket, id)| **id == result.task_id && !answered.contains(ticket))
+                .find(|(ticket, id)| **id == result.task_id && !self.answered.contains(ticket))
                 .map(|(ticket, _)| *ticket)
                 .unwrap_or_else(|| panic!("an answer to no task in flight: {:?}", result.task_id));
-            answered.insert(ticket);
+            self.answered.insert(ticket);
         }
-        if connection.poll_close().is_some() {
-            assert!(!closed, "closed twice");
-            closed = true;
+        if let Some(outcome) = self.connection.poll_close() {
+            assert!(self.closed.is_none(), "closed twice");
+            self.closed = Some(outcome);
         }
-        if closed {
-            assert!(!connection.wants_read() && connection.poll_timeout().is_none());
+        if self.closed.is_some() {
+            assert!(
+                !self.connection.wants_read() && self.connection.poll_timeout().is_none(),
+                "a closed connection asks for nothing"
+            );
         }
     }
-    budget.release(connection.release_all());
-    assert_eq!(budget.held(), 0, "every byte held is given back");
 }
 
 /// The client's per-connection policy core, fed arbitrary tasks, tasks
@@ -419,7 +516,10 @@ pub fn server_connection(data: &[u8]) {
 /// * each caller gets at most one outcome, and an answer only ever carries
 ///   its own task's id;
 /// * no more than `max_in_flight` tasks are outstanding;
-/// * once closed, every caller still waiting has been told.
+/// * once closed, every caller still waiting has been told;
+/// * in the end, once time has run past every deadline and the server has
+///   gone, every caller was answered or told why not (none is told after
+///   giving up).
 pub fn client_connection(data: &[u8]) {
     let mut input = Input { data };
     let max_in_flight = usize::from(input.byte() % 8) + 1;
@@ -436,8 +536,22 @@ pub fn client_connection(data: &[u8]) {
     let mut waiting: HashMap<u32, (String, u64)> = HashMap::new();
     let mut told: HashSet<u32> = HashSet::new();
 
-    while !input.is_empty() {
-        match input.byte() % 7 {
+    let mut ended = false;
+    loop {
+        let op = if !input.is_empty() {
+            input.byte() % 7
+        } else if !ended {
+            // The end: past every deadline, then the server goes.
+            ended = true;
+            now += timeout + Duration::from_millis(1);
+            connection.handle_timeout(now);
+            connection.on_eof(now);
+            7
+        } else {
+            break;
+        };
+        match op {
+            7 => {}
             0 => {
                 let task = DetectionTask {
                     task_id: format!("t{}", input.byte() % 16),
@@ -485,7 +599,7 @@ pub fn client_connection(data: &[u8]) {
                 now += Duration::from_millis(u64::from(input.byte()));
                 connection.handle_timeout(now);
             }
-            _ if input.byte() % 2 == 0 => connection.on_eof(now),
+            _ if input.byte().is_multiple_of(2) => connection.on_eof(now),
             _ => connection.retire(),
         }
         assert!(
@@ -512,6 +626,59 @@ pub fn client_connection(data: &[u8]) {
         }
         if connection.closed_reason().is_some() {
             assert!(waiting.is_empty(), "closed with callers never told");
+        }
+    }
+    assert!(
+        waiting.is_empty(),
+        "callers never answered nor told, after the server went"
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::simulation::Rng;
+
+    /// A harness: one fuzz input in, a panic if an oracle fails.
+    type Harness = fn(&[u8]);
+
+    /// Every harness, by the name of its target in `fuzz/`.
+    const TARGETS: [(&str, Harness); 5] = [
+        ("frame_stream", frame_stream),
+        ("typed_messages", typed_messages),
+        ("config_loader", config_loader),
+        ("server_policy", server_connection),
+        ("client_policy", client_connection),
+    ];
+
+    #[test]
+    fn every_kept_regression_input_passes_its_harness() {
+        let kept = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/regressions");
+        let mut replayed = 0;
+        for (target, harness) in TARGETS {
+            let Ok(inputs) = std::fs::read_dir(kept.join(target)) else {
+                continue;
+            };
+            for input in inputs {
+                let path = input.unwrap().path();
+                harness(&std::fs::read(&path).unwrap());
+                replayed += 1;
+            }
+        }
+        assert!(replayed >= 2, "the kept inputs were found ({replayed})");
+    }
+
+    #[test]
+    fn seeded_random_inputs_pass_every_harness() {
+        let mut rng = Rng(0x5eed);
+        for (_, harness) in TARGETS {
+            for _ in 0..2000 {
+                let length = rng.below(600) as usize;
+                let input: Vec<u8> = (0..length).map(|_| rng.next() as u8).collect();
+                harness(&input);
+            }
         }
     }
 }

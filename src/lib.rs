@@ -130,7 +130,7 @@ mod drive;
 pub mod endpoint;
 pub mod error;
 pub mod frame;
-#[cfg(fuzzing)]
+#[cfg(any(fuzzing, test))]
 #[doc(hidden)]
 pub mod fuzzing;
 #[cfg(any(target_os = "linux", target_os = "android"))]

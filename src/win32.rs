@@ -84,6 +84,22 @@ fn wide(text: &str) -> Vec<u16> {
 /// Pipe buffer size requested for each direction (Tokio's default too).
 pub(crate) const PIPE_BUFFER_BYTES: u32 = 64 * 1024;
 
+/// How every pipe instance is created: a byte stream, blocking mode for
+/// synchronous calls (every call here is overlapped anyway), and remote
+/// clients refused by the pipe itself.
+const PIPE_MODE: u32 = PIPE_TYPE_BYTE | PIPE_READMODE_BYTE | PIPE_WAIT | PIPE_REJECT_REMOTE_CLIENTS;
+
+/// How a pipe instance is opened: duplex, overlapped, and for the first
+/// instance of a name, refused if the name exists already.
+fn open_mode(first: bool) -> u32 {
+    let mode = PIPE_ACCESS_DUPLEX | FILE_FLAG_OVERLAPPED;
+    if first {
+        mode | FILE_FLAG_FIRST_PIPE_INSTANCE
+    } else {
+        mode
+    }
+}
+
 /// Creates one instance of the named pipe `name`, with the security
 /// descriptor `sddl`: duplex, byte mode, opened for overlapped I/O, 64 KiB
 /// buffers, remote clients refused (`PIPE_REJECT_REMOTE_CLIENTS`). With
@@ -96,10 +112,6 @@ pub(crate) fn create_pipe_instance(name: &str, first: bool, sddl: &str) -> io::R
         lpSecurityDescriptor: descriptor.0,
         bInheritHandle: 0,
     };
-    let mut open_mode = PIPE_ACCESS_DUPLEX | FILE_FLAG_OVERLAPPED;
-    if first {
-        open_mode |= FILE_FLAG_FIRST_PIPE_INSTANCE;
-    }
     let name = wide(name);
     // SAFETY: `name` is NUL-terminated UTF-16 and `attributes` a properly
     // sized SECURITY_ATTRIBUTES whose descriptor is valid; all outlive the
@@ -107,8 +119,8 @@ pub(crate) fn create_pipe_instance(name: &str, first: bool, sddl: &str) -> io::R
     let handle = unsafe {
         CreateNamedPipeW(
             name.as_ptr(),
-            open_mode,
-            PIPE_TYPE_BYTE | PIPE_READMODE_BYTE | PIPE_WAIT | PIPE_REJECT_REMOTE_CLIENTS,
+            open_mode(first),
+            PIPE_MODE,
             PIPE_UNLIMITED_INSTANCES,
             PIPE_BUFFER_BYTES,
             PIPE_BUFFER_BYTES,
@@ -134,6 +146,53 @@ pub(crate) fn tokio_pipe_server(
     // (create_pipe_instance), whose ownership passes to Tokio here: nothing
     // else closes it. Must be called within a runtime, as the callers are.
     unsafe { tokio::net::windows::named_pipe::NamedPipeServer::from_raw_handle(raw) }
+}
+
+/// The pipe instances the `tokio` and `legacy` backends serve on (the
+/// `interprocess` backend's options are tested in its own module).
+#[cfg(test)]
+mod instance_tests {
+    use std::os::windows::io::AsRawHandle;
+
+    use windows_sys::Win32::System::Pipes::{GetNamedPipeInfo, PIPE_SERVER_END};
+
+    use super::*;
+
+    #[test]
+    fn pipe_instances_refuse_remote_clients_and_get_large_buffers() {
+        assert_ne!(
+            PIPE_MODE & PIPE_REJECT_REMOTE_CLIENTS,
+            0,
+            "PIPE_REJECT_REMOTE_CLIENTS must be set"
+        );
+        let name = format!(r"\\.\pipe\daemoneye-test-instance-{}", std::process::id());
+        let instance = create_pipe_instance(&name, true, "D:P(A;;GA;;;OW)").unwrap();
+        let (mut flags, mut out_size, mut in_size) = (0u32, 0u32, 0u32);
+        // SAFETY: the handle is open (owned above); the out-pointers are
+        // valid for the call, and the one left null is optional.
+        let ok = unsafe {
+            GetNamedPipeInfo(
+                instance.as_raw_handle(),
+                &mut flags,
+                &mut out_size,
+                &mut in_size,
+                std::ptr::null_mut(),
+            )
+        };
+        assert_ne!(ok, 0, "{}", io::Error::last_os_error());
+        assert_ne!(flags & PIPE_SERVER_END, 0, "a server end");
+        assert_eq!((out_size, in_size), (PIPE_BUFFER_BYTES, PIPE_BUFFER_BYTES));
+        // A first instance refuses a live name. Wine 8 ignores the flag (the
+        // refusal is then the probe's, shown by
+        // `a_second_server_on_a_live_pipe_is_refused`), so there only the
+        // request is checked; on Windows, the refusal too.
+        assert_ne!(open_mode(true) & FILE_FLAG_FIRST_PIPE_INSTANCE, 0);
+        assert_eq!(open_mode(false) & FILE_FLAG_FIRST_PIPE_INSTANCE, 0);
+        if !cfg!(wine) {
+            let second = create_pipe_instance(&name, true, "D:P(A;;GA;;;OW)");
+            assert!(second.is_err(), "a second first instance was created");
+        }
+    }
 }
 
 // ---- who owns a pipe --------------------------------------------------------

@@ -577,6 +577,9 @@ impl ServerConnection {
     /// The first `count` bytes of [`pending_output`](Self::pending_output)
     /// were written.
     pub(crate) fn on_written(&mut self, count: usize, now: Instant) {
+        if self.closed {
+            return;
+        }
         add(&self.counters.bytes_out, count as u64);
         self.account.release(count);
         let frames = self.outbound.on_written(count, now);
@@ -686,6 +689,8 @@ impl ServerConnection {
             self.account.release(held);
             self.account.credit = 0;
             self.account.next_frame = None;
+            // Nothing more goes out on a connection that failed.
+            self.outbound.discard();
         }
     }
 
