@@ -108,6 +108,13 @@ for backend in ipc-interprocess ipc-tokio ipc-legacy; do
     cargo nextest run --locked --no-default-features --features "$backend,cli" --profile ci -E "$matrix_filter"
 done
 
+for backend in ipc-interprocess ipc-tokio ipc-legacy; do
+    step "feature matrix: $backend alone as a library (no CLI): clippy on every target, warnings denied"
+    # What a library user with default-features = false builds: code used
+    # only by another backend's driver shows up here as dead code.
+    cargo clippy --locked --no-default-features --features "$backend" --all-targets -- -D warnings
+done
+
 step "feature matrix: a single-backend library pulls in no other backend's socket code"
 deps_of() { cargo tree --locked --no-default-features --features "$1" -e normal --prefix none; }
 if grep -q '^interprocess ' <<<"$(deps_of ipc-tokio)"; then

@@ -356,6 +356,60 @@ fn a_collector_that_cannot_see_its_peers_uid_refuses_it_and_says_why(transport: 
     );
 }
 
+each_backend!(an_agent_as_root_of_a_container_is_judged_by_its_host_uid);
+/// #18: root in a container whose root is host uid 100000 (the usual
+/// rootless-container mapping) is uid 100000 to a host collector: refused
+/// as such, and served once that uid is allowed. Its own view of the
+/// collector's uid is the overflow uid (host root is not mapped there), so
+/// the agent names that one.
+fn an_agent_as_root_of_a_container_is_judged_by_its_host_uid(transport: TransportKind) {
+    use std::os::unix::process::CommandExt;
+    require_root();
+    const CONTAINER_ROOT: u32 = 100_000;
+    let binary = BinaryForOthers::new();
+    for allow in [false, true] {
+        let endpoint = Endpoint::reachable_by_others();
+        let dir = endpoint.path().parent().unwrap();
+        fs::create_dir(dir).unwrap();
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o711)).unwrap();
+        let container_root = CONTAINER_ROOT.to_string();
+        let args: &[&str] = if allow {
+            &["--allow-uid", &container_root]
+        } else {
+            &[]
+        };
+        let mut server = ServerProcess::start(&endpoint.name, transport, args);
+        fs::set_permissions(endpoint.path(), fs::Permissions::from_mode(0o666)).unwrap();
+        let overflow = NOBODY.to_string();
+        let mut send = send_args(&endpoint.name, transport, "from-container-root");
+        send.extend(["--allow-uid", &overflow]);
+        let output = binary
+            .command_in(&["unshare", "--map-root-user", "--"])
+            .args(send)
+            .uid(CONTAINER_ROOT)
+            .gid(CONTAINER_ROOT)
+            .output()
+            .unwrap();
+        if allow {
+            assert!(output.status.success(), "allowed: {}", stderr(&output));
+            assert!(String::from_utf8_lossy(&output.stdout).contains("from-container-root"));
+        } else {
+            assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+            let message = stderr(&output);
+            assert!(
+                message.contains("this agent runs as uid 100000, which is not allowed"),
+                "the agent is told which uid it is here: {message}"
+            );
+            server.wait_for_log("peer rejected", 1);
+            let logs = server.logs();
+            assert!(
+                logs.contains("peer rejected: it runs as uid 100000, which is not allowed"),
+                "{logs}"
+            );
+        }
+    }
+}
+
 each_backend!(an_agent_that_cannot_see_its_servers_uid_refuses_it_and_says_why);
 /// #18, the other way: an agent in a user namespace that maps no uid
 /// cannot tell who runs its server, refuses it before sending anything,

@@ -118,9 +118,18 @@ fn a_transport_not_built_in_exits_2_naming_the_feature() {
         TransportKind::ALL.len()
     );
     for kind in missing {
-        for command in ["serve", "send", "ping", "config"] {
+        // Each command otherwise complete, so that only the transport is wrong.
+        let commands: [&[&str]; 4] = [
+            &["serve"],
+            &["send", "--task-id", "t"],
+            &["ping"],
+            &["config"],
+        ];
+        for words in commands {
+            let command = words[0];
             let output = daemoneye_ipc()
-                .args([command, "--transport", kind.name()])
+                .args(words)
+                .args(["--transport", kind.name()])
                 .output()
                 .unwrap();
             let message = stderr(&output);

@@ -239,6 +239,42 @@ async fn a_result_too_large_for_a_frame_is_answered_with_its_size_and_the_limit(
     );
 }
 
+each_backend!(async a_budget_smaller_than_one_task_and_its_result_is_refused_at_bind);
+/// `max_bytes_in_flight` below one task and one result of the largest size
+/// would leave every connection waiting forever: `bind` refuses it, names
+/// the least it accepts, and binds nothing. That least is accepted.
+async fn a_budget_smaller_than_one_task_and_its_result_is_refused_at_bind(
+    transport: TransportKind,
+) {
+    let endpoint = Endpoint::fresh();
+    let limited = IpcConfig {
+        max_frame_bytes: 4096,
+        ..config(&endpoint, transport)
+    };
+    // A task frame and a result frame: 2 x (4096 + 8-byte header).
+    const LEAST: usize = 2 * (4096 + 8);
+    let refused = IpcServer::builder(limited.clone())
+        .max_bytes_in_flight(LEAST - 1)
+        .bind(|task: DetectionTask| async move { ok(&task) })
+        .await
+        .expect_err("a budget under one task and its result is refused");
+    let message = refused.to_string();
+    assert!(
+        message.contains("max_bytes_in_flight") && message.contains(&format!("at least {LEAST}")),
+        "{message}"
+    );
+    #[cfg(unix)]
+    assert!(!endpoint.path().exists(), "nothing bound");
+    let server = IpcServer::builder(limited.clone())
+        .max_bytes_in_flight(LEAST)
+        .bind(|task: DetectionTask| async move { ok(&task) })
+        .await
+        .unwrap();
+    let client = IpcClient::new(limited).unwrap();
+    assert!(client.send(task("fits")).await.unwrap().success);
+    server.shutdown(PATIENCE).await;
+}
+
 each_backend!(async a_shared_result_goes_out_with_each_tasks_own_id);
 async fn a_shared_result_goes_out_with_each_tasks_own_id(transport: TransportKind) {
     let endpoint = Endpoint::fresh();

@@ -173,6 +173,8 @@ impl Acceptor {
     }
 
     /// When the oldest waiter's time is up.
+    /// (The async driver's waiters each keep their own timer instead.)
+    #[cfg(any(feature = "ipc-legacy", test))]
     pub(crate) fn poll_timeout(&self) -> Option<Instant> {
         self.waiting.front().map(|waiter| waiter.deadline)
     }

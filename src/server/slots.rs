@@ -98,6 +98,8 @@ impl Slots {
     }
 
     /// When the oldest waiter's time is up.
+    /// (The async driver's waiters each keep their own timer instead.)
+    #[cfg(any(feature = "ipc-legacy", test))]
     pub(crate) fn poll_timeout(&self) -> Option<Instant> {
         self.lock().acceptor.poll_timeout()
     }

@@ -205,20 +205,7 @@ pub fn daemoneye_ipc() -> Command {
 /// `DAEMONEYE_IPC_*` environment.
 #[cfg(unix)]
 pub fn daemoneye_ipc_in(wrapper: &[&str]) -> Command {
-    let (program, arguments) = wrapper.split_first().expect("a wrapper command");
-    let mut command = Command::new(program);
-    // Under emulation the binary is the emulator's to run, inside the
-    // wrapper.
-    command
-        .args(arguments)
-        .args(emulator().split_whitespace())
-        .arg(built_binary());
-    for (key, _) in std::env::vars_os() {
-        if key.to_string_lossy().starts_with("DAEMONEYE_IPC_") {
-            command.env_remove(key);
-        }
-    }
-    command
+    command_in(wrapper, Path::new(built_binary()))
 }
 
 /// A copy of the `daemoneye-ipc` binary that another user can reach and
@@ -251,15 +238,27 @@ impl BinaryForOthers {
     pub fn command(&self) -> Command {
         command_for(&self.path)
     }
+
+    /// The copy run by `wrapper`, as [`daemoneye_ipc_in`] runs the original.
+    pub fn command_in(&self, wrapper: &[&str]) -> Command {
+        command_in(wrapper, &self.path)
+    }
 }
 
 fn command_for(binary: &Path) -> Command {
+    command_in(&[], binary)
+}
+
+/// `binary` run by `wrapper` (none, or a command and its arguments), with
+/// a clean `DAEMONEYE_IPC_*` and `RUST_LOG` environment. Under emulation
+/// the binary is the emulator's to run, inside the wrapper.
+fn command_in(wrapper: &[&str], binary: &Path) -> Command {
     let runner = emulator();
-    let mut runner = runner.split_whitespace();
-    let mut command = match runner.next() {
-        Some(emulator) => {
-            let mut command = Command::new(emulator);
-            command.args(runner).arg(binary);
+    let mut words = wrapper.iter().copied().chain(runner.split_whitespace());
+    let mut command = match words.next() {
+        Some(program) => {
+            let mut command = Command::new(program);
+            command.args(words).arg(binary);
             command
         }
         None => Command::new(binary),
