@@ -43,7 +43,13 @@ fi
 
 packages_for() {
     case $1 in
-        x86_64-pc-windows-gnu) echo gcc-mingw-w64-x86-64 wine64 ;;
+        # wine64-preloader reserves the addresses Wine needs at fixed places
+        # (the shared user data page at 0x7ffe0000 among them) before the C
+        # library loads. Without it, about one start in 7,500 finds its heap
+        # there and exits 1 at once, silently under WINEDEBUG=-all ("failed
+        # to map the shared user data"): with some 5,000 Wine processes a
+        # run, one run in two failed a random test that never ran.
+        x86_64-pc-windows-gnu) echo gcc-mingw-w64-x86-64 wine64 wine64-preloader ;;
         aarch64-unknown-linux-gnu) echo gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user ;;
         armv7-unknown-linux-gnueabihf) echo gcc-arm-linux-gnueabihf libc6-dev-armhf-cross qemu-user ;;
     esac
@@ -95,11 +101,26 @@ prepare_wine() {
         x86_64-w64-mingw32-gcc -shared -O2 -o target/bcryptprimitives.dll ci/bcryptprimitives.c -lbcrypt
         cp target/bcryptprimitives.dll "$shim"
     fi
-    /usr/lib/wine/wineserver -p
+    # A server left from an earlier use of the prefix is not persistent and
+    # would go when its last client does; ours must be the one that runs.
+    /usr/lib/wine/wineserver -k 2>/dev/null || true
+    /usr/lib/wine/wineserver -w
+    /usr/lib/wine/wineserver -p 2>>target/wineserver.log || {
+        echo "could not start a persistent wineserver (see target/wineserver.log)" >&2
+        return 1
+    }
     # Start Wine's own services now, detached from our output: started by
     # the first test executable instead, they would inherit its stdout and
     # nextest would wait forever for that pipe to close.
     "$wine" wineboot >/dev/null 2>&1 </dev/null
+    # A program run to its end shows Wine starts programs here, and that
+    # the session is up before the first test (programs wait for wineboot).
+    local answer
+    answer=$("$wine" cmd.exe /c echo wine-ready 2>&1 </dev/null | tr -d '\r') || true
+    if [[ $answer != wine-ready ]]; then
+        echo "Wine cannot start a program in $WINEPREFIX (cmd.exe said: '$answer')" >&2
+        return 1
+    fi
 }
 
 failures=()
@@ -131,6 +152,10 @@ for target in "${runnable[@]}"; do
     fi
     if [[ $target == *windows* ]]; then
         prepare_wine || { failures+=("$target: Wine could not be prepared"); continue; }
+        # ci/wine-run (the runner) notes here each program Wine failed to
+        # start, so that those are told apart from failing tests.
+        export DAEMONEYE_WINE_STARTUP_LOG="$PWD/target/wine-startup-failures.log"
+        : >"$DAEMONEYE_WINE_STARTUP_LOG"
     fi
     export DAEMONEYE_TEST_RUNNER
     DAEMONEYE_TEST_RUNNER=$(runner_for "$target")
@@ -145,6 +170,10 @@ for target in "${runnable[@]}"; do
     if [[ $target == *windows* ]]; then
         # Stop the persistent wineserver (and Wine's services) we started.
         /usr/lib/wine/wineserver -k 2>/dev/null || true
+        if [[ -s $DAEMONEYE_WINE_STARTUP_LOG ]]; then
+            failures+=("$target: Wine failed to start $(wc -l <"$DAEMONEYE_WINE_STARTUP_LOG") program(s): Wine start-up failures, not test failures (see the lines WINE START-UP FAILURE above, and $DAEMONEYE_WINE_STARTUP_LOG)")
+        fi
+        unset DAEMONEYE_WINE_STARTUP_LOG
     fi
 done
 
