@@ -23,9 +23,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     descriptors.file.push(result_views(&descriptors));
     let mut config = prost_build::Config::new();
     if std::env::var_os("CARGO_FEATURE_SERDE_MESSAGES").is_some() {
-        // The CLI prints results as JSON with the proto's field names.
-        config.type_attribute(".daemoneye.ipc", "#[derive(serde::Serialize)]");
+        // The CLI prints results as JSON with the proto's field names;
+        // DaemonEye's own crates read tasks back from JSON.
+        config.type_attribute(
+            ".daemoneye.ipc",
+            "#[derive(serde::Serialize, serde::Deserialize)]",
+        );
     }
+    // As DaemonEye has it: a task type this build does not know is a value
+    // code must expect. MonitoringDomain stays exhaustive, as DaemonEye's own
+    // code matches it without a wildcard.
+    config.enum_attribute(".daemoneye.ipc.TaskType", "#[non_exhaustive]");
     config.bytes([VIEW_PACKAGE_PATH]).compile_fds(descriptors)?;
     Ok(())
 }
@@ -34,7 +42,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 const VIEW_PACKAGE: &str = "daemoneye.ipc_view";
 const VIEW_PACKAGE_PATH: &str = ".daemoneye.ipc_view";
 /// The messages a result is made of, which get a view each.
-const RESULT_MESSAGES: [&str; 3] = ["DetectionResult", "ProcessRecord", "HashResult"];
+const RESULT_MESSAGES: [&str; 6] = [
+    "DetectionResult",
+    "ProcessRecord",
+    "HashResult",
+    "NetworkRecord",
+    "FilesystemRecord",
+    "PerformanceRecord",
+];
 
 /// The result messages again, in a package of their own, with every `string`
 /// field declared `bytes`: the same wire encoding (both are length-delimited),

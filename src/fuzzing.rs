@@ -201,7 +201,7 @@ fn views_agree_with_plain_results(body: &[u8]) {
     );
 }
 
-fn round_trip<M: prost::Message + Default>(
+fn round_trip<M: prost::Message + Default + Comparable>(
     mut wire: BytesMut,
     settings: FrameSettings,
     name: &str,
@@ -217,17 +217,50 @@ fn round_trip<M: prost::Message + Default>(
             encode_message(&message, settings, &mut wire).expect("it fitted before");
             let body = &wire[HEADER_LEN..];
             let again: M = decode_message(body).expect("a message we encoded decodes");
-            // Compared by encoding: a NaN (cpu_usage) is not equal to itself,
-            // but it encodes to the same bits.
             assert_eq!(
-                again.encode_to_vec(),
-                body,
+                again.comparable(),
+                message.comparable(),
                 "a message survives a round trip"
             );
         }
         Err(IpcError::MalformedMessage { message_type, .. }) => assert_eq!(message_type, name),
         Err(other) => panic!("a whole frame with a valid checksum gave {other:?}"),
         Ok(None) => panic!("a whole frame with a valid checksum was not decoded"),
+    }
+}
+
+/// A message as the round trip compares it: by its encoding, since a NaN
+/// (a `cpu_usage`, a threshold) is not equal to itself but encodes to the
+/// same bits; with map entries apart and sorted, since a map goes out in
+/// its `HashMap`'s order, which two maps with the same entries need not
+/// share.
+trait Comparable {
+    fn comparable(&self) -> (Vec<u8>, Vec<(String, u64)>);
+}
+
+impl Comparable for DetectionResult {
+    fn comparable(&self) -> (Vec<u8>, Vec<(String, u64)>) {
+        (prost::Message::encode_to_vec(self), Vec::new())
+    }
+}
+
+impl Comparable for DetectionTask {
+    fn comparable(&self) -> (Vec<u8>, Vec<(String, u64)>) {
+        let mut bare = self.clone();
+        let mut entries = Vec::new();
+        if let Some(filter) = &mut bare.performance_filter {
+            for (bound, map) in [
+                ("min", &mut filter.min_thresholds),
+                ("max", &mut filter.max_thresholds),
+            ] {
+                entries.extend(
+                    map.drain()
+                        .map(|(key, value)| (format!("{bound} {key}"), value.to_bits())),
+                );
+            }
+        }
+        entries.sort_unstable();
+        (prost::Message::encode_to_vec(&bare), entries)
     }
 }
 

@@ -3,9 +3,12 @@
 use bytes::BytesMut;
 use daemoneye_ipc::frame::codec::{ClientCodec, MessageCodec, ServerCodec};
 use daemoneye_ipc::frame::{FrameDecoder, FrameSettings, HEADER_LEN, encode_frame, encode_message};
-use daemoneye_ipc::proto::{HashCheck, HashResult, ProcessFilter};
+use daemoneye_ipc::proto::{
+    FilesystemFilter, FilesystemRecord, HashCheck, HashResult, NetworkFilter, NetworkRecord,
+    PerformanceFilter, PerformanceRecord, ProcessFilter,
+};
 use daemoneye_ipc::{Crc32Variant, DetectionResult, DetectionTask, IpcError, ProcessRecord};
-use proptest::collection::vec;
+use proptest::collection::{hash_map, vec};
 use proptest::option;
 use proptest::prelude::*;
 use tokio_util::codec::Decoder;
@@ -47,19 +50,158 @@ fn task() -> impl Strategy<Value = DetectionTask> {
             }
         });
     (
-        text(),
-        0..7i32,
-        option::of(filter),
-        option::of(hash_check),
-        option::of(text()),
+        (
+            text(),
+            0..7i32,
+            option::of(filter),
+            option::of(hash_check),
+            option::of(text()),
+        ),
+        (
+            option::of(network_filter()),
+            option::of(filesystem_filter()),
+            option::of(performance_filter()),
+        ),
     )
         .prop_map(
-            |(task_id, task_type, process_filter, hash_check, metadata)| DetectionTask {
+            |(
+                (task_id, task_type, process_filter, hash_check, metadata),
+                (network_filter, filesystem_filter, performance_filter),
+            )| DetectionTask {
                 task_id,
                 task_type,
                 process_filter,
                 hash_check,
                 metadata,
+                network_filter,
+                filesystem_filter,
+                performance_filter,
+            },
+        )
+}
+
+fn network_filter() -> impl Strategy<Value = NetworkFilter> {
+    (
+        vec(text(), 0..3),
+        vec(text(), 0..3),
+        vec(text(), 0..3),
+        vec(text(), 0..3),
+    )
+        .prop_map(
+            |(protocols, source_addresses, destination_addresses, connection_states)| {
+                NetworkFilter {
+                    protocols,
+                    source_addresses,
+                    destination_addresses,
+                    connection_states,
+                }
+            },
+        )
+}
+
+fn filesystem_filter() -> impl Strategy<Value = FilesystemFilter> {
+    (vec(text(), 0..3), vec(text(), 0..3), vec(text(), 0..3)).prop_map(
+        |(path_patterns, operation_types, file_extensions)| FilesystemFilter {
+            path_patterns,
+            operation_types,
+            file_extensions,
+        },
+    )
+}
+
+/// A finite double: NaN != NaN would fail the equality check, not the codec.
+fn finite() -> impl Strategy<Value = f64> {
+    -1e12f64..1e12
+}
+
+fn performance_filter() -> impl Strategy<Value = PerformanceFilter> {
+    (
+        vec(text(), 0..3),
+        vec(text(), 0..3),
+        hash_map(text(), finite(), 0..3),
+        hash_map(text(), finite(), 0..3),
+    )
+        .prop_map(
+            |(metric_names, components, min_thresholds, max_thresholds)| PerformanceFilter {
+                metric_names,
+                components,
+                min_thresholds,
+                max_thresholds,
+            },
+        )
+}
+
+fn network_record() -> impl Strategy<Value = NetworkRecord> {
+    (
+        (text(), text(), text(), text(), text()),
+        (
+            option::of(any::<u32>()),
+            any::<u64>(),
+            any::<u64>(),
+            any::<i64>(),
+        ),
+    )
+        .prop_map(
+            |(
+                (connection_id, source_address, destination_address, protocol, state),
+                (pid, bytes_sent, bytes_received, collection_time),
+            )| NetworkRecord {
+                connection_id,
+                source_address,
+                destination_address,
+                protocol,
+                state,
+                pid,
+                bytes_sent,
+                bytes_received,
+                collection_time,
+            },
+        )
+}
+
+fn filesystem_record() -> impl Strategy<Value = FilesystemRecord> {
+    (
+        (text(), text(), text(), option::of(any::<u32>())),
+        (
+            option::of(any::<u64>()),
+            option::of(text()),
+            option::of(text()),
+            any::<i64>(),
+        ),
+    )
+        .prop_map(
+            |(
+                (operation_id, path, operation_type, pid),
+                (file_size, permissions, file_hash, collection_time),
+            )| FilesystemRecord {
+                operation_id,
+                path,
+                operation_type,
+                pid,
+                file_size,
+                permissions,
+                file_hash,
+                collection_time,
+            },
+        )
+}
+
+fn performance_record() -> impl Strategy<Value = PerformanceRecord> {
+    (
+        (text(), text(), finite(), text()),
+        (option::of(any::<u32>()), text(), any::<i64>()),
+    )
+        .prop_map(
+            |((metric_id, metric_name, value, unit), (pid, component, collection_time))| {
+                PerformanceRecord {
+                    metric_id,
+                    metric_name,
+                    value,
+                    unit,
+                    pid,
+                    component,
+                    collection_time,
+                }
             },
         )
 }
@@ -75,8 +217,7 @@ fn record() -> impl Strategy<Value = ProcessRecord> {
         ),
         (
             option::of(any::<i64>()),
-            // Not NaN: NaN != NaN would fail the equality check, not the codec.
-            option::of(-1e12f64..1e12),
+            option::of(finite()),
             option::of(any::<u64>()),
             option::of(text()),
             option::of(text()),
@@ -136,19 +277,32 @@ fn result() -> impl Strategy<Value = DetectionResult> {
         },
     );
     (
-        text(),
-        any::<bool>(),
-        option::of(text()),
-        vec(record(), 0..4),
-        option::of(hash_result),
+        (
+            text(),
+            any::<bool>(),
+            option::of(text()),
+            vec(record(), 0..4),
+            option::of(hash_result),
+        ),
+        (
+            vec(network_record(), 0..3),
+            vec(filesystem_record(), 0..3),
+            vec(performance_record(), 0..3),
+        ),
     )
         .prop_map(
-            |(task_id, success, error_message, processes, hash_result)| DetectionResult {
+            |(
+                (task_id, success, error_message, processes, hash_result),
+                (network_events, filesystem_events, performance_events),
+            )| DetectionResult {
                 task_id,
                 success,
                 error_message,
                 processes,
                 hash_result,
+                network_events,
+                filesystem_events,
+                performance_events,
             },
         )
 }

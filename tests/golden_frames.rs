@@ -4,12 +4,16 @@
 use bytes::BytesMut;
 use daemoneye_ipc::frame::codec::{ClientCodec, ServerCodec};
 use daemoneye_ipc::frame::{FrameSettings, encode_message};
-use daemoneye_ipc::proto::{HashCheck, HashResult, ProcessFilter};
+use daemoneye_ipc::proto::{
+    FilesystemFilter, FilesystemRecord, HashCheck, HashResult, NetworkFilter, NetworkRecord,
+    PerformanceFilter, PerformanceRecord, ProcessFilter,
+};
 use daemoneye_ipc::{Crc32Variant, DetectionResult, DetectionTask, ProcessRecord, TaskType};
 use tokio_util::codec::Decoder;
 
 const GOLDEN: &str = include_str!("golden/frames.txt");
 
+#[allow(clippy::large_enum_variant, reason = "a handful of test vectors")]
 enum Golden {
     Task(DetectionTask),
     Result(DetectionResult),
@@ -42,6 +46,65 @@ fn message(name: &str) -> Golden {
             }),
             hash_check: None,
             metadata: Some("m\u{e9}tadonn\u{e9}es \u{2713}".into()),
+            network_filter: None,
+            filesystem_filter: None,
+            performance_filter: None,
+        }),
+        "multi_domain_task" => Golden::Task(DetectionTask {
+            task_id: "multi-1".into(),
+            task_type: TaskType::CollectPerformanceMetrics.into(),
+            network_filter: Some(NetworkFilter {
+                protocols: vec!["tcp".into(), "udp".into()],
+                source_addresses: vec!["10.0.0.0/8".into()],
+                destination_addresses: vec!["192.0.2.1:443".into()],
+                connection_states: vec!["ESTABLISHED".into()],
+            }),
+            filesystem_filter: Some(FilesystemFilter {
+                path_patterns: vec!["/etc/**".into()],
+                operation_types: vec!["write".into()],
+                file_extensions: vec!["conf".into()],
+            }),
+            performance_filter: Some(PerformanceFilter {
+                metric_names: vec!["cpu_percent".into()],
+                components: vec!["procmond".into()],
+                min_thresholds: [("cpu_percent".into(), 0.5)].into(),
+                max_thresholds: [("cpu_percent".into(), 99.5)].into(),
+            }),
+            ..Default::default()
+        }),
+        "multi_domain_result" => Golden::Result(DetectionResult {
+            task_id: "multi-1".into(),
+            success: true,
+            network_events: vec![NetworkRecord {
+                connection_id: "conn-1".into(),
+                source_address: "10.0.0.5:51234".into(),
+                destination_address: "192.0.2.1:443".into(),
+                protocol: "tcp".into(),
+                state: "ESTABLISHED".into(),
+                pid: Some(4242),
+                bytes_sent: 1 << 33,
+                bytes_received: 17,
+                collection_time: 1_764_441_600_000,
+            }],
+            filesystem_events: vec![FilesystemRecord {
+                operation_id: "op-9".into(),
+                path: "/etc/hosts".into(),
+                operation_type: "write".into(),
+                file_size: Some(0),
+                permissions: Some("0644".into()),
+                collection_time: 1_764_441_600_001,
+                ..Default::default()
+            }],
+            performance_events: vec![PerformanceRecord {
+                metric_id: "m-1".into(),
+                metric_name: "cpu_percent".into(),
+                value: 37.25,
+                unit: "%".into(),
+                component: "procmond".into(),
+                collection_time: -5,
+                ..Default::default()
+            }],
+            ..Default::default()
         }),
         "result_with_records" => Golden::Result(DetectionResult {
             task_id: "enum-7".into(),
@@ -128,6 +191,12 @@ fn golden_file_has_the_required_coverage() {
         vectors.iter().any(|(_, _, bytes)| bytes.len() == 8),
         "a zero-length frame"
     );
+    for name in ["multi_domain_task", "multi_domain_result"] {
+        assert!(
+            vectors.iter().any(|(n, _, _)| n == name),
+            "{name}: fields 6 to 8 (network, filesystem, performance) are covered"
+        );
+    }
     for name in ["hash_task", "result_with_records"] {
         let variants: Vec<_> = vectors
             .iter()

@@ -61,6 +61,10 @@ pub(crate) const READ_SLACK: usize = 8 * 1024;
 
 /// What a handler answers with.
 #[derive(Debug, Clone)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "a reply is moved once, into its encoding; boxing the result would cost an allocation per task"
+)]
 pub enum Reply {
     /// A result of this task's own.
     Owned(DetectionResult),
@@ -117,6 +121,10 @@ pub(crate) type TaskTicket = u64;
 
 /// What the driver must do.
 #[derive(Debug, PartialEq)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "events are drained as they are made; boxing the task would cost an allocation per task"
+)]
 pub(crate) enum ServerEvent {
     /// Run the handler on `task`, then report with
     /// [`task_finished`](ServerConnection::task_finished).

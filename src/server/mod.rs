@@ -604,6 +604,10 @@ fn connection_span(id: u64, peer: &std::io::Result<Peer>) -> tracing::Span {
 }
 
 /// A handler started on a task: finished already, or still running.
+#[allow(
+    clippy::large_enum_variant,
+    reason = "held for one poll; boxing the outcome would cost an allocation per task"
+)]
 enum Handling<F> {
     Finished(HandlerOutcome),
     Running(CatchUnwind<F>),

@@ -146,6 +146,64 @@ hash_result = (
         + string(5, "permission denied"))
 )
 
+# ---- the domains beyond processes (fields 6 to 8 of task and result) --------
+# A map<string, double> entry is a nested message: key = 1, value = 2. One
+# entry per map, as several would go out in HashMap order.
+
+MONITOR_NETWORK_CONNECTIONS, COLLECT_PERFORMANCE_METRICS = 4, 6
+
+def map_entry(field, key, value):
+    return length_delimited(field, string(1, key) + double(2, value))
+
+multi_domain_task = (
+    string(1, "multi-1")
+    + uint(2, COLLECT_PERFORMANCE_METRICS)
+    + length_delimited(6,              # network_filter
+        string(1, "tcp")
+        + string(1, "udp")
+        + string(2, "10.0.0.0/8")
+        + string(3, "192.0.2.1:443")
+        + string(4, "ESTABLISHED"))
+    + length_delimited(7,              # filesystem_filter
+        string(1, "/etc/**")
+        + string(2, "write")
+        + string(3, "conf"))
+    + length_delimited(8,              # performance_filter
+        string(1, "cpu_percent")
+        + string(2, "procmond")
+        + map_entry(3, "cpu_percent", 0.5)
+        + map_entry(4, "cpu_percent", 99.5))
+)
+
+multi_domain_result = (
+    string(1, "multi-1")
+    + boolean(2, True)
+    + length_delimited(6,              # network_events
+        string(1, "conn-1")
+        + string(2, "10.0.0.5:51234")
+        + string(3, "192.0.2.1:443")
+        + string(4, "tcp")
+        + string(5, "ESTABLISHED")
+        + uint(6, 4242)                # pid: optional, set
+        + uint(7, 1 << 33)             # bytes_sent
+        + uint(8, 17)                  # bytes_received
+        + uint(9, 1764441600000))
+    + length_delimited(7,              # filesystem_events
+        string(1, "op-9")
+        + string(2, "/etc/hosts")
+        + string(3, "write")
+        + uint(5, 0)                   # file_size: optional, set to 0, so written
+        + string(6, "0644")
+        + uint(8, 1764441600001))
+    + length_delimited(8,              # performance_events
+        string(1, "m-1")
+        + string(2, "cpu_percent")
+        + double(3, 37.25)
+        + string(4, "%")
+        + string(6, "procmond")
+        + uint(7, -5))                 # collection_time: a negative int64
+)
+
 VECTORS = [
     ("empty_task", "ieee", b""),
     ("empty_result", "castagnoli", b""),
@@ -155,6 +213,9 @@ VECTORS = [
     ("result_with_records", "castagnoli", result_with_records),
     ("result_with_records", "ieee", result_with_records),
     ("hash_result", "ieee", hash_result),
+    ("multi_domain_task", "castagnoli", multi_domain_task),
+    ("multi_domain_result", "castagnoli", multi_domain_result),
+    ("multi_domain_result", "ieee", multi_domain_result),
 ]
 
 def frame(body, variant):

@@ -108,6 +108,11 @@ impl SendCmd {
                 executable_path,
             }),
             metadata: self.metadata.clone(),
+            // `send` asks for the process domain only; the network,
+            // filesystem and performance filters stay unset.
+            network_filter: None,
+            filesystem_filter: None,
+            performance_filter: None,
         })
     }
 
