@@ -114,6 +114,8 @@ for backend in ipc-interprocess ipc-tokio ipc-legacy; do
     # only by another backend's driver shows up here as dead code.
     cargo clippy --locked --no-default-features --features "$backend" --all-targets -- -D warnings
 done
+step "feature matrix: the DaemonEye facade (upstream-compat) over the legacy backend alone, no CLI"
+cargo clippy --locked --no-default-features --features ipc-legacy,upstream-compat --all-targets -- -D warnings
 
 step "feature matrix: a single-backend library pulls in no other backend's socket code"
 deps_of() { cargo tree --locked --no-default-features --features "$1" -e normal --prefix none; }

@@ -411,7 +411,7 @@ impl IpcConfig {
 /// The longest task deadline whose answer still reaches an agent that
 /// waits `read_timeout_ms`: five sixths of it, the last sixth left for the
 /// answer to travel.
-fn answerable_within(read_timeout_ms: u64) -> u64 {
+pub(crate) fn answerable_within(read_timeout_ms: u64) -> u64 {
     read_timeout_ms.saturating_mul(5) / 6
 }
 

@@ -91,6 +91,8 @@
 //!   [`IpcClient::send_view`].
 //! * [`sample`]: realistic results of a chosen size, for benchmarks and
 //!   trials.
+//! * `upstream` (feature `upstream-compat`): DaemonEye's `ipc` and `proto`
+//!   modules, same paths and names, over this crate.
 //! * [`error`]: [`IpcError`], one enum for every failure.
 //!
 //! # Cargo features
@@ -101,6 +103,8 @@
 //! * `ipc-legacy` (default): the rollback backend, the OS's blocking sockets
 //!   and pipes on threads of its own.
 //! * `cli` (default): what only the `daemoneye-ipc` binary needs.
+//! * `upstream-compat`: [`upstream`], DaemonEye's own IPC interface over
+//!   this crate, for trial builds of the collector and agent.
 //!
 //! At least one backend feature is required. Which one carries the bytes is
 //! chosen at run time by [`IpcConfig::transport`]; see `docs/rollback.md`.
@@ -147,6 +151,8 @@ mod simulation;
 mod sync;
 pub mod telemetry;
 mod transport;
+#[cfg(feature = "upstream-compat")]
+pub mod upstream;
 pub mod view;
 #[cfg(windows)]
 mod win32;
