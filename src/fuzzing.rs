@@ -604,8 +604,8 @@ pub fn client_connection(data: &[u8]) {
             1 if !waiting.is_empty() => {
                 let callers: Vec<u32> = waiting.keys().copied().collect();
                 let caller = callers[usize::from(input.byte()) % callers.len()];
-                let (task_id, ticket) = waiting.remove(&caller).expect("listed");
-                connection.abandon(&task_id, ticket);
+                let (_, ticket) = waiting.remove(&caller).expect("listed");
+                connection.abandon(ticket);
             }
             2 => {
                 let result = DetectionResult {
@@ -644,6 +644,7 @@ pub fn client_connection(data: &[u8]) {
             let (task_id, _) = waiting
                 .remove(&delivery.waiter)
                 .expect("only a waiting caller is told");
+            assert_eq!(delivery.task_id, task_id, "told with another task's id");
             if let Outcome::Answered(body) = delivery.outcome {
                 // The connection read the id; the caller decodes the rest,
                 // here as a view, which does not check the text of other

@@ -971,7 +971,13 @@ impl Sim {
                     Err("lost, no reason".to_owned())
                 }
                 Outcome::Lost(_) | Outcome::Refused(_) => Ok(()),
+                // Deadlines are an hour away here: none is reached.
+                Outcome::TimedOut => Err("timed out".to_owned()),
             };
+            if delivery.task_id != *task_id {
+                *outcome = Some(Err(format!("told with {:?}'s id", delivery.task_id)));
+                continue;
+            }
             if outcome.is_some() {
                 *outcome = Some(Err("told twice".to_owned()));
             } else {

@@ -410,9 +410,16 @@ proptest! {
     fn a_tail_encoded_once_makes_the_same_frame_as_encoding_both_parts(
         task_id in text(),
         result in result(),
+        // Both ways of checksumming the tail: read again (short) or
+        // combined (long).
+        padding in 0usize..6000,
         crc32 in variant(),
     ) {
-        let shared = DetectionResult { task_id: String::new(), ..result };
+        let shared = DetectionResult {
+            task_id: String::new(),
+            error_message: Some("p".repeat(padding)),
+            ..result
+        };
         let head = DetectionResult { task_id, ..Default::default() };
         let mut parts = BytesMut::new();
         daemoneye_ipc::frame::encode_message_parts(&[&head, &shared], settings(crc32), &mut parts).unwrap();

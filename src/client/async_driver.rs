@@ -78,17 +78,20 @@ async fn run(link: Arc<Link>) {
         reason: "the runtime that drove the connection shut down",
     };
     // One timer for the connection's life, moved only when the core's next
-    // deadline moves.
+    // deadline comes before the one it is set for. Each task brings a
+    // deadline later than those before it, so the timer stays put while
+    // tasks come and go; one that fires early finds nothing due and is set
+    // again.
     let timer = tokio::time::sleep_until(tokio::time::Instant::now());
     tokio::pin!(timer);
     let mut armed: Option<Instant> = None;
     while !link.finished() {
         let deadline = link.lock().poll_timeout();
-        if deadline != armed {
-            if let Some(deadline) = deadline {
-                timer.as_mut().reset(deadline.into());
-            }
-            armed = deadline;
+        if let Some(deadline) = deadline
+            && armed.is_none_or(|armed| deadline < armed)
+        {
+            timer.as_mut().reset(deadline.into());
+            armed = Some(deadline);
         }
         tokio::select! {
             () = poll_fn(|cx| drive_io(cx, connection, &link)) => {}

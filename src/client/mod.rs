@@ -42,7 +42,7 @@ use crate::endpoint::Endpoint;
 use crate::error::IpcError;
 use crate::frame::codec::{decode_message, decode_shared_message};
 use crate::peer::PeerPolicy;
-use crate::policy::client::{ClientConnection, Delivery, Outcome, Refusal, Ticket};
+use crate::policy::client::{ClientConnection, Outcome, Refusal, Ticket};
 use crate::proto::{DetectionResult, DetectionTask};
 use crate::server::DEFAULT_MAX_IN_FLIGHT_PER_CONNECTION;
 
@@ -142,8 +142,7 @@ impl IpcClient {
 
     /// Connects now rather than on the next send (a no-op if connected).
     pub async fn connect_now(&self) -> Result<(), IpcError> {
-        let deadline = Instant::now() + self.inner.config.accept_timeout();
-        self.current_link(deadline).await.map(drop)
+        self.current_link(&mut None).await.map(drop)
     }
 
     /// The endpoint this client talks to.
@@ -178,8 +177,7 @@ impl IpcClient {
     /// A result whose fields do not decode ([`IpcError::MalformedResult`])
     /// fails this task only; the connection and other tasks carry on.
     pub async fn send(&self, task: DetectionTask) -> Result<DetectionResult, IpcError> {
-        let task_id = task.task_id.clone();
-        let body = self.exchange(task).await?;
+        let (task_id, body) = self.exchange(task).await?;
         decode_message(&body).map_err(|error| self.malformed(task_id, error))
     }
 
@@ -192,8 +190,7 @@ impl IpcClient {
         &self,
         task: DetectionTask,
     ) -> Result<crate::view::DetectionResult, IpcError> {
-        let task_id = task.task_id.clone();
-        let body = self.exchange(task).await?;
+        let (task_id, body) = self.exchange(task).await?;
         decode_shared_message(body).map_err(|error| self.malformed(task_id, error))
     }
 
@@ -216,23 +213,23 @@ impl IpcClient {
         }
     }
 
-    /// Sends `task` and waits for the body of its result's frame.
-    async fn exchange(&self, task: DetectionTask) -> Result<Bytes, IpcError> {
+    /// Sends `task` and waits for the body of its result's frame; the
+    /// task's id comes back with it.
+    async fn exchange(&self, task: DetectionTask) -> Result<(String, Bytes), IpcError> {
         if task.task_id.is_empty() {
             return Err(IpcError::EmptyTaskId);
         }
         let config = &self.inner.config;
-        let connect_deadline = Instant::now() + config.accept_timeout();
-        let mut deadline = None;
+        let (mut connect_deadline, mut deadline) = (None, None);
 
         // A connection can close between being handed out and the
         // registration; nothing was queued on it, so one more try on a fresh
         // connection is safe.
         for attempt in 1.. {
-            let link = self.current_link(connect_deadline).await?;
+            let link = self.current_link(&mut connect_deadline).await?;
             let deadline = *deadline.get_or_insert_with(|| Instant::now() + config.read_timeout());
             match self.register(&link, &task, deadline).await? {
-                Some(pending) => return self.answer(pending, deadline).await,
+                Some(pending) => return self.answer(pending).await,
                 None if attempt < 2 => continue,
                 None => {
                     let (refusal, reason) = {
@@ -243,10 +240,10 @@ impl IpcClient {
                         )
                     };
                     if let Some(refusal) = refusal {
-                        return Err(self.refused(&task.task_id, refusal));
+                        return Err(self.refused(task.task_id, refusal));
                     }
                     return Err(self.lost(
-                        &task.task_id,
+                        task.task_id,
                         reason.unwrap_or_else(|| {
                             "the connection closed as the task was being sent".to_owned()
                         }),
@@ -265,10 +262,18 @@ impl IpcClient {
         task: &DetectionTask,
         deadline: Instant,
     ) -> Result<Option<Pending>, IpcError> {
+        // Registered for a freed slot only once one was found wanting: a
+        // first look costs no waiter.
+        let mut wants_slot = false;
         loop {
             let freed = link.link.slot_freed.notified();
             tokio::pin!(freed);
-            freed.as_mut().enable();
+            if wants_slot {
+                // Before looking again, so that a slot freed after this
+                // look wakes us.
+                link.link.slot_wanted.store(true, Ordering::SeqCst);
+                freed.as_mut().enable();
+            }
             let (waiter, answer) = oneshot::channel();
             let begun = {
                 let mut core = link.link.lock();
@@ -282,12 +287,12 @@ impl IpcClient {
                 Ok(ticket) => {
                     return Ok(Some(Pending {
                         link: link.clone(),
-                        task_id: task.task_id.clone(),
                         ticket,
                         answer,
                         settled: false,
                     }));
                 }
+                Err((Refusal::Full, _)) if !wants_slot => wants_slot = true,
                 Err((Refusal::Full, _)) => {
                     if tokio::time::timeout_at(deadline.into(), freed)
                         .await
@@ -312,26 +317,21 @@ impl IpcClient {
         }
     }
 
-    /// Waits for the answer to a registered task until `deadline`.
-    async fn answer(&self, mut pending: Pending, deadline: Instant) -> Result<Bytes, IpcError> {
-        let outcome = tokio::time::timeout_at(deadline.into(), &mut pending.answer).await;
-        let task_id = pending.task_id.clone();
+    /// Waits for the answer to a registered task: the connection tells its
+    /// caller at the task's deadline if no answer came by then.
+    async fn answer(&self, mut pending: Pending) -> Result<(String, Bytes), IpcError> {
+        let delivered = (&mut pending.answer).await;
+        pending.settled = true;
+        let Ok(Delivered { task_id, outcome }) = delivered else {
+            // Every waiter is handed its outcome before it is let go, and the
+            // link lives as long as this caller holds it: not reached.
+            return Err(self.lost(String::new(), "the connection ended".to_owned()));
+        };
         match outcome {
-            Ok(Ok(Outcome::Answered(result))) => {
-                pending.settled = true;
-                Ok(result)
-            }
-            Ok(Ok(Outcome::Lost(reason))) => {
-                pending.settled = true;
-                Err(self.lost(&task_id, reason))
-            }
-            Ok(Ok(Outcome::Refused(reason))) => {
-                pending.settled = true;
-                Err(self.refused(&task_id, reason))
-            }
-            // The core hands every waiter an outcome before letting it go.
-            Ok(Err(_dropped)) => Err(self.lost(&task_id, "the connection ended".to_owned())),
-            Err(_elapsed) => Err(IpcError::ResponseTimeout {
+            Outcome::Answered(result) => Ok((task_id, result)),
+            Outcome::Lost(reason) => Err(self.lost(task_id, reason)),
+            Outcome::Refused(reason) => Err(self.refused(task_id, reason)),
+            Outcome::TimedOut => Err(IpcError::ResponseTimeout {
                 endpoint: self.inner.endpoint.to_string(),
                 task_id,
                 waited_ms: self.inner.config.read_timeout_ms,
@@ -339,12 +339,26 @@ impl IpcClient {
         }
     }
 
-    /// The live connection, or a new one, by `deadline`.
-    async fn current_link(&self, deadline: Instant) -> Result<Arc<LinkHandle>, IpcError> {
+    /// The live connection, or a new one by the connect deadline: the one
+    /// in `connect_deadline`, or `accept_timeout_ms` from when one is first
+    /// needed (kept there for the caller's next attempt).
+    async fn current_link(
+        &self,
+        connect_deadline: &mut Option<Instant>,
+    ) -> Result<Arc<LinkHandle>, IpcError> {
         let config = &self.inner.config;
-        let mut current = tokio::time::timeout_at(deadline.into(), self.inner.link.lock())
-            .await
-            .map_err(|_| self.connect_timeout("another send was still connecting".to_owned()))?;
+        let accept_timeout = config.accept_timeout();
+        let mut deadline =
+            || *connect_deadline.get_or_insert_with(|| Instant::now() + accept_timeout);
+        // Uncontended (no other caller connecting), no deadline is needed.
+        let mut current = match self.inner.link.try_lock() {
+            Ok(current) => current,
+            Err(_) => tokio::time::timeout_at(deadline().into(), self.inner.link.lock())
+                .await
+                .map_err(|_| {
+                    self.connect_timeout("another send was still connecting".to_owned())
+                })?,
+        };
         // A connection idle for half the read timeout is about to be closed
         // by the server (its idle limit is read_timeout_ms too); a task sent
         // on it now could cross the server's close. Start afresh instead.
@@ -363,7 +377,7 @@ impl IpcClient {
             }
             link.link.settle();
         }
-        let link = Arc::new(self.open(deadline).await?);
+        let link = Arc::new(self.open(deadline()).await?);
         *current = Some(link.clone());
         Ok(link)
     }
@@ -426,18 +440,18 @@ impl IpcClient {
         })
     }
 
-    fn refused(&self, task_id: &str, reason: String) -> IpcError {
+    fn refused(&self, task_id: String, reason: String) -> IpcError {
         IpcError::Refused {
             endpoint: self.inner.endpoint.to_string(),
-            task_id: task_id.to_owned(),
+            task_id,
             reason,
         }
     }
 
-    fn lost(&self, task_id: &str, reason: String) -> IpcError {
+    fn lost(&self, task_id: String, reason: String) -> IpcError {
         IpcError::ConnectionLost {
             endpoint: self.inner.endpoint.to_string(),
-            task_id: task_id.to_owned(),
+            task_id,
             reason,
         }
     }
@@ -531,7 +545,13 @@ impl Connected {
 }
 
 /// How a caller is told what became of its task.
-type Waiter = oneshot::Sender<Outcome>;
+type Waiter = oneshot::Sender<Delivered>;
+
+/// What a caller is told: its task's id, handed back, and the outcome.
+struct Delivered {
+    task_id: String,
+    outcome: Outcome,
+}
 
 /// One connection as the callers and its driver share it.
 pub(crate) struct Link {
@@ -539,6 +559,9 @@ pub(crate) struct Link {
     /// A task was settled (answered, given up on and then answered, or the
     /// connection ended): callers waiting for an in-flight slot look again.
     slot_freed: Notify,
+    /// A caller found no slot free and waits on `slot_freed`: only then is
+    /// it signalled.
+    slot_wanted: AtomicBool,
     /// Gets the driver's attention: new output, or the handle dropped.
     io: IoWake,
     /// Every [`LinkHandle`] is gone: the driver closes the connection.
@@ -572,6 +595,7 @@ impl Link {
         Link {
             core: Mutex::new(core),
             slot_freed: Notify::new(),
+            slot_wanted: AtomicBool::new(false),
             io,
             dropped: AtomicBool::new(false),
         }
@@ -632,16 +656,27 @@ impl Link {
         }
     }
 
-    /// Hands the core's outcomes to their callers (outside the lock), lets
-    /// callers waiting for a slot look again, and, if the connection has
-    /// ended, tells the driver.
+    /// Hands the core's outcomes to their callers, lets callers waiting for
+    /// a slot look again, and, if the connection has ended, tells the
+    /// driver. (Handing over only schedules the callers: none runs here, so
+    /// doing it under the lock is safe.)
     fn settle(&self) {
-        let (deliveries, closed) = {
+        let (settled, closed) = {
             let mut core = self.lock();
-            (core.take_deliveries(), core.closed_reason().is_some())
+            let mut settled = false;
+            for delivery in core.drain_deliveries() {
+                settled = true;
+                // A caller that stopped waiting has dropped its receiver.
+                let _ = delivery.waiter.send(Delivered {
+                    task_id: delivery.task_id,
+                    outcome: delivery.outcome,
+                });
+            }
+            (settled, core.closed_reason().is_some())
         };
-        deliver(deliveries);
-        self.slot_freed.notify_waiters();
+        if (settled || closed) && self.slot_wanted.swap(false, Ordering::SeqCst) {
+            self.slot_freed.notify_waiters();
+        }
         if closed {
             self.wake_io();
         }
@@ -651,13 +686,6 @@ impl Link {
     /// holds it any more.
     fn finished(&self) -> bool {
         self.dropped.load(Ordering::Acquire) || self.lock().closed_reason().is_some()
-    }
-}
-
-fn deliver(deliveries: Vec<Delivery<Waiter>>) {
-    for delivery in deliveries {
-        // A caller that stopped waiting has dropped its receiver.
-        let _ = delivery.waiter.send(delivery.outcome);
     }
 }
 
@@ -686,16 +714,15 @@ impl Drop for LinkHandle {
 /// id stays reserved until the server's late answer is out of the way.
 struct Pending {
     link: Arc<LinkHandle>,
-    task_id: String,
     ticket: Ticket,
-    answer: oneshot::Receiver<Outcome>,
+    answer: oneshot::Receiver<Delivered>,
     settled: bool,
 }
 
 impl Drop for Pending {
     fn drop(&mut self) {
         if !self.settled {
-            self.link.link.lock().abandon(&self.task_id, self.ticket);
+            self.link.link.lock().abandon(self.ticket);
             self.link.link.settle();
         }
     }

@@ -7,6 +7,10 @@
 //!   channel to wake that caller). A result goes to the caller registered
 //!   for its id, and to no one else. An id is refused while a task with
 //!   that id is outstanding.
+//! * **Deadlines.** Each caller waits until its own deadline. The
+//!   connection keeps every waiting task's deadline and asks its driver to
+//!   wake it for the earliest, so a caller needs no timer of its own: at its
+//!   deadline it is told it timed out.
 //! * **Tasks given up on.** A caller who stops waiting (its deadline passed,
 //!   or it was cancelled) leaves its entry behind, marked abandoned, until
 //!   the late result arrives and is discarded: the id stays reserved, so a
@@ -42,7 +46,6 @@
 //!   twice, and a result whose fields do not decode fails only its own task
 //!   (`IpcError::MalformedResult`).
 
-use std::collections::HashMap;
 use std::io;
 use std::time::{Duration, Instant};
 
@@ -96,12 +99,17 @@ pub(crate) enum Outcome {
     /// The server refused the connection, for this reason (its notice): the
     /// task did not run.
     Refused(String),
+    /// The caller's deadline passed first; the task may still run, and its
+    /// late result will be discarded.
+    TimedOut,
 }
 
-/// An outcome for the caller behind `waiter`.
+/// An outcome for the caller behind `waiter`, with its task's id (handed
+/// back, so that the caller keeps no copy of its own).
 #[derive(Debug)]
 pub(crate) struct Delivery<W> {
     pub(crate) waiter: W,
+    pub(crate) task_id: String,
     pub(crate) outcome: Outcome,
 }
 
@@ -117,12 +125,21 @@ enum Entry<W> {
     },
 }
 
+/// A task outstanding, under its id. A connection has few (at most
+/// `max_in_flight`), so they are found by comparing ids in a short list,
+/// oldest first, rather than by hashing every id.
+#[derive(Debug)]
+struct Outstanding<W> {
+    task_id: String,
+    entry: Entry<W>,
+}
+
 /// The policy of one client connection. See the [module docs](self).
 #[derive(Debug)]
 pub(crate) struct ClientConnection<W> {
     inbound: Inbound<id_only::DetectionResult>,
     outbound: Outbound<DetectionTask>,
-    pending: HashMap<String, Entry<W>>,
+    pending: Vec<Outstanding<W>>,
     /// Entries whose caller still waits.
     waiting: usize,
     max_in_flight: usize,
@@ -151,7 +168,7 @@ impl<W> ClientConnection<W> {
         ClientConnection {
             inbound: Inbound::new(settings, read_timeout),
             outbound: Outbound::new(settings, write_timeout),
-            pending: HashMap::new(),
+            pending: Vec::new(),
             waiting: 0,
             max_in_flight: max_in_flight.max(1),
             next_ticket: 0,
@@ -178,7 +195,7 @@ impl<W> ClientConnection<W> {
         if self.closed.is_some() || self.retired || self.write_failed.is_some() {
             return Err((Refusal::Closed, waiter));
         }
-        if self.pending.contains_key(&task.task_id) {
+        if self.position(&task.task_id).is_some() {
             return Err((Refusal::Duplicate, waiter));
         }
         if self.pending.len() >= self.max_in_flight {
@@ -189,32 +206,35 @@ impl<W> ClientConnection<W> {
         }
         self.next_ticket += 1;
         let ticket = self.next_ticket;
-        self.pending.insert(
-            task.task_id.clone(),
-            Entry::Waiting {
+        self.pending.push(Outstanding {
+            task_id: task.task_id.clone(),
+            entry: Entry::Waiting {
                 ticket,
                 waiter,
                 deadline,
             },
-        );
+        });
         self.waiting += 1;
         Ok(ticket)
     }
 
-    /// The caller of `ticket` stopped waiting for `task_id`. Its entry stays
-    /// (abandoned) until the late result arrives or the connection ends.
-    pub(crate) fn abandon(&mut self, task_id: &str, ticket: Ticket) {
-        let Some(entry) = self.pending.get_mut(task_id) else {
-            return;
-        };
-        if let Entry::Waiting {
-            ticket: registered,
-            deadline,
-            ..
-        } = *entry
-            && registered == ticket
+    /// Where the task `task_id` is in the list, if outstanding.
+    fn position(&self, task_id: &str) -> Option<usize> {
+        self.pending
+            .iter()
+            .position(|outstanding| outstanding.task_id == task_id)
+    }
+
+    /// The caller of `ticket` stopped waiting. Its entry stays (abandoned)
+    /// until the late result arrives or the connection ends.
+    pub(crate) fn abandon(&mut self, ticket: Ticket) {
+        let found = self.pending.iter_mut().find(|outstanding| {
+            matches!(outstanding.entry, Entry::Waiting { ticket: registered, .. } if registered == ticket)
+        });
+        if let Some(outstanding) = found
+            && let Entry::Waiting { deadline, .. } = outstanding.entry
         {
-            *entry = Entry::Abandoned { deadline };
+            outstanding.entry = Entry::Abandoned { deadline };
             self.waiting -= 1;
             self.close_if_retired_and_unwatched();
         }
@@ -296,15 +316,24 @@ impl<W> ClientConnection<W> {
         if task_id.is_empty() {
             return self.on_notice(&body);
         }
-        match self.pending.remove(&task_id) {
-            Some(Entry::Waiting { waiter, .. }) => {
+        // Results mostly come back in the order their tasks went out: the
+        // oldest is found first. (Removing keeps that order.)
+        match self.position(&task_id).map(|at| self.pending.remove(at)) {
+            Some(Outstanding {
+                task_id,
+                entry: Entry::Waiting { waiter, .. },
+            }) => {
                 self.waiting -= 1;
                 self.deliveries.push(Delivery {
                     waiter,
+                    task_id,
                     outcome: Outcome::Answered(body),
                 });
             }
-            Some(Entry::Abandoned { .. }) => {
+            Some(Outstanding {
+                entry: Entry::Abandoned { .. },
+                ..
+            }) => {
                 tracing::debug!(?task_id, "discarded the result of a task given up on");
             }
             None => {
@@ -334,10 +363,11 @@ impl<W> ClientConnection<W> {
             Err(error) => format!("the server's notice does not decode ({error})"),
         };
         self.refused = Some(message.clone());
-        for entry in self.pending.drain().map(|(_, entry)| entry) {
+        for Outstanding { task_id, entry } in self.pending.drain(..) {
             if let Entry::Waiting { waiter, .. } = entry {
                 self.deliveries.push(Delivery {
                     waiter,
+                    task_id,
                     outcome: Outcome::Refused(message.clone()),
                 });
             }
@@ -351,26 +381,56 @@ impl<W> ClientConnection<W> {
         self.refused.as_deref()
     }
 
-    /// Outcomes ready for their callers, to be handed over outside any lock.
+    /// Outcomes ready for their callers.
+    #[cfg(any(test, fuzzing))]
     pub(crate) fn take_deliveries(&mut self) -> Vec<Delivery<W>> {
         std::mem::take(&mut self.deliveries)
     }
 
+    /// Outcomes ready for their callers, handed out one by one; the list
+    /// keeps its room for the next ones.
+    pub(crate) fn drain_deliveries(&mut self) -> std::vec::Drain<'_, Delivery<W>> {
+        self.deliveries.drain(..)
+    }
+
     // ---- time and the end ----------------------------------------------------
 
-    /// When the driver must call [`handle_timeout`](Self::handle_timeout).
+    /// When the driver must call [`handle_timeout`](Self::handle_timeout):
+    /// a frame's deadline, or the earliest waiting caller's.
     pub(crate) fn poll_timeout(&self) -> Option<Instant> {
         if self.closed.is_some() {
             return None;
         }
-        earliest([self.outbound.deadline(), self.inbound.deadline()])
+        earliest([
+            self.outbound.deadline(),
+            self.inbound.deadline(),
+            self.earliest_waiter(),
+        ])
     }
 
-    /// Ends the connection if a frame could not be written, or a result
-    /// frame did not arrive whole, in time.
+    /// The earliest deadline of a caller still waiting.
+    fn earliest_waiter(&self) -> Option<Instant> {
+        self.pending
+            .iter()
+            .filter_map(|outstanding| match outstanding.entry {
+                Entry::Waiting { deadline, .. } => Some(deadline),
+                Entry::Abandoned { .. } => None,
+            })
+            .min()
+    }
+
+    /// Tells each caller whose deadline has come that it timed out (its
+    /// task stays, abandoned); ends the connection if a frame could not be
+    /// written, or a result frame did not arrive whole, in time.
     pub(crate) fn handle_timeout(&mut self, now: Instant) {
         if self.closed.is_some() {
             return;
+        }
+        if self
+            .earliest_waiter()
+            .is_some_and(|deadline| deadline <= now)
+        {
+            self.time_out_callers(now);
         }
         if self
             .outbound
@@ -387,14 +447,32 @@ impl<W> ClientConnection<W> {
         }
     }
 
+    fn time_out_callers(&mut self, now: Instant) {
+        for outstanding in &mut self.pending {
+            if let Entry::Waiting { deadline, .. } = outstanding.entry
+                && deadline <= now
+                && let Entry::Waiting { waiter, .. } =
+                    std::mem::replace(&mut outstanding.entry, Entry::Abandoned { deadline })
+            {
+                self.waiting -= 1;
+                self.deliveries.push(Delivery {
+                    waiter,
+                    // The entry keeps the id, to know the late result.
+                    task_id: outstanding.task_id.clone(),
+                    outcome: Outcome::TimedOut,
+                });
+            }
+        }
+        self.close_if_retired_and_unwatched();
+    }
+
     /// Whether a new task may go on this connection at `now`: it is open,
     /// not retired, not holding an abandoned task past its deadline, and
     /// not idle for `idle_limit` or more.
     pub(crate) fn usable(&self, now: Instant, idle_limit: Duration) -> bool {
-        let stuck = self
-            .pending
-            .values()
-            .any(|entry| matches!(entry, Entry::Abandoned { deadline } if *deadline <= now));
+        let stuck = self.pending.iter().any(
+            |outstanding| matches!(outstanding.entry, Entry::Abandoned { deadline } if deadline <= now),
+        );
         let busy = !self.pending.is_empty();
         self.closed.is_none()
             && self.write_failed.is_none()
@@ -420,10 +498,11 @@ impl<W> ClientConnection<W> {
         if self.closed.is_some() {
             return;
         }
-        for entry in self.pending.drain().map(|(_, entry)| entry) {
+        for Outstanding { task_id, entry } in self.pending.drain(..) {
             if let Entry::Waiting { waiter, .. } = entry {
                 self.deliveries.push(Delivery {
                     waiter,
+                    task_id,
                     outcome: Outcome::Lost(reason.clone()),
                 });
             }
@@ -502,6 +581,7 @@ mod tests {
                     }
                     Outcome::Lost(reason) => format!("lost: {reason}"),
                     Outcome::Refused(reason) => format!("refused: {reason}"),
+                    Outcome::TimedOut => format!("timed out: {}", d.task_id),
                 };
                 (d.waiter, what)
             })
@@ -537,7 +617,7 @@ mod tests {
             c.begin(&task("reused"), "twin", t0 + READ, t0),
             Err((Refusal::Duplicate, "twin"))
         ));
-        c.abandon("reused", first);
+        c.abandon(first);
         assert!(
             matches!(
                 c.begin(&task("reused"), "retry", t0 + READ, t0),
@@ -559,7 +639,7 @@ mod tests {
         receive(&mut c, &result_frame("t", "answer"), t0);
         delivered(&mut c);
         c.begin(&task("t"), "new", t0 + READ, t0).unwrap();
-        c.abandon("t", old);
+        c.abandon(old);
         receive(&mut c, &result_frame("t", "for new"), t0);
         assert_eq!(delivered(&mut c)[0].0, "new");
     }
@@ -573,7 +653,7 @@ mod tests {
             c.begin(&task("c"), "c", t0 + READ, t0),
             Err((Refusal::Full, "c"))
         ));
-        c.abandon("a", a);
+        c.abandon(a);
         assert!(matches!(
             c.begin(&task("c"), "c", t0 + READ, t0),
             Err((Refusal::Full, _))
@@ -589,7 +669,7 @@ mod tests {
         let stuck = c.begin(&task("stuck"), "stuck", deadline, t0).unwrap();
         c.begin(&task("other"), "other", deadline + READ, t0)
             .unwrap();
-        c.abandon("stuck", stuck);
+        c.abandon(stuck);
         let idle = READ / 2;
         assert!(
             c.usable(deadline - Duration::from_nanos(1), idle),
@@ -681,8 +761,8 @@ mod tests {
         c.on_written(count, t0);
         assert_eq!(
             c.poll_timeout(),
-            None,
-            "waiting for an answer is not timed here"
+            Some(t0 + READ * 2),
+            "the caller's deadline"
         );
         let frame = result_frame("a", "x");
         let t1 = t0 + Duration::from_secs(1);
@@ -694,6 +774,34 @@ mod tests {
                 .1
                 .contains("not complete within 30000 ms")
         );
+    }
+
+    #[test]
+    fn each_caller_is_told_it_timed_out_at_its_own_deadline_and_its_late_result_is_dropped() {
+        let (mut c, t0) = connection(32);
+        let (early, late) = (t0 + Duration::from_secs(5), t0 + Duration::from_secs(9));
+        c.begin(&task("late"), "late caller", late, t0).unwrap();
+        c.begin(&task("early"), "early caller", early, t0).unwrap();
+        let count = c.pending_output().len();
+        c.on_written(count, t0);
+        assert_eq!(c.poll_timeout(), Some(early), "the earliest waiter's");
+        c.handle_timeout(early - Duration::from_nanos(1));
+        assert!(delivered(&mut c).is_empty(), "not before");
+        c.handle_timeout(early);
+        assert_eq!(
+            delivered(&mut c),
+            [("early caller", "timed out: early".to_owned())]
+        );
+        assert_eq!(c.poll_timeout(), Some(late), "then the next one's");
+        assert_eq!(c.in_flight(), 2, "the timed-out task is still out there");
+        receive(&mut c, &result_frame("early", "too late"), early);
+        assert!(delivered(&mut c).is_empty(), "its late result is dropped");
+        receive(&mut c, &result_frame("late", "in time"), early);
+        assert_eq!(
+            delivered(&mut c),
+            [("late caller", "late: in time".to_owned())]
+        );
+        assert!(c.closed_reason().is_none());
     }
 
     #[test]

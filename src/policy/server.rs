@@ -37,7 +37,7 @@
 //!   (graceful shutdown) or the peer closing its side, nothing more is read;
 //!   tasks in flight are answered, then the connection closes.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::io;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -229,9 +229,12 @@ pub(crate) struct ServerConnection {
     outbound: Outbound<DetectionResult>,
     /// Shared results' encodings, server-wide.
     encodings: Arc<SharedEncodings>,
-    running: HashMap<TaskTicket, Running>,
-    /// Task deadlines, earliest first.
-    deadlines: BTreeSet<(Instant, TaskTicket)>,
+    /// In the order they started, which is also the order of their
+    /// deadlines (each is the start plus the same `task_timeout`): the
+    /// earliest deadline is the first's. Few per connection (at most
+    /// `max_in_flight`) and mostly finished in order, so found by a short
+    /// search from the front rather than by hashing.
+    running: VecDeque<(TaskTicket, Running)>,
     next_ticket: TaskTicket,
     events: VecDeque<ServerEvent>,
     reading: Reading,
@@ -259,8 +262,7 @@ impl ServerConnection {
             counters,
             account: Account::default(),
             encodings,
-            running: HashMap::new(),
-            deadlines: BTreeSet::new(),
+            running: VecDeque::new(),
             next_ticket: 0,
             events: VecDeque::new(),
             reading: Reading::Open,
@@ -384,8 +386,14 @@ impl ServerConnection {
         debug_assert_eq!(frame, bytes, "the frame reserved for is the one decoded");
         self.next_ticket += 1;
         let ticket = self.next_ticket;
-        let deadline = now + self.limits.task_timeout;
-        self.running.insert(
+        // Never before the deadline of a task started earlier, so that the
+        // list stays in deadline order whatever clock readings it is given.
+        let deadline = (now + self.limits.task_timeout).max(
+            self.running
+                .back()
+                .map_or(now, |(_, running)| running.deadline),
+        );
+        self.running.push_back((
             ticket,
             Running {
                 task_id: task.task_id.clone(),
@@ -393,8 +401,7 @@ impl ServerConnection {
                 task_bytes: frame,
                 result_allowance: need - frame,
             },
-        );
-        self.deadlines.insert((deadline, ticket));
+        ));
         self.last_activity = now;
         self.events
             .push_back(ServerEvent::StartTask { ticket, task });
@@ -478,10 +485,14 @@ impl ServerConnection {
         outcome: Result<Reply, String>,
         now: Instant,
     ) {
-        let Some(running) = self.running.remove(&ticket) else {
+        let Some(at) = self
+            .running
+            .iter()
+            .position(|(started, _)| *started == ticket)
+        else {
             return;
         };
-        self.deadlines.remove(&(running.deadline, ticket));
+        let (_, running) = self.running.remove(at).expect("found at that position");
         if self.closed {
             return;
         }
@@ -611,7 +622,7 @@ impl ServerConnection {
         earliest([
             self.read_deadline(),
             self.outbound.deadline(),
-            self.deadlines.first().map(|(deadline, _)| *deadline),
+            self.running.front().map(|(_, running)| running.deadline),
         ])
     }
 
@@ -642,15 +653,14 @@ impl ServerConnection {
         {
             return self.fail(self.outbound.timed_out());
         }
-        while let Some(&(deadline, ticket)) = self.deadlines.first() {
-            if deadline > now {
-                break;
-            }
-            self.deadlines.pop_first();
-            if let Some(running) = self.running.remove(&ticket) {
-                self.account.release(running.task_bytes);
-                self.task_timed_out(ticket, running.task_id, running.result_allowance, now);
-            }
+        while self
+            .running
+            .front()
+            .is_some_and(|(_, running)| running.deadline <= now)
+        {
+            let (ticket, running) = self.running.pop_front().expect("just seen");
+            self.account.release(running.task_bytes);
+            self.task_timed_out(ticket, running.task_id, running.result_allowance, now);
         }
         self.refresh(now);
     }

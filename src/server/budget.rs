@@ -8,7 +8,6 @@
 //! woken to collect it: nothing polls.
 
 use crate::sync::{Mutex, MutexGuard};
-use std::collections::HashMap;
 use std::time::Instant;
 
 use crate::policy::budget::{Budget, Holder};
@@ -26,8 +25,10 @@ pub(crate) struct SharedBudget {
 
 struct Inner {
     budget: Budget,
-    holders: HashMap<Holder, Account>,
-    next_holder: Holder,
+    /// Each connection's account, at the index that is its holder id (ids
+    /// of connections that left are used again).
+    holders: Vec<Option<Account>>,
+    vacant: Vec<usize>,
 }
 
 struct Account {
@@ -50,8 +51,8 @@ impl SharedBudget {
         SharedBudget {
             inner: Mutex::new(Inner {
                 budget: Budget::new(limit),
-                holders: HashMap::new(),
-                next_holder: 0,
+                holders: Vec::new(),
+                vacant: Vec::new(),
             }),
         }
     }
@@ -67,10 +68,18 @@ impl SharedBudget {
     /// A new connection; `wake` tells its driver a grant is waiting.
     pub(crate) fn join(&self, wake: Wake) -> Holder {
         let mut inner = self.lock();
-        inner.next_holder += 1;
-        let holder = inner.next_holder;
-        inner.holders.insert(holder, Account { granted: 0, wake });
-        holder
+        let account = Some(Account { granted: 0, wake });
+        let index = match inner.vacant.pop() {
+            Some(index) => {
+                inner.holders[index] = account;
+                index
+            }
+            None => {
+                inner.holders.push(account);
+                inner.holders.len() - 1
+            }
+        };
+        index as Holder
     }
 
     /// Carries `core`'s releases and request to the budget and its grants
@@ -105,7 +114,7 @@ impl SharedBudget {
     fn exchange(&self, holder: Holder, released: usize, request: Option<usize>) -> Exchanged {
         let mut inner = self.lock();
         let mut exchanged = Exchanged::default();
-        if let Some(account) = inner.holders.get_mut(&holder) {
+        if let Some(account) = inner.account(holder) {
             exchanged.granted = std::mem::take(&mut account.granted);
         }
         inner.budget.release(released);
@@ -117,7 +126,7 @@ impl SharedBudget {
             }
         }
         inner.pass_on();
-        if let Some(account) = inner.holders.get_mut(&holder) {
+        if let Some(account) = inner.account(holder) {
             exchanged.granted += std::mem::take(&mut account.granted);
         }
         exchanged
@@ -128,10 +137,14 @@ impl SharedBudget {
     /// dropped.
     pub(crate) fn leave(&self, holder: Holder, released: usize) {
         let mut inner = self.lock();
+        // Its request is cancelled before its id can be used again, so no
+        // grant meant for it reaches the next connection with that id.
         let uncollected = inner
             .holders
-            .remove(&holder)
+            .get_mut(holder as usize)
+            .and_then(Option::take)
             .map_or(0, |account| account.granted);
+        inner.vacant.push(holder as usize);
         inner.budget.cancel(holder);
         inner.budget.release(released + uncollected);
         inner.pass_on();
@@ -147,7 +160,8 @@ impl SharedBudget {
             inner
                 .holders
                 .iter()
-                .map(|(holder, account)| (*holder, account.granted))
+                .enumerate()
+                .filter_map(|(holder, account)| Some((holder, account.as_ref()?.granted)))
                 .collect::<Vec<_>>()
         )
     }
@@ -165,11 +179,15 @@ struct Exchanged {
 }
 
 impl Inner {
+    fn account(&mut self, holder: Holder) -> Option<&mut Account> {
+        self.holders.get_mut(holder as usize)?.as_mut()
+    }
+
     /// Credits each grant the budget made to its holder and wakes it; a
     /// grant for a holder that has left goes back at once.
     fn pass_on(&mut self) {
         while let Some((holder, bytes)) = self.budget.poll_grant() {
-            match self.holders.get_mut(&holder) {
+            match self.account(holder) {
                 Some(account) => {
                     account.granted += bytes;
                     (account.wake)();

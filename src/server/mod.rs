@@ -625,10 +625,11 @@ fn start_handler<H: TaskHandler>(
     task: DetectionTask,
 ) -> Handling<impl Future<Output = Reply> + Send + 'static> {
     let handler = handler.clone();
+    // Kept for the warning, without an allocation per task.
     let task_id = shared
         .inline_first_poll
         .load(Relaxed)
-        .then(|| task.task_id.clone());
+        .then(|| IdForLog::new(&task.task_id));
     let mut running = CatchUnwind(Box::pin(async move { handler.handle(task).await }));
     let Some(task_id) = task_id else {
         return Handling::Running(running);
@@ -647,6 +648,40 @@ fn start_handler<H: TaskHandler>(
     match polled {
         Poll::Ready(outcome) => Handling::Finished(outcome),
         Poll::Pending => Handling::Running(running),
+    }
+}
+
+/// The start of a task id, copied for a log line that may never be
+/// written: no allocation, at most [`IdForLog::KEPT`] bytes.
+struct IdForLog {
+    bytes: [u8; IdForLog::KEPT],
+    len: usize,
+    cut: bool,
+}
+
+impl IdForLog {
+    const KEPT: usize = 64;
+
+    fn new(id: &str) -> IdForLog {
+        let len = id.len().min(Self::KEPT);
+        let mut bytes = [0; Self::KEPT];
+        bytes[..len].copy_from_slice(&id.as_bytes()[..len]);
+        IdForLog {
+            bytes,
+            len,
+            cut: id.len() > len,
+        }
+    }
+}
+
+impl std::fmt::Debug for IdForLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kept = String::from_utf8_lossy(&self.bytes[..self.len]);
+        if self.cut {
+            write!(f, "{:?}...", kept)
+        } else {
+            write!(f, "{:?}", kept)
+        }
     }
 }
 
@@ -681,3 +716,22 @@ fn panicked(panic: &(dyn std::any::Any + Send)) -> String {
 /// A handler's result as the policy core takes it: the reply, or why there
 /// is none.
 pub(crate) type HandlerOutcome = Result<Reply, String>;
+
+#[cfg(test)]
+mod tests {
+    use super::IdForLog;
+
+    #[test]
+    fn an_id_for_the_log_is_kept_escaped_and_cut_at_64_bytes() {
+        assert_eq!(format!("{:?}", IdForLog::new("task-1")), "\"task-1\"");
+        assert_eq!(
+            format!("{:?}", IdForLog::new("line\nbreak")),
+            "\"line\\nbreak\""
+        );
+        let long = "x".repeat(100);
+        assert_eq!(
+            format!("{:?}", IdForLog::new(&long)),
+            format!("{:?}...", "x".repeat(64))
+        );
+    }
+}

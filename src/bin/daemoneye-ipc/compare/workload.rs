@@ -241,6 +241,32 @@ fn task(id: String, size: usize) -> DetectionTask {
     with_metadata(id, format!("size={size}"))
 }
 
+/// `"{slot}-{n}"`, without the formatting machinery: the floors' requests
+/// are built once, so a product task should not spend more on its id than
+/// the digits.
+fn task_id(slot: usize, n: u64) -> String {
+    let mut id = String::with_capacity(24);
+    push_decimal(&mut id, slot as u64);
+    id.push('-');
+    push_decimal(&mut id, n);
+    id
+}
+
+fn push_decimal(out: &mut String, value: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    let mut rest = value;
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    out.extend(digits[at..].iter().map(|&digit| char::from(digit)));
+}
+
 /// A task with the metadata (`size=N`) built once for a whole run, as the
 /// floors build their request once: per task, only the id is new.
 fn with_metadata(id: String, metadata: String) -> DetectionTask {
@@ -315,7 +341,7 @@ impl Session {
                         let mut n = 0u64;
                         while issuer.another() {
                             n += 1;
-                            let task = with_metadata(format!("{slot}-{n}"), metadata.clone());
+                            let task = with_metadata(task_id(slot, n), metadata.clone());
                             match results {
                                 Results::Plain => drop(client.send(task).await?),
                                 Results::Views => drop(client.send_view(task).await?),
@@ -411,5 +437,17 @@ async fn connect_raw_tokio(endpoint: &str) -> Result<RawTokioStream, String> {
             }
             Err(e) => return Err(e.to_string()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn task_ids_are_the_slot_and_the_count() {
+        assert_eq!(task_id(0, 0), "0-0");
+        assert_eq!(task_id(7, 1_234_567), "7-1234567");
+        assert_eq!(task_id(31, u64::MAX), format!("31-{}", u64::MAX));
     }
 }
