@@ -43,8 +43,25 @@ fn a_quick_comparison_measures_every_backend_and_writes_every_format() {
         "{}\n{stdout}",
         String::from_utf8_lossy(&output.stderr)
     );
-    assert!(stdout.contains("Round-trip latency"), "{stdout}");
-    assert!(stdout.contains("Pipelined throughput"), "{stdout}");
+    assert!(stdout.contains("Round trip p50"), "{stdout}");
+    assert!(stdout.contains("Tasks/s, 8 in flight"), "{stdout}");
+    for line in stdout.lines() {
+        assert!(line.chars().count() <= 100, "over 100 columns: {line}");
+    }
+    // The verdict is the last paragraph, wrapped at 100 columns.
+    let verdict = stdout
+        .split("\nVerdict: ")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no verdict: {stdout}"))
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    assert!(
+        verdict.starts_with("interprocess vs tokio: ")
+            && verdict.contains("the decision record's bar is")
+            && verdict.contains("goals: "),
+        "{verdict}"
+    );
 
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
@@ -116,10 +133,6 @@ fn a_quick_comparison_measures_every_backend_and_writes_every_format() {
         for ratio in ratios {
             assert_verdict_follows_from_the_rounds(ratio);
         }
-        assert!(
-            stdout.contains("Verdict: interprocess against tokio"),
-            "{stdout}"
-        );
     }
 
     let markdown = std::fs::read_to_string(&markdown).unwrap();
@@ -128,6 +141,11 @@ fn a_quick_comparison_measures_every_backend_and_writes_every_format() {
         "{markdown}"
     );
     assert!(markdown.contains("| size |"), "{markdown}");
+    assert!(
+        markdown.contains("**Verdict: interprocess vs tokio: ")
+            && markdown.contains("Verdict: interprocess against tokio"),
+        "the verdict line and the wide tables: {markdown}"
+    );
     let svg = std::fs::read_to_string(&svg).unwrap();
     assert!(
         svg.contains("<svg") && svg.contains("</svg>"),
@@ -188,6 +206,7 @@ fn pinning_is_reported_in_the_placement() {
         "64",
         "--backends",
         "raw-tokio",
+        "--wide",
         "--json",
         json.to_str().unwrap(),
     ]);
@@ -211,7 +230,20 @@ fn pinning_is_reported_in_the_placement() {
         report["placement"]["client_cpu"],
         report["placement"]["server_cpu"]
     );
-    assert!(String::from_utf8_lossy(&output.stdout).contains("pinned: client and server on CPU"));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let words = stdout.split_whitespace().collect::<Vec<_>>().join(" ");
+    assert!(
+        words.contains("pinned: client and server on CPU"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("Round-trip latency") && stdout.contains("Pipelined throughput"),
+        "--wide prints every table: {stdout}"
+    );
+    assert!(
+        words.contains("Verdict: no interprocess-against-tokio comparison"),
+        "{stdout}"
+    );
 }
 
 #[test]

@@ -22,7 +22,7 @@ use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
@@ -66,9 +66,15 @@ const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 const ABORT_WAIT: Duration = Duration::from_secs(1);
 
 /// A handler whose first poll (run where its task was read, to spare a
-/// task of its own) takes longer than this has blocked its connection; from
-/// then on every handler of the server runs as a task of its own.
+/// task of its own) takes longer than this has blocked its connection...
 const INLINE_POLL_LIMIT: Duration = Duration::from_millis(2);
+
+/// ...and once this many have, every handler of the server runs as a task
+/// of its own from then on. One slow poll proves little: on a busy machine
+/// the thread can lose its CPU in the middle of a quick one (a benchmark
+/// pinning client and server to one CPU saw it about once a run). A
+/// handler that blocks does so every time.
+const INLINE_POLL_STRIKES: u32 = 3;
 
 /// Answers tasks. Implemented for every
 /// `Fn(DetectionTask) -> impl Future<Output = R>` where `R` is a
@@ -90,9 +96,9 @@ const INLINE_POLL_LIMIT: Duration = Duration::from_millis(2);
 /// read (a handler that is done at once is answered without a task of its
 /// own), so blocking there would stall that connection. Put blocking or
 /// CPU-heavy work on `tokio::task::spawn_blocking`, as `daemoneye-ipc serve`
-/// does. A server whose handler blocks that first poll for more than 2 ms
-/// logs a warning naming the task and from then on starts every handler as
-/// a task of its own. A handler that has not finished within
+/// does. A server whose handlers block that first poll for more than 2 ms
+/// three times logs a warning naming the last task and from then on starts
+/// every handler as a task of its own. A handler that has not finished within
 /// `task_timeout_ms` is answered with an error and its future is dropped.
 pub trait TaskHandler: Send + Sync + 'static {
     /// Runs one task. Several run at once: a handler that has to wait
@@ -236,6 +242,7 @@ impl ServerBuilder {
             budget: SharedBudget::new(max_bytes_in_flight),
             encodings: Arc::default(),
             inline_first_poll: AtomicBool::new(true),
+            slow_first_polls: AtomicU32::new(0),
             peer_log: LogThrottle::per_second(),
             limit_log: LogThrottle::per_second(),
             stop_accepting: CancellationToken::new(),
@@ -480,8 +487,10 @@ struct Shared {
     /// Shared results' encodings, made once for every connection.
     encodings: Arc<SharedEncodings>,
     /// Whether handlers are first polled where their task was read (until
-    /// one blocks there; see [`INLINE_POLL_LIMIT`]).
+    /// they block there; see [`INLINE_POLL_LIMIT`]).
     inline_first_poll: AtomicBool,
+    /// First polls that took longer than [`INLINE_POLL_LIMIT`] so far.
+    slow_first_polls: AtomicU32,
     /// Rejections are counted always, logged at most once a second.
     peer_log: LogThrottle,
     limit_log: LogThrottle,
@@ -618,7 +627,8 @@ enum Handling<F> {
 /// the cost of a task of its own; one that must wait is handed back, to be
 /// run as a task and polled with a real waker from then on. Either way a
 /// panic is caught. Once a first poll has blocked for longer than
-/// [`INLINE_POLL_LIMIT`], handlers are no longer polled here.
+/// [`INLINE_POLL_LIMIT`] [`INLINE_POLL_STRIKES`] times, handlers are no
+/// longer polled here.
 fn start_handler<H: TaskHandler>(
     shared: &Shared,
     handler: &Arc<H>,
@@ -637,13 +647,24 @@ fn start_handler<H: TaskHandler>(
     let started = Instant::now();
     let polled = Pin::new(&mut running).poll(&mut Context::from_waker(Waker::noop()));
     let took = started.elapsed();
-    if took > INLINE_POLL_LIMIT && shared.inline_first_poll.swap(false, Relaxed) {
-        tracing::warn!(
-            task_id = ?task_id,
-            blocked_ms = took.as_millis() as u64,
-            "a handler blocked its connection before its first await; from now on every handler \
-             runs as a task of its own (move blocking work to tokio::task::spawn_blocking)"
-        );
+    if took > INLINE_POLL_LIMIT {
+        let strikes = shared.slow_first_polls.fetch_add(1, Relaxed) + 1;
+        if strikes < INLINE_POLL_STRIKES {
+            tracing::debug!(
+                task_id = ?task_id,
+                blocked_ms = took.as_millis() as u64,
+                strikes,
+                "a handler's first poll took over 2 ms"
+            );
+        } else if shared.inline_first_poll.swap(false, Relaxed) {
+            tracing::warn!(
+                task_id = ?task_id,
+                blocked_ms = took.as_millis() as u64,
+                "handlers blocked their connection before their first await ({strikes} times over \
+                 2 ms); from now on every handler runs as a task of its own (move blocking work \
+                 to tokio::task::spawn_blocking)"
+            );
+        }
     }
     match polled {
         Poll::Ready(outcome) => Handling::Finished(outcome),

@@ -174,6 +174,10 @@ pub struct CompareCmd {
     /// Write a chart of p50/p99 latency and throughput per backend and size.
     #[arg(long, value_name = "FILE")]
     svg: Option<PathBuf>,
+    /// Print every table (spreads, p99 and p99.9, every in-flight level,
+    /// views, the cost over the floors), wider than 100 columns.
+    #[arg(long)]
+    wide: bool,
 }
 
 impl CompareCmd {
@@ -194,7 +198,7 @@ impl CompareCmd {
             .build()
             .map_err(|e| Failure::runtime(format!("cannot start the async runtime: {e}")))?;
         let report = runtime.block_on(self.measure(placement))?;
-        print!("{}", report.to_text());
+        print!("{}", report.to_text(self.wide));
         if let Some(path) = &self.json {
             write(path, &report.to_json().map_err(Failure::runtime)?)?;
         }

@@ -32,21 +32,26 @@ struct FloorGoal {
     size: usize,
     figure: Figure,
     bar: f64,
-    /// Where the goal was set.
-    source: &'static str,
 }
 
 /// A figure a goal is about.
 #[derive(Clone, Copy)]
 enum Figure {
     LatencyP50,
-    TasksPerSecond { in_flight: usize },
+    TasksPerSecond {
+        in_flight: usize,
+    },
     ViewTasksPerSecond,
+    /// Per-task p50 with a new connection for each task (64 B).
+    FreshConnectionP50,
 }
 
 impl Figure {
     fn higher_is_better(self) -> bool {
-        !matches!(self, Figure::LatencyP50)
+        matches!(
+            self,
+            Figure::TasksPerSecond { .. } | Figure::ViewTasksPerSecond
+        )
     }
 
     fn describe(self, size: usize) -> String {
@@ -54,61 +59,73 @@ impl Figure {
         match self {
             Figure::LatencyP50 => format!("{size} round trip p50"),
             Figure::TasksPerSecond { in_flight } => {
-                format!("{size} pipelined, {in_flight} in flight")
+                format!("{size} tasks/s, {in_flight} in flight")
             }
             Figure::ViewTasksPerSecond => {
-                format!("{size} pipelined, {REFERENCE_IN_FLIGHT} in flight, results as views")
+                format!("{size} tasks/s, {REFERENCE_IN_FLIGHT} in flight, views")
             }
+            Figure::FreshConnectionP50 => "a new connection per 64 B task, p50".to_owned(),
         }
     }
 }
 
-/// The goals the issues set against the floors (figures from one run, not
-/// timed tests).
-const FLOOR_GOALS: [FloorGoal; 5] = [
-    FloorGoal {
-        backends: &[],
-        floor: "raw-std",
-        size: 64,
-        figure: Figure::TasksPerSecond { in_flight: 32 },
-        bar: 2.0,
-        source: "#12",
-    },
+/// The goals against the floors, each named by what it measures (figures
+/// from one run, not timed tests).
+const FLOOR_GOALS: [FloorGoal; 7] = [
     FloorGoal {
         backends: &[TransportKind::Interprocess, TransportKind::Tokio],
         floor: "raw-tokio",
         size: 64,
         figure: Figure::LatencyP50,
-        bar: 1.15,
-        source: "#12",
-    },
-    FloorGoal {
-        backends: &[],
-        floor: "raw-tokio",
-        size: 64 * 1024,
-        figure: Figure::TasksPerSecond {
-            in_flight: REFERENCE_IN_FLIGHT,
-        },
-        bar: 0.32,
-        source: "#12",
-    },
-    FloorGoal {
-        backends: &[],
-        floor: "raw-tokio",
-        size: 64 * 1024,
-        figure: Figure::ViewTasksPerSecond,
-        bar: 0.32,
-        source: "#12",
+        bar: 1.2,
     },
     FloorGoal {
         backends: &[TransportKind::Legacy],
         floor: "raw-std",
         size: 64,
         figure: Figure::LatencyP50,
+        bar: 1.5,
+    },
+    FloorGoal {
+        backends: &[],
+        floor: "raw-tokio",
+        size: 64,
+        figure: Figure::TasksPerSecond { in_flight: 1 },
+        bar: 0.8,
+    },
+    FloorGoal {
+        backends: &[],
+        floor: "raw-std",
+        size: 64,
+        figure: Figure::TasksPerSecond { in_flight: 32 },
+        bar: 1.1,
+    },
+    FloorGoal {
+        backends: &[TransportKind::Interprocess],
+        floor: "raw-std",
+        size: 64,
+        figure: Figure::FreshConnectionP50,
         bar: 1.3,
-        source: "#9",
+    },
+    FloorGoal {
+        backends: &[TransportKind::Legacy],
+        floor: "raw-std",
+        size: 64,
+        figure: Figure::FreshConnectionP50,
+        bar: 1.6,
+    },
+    FloorGoal {
+        backends: &[],
+        floor: "raw-tokio",
+        size: 64 * 1024,
+        figure: Figure::ViewTasksPerSecond,
+        bar: 0.25,
     },
 ];
+
+/// Instructions per 64 B task at 8 in flight, at most (`--instructions`):
+/// the client's and the server's. Counted, not timed: the same every run.
+const INSTRUCTION_GOALS: [(&str, f64); 2] = [("client", 3500.0), ("server", 3000.0)];
 
 // ---- raw figures -------------------------------------------------------------
 
@@ -417,6 +434,31 @@ pub struct Comparison {
     pub memory: Ratio,
 }
 
+impl Comparison {
+    /// Every check of the comparison, named.
+    fn checks(&self) -> Vec<(String, Ratio)> {
+        let mut checks = Vec::new();
+        for size in &self.sizes {
+            let label = size_label(size.size);
+            checks.push((
+                format!("{label} latency {:.3}x", size.latency_p50.ratio),
+                size.latency_p50,
+            ));
+            for (in_flight, ratio) in &size.throughput {
+                checks.push((
+                    format!(
+                        "{label} tasks/s at {in_flight} in flight {:.3}x",
+                        ratio.ratio
+                    ),
+                    *ratio,
+                ));
+            }
+        }
+        checks.push((format!("RSS {:.3}x", self.memory.ratio), self.memory));
+        checks
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct SizeComparison {
     pub size: usize,
@@ -455,6 +497,16 @@ pub struct BackendReport {
     pub kind: &'static str,
     pub rounds: Vec<RoundFigures>,
     pub summary: BackendSummary,
+    /// Instructions per 64 B task at 8 in flight, counted by callgrind;
+    /// `null` unless run with `--instructions` and size 64.
+    pub instructions_per_task: Option<PerTaskInstructions>,
+}
+
+/// Instructions each side runs per task.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct PerTaskInstructions {
+    pub client: f64,
+    pub server: f64,
 }
 
 impl BackendReport {
@@ -496,6 +548,7 @@ impl BackendReport {
     /// `figure` per round at `size`.
     fn figure(&self, figure: Figure, size: usize) -> Option<Vec<f64>> {
         match figure {
+            Figure::FreshConnectionP50 => Some(self.per_round(|r| r.connect_p50_ns as f64)),
             Figure::LatencyP50 => self.latency(size),
             Figure::TasksPerSecond { in_flight } => self.tasks_per_second(size, in_flight),
             // A floor has no views: it is compared by its plain figure.
@@ -574,6 +627,7 @@ impl Report {
                 },
                 summary: summarize(&rounds),
                 rounds,
+                instructions_per_task: None,
             })
             .collect();
         let mut report = Report {
@@ -612,9 +666,20 @@ impl Report {
         report
     }
 
-    /// Adds the instruction counts of `compare --instructions`.
+    /// Adds the instruction counts of `compare --instructions`, and judges
+    /// the goals on them.
     pub fn with_instructions(mut self, counts: Vec<InstructionCounts>) -> Report {
+        for backend in &mut self.backends {
+            backend.instructions_per_task = counts
+                .iter()
+                .find(|c| c.backend == backend.name && c.size == 64)
+                .map(|c| PerTaskInstructions {
+                    client: c.client_per_task,
+                    server: c.server_per_task,
+                });
+        }
         self.instructions = counts;
+        self.judge();
         self
     }
 
@@ -677,17 +742,46 @@ impl Report {
                 .collect();
             goals.push(Goal {
                 goal: format!(
-                    "{} vs {}: latency <= {LATENCY_BAR} at every size, throughput >= {THROUGHPUT_BAR:.2}, memory <= {MEMORY_BAR}",
-                    comparison.subject, comparison.baseline
+                    "parity with {} (the decision record's bars)",
+                    comparison.baseline
                 ),
                 backend: comparison.subject,
-                figure: format!("{} of {} checks pass", all.iter().filter(|o| **o == Outcome::Pass).count(), all.len()),
+                figure: format!(
+                    "{}/{} checks pass",
+                    all.iter().filter(|o| **o == Outcome::Pass).count(),
+                    all.len()
+                ),
                 outcome: worst(&all),
             });
         }
         for goal in &FLOOR_GOALS {
             for product in &products {
                 goals.extend(self.floor_goal(goal, product));
+            }
+        }
+        for (side, most) in INSTRUCTION_GOALS {
+            for product in &products {
+                let Some(counted) = product.instructions_per_task else {
+                    continue;
+                };
+                let per_task = if side == "client" {
+                    counted.client
+                } else {
+                    counted.server
+                };
+                goals.push(Goal {
+                    goal: format!(
+                        "64 B instructions per task, {side}, {REFERENCE_IN_FLIGHT} in flight <= {}",
+                        instruction_count(most)
+                    ),
+                    backend: product.name,
+                    figure: instruction_count(per_task),
+                    outcome: if per_task <= most {
+                        Outcome::Pass
+                    } else {
+                        Outcome::Fail
+                    },
+                });
             }
         }
         self.comparisons = comparisons;
@@ -710,11 +804,10 @@ impl Report {
         let sign = if higher_is_better { ">=" } else { "<=" };
         Some(Goal {
             goal: format!(
-                "{}: {sign} {}x {} ({})",
+                "{} {sign} {}x {}",
                 goal.figure.describe(goal.size),
                 goal.bar,
                 goal.floor,
-                goal.source
             ),
             backend: product.name,
             figure: format!("{:.2}x", ratio.ratio),
@@ -729,12 +822,212 @@ impl Report {
         })
     }
 
-    pub fn to_text(&self) -> String {
-        self.render(Style::Terminal)
+    /// The terminal report: within 100 columns, or every table with
+    /// `wide`.
+    pub fn to_text(&self, wide: bool) -> String {
+        let mut out = if wide {
+            self.render(Style::Terminal)
+        } else {
+            self.render_compact()
+        };
+        out.push('\n');
+        out.push_str(&wrap(&self.verdict(), COLUMNS));
+        out
     }
 
     pub fn to_markdown(&self) -> String {
-        self.render(Style::Markdown)
+        let mut out = self.render(Style::Markdown);
+        let _ = writeln!(out, "\n**{}**", self.verdict());
+        out
+    }
+
+    /// One line a reader can quote: interprocess against tokio by the
+    /// decision record's bar, and how the goals stand.
+    pub fn verdict(&self) -> String {
+        let goals = {
+            let count = |outcome| self.goals.iter().filter(|g| g.outcome == outcome).count();
+            format!(
+                "goals: {} pass, {} within noise, {} FAIL",
+                count(Outcome::Pass),
+                count(Outcome::WithinNoise),
+                count(Outcome::Fail)
+            )
+        };
+        let Some(comparison) = self
+            .comparisons
+            .iter()
+            .find(|c| c.baseline == TransportKind::Tokio.name())
+        else {
+            return format!(
+                "Verdict: no interprocess-against-tokio comparison (both backends are needed in \
+                 this build and among --backends); {goals}."
+            );
+        };
+        let checks = comparison.checks();
+        let failing: Vec<&String> = checks
+            .iter()
+            .filter(|(_, ratio)| ratio.outcome == Outcome::Fail)
+            .map(|(name, _)| name)
+            .collect();
+        let passing = checks
+            .iter()
+            .filter(|(_, ratio)| ratio.outcome == Outcome::Pass)
+            .count();
+        let standing = if !failing.is_empty() {
+            format!(
+                "not at parity: {} of {} checks fail in every round ({}); the decision record's bar \
+                 is not met",
+                failing.len(),
+                checks.len(),
+                failing
+                    .iter()
+                    .map(|name| name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        } else if passing < checks.len() {
+            format!(
+                "parity within noise ({passing} of {} checks pass in every round, none fails in \
+                 every round); the decision record's bar is met as far as this run can tell",
+                checks.len()
+            )
+        } else {
+            format!(
+                "parity ({} of {} checks pass in every round); the decision record's bar is met",
+                passing,
+                checks.len()
+            )
+        };
+        format!(
+            "Verdict: {} vs {}: {standing}; {goals}.",
+            comparison.subject, comparison.baseline
+        )
+    }
+
+    /// The default terminal report: medians only, the goals and the
+    /// verdict, within 100 columns.
+    fn render_compact(&self) -> String {
+        let mut out = String::new();
+        let sizes: Vec<String> = self.sizes.iter().map(|&s| size_label(s)).collect();
+        let commit = self
+            .build
+            .git_commit
+            .as_deref()
+            .map_or("(no git)", |c| &c[..c.len().min(12)]);
+        let intro = format!(
+            "daemoneye-ipc compare: {} rounds interleaved, sizes {}; {}; crc32 {}; {} build {}{}; \
+             {} ({} logical CPUs); {}.",
+            self.rounds,
+            sizes.join(", "),
+            self.placement.description,
+            self.crc32,
+            self.build.profile,
+            commit,
+            if self.build.git_dirty == Some(true) {
+                " (dirty)"
+            } else {
+                ""
+            },
+            self.machine.cpu_model,
+            self.machine.logical_cpus,
+            self.generated_at,
+        );
+        out.push_str(&wrap(&intro, COLUMNS));
+        if self.build.profile == "debug" {
+            out.push_str(&wrap(
+                "WARNING: a debug build; run `cargo run --release --all-features -- compare` for \
+                 figures worth reading.",
+                COLUMNS,
+            ));
+        }
+        out.push_str(&wrap(
+            &format!(
+                "Medians over rounds. A goal passes when every round meets it, FAILs when none \
+                 does, and is within noise when rounds fall on both sides. Parity (the decision \
+                 record's bars): latency <= {LATENCY_BAR}x, tasks/s >= {THROUGHPUT_BAR:.2}x at \
+                 every size and in-flight level, RSS <= {MEMORY_BAR}x. --wide (or --markdown \
+                 FILE) shows spreads, p99, every in-flight level, views and the cost over the \
+                 floors."
+            ),
+            COLUMNS,
+        ));
+
+        let per_backend = || {
+            Table::new(
+                std::iter::once("size".to_owned())
+                    .chain(self.backends.iter().map(|b| b.name.to_owned())),
+            )
+        };
+        let _ = writeln!(out, "\nRound trip p50, one task in flight (us)");
+        let mut table = per_backend();
+        for (i, size) in self.sizes.iter().enumerate() {
+            table.row(
+                std::iter::once(size_label(*size)).chain(
+                    self.backends
+                        .iter()
+                        .map(|b| micros(b.summary.sizes[i].latency_p50_ns.median)),
+                ),
+            );
+        }
+        out.push_str(&table.render(Style::Terminal));
+
+        let _ = writeln!(out, "\nTasks/s, {REFERENCE_IN_FLIGHT} in flight");
+        let mut table = per_backend();
+        for (i, size) in self.sizes.iter().enumerate() {
+            table.row(
+                std::iter::once(size_label(*size)).chain(self.backends.iter().map(|b| {
+                    format!(
+                        "{:.0}",
+                        b.summary.sizes[i]
+                            .throughput_at(REFERENCE_IN_FLIGHT)
+                            .tasks_per_second
+                            .median
+                    )
+                })),
+            );
+        }
+        out.push_str(&table.render(Style::Terminal));
+
+        let _ = writeln!(
+            out,
+            "\nNew connection per 64 B task p50 (us); server RSS peak with 16 clients (MiB);\n\
+             instructions per 64 B task, {REFERENCE_IN_FLIGHT} in flight, client / server"
+        );
+        let mut table = Table::new(
+            ["backend", "new connection", "RSS peak", "instructions"]
+                .into_iter()
+                .map(str::to_owned),
+        );
+        for b in &self.backends {
+            table.row([
+                b.name.to_owned(),
+                micros(b.summary.connect_p50_ns.median),
+                format!("{:.1}", b.summary.rss_held_peak_bytes.median / MIB),
+                b.instructions_per_task
+                    .map_or("- (--instructions)".to_owned(), |counted| {
+                        format!(
+                            "{} / {}",
+                            instruction_count(counted.client),
+                            instruction_count(counted.server)
+                        )
+                    }),
+            ]);
+        }
+        out.push_str(&table.render(Style::Terminal));
+
+        if !self.goals.is_empty() {
+            let _ = writeln!(out);
+            let mut table = Table::new(["outcome", "backend", "goal: this run"].map(str::to_owned));
+            for goal in &self.goals {
+                table.row([
+                    goal.outcome.label().to_owned(),
+                    goal.backend.to_owned(),
+                    format!("{}: {}", goal.goal, goal.figure),
+                ]);
+            }
+            out.push_str(&table.render(Style::Terminal));
+        }
+        out
     }
 
     fn render(&self, style: Style) -> String {
@@ -1001,7 +1294,7 @@ impl Report {
             heading(&mut out, "Verdict");
             let _ = writeln!(
                 out,
-                "Needs the interprocess backend and another product backend in one build (build with --features ipc-tokio)."
+                "Needs the interprocess backend and another product backend in one build and among --backends."
             );
         }
 
@@ -1248,6 +1541,34 @@ fn bounds(values: &[f64]) -> (f64, f64) {
     (lo / 1.5, hi * 1.5)
 }
 
+/// The terminal report's width, by default.
+const COLUMNS: usize = 100;
+
+const MIB: f64 = 1024.0 * 1024.0;
+
+/// `text` as lines of at most `width` columns, broken at spaces (a word
+/// longer than that stands alone).
+fn wrap(text: &str, width: usize) -> String {
+    let mut out = String::new();
+    let mut line = String::new();
+    for word in text.split_whitespace() {
+        if !line.is_empty() && line.chars().count() + 1 + word.chars().count() > width {
+            out.push_str(&line);
+            out.push('\n');
+            line.clear();
+        }
+        if !line.is_empty() {
+            line.push(' ');
+        }
+        line.push_str(word);
+    }
+    if !line.is_empty() {
+        out.push_str(&line);
+        out.push('\n');
+    }
+    out
+}
+
 /// `64 B`, `1 KiB`, `64 KiB`, `1 MiB`.
 pub fn size_label(size: usize) -> String {
     if size >= 1 << 20 && size.is_multiple_of(1 << 20) {
@@ -1415,6 +1736,164 @@ mod tests {
         let s = Stat::of([3.0, 1.0, 2.0]);
         assert_eq!((s.median, s.min, s.max), (2.0, 1.0, 3.0));
         assert_eq!(Stat::of([1.0, 2.0, 3.0, 10.0]).median, 2.5);
+    }
+
+    /// One round of a backend at 64 B: `latency_us` round trip p50, the
+    /// same tasks/s at every in-flight level, `connect_us` per new
+    /// connection.
+    fn round(latency_us: u64, tasks_per_second: f64, connect_us: u64) -> RoundFigures {
+        RoundFigures {
+            round: 0,
+            rss_idle_bytes: 8 << 20,
+            rss_held_peak_bytes: 10 << 20,
+            connect_p50_ns: connect_us * 1000,
+            connect_p99_ns: connect_us * 1000,
+            fresh_connection_tasks_per_second: 1e6 / connect_us as f64,
+            sizes: vec![SizeFigures {
+                size: 64,
+                latency_p50_ns: latency_us * 1000,
+                latency_p99_ns: None,
+                latency_p999_ns: None,
+                latency_samples: 100,
+                throughput: IN_FLIGHT
+                    .map(|in_flight| ThroughputFigures {
+                        in_flight,
+                        tasks: 1000,
+                        elapsed_ns: 1,
+                        tasks_per_second,
+                        megabytes_per_second: 0.0,
+                        server_cpu_ns_per_task: 0.0,
+                        server_minor_faults_per_task: None,
+                        client_minor_faults_per_task: None,
+                    })
+                    .to_vec(),
+                view_throughput: None,
+            }],
+        }
+    }
+
+    fn synthetic(interprocess: RoundFigures, tokio: RoundFigures) -> Report {
+        let placement = Placement {
+            pin: super::super::system::Pin::None,
+            client_cpu: None,
+            server_cpu: None,
+            description: "not pinned".to_owned(),
+        };
+        Report::new(
+            "compare".to_owned(),
+            placement,
+            super::super::workload::Plan::quick(),
+            1,
+            vec![64],
+            Crc32Variant::Ieee,
+            vec![
+                (
+                    Backend::Product(TransportKind::Interprocess),
+                    vec![interprocess],
+                ),
+                (Backend::Product(TransportKind::Tokio), vec![tokio]),
+                (Backend::RawStd, vec![round(10, 100_000.0, 50)]),
+                (Backend::RawTokio, vec![round(15, 80_000.0, 45)]),
+            ],
+        )
+    }
+
+    #[test]
+    fn goals_are_named_by_what_they_measure_and_judged_on_the_floors() {
+        let report = synthetic(round(17, 90_000.0, 60), round(17, 90_000.0, 60));
+        let goal = |name: &str, backend: &str| {
+            report
+                .goals
+                .iter()
+                .find(|g| g.goal == name && g.backend == backend)
+                .unwrap_or_else(|| panic!("no goal {name:?} for {backend}: {:?}", report.goals))
+        };
+        // 17 against raw-tokio's 15 us: 1.13x, within 1.2x.
+        let latency = goal("64 B round trip p50 <= 1.2x raw-tokio", "interprocess");
+        assert_eq!(
+            (latency.outcome, latency.figure.as_str()),
+            (Outcome::Pass, "1.13x")
+        );
+        // 60 against raw-std's 50 us per new connection: 1.2x, within 1.3x.
+        let fresh = goal(
+            "a new connection per 64 B task, p50 <= 1.3x raw-std",
+            "interprocess",
+        );
+        assert_eq!(fresh.outcome, Outcome::Pass);
+        // 90k against raw-std's 100k at 32 in flight: 0.9x, short of 1.1x.
+        let pipelined = goal("64 B tasks/s, 32 in flight >= 1.1x raw-std", "tokio");
+        assert_eq!(pipelined.outcome, Outcome::Fail);
+        assert!(
+            report.goals.iter().all(|g| !g.goal.contains('#')),
+            "no issue numbers: {:?}",
+            report.goals
+        );
+    }
+
+    #[test]
+    fn instruction_counts_go_in_the_json_per_backend_and_are_goals() {
+        let counted = |backend: &'static str, client: f64, server: f64| InstructionCounts {
+            backend,
+            size: 64,
+            in_flight: REFERENCE_IN_FLIGHT,
+            client_per_task: client,
+            server_per_task: server,
+        };
+        let report =
+            synthetic(round(17, 90_000.0, 60), round(17, 90_000.0, 60)).with_instructions(vec![
+                counted("interprocess", 3400.0, 3100.0),
+                counted("tokio", 9000.0, 2900.0),
+            ]);
+        let json: serde_json::Value = serde_json::from_str(&report.to_json().unwrap()).unwrap();
+        let interprocess = &json["backends"][0];
+        assert_eq!(interprocess["name"], "interprocess");
+        assert_eq!(interprocess["instructions_per_task"]["client"], 3400.0);
+        assert_eq!(interprocess["instructions_per_task"]["server"], 3100.0);
+        assert!(
+            json["backends"][2]["instructions_per_task"].is_null(),
+            "not counted"
+        );
+        let outcome = |side: &str, backend: &str| {
+            report
+                .goals
+                .iter()
+                .find(|g| g.backend == backend && g.goal.contains(&format!("per task, {side},")))
+                .map(|g| g.outcome)
+        };
+        assert_eq!(outcome("client", "interprocess"), Some(Outcome::Pass));
+        assert_eq!(outcome("server", "interprocess"), Some(Outcome::Fail));
+        assert_eq!(outcome("client", "tokio"), Some(Outcome::Fail));
+        assert_eq!(outcome("server", "tokio"), Some(Outcome::Pass));
+    }
+
+    #[test]
+    fn the_report_fits_in_100_columns_and_ends_with_one_verdict() {
+        let report = synthetic(round(17, 90_000.0, 60), round(17, 90_000.0, 60));
+        let text = report.to_text(false);
+        for line in text.lines() {
+            assert!(
+                line.chars().count() <= COLUMNS,
+                "{} columns: {line}",
+                line.chars().count()
+            );
+        }
+        let verdict = report.verdict();
+        assert!(
+            verdict.starts_with("Verdict: interprocess vs tokio: parity (")
+                && verdict.contains("the decision record's bar is met"),
+            "{verdict}"
+        );
+        assert!(
+            text.trim_end()
+                .ends_with(verdict.split_whitespace().last().unwrap())
+        );
+        // Slower in the one round: every check fails, and the verdict says so.
+        let slower = synthetic(round(25, 60_000.0, 60), round(17, 90_000.0, 60));
+        let verdict = slower.verdict();
+        assert!(
+            verdict.contains("not at parity") && verdict.contains("is not met"),
+            "{verdict}"
+        );
     }
 
     #[test]
