@@ -257,7 +257,7 @@ struct SimHandlers<'a> {
 }
 
 impl Handlers for SimHandlers<'_> {
-    fn start(&mut self, ticket: TaskTicket, task: DetectionTask) -> Option<HandlerOutcome> {
+    fn start(&mut self, ticket: TaskTicket, task: Box<DetectionTask>) -> Option<HandlerOutcome> {
         let limits = self.settings.limits;
         let max = u64::from(limits.settings.max_frame_bytes);
         let done_at = match self.rng.below(10) {

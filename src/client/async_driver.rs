@@ -86,19 +86,26 @@ async fn run(link: Arc<Link>) {
     tokio::pin!(timer);
     let mut armed: Option<Instant> = None;
     while !link.finished() {
-        let deadline = link.lock().poll_timeout();
-        if let Some(deadline) = deadline
-            && armed.is_none_or(|armed| deadline < armed)
         {
-            timer.as_mut().reset(deadline.into());
-            armed = Some(deadline);
+            let mut core = link.lock();
+            if let Some(deadline) = core.poll_timeout()
+                && armed.is_none_or(|armed| deadline < armed)
+            {
+                timer.as_mut().reset(deadline.into());
+                armed = Some(deadline);
+            }
+            // Callers wake us for a deadline before this one.
+            core.driver_wakes_at(armed);
+            core.take_retime();
         }
         tokio::select! {
             () = poll_fn(|cx| drive_io(cx, connection, &link)) => {}
             () = notify.notified() => {}
             () = &mut timer, if armed.is_some() => {
                 armed = None;
-                link.lock().handle_timeout(Instant::now());
+                let mut core = link.lock();
+                core.driver_wakes_at(None);
+                core.handle_timeout(Instant::now());
             }
         }
         link.settle();

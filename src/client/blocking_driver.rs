@@ -33,7 +33,11 @@ fn run(mut stream: Stream, link: &Link, waker: &Waker) {
             // The calls return at once, so holding the core's lock over
             // them is brief.
             let progressed = drive_io(&mut stream, &mut *core);
-            (progressed, interest(&*core), core.poll_timeout())
+            let deadline = core.poll_timeout();
+            // Callers wake us for a deadline before this one.
+            core.driver_wakes_at(deadline);
+            core.take_retime();
+            (progressed, interest(&*core), deadline)
         };
         link.settle();
         if progressed {

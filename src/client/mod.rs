@@ -625,7 +625,7 @@ impl Link {
     /// one system call: pipelined callers share writes rather than making
     /// one each.
     fn flush(&self, core: &mut ClientConnection<Waiter>) {
-        if core.in_flight() > 1 {
+        if core.in_flight() > 1 || core.take_retime() {
             self.wake_io();
             return;
         }

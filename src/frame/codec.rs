@@ -187,7 +187,7 @@ impl<'a, Out: prost::Message, In> Encoder<&'a Out> for MessageCodec<Out, In> {
 }
 
 /// `DetectionTask` rather than `daemoneye_ipc::proto::DetectionTask`, for messages.
-fn short_type_name<T>() -> &'static str {
+pub(crate) fn short_type_name<T>() -> &'static str {
     let full = std::any::type_name::<T>();
     full.rsplit("::").next().unwrap_or(full)
 }

@@ -155,6 +155,11 @@ pub(crate) struct ClientConnection<W> {
     /// When the last outstanding task was settled.
     idle_since: Instant,
     deliveries: Vec<Delivery<W>>,
+    /// When the driver will next call [`handle_timeout`](Self::handle_timeout),
+    /// as it last said; `None` if not at all.
+    driver_wakes_at: Option<Instant>,
+    /// A caller's deadline comes before that: the driver must look again.
+    retime: bool,
 }
 
 impl<W> ClientConnection<W> {
@@ -178,6 +183,8 @@ impl<W> ClientConnection<W> {
             retired: false,
             idle_since: now,
             deliveries: Vec::new(),
+            driver_wakes_at: None,
+            retime: false,
         }
     }
 
@@ -215,7 +222,27 @@ impl<W> ClientConnection<W> {
             },
         });
         self.waiting += 1;
+        if self
+            .driver_wakes_at
+            .is_none_or(|wakes_at| deadline < wakes_at)
+        {
+            self.retime = true;
+        }
         Ok(ticket)
+    }
+
+    /// The driver will next call [`handle_timeout`](Self::handle_timeout)
+    /// at `at` (`None`: not unless woken).
+    pub(crate) fn driver_wakes_at(&mut self, at: Option<Instant>) {
+        self.driver_wakes_at = at;
+    }
+
+    /// Whether a task registered since the driver last looked has a deadline
+    /// before the driver would wake: the driver must then be woken to look
+    /// again. (Tasks registered later than others have later deadlines, so
+    /// while tasks come and go this stays false.)
+    pub(crate) fn take_retime(&mut self) -> bool {
+        std::mem::take(&mut self.retime)
     }
 
     /// Where the task `task_id` is in the list, if outstanding.
@@ -802,6 +829,22 @@ mod tests {
             [("late caller", "late: in time".to_owned())]
         );
         assert!(c.closed_reason().is_none());
+    }
+
+    #[test]
+    fn the_driver_is_asked_to_look_again_only_for_a_deadline_before_its_own() {
+        let (mut c, t0) = connection(32);
+        c.begin(&task("a"), "a", t0 + READ, t0).unwrap();
+        assert!(c.take_retime(), "no timer set yet");
+        assert!(!c.take_retime(), "asked once");
+        c.driver_wakes_at(Some(t0 + READ));
+        c.begin(&task("b"), "b", t0 + READ * 2, t0).unwrap();
+        assert!(
+            !c.take_retime(),
+            "a later deadline: the timer set wakes it first"
+        );
+        c.begin(&task("c"), "c", t0 + READ / 2, t0).unwrap();
+        assert!(c.take_retime(), "an earlier deadline");
     }
 
     #[test]

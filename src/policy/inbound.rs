@@ -96,15 +96,28 @@ impl<M: prost::Message + Default> Inbound<M> {
 
     /// The next complete message in the buffer, if there is one, with its
     /// frame's size. An error is final: the stream can no longer be trusted
-    /// to be aligned on frames.
-    pub(crate) fn next_message(&mut self, now: Instant) -> Result<Option<(M, usize)>, IpcError> {
-        Ok(self.next_frame(now)?.map(with_frame_size))
+    /// to be aligned on frames. The message is decoded where it will stay,
+    /// on the heap: a task is large (every filter inline), and it is handed
+    /// on several times before its handler takes it.
+    pub(crate) fn next_message(
+        &mut self,
+        now: Instant,
+    ) -> Result<Option<(Box<M>, usize)>, IpcError> {
+        let Some(body) = self.decoder.decode(&mut self.buf)? else {
+            return Ok(None);
+        };
+        self.frame_done(now);
+        boxed(&body).map(Some)
     }
 
     /// The peer closed its side: `Ok(None)` if it did so between frames,
     /// [`IpcError::TruncatedFrame`] if inside one.
-    pub(crate) fn on_eof(&mut self, now: Instant) -> Result<Option<(M, usize)>, IpcError> {
-        Ok(self.eof_frame(now)?.map(with_frame_size))
+    pub(crate) fn on_eof(&mut self, now: Instant) -> Result<Option<(Box<M>, usize)>, IpcError> {
+        let Some(body) = self.decoder.decode_eof(&mut self.buf)? else {
+            return Ok(None);
+        };
+        self.frame_done(now);
+        boxed(&body).map(Some)
     }
 
     /// Like [`next_message`](Self::next_message), with the frame's body
@@ -233,8 +246,17 @@ fn decoded<M: prost::Message + Default>(body: BytesMut) -> Result<Option<(M, Byt
     Ok(Some((message, body.freeze())))
 }
 
-fn with_frame_size<M>((message, body): (M, Bytes)) -> (M, usize) {
-    (message, HEADER_LEN + body.len())
+/// `body` decoded into a message on the heap, with its frame's size.
+fn boxed<M: prost::Message + Default>(body: &[u8]) -> Result<(Box<M>, usize), IpcError> {
+    let mut message = Box::<M>::default();
+    message
+        .merge(body)
+        .map_err(|source| IpcError::MalformedMessage {
+            message_type: crate::frame::codec::short_type_name::<M>(),
+            length: body.len(),
+            source,
+        })?;
+    Ok((message, HEADER_LEN + body.len()))
 }
 
 #[cfg(test)]

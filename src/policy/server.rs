@@ -121,16 +121,13 @@ pub(crate) type TaskTicket = u64;
 
 /// What the driver must do.
 #[derive(Debug, PartialEq)]
-#[allow(
-    clippy::large_enum_variant,
-    reason = "events are drained as they are made; boxing the task would cost an allocation per task"
-)]
 pub(crate) enum ServerEvent {
     /// Run the handler on `task`, then report with
-    /// [`task_finished`](ServerConnection::task_finished).
+    /// [`task_finished`](ServerConnection::task_finished). (The task stays
+    /// where it was decoded, on the heap, until its handler takes it.)
     StartTask {
         ticket: TaskTicket,
-        task: DetectionTask,
+        task: Box<DetectionTask>,
     },
     /// The task ran out of time and has been answered already: stop its
     /// work (drop its future). A later `task_finished` for it is ignored.
@@ -375,7 +372,7 @@ impl ServerConnection {
         }
     }
 
-    fn start(&mut self, task: DetectionTask, bytes: usize, now: Instant) {
+    fn start(&mut self, task: Box<DetectionTask>, bytes: usize, now: Instant) {
         bump(&self.counters.frames_in);
         tracing::debug!(task_id = ?task.task_id, task_type = task.task_type, "task received");
         let (frame, need) = self

@@ -354,7 +354,7 @@ struct AsyncHandlers<'a, H> {
 }
 
 impl<H: TaskHandler> Handlers for AsyncHandlers<'_, H> {
-    fn start(&mut self, ticket: TaskTicket, task: DetectionTask) -> Option<HandlerOutcome> {
+    fn start(&mut self, ticket: TaskTicket, task: Box<DetectionTask>) -> Option<HandlerOutcome> {
         match start_handler(self.shared, &self.handler, task) {
             Handling::Finished(outcome) => Some(outcome),
             Handling::Running(future) => {

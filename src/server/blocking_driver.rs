@@ -465,7 +465,7 @@ struct ThreadHandlers<'a, H> {
 }
 
 impl<H: TaskHandler> Handlers for ThreadHandlers<'_, H> {
-    fn start(&mut self, ticket: TaskTicket, task: DetectionTask) -> Option<HandlerOutcome> {
+    fn start(&mut self, ticket: TaskTicket, task: Box<DetectionTask>) -> Option<HandlerOutcome> {
         match start_handler(self.shared, self.handler, task) {
             Handling::Finished(outcome) => Some(outcome),
             Handling::Running(future) => {

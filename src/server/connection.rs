@@ -19,7 +19,7 @@ use crate::telemetry::Counters;
 pub(crate) trait Handlers {
     /// Starts the handler on `task`: its outcome at once if it needed no
     /// waiting, else `None` and the driver reports it when done.
-    fn start(&mut self, ticket: TaskTicket, task: DetectionTask) -> Option<HandlerOutcome>;
+    fn start(&mut self, ticket: TaskTicket, task: Box<DetectionTask>) -> Option<HandlerOutcome>;
     /// Stops the handler of `ticket` (its task ran out of time and has been
     /// answered already).
     fn cancel(&mut self, ticket: TaskTicket);

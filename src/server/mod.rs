@@ -632,7 +632,7 @@ enum Handling<F> {
 fn start_handler<H: TaskHandler>(
     shared: &Shared,
     handler: &Arc<H>,
-    task: DetectionTask,
+    task: Box<DetectionTask>,
 ) -> Handling<impl Future<Output = Reply> + Send + 'static> {
     let handler = handler.clone();
     // Kept for the warning, without an allocation per task.
@@ -640,7 +640,7 @@ fn start_handler<H: TaskHandler>(
         .inline_first_poll
         .load(Relaxed)
         .then(|| IdForLog::new(&task.task_id));
-    let mut running = CatchUnwind(Box::pin(async move { handler.handle(task).await }));
+    let mut running = CatchUnwind(Box::pin(async move { handler.handle(*task).await }));
     let Some(task_id) = task_id else {
         return Handling::Running(running);
     };
