@@ -40,11 +40,7 @@ pub enum IpcError {
     },
 
     /// A frame's body does not match the checksum in its header.
-    #[error(
-        "frame checksum mismatch on a {length}-byte body: header says {expected:#010x}, body computes \
-         {actual:#010x} with crc32 variant {variant}; the frame is corrupt, or the peers disagree on \
-         ipc.crc32_variant (ieee vs castagnoli)"
-    )]
+    #[error("{}", describe_checksum_mismatch(*expected, *actual, *variant, *length, *peer_variant))]
     ChecksumMismatch {
         /// Checksum carried in the header.
         expected: u32,
@@ -54,6 +50,9 @@ pub enum IpcError {
         variant: Crc32Variant,
         /// Body length.
         length: u32,
+        /// The other variant, if the body matches the header under it: the
+        /// peers disagree on `ipc.crc32_variant`, and this is the peer's.
+        peer_variant: Option<Crc32Variant>,
     },
 
     /// The byte stream ended in the middle of a frame.
@@ -465,6 +464,27 @@ pub enum IpcError {
     /// An I/O error while reading or writing frames.
     #[error("I/O error on the IPC connection: {0}")]
     Io(#[from] io::Error),
+}
+
+fn describe_checksum_mismatch(
+    expected: u32,
+    actual: u32,
+    variant: Crc32Variant,
+    length: u32,
+    peer_variant: Option<Crc32Variant>,
+) -> String {
+    match peer_variant {
+        Some(theirs) => format!(
+            "frame checksum mismatch: this side uses crc32_variant = {variant} and the peer's \
+             frames are checksummed with {theirs}; set ipc.crc32_variant (DAEMONEYE_IPC_CRC32_VARIANT, \
+             --crc32) to the same on both sides"
+        ),
+        None => format!(
+            "frame checksum mismatch on a {length}-byte body: header says {expected:#010x}, body \
+             computes {actual:#010x} with crc32 variant {variant} (nor does the other variant \
+             match); the frame is corrupt"
+        ),
+    }
 }
 
 fn describe_untrusted_server(endpoint: &str, reason: &str) -> String {

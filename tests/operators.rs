@@ -192,6 +192,109 @@ fn ping_prints_the_collectors_error_escaped(transport: TransportKind) {
     });
 }
 
+each_backend!(an_agent_with_the_other_checksum_is_told_which_each_side_uses);
+/// A rollback is when the two sides' settings drift apart: an agent sending
+/// CRC-32C to a collector on IEEE is told so, in words, not "connection
+/// lost"; and the collector goes on serving agents that agree with it.
+fn an_agent_with_the_other_checksum_is_told_which_each_side_uses(transport: TransportKind) {
+    let endpoint = Endpoint::fresh();
+    let mut server = ServerProcess::start(&endpoint.name, transport, &[]);
+    let endpoint = server.endpoint.clone();
+    let send = |crc32: &str, task_id: &str| {
+        daemoneye_ipc()
+            .args(["send", "--endpoint", &endpoint, "--transport"])
+            .args([transport.name(), "--crc32", crc32, "--task-id", task_id])
+            .output()
+            .unwrap()
+    };
+    let output = send("castagnoli", "c1");
+    assert_eq!(output.status.code(), Some(1));
+    assert!(output.stdout.is_empty(), "no result");
+    let message = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        message.contains("uses crc32_variant = ieee")
+            && message.contains("checksummed with castagnoli")
+            && message.contains("--crc32")
+            && message.contains("did not run"),
+        "{message}"
+    );
+    assert!(!message.contains("lost"), "{message}");
+    server.wait_for_log("crc32_variant = ieee", 1);
+    assert!(
+        send("ieee", "c2").status.success(),
+        "an agent that agrees is served"
+    );
+    assert_eq!(server.counters()["crc_errors"], 1);
+}
+
+each_backend!(send_checks_an_expected_hash_and_exits_3_when_it_differs);
+/// Scripts go by exit codes: `send --expected-hash` exits 3, saying why on
+/// stderr, when the hash differs; 0 when it matches. A relative
+/// `--hash-path` is the agent's, made absolute before it is sent.
+fn send_checks_an_expected_hash_and_exits_3_when_it_differs(transport: TransportKind) {
+    let endpoint = Endpoint::fresh();
+    let files = tempfile::tempdir().unwrap();
+    std::fs::write(files.path().join("payload"), b"what the agent checks").unwrap();
+    let allow = files.path().canonicalize().unwrap();
+    let server = ServerProcess::start(
+        &endpoint.name,
+        transport,
+        &["--hash-allow", allow.to_str().unwrap()],
+    );
+    let send = |extra: &[&str]| {
+        daemoneye_ipc()
+            .current_dir(&allow)
+            .args(["send", "--endpoint", &server.endpoint, "--transport"])
+            .args([transport.name(), "--task-id", "h", "--hash-path", "payload"])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let plain = send(&[]);
+    assert!(
+        plain.status.success(),
+        "{}",
+        String::from_utf8_lossy(&plain.stderr)
+    );
+    let result: serde_json::Value = serde_json::from_slice(&plain.stdout).unwrap();
+    assert_eq!(
+        result["hash_result"]["file_path"],
+        allow.join("payload").to_str().unwrap(),
+        "the relative path, made absolute: {result}"
+    );
+    let hash = result["hash_result"]["hash_value"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(hash.len(), 64);
+
+    assert!(send(&["--expected-hash", &hash]).status.success());
+    let differs = send(&["--expected-hash", "00"]);
+    assert_eq!(differs.status.code(), Some(3));
+    let message = String::from_utf8_lossy(&differs.stderr);
+    assert!(
+        message.contains(&format!("is {hash}, not the expected 00")),
+        "{message}"
+    );
+    let printed: serde_json::Value = serde_json::from_slice(&differs.stdout).unwrap();
+    assert_eq!(
+        printed["hash_result"]["success"], false,
+        "the result is printed too"
+    );
+
+    let missing = daemoneye_ipc()
+        .args(["send", "--endpoint", &server.endpoint, "--task-id", "m"])
+        .args(["--task-type", "check-process-hash"])
+        .output()
+        .unwrap();
+    assert_eq!(missing.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&missing.stderr).contains("needs --hash-path FILE"),
+        "{}",
+        String::from_utf8_lossy(&missing.stderr)
+    );
+}
+
 /// A build without the `bench` feature has no `compare`: asked for it, the
 /// binary says which feature brings it back.
 #[cfg(not(feature = "bench"))]

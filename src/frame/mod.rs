@@ -81,6 +81,14 @@ impl Crc32Variant {
         }
     }
 
+    /// The other variant.
+    pub fn other(self) -> Crc32Variant {
+        match self {
+            Crc32Variant::Ieee => Crc32Variant::Castagnoli,
+            Crc32Variant::Castagnoli => Crc32Variant::Ieee,
+        }
+    }
+
     /// The name used in config files, flags and logs (`ieee`, `castagnoli`).
     pub fn name(self) -> &'static str {
         match self {
@@ -199,11 +207,15 @@ impl FrameHeader {
         );
         let actual = crc32.checksum(body);
         if actual != self.checksum {
+            // Only on this (rare) path: which variant the peer uses, if the
+            // disagreement is that rather than a corrupt frame.
+            let other = crc32.other();
             return Err(IpcError::ChecksumMismatch {
                 expected: self.checksum,
                 actual,
                 variant: crc32,
                 length: self.length,
+                peer_variant: (other.checksum(body) == self.checksum).then_some(other),
             });
         }
         Ok(())

@@ -56,6 +56,20 @@ impl<M: prost::Message> Outbound<M> {
         Ok(self.queued(before, now))
     }
 
+    /// Queues one frame carrying `message`, framed under `settings` rather
+    /// than the connection's own (a notice in the peer's checksum variant),
+    /// and returns its size.
+    pub(crate) fn push_in(
+        &mut self,
+        message: &M,
+        settings: FrameSettings,
+        now: Instant,
+    ) -> Result<usize, IpcError> {
+        let before = self.buf.len();
+        encode_message_parts(&[message], settings, &mut self.buf)?;
+        Ok(self.queued(before, now))
+    }
+
     /// Queues one frame whose body is `head`'s encoding followed by `tail`,
     /// encoded beforehand with checksum `tail_crc` (see
     /// [`encode_message_with_tail`]), and returns its size.

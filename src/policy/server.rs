@@ -32,7 +32,10 @@
 //!   reaching the head of the output.
 //! * **Bad input.** A frame that fails its checksum, announces more than
 //!   `max_frame_bytes`, is not a `DetectionTask`, or is cut short, closes
-//!   this connection, and only this one.
+//!   this connection, and only this one. When the connection's first frame
+//!   fails its checksum but matches the other CRC-32 variant, the peer is
+//!   told which variant each side uses (a notice framed in its own
+//!   variant) before the close.
 //! * **Draining.** After [`stop_reading`](ServerConnection::stop_reading)
 //!   (graceful shutdown) or the peer closing its side, nothing more is read;
 //!   tasks in flight are answered, then the connection closes.
@@ -243,6 +246,9 @@ pub(crate) struct ServerConnection {
     /// Set once the connection is over; taken by `poll_close`.
     close: Option<Result<(), IpcError>>,
     closed: bool,
+    /// Why the connection ends once its last frame (a notice to the peer)
+    /// is written.
+    failing: Option<IpcError>,
 }
 
 impl ServerConnection {
@@ -267,6 +273,7 @@ impl ServerConnection {
             last_activity: now,
             close: None,
             closed: false,
+            failing: None,
         }
     }
 
@@ -358,7 +365,7 @@ impl ServerConnection {
             match self.inbound.next_message(now) {
                 Ok(Some((task, bytes))) => self.start(task, bytes, now),
                 Ok(None) => break,
-                Err(error) => self.fail(error),
+                Err(error) => self.bad_frame(error, now),
             }
         }
     }
@@ -368,8 +375,49 @@ impl ServerConnection {
         match self.inbound.on_eof(now) {
             Ok(Some((task, bytes))) => self.start(task, bytes, now),
             Ok(None) => self.reading = Reading::PeerClosed,
-            Err(error) => self.fail(error),
+            Err(error) => self.bad_frame(error, now),
         }
+    }
+
+    /// A frame that cannot be trusted ends the connection. When it is the
+    /// connection's first and its checksum is right under the other
+    /// variant, the peers disagree on `crc32_variant`, which the agent could
+    /// not tell from a closed connection: it is told, in a notice framed in
+    /// its own variant, before the close. (The notice takes the place of
+    /// the answer the frame had room reserved for.)
+    fn bad_frame(&mut self, error: IpcError, now: Instant) {
+        if let IpcError::ChecksumMismatch {
+            variant: ours,
+            peer_variant: Some(theirs),
+            ..
+        } = error
+            && self.next_ticket == 0
+            && let Some((_, reserved)) = self.account.next_frame
+        {
+            let notice = failed(
+                "",
+                format!(
+                    "this collector uses crc32_variant = {ours} and this agent's frames are \
+                     checksummed with {theirs}: set ipc.crc32_variant (DAEMONEYE_IPC_CRC32_VARIANT, \
+                     --crc32) to the same on both sides"
+                ),
+            );
+            let theirs = FrameSettings {
+                crc32: theirs,
+                ..self.limits.settings
+            };
+            if let Ok(written) = self.outbound.push_in(&notice, theirs, now)
+                && written <= reserved
+            {
+                tracing::debug!(%error, "told the peer its checksum variant differs");
+                self.account.next_frame = None;
+                self.account.release(reserved - written);
+                self.reading = Reading::Stopped;
+                self.failing = Some(error);
+                return self.refresh(now);
+            }
+        }
+        self.fail(error);
     }
 
     fn start(&mut self, task: Box<DetectionTask>, bytes: usize, now: Instant) {
@@ -730,6 +778,9 @@ impl ServerConnection {
             self.account.release_unused();
         }
         if done_reading && self.in_flight() == 0 {
+            if let Some(error) = self.failing.take() {
+                return self.fail(error);
+            }
             self.closed = true;
             self.close = Some(Ok(()));
         }
@@ -1264,6 +1315,64 @@ mod tests {
             assert!(error.contains(expected), "{error}");
             assert_eq!(c.poll_timeout(), None);
             assert!(!c.wants_read());
+        }
+    }
+
+    /// The first frame checksummed with the other variant: the peer is told
+    /// in its own variant, then the connection closes with the mismatch.
+    #[test]
+    fn a_first_frame_in_the_other_crc_variant_is_answered_in_it_before_the_close() {
+        use crate::Crc32Variant::{Castagnoli, Ieee};
+        let castagnoli = FrameSettings {
+            crc32: Castagnoli,
+            ..FrameSettings::DEFAULT
+        };
+        let mut wire = BytesMut::new();
+        encode_message(&task("c1"), castagnoli, &mut wire).unwrap();
+        let (mut c, counters, t0) = connection(32);
+        receive(&mut c, &wire, t0);
+        assert!(c.poll_event().is_none(), "the task does not run");
+        assert!(!c.wants_read(), "nothing more is read");
+        let mut notice = BytesMut::from(c.pending_output());
+        let body = crate::frame::FrameDecoder::new(castagnoli)
+            .decode(&mut notice)
+            .expect("framed in the agent's variant")
+            .unwrap();
+        let notice: DetectionResult = decode_message(&body).unwrap();
+        assert_eq!(notice.task_id, "", "a notice answers no task");
+        let message = notice.error_message.unwrap();
+        assert!(
+            message.contains("crc32_variant = ieee")
+                && message.contains("checksummed with castagnoli")
+                && message.contains("--crc32"),
+            "{message}"
+        );
+        assert!(c.poll_close().is_none(), "not before the notice is out");
+        let count = c.pending_output().len();
+        c.on_written(count, t0);
+        match closed_with(&mut c) {
+            IpcError::ChecksumMismatch {
+                variant: Ieee,
+                peer_variant: Some(Castagnoli),
+                ..
+            } => {}
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(counters.snapshot("test", 0).frames_in, 0);
+
+        // A corrupt frame (neither variant), or a later frame: no notice.
+        let mut corrupt = frame("x");
+        *corrupt.last_mut().unwrap() ^= 1;
+        let later = [frame("first"), wire.to_vec()].concat();
+        for bytes in [corrupt, later] {
+            let (mut c, _, t0) = connection(32);
+            receive(&mut c, &bytes, t0);
+            while c.poll_event().is_some() {}
+            assert!(
+                matches!(closed_with(&mut c), IpcError::ChecksumMismatch { .. }),
+                "closed at once"
+            );
+            assert!(c.pending_output().is_empty(), "and nothing said");
         }
     }
 

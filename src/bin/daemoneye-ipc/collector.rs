@@ -409,7 +409,16 @@ fn hash_file(path: &str, policy: &HashPolicy, cancelled: &AtomicBool) -> Result<
              collector allows (serve --hash-allow DIR); refusing to hash it"
         ));
     };
-    let mut file = open_regular(&target).map_err(|error| format!("cannot hash {path}: {error}"))?;
+    let mut file = open_regular(&target).map_err(|error| {
+        if std::fs::symlink_metadata(&target).is_ok_and(|meta| meta.file_type().is_symlink()) {
+            format!(
+                "{path} is a symbolic link, which this collector does not follow; ask for the \
+                 file it points to"
+            )
+        } else {
+            format!("cannot hash {path}: {error}")
+        }
+    })?;
     let length = file
         .metadata()
         .map_err(|error| format!("cannot inspect {path}: {error}"))?
@@ -664,6 +673,11 @@ mod tests {
             .handle(hash_task(&allowed.path().join("link"), ""))
             .await;
         assert!(!through_file.success);
+        assert!(
+            message(&through_file)
+                .contains("is a symbolic link, which this collector does not follow"),
+            "said in words: {through_file:?}"
+        );
         let through_dir = collector
             .handle(hash_task(&allowed.path().join("dir").join("secret"), ""))
             .await;

@@ -1,7 +1,8 @@
 //! `daemoneye-ipc`: the operator's command line for the DaemonEye IPC layer.
 //!
 //! Exit codes: 0 success, 1 the operation failed (I/O, the peer, the
-//! handler), 2 bad usage or configuration.
+//! handler), 2 bad usage or configuration, 3 (`send --expected-hash`) the
+//! file's hash is not the one expected.
 
 mod collector;
 #[cfg(feature = "bench")]
@@ -23,6 +24,9 @@ use daemoneye_ipc::{Crc32Variant, IpcError, TransportKind};
 const EXIT_FAILURE: u8 = 1;
 /// Exit code for bad usage or an invalid configuration (clap uses it too).
 const EXIT_USAGE: u8 = 2;
+/// Exit code of `send --expected-hash` when the hash came back different,
+/// or could not be computed.
+const EXIT_HASH_MISMATCH: u8 = 3;
 
 /// How long `serve` waits, after its graceful shutdown, for blocking work
 /// that is still running before it exits anyway.
@@ -158,6 +162,13 @@ impl Failure {
         Failure {
             code: EXIT_FAILURE,
             message: err.to_string(),
+        }
+    }
+
+    fn hash_mismatch(message: impl std::fmt::Display) -> Failure {
+        Failure {
+            code: EXIT_HASH_MISMATCH,
+            message: message.to_string(),
         }
     }
 }

@@ -3,11 +3,13 @@
 //! Exit 0 whenever a result came back (check its `success` field); a failure
 //! to get one (no server, a deadline, a lost connection) is one line on
 //! stderr naming the endpoint and the cause, and exit 1. Bad arguments
-//! (an empty task id, filters that do not fit the task type) exit 2.
+//! (an empty task id, filters that do not fit the task type) exit 2. With
+//! `--expected-hash`, a hash that came back different (or could not be
+//! computed) is a line on stderr saying so, and exit 3, after the result.
 
 use clap::{Args, ValueEnum};
 use daemoneye_ipc::proto::{HashCheck, ProcessFilter};
-use daemoneye_ipc::{DetectionTask, IpcClient, IpcError, TaskType};
+use daemoneye_ipc::{DetectionResult, DetectionTask, IpcClient, IpcError, TaskType};
 
 use crate::{ConfigArgs, Failure};
 
@@ -35,10 +37,12 @@ pub struct SendCmd {
     /// Only processes whose executable path matches (`*`, `?` wildcards).
     #[arg(long, value_name = "PATTERN")]
     executable_pattern: Option<String>,
-    /// File to hash for check-process-hash.
+    /// File to hash for check-process-hash; a relative path is taken from
+    /// this directory, as the collector needs an absolute one.
     #[arg(long, value_name = "P")]
     hash_path: Option<String>,
-    /// Expected SHA-256 (hex) of --hash-path.
+    /// Expected SHA-256 (hex) of --hash-path: exit 3 if the hash differs
+    /// (or could not be computed).
     #[arg(long, value_name = "H", requires = "hash_path")]
     expected_hash: Option<String>,
     /// Free-form metadata passed along with the task.
@@ -94,6 +98,15 @@ impl SendCmd {
                 "--hash-path only applies to --task-type check-process-hash",
             ));
         }
+        if task_type == TaskType::CheckProcessHash && self.hash_path.is_none() {
+            return Err(Failure::usage(
+                "--task-type check-process-hash needs --hash-path FILE: the file to hash",
+            ));
+        }
+        let hash_path = match &self.hash_path {
+            Some(path) => Some(absolute(path)?),
+            None => None,
+        };
         Ok(DetectionTask {
             task_id: self.task_id.clone(),
             task_type: task_type.into(),
@@ -102,7 +115,7 @@ impl SendCmd {
                 pids: self.pids.clone(),
                 executable_pattern: self.executable_pattern.clone(),
             }),
-            hash_check: self.hash_path.clone().map(|executable_path| HashCheck {
+            hash_check: hash_path.map(|executable_path| HashCheck {
                 expected_hash: self.expected_hash.clone().unwrap_or_default(),
                 hash_algorithm: "sha256".to_owned(),
                 executable_path,
@@ -128,8 +141,52 @@ impl SendCmd {
         })?;
         let json = serde_json::to_string_pretty(&result).map_err(Failure::runtime)?;
         println!("{}", escape_terminal_controls(&json));
-        Ok(())
+        match &self.expected_hash {
+            Some(expected) => confirm_hash(&result, expected),
+            None => Ok(()),
+        }
     }
+}
+
+/// `path` as the collector needs it: absolute, a relative one taken from
+/// this process's directory (the collector's is another).
+fn absolute(path: &str) -> Result<String, Failure> {
+    let absolute = std::path::absolute(path).map_err(|error| {
+        Failure::usage(format!(
+            "--hash-path {path:?} cannot be made absolute: {error}"
+        ))
+    })?;
+    absolute.into_os_string().into_string().map_err(|path| {
+        Failure::usage(format!(
+            "--hash-path {path:?} is not valid UTF-8, which a task cannot carry"
+        ))
+    })
+}
+
+/// Whether the hash that came back is `expected`: an error (exit 3) saying
+/// how it is not, or that it could not be computed.
+fn confirm_hash(result: &DetectionResult, expected: &str) -> Result<(), Failure> {
+    let expected = expected.trim();
+    let Some(hash) = result.hash_result.as_ref().filter(|_| result.success) else {
+        return Err(Failure::hash_mismatch(format!(
+            "the hash could not be checked against --expected-hash: {}",
+            escape_terminal_controls(
+                result
+                    .error_message
+                    .as_deref()
+                    .unwrap_or("the collector sent no hash")
+            )
+        )));
+    };
+    if hash.hash_value.eq_ignore_ascii_case(expected) {
+        return Ok(());
+    }
+    Err(Failure::hash_mismatch(format!(
+        "the hash of {} is {}, not the expected {} (--expected-hash)",
+        escape_terminal_controls(&hash.file_path),
+        escape_terminal_controls(&hash.hash_value),
+        escape_terminal_controls(expected)
+    )))
 }
 
 /// The collector's text, as printed, can drive no terminal: serde_json
