@@ -537,6 +537,111 @@ impl fmt::Display for ConfigOrigin {
     }
 }
 
+/// A size in bytes as people write it: a whole number, optionally with a
+/// unit, `K` (1024), `M` (1024 K) or `G` (1024 M), also as `KB`/`KiB` and
+/// so on, in any case. The error says what was expected.
+pub fn parse_byte_size(text: &str) -> Result<u64, String> {
+    const EXPECTED: &str = "a whole number of bytes, optionally with a unit \
+                            (1K = 1024, 1M = 1024K, 1G = 1024M; e.g. 65536, 64K, 1M)";
+    let trimmed = text.trim();
+    let split = trimmed
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(trimmed.len());
+    let (digits, unit) = trimmed.split_at(split);
+    let scale: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        _ => return Err(EXPECTED.to_owned()),
+    };
+    digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|number| number.checked_mul(scale))
+        .ok_or_else(|| EXPECTED.to_owned())
+}
+
+/// Numbers in a config file, read with errors that say what was expected
+/// rather than the Rust type ("a whole number of connections", not
+/// "usize").
+mod whole {
+    use serde::de::{self, Deserializer, Visitor};
+
+    struct Whole {
+        expected: &'static str,
+        sizes: bool,
+    }
+
+    impl Visitor<'_> for Whole {
+        type Value = u64;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(self.expected)
+        }
+
+        fn visit_u64<E: de::Error>(self, value: u64) -> Result<u64, E> {
+            Ok(value)
+        }
+
+        fn visit_i64<E: de::Error>(self, value: i64) -> Result<u64, E> {
+            u64::try_from(value)
+                .map_err(|_| E::custom(format!("expected {}, not {value}", self.expected)))
+        }
+
+        fn visit_f64<E: de::Error>(self, value: f64) -> Result<u64, E> {
+            Err(E::custom(format!(
+                "expected {}, not {value}",
+                self.expected
+            )))
+        }
+
+        fn visit_str<E: de::Error>(self, value: &str) -> Result<u64, E> {
+            if self.sizes {
+                return super::parse_byte_size(value)
+                    .map_err(|expected| E::custom(format!("expected {expected}, not {value:?}")));
+            }
+            Err(E::custom(format!(
+                "expected {}, not {value:?}",
+                self.expected
+            )))
+        }
+
+        fn visit_bool<E: de::Error>(self, value: bool) -> Result<u64, E> {
+            Err(E::custom(format!(
+                "expected {}, not {value}",
+                self.expected
+            )))
+        }
+    }
+
+    fn read<'de, D: Deserializer<'de>>(
+        deserializer: D,
+        expected: &'static str,
+        sizes: bool,
+    ) -> Result<u64, D::Error> {
+        deserializer.deserialize_any(Whole { expected, sizes })
+    }
+
+    pub(super) fn bytes<'de, D: Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
+        let bytes = read(
+            d,
+            "a whole number of bytes (or a size such as \"64K\")",
+            true,
+        )?;
+        Ok(Some(usize::try_from(bytes).unwrap_or(usize::MAX)))
+    }
+
+    pub(super) fn millis<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+        read(d, "a whole number of milliseconds", false).map(Some)
+    }
+
+    pub(super) fn connections<'de, D: Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
+        let count = read(d, "a whole number of connections", false)?;
+        Ok(Some(usize::try_from(count).unwrap_or(usize::MAX)))
+    }
+}
+
 /// A partial set of settings: one layer (file table, environment, flags).
 /// `None` leaves the value of the layer below.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
@@ -546,19 +651,27 @@ pub struct ConfigOverrides {
     pub transport: Option<TransportKind>,
     /// See [`IpcConfig::endpoint_path`].
     pub endpoint_path: Option<String>,
-    /// See [`IpcConfig::max_frame_bytes`].
+    /// See [`IpcConfig::max_frame_bytes`]. In a file: a number, or a
+    /// string with a unit (`"64K"`, `"1M"`).
+    #[serde(default, deserialize_with = "whole::bytes")]
     pub max_frame_bytes: Option<usize>,
     /// See [`IpcConfig::accept_timeout_ms`].
+    #[serde(default, deserialize_with = "whole::millis")]
     pub accept_timeout_ms: Option<u64>,
     /// See [`IpcConfig::read_timeout_ms`].
+    #[serde(default, deserialize_with = "whole::millis")]
     pub read_timeout_ms: Option<u64>,
     /// See [`IpcConfig::write_timeout_ms`].
+    #[serde(default, deserialize_with = "whole::millis")]
     pub write_timeout_ms: Option<u64>,
     /// See [`IpcConfig::task_timeout_ms`].
+    #[serde(default, deserialize_with = "whole::millis")]
     pub task_timeout_ms: Option<u64>,
     /// See [`IpcConfig::max_connections`].
+    #[serde(default, deserialize_with = "whole::connections")]
     pub max_connections: Option<usize>,
     /// See [`IpcConfig::max_connections_per_peer`].
+    #[serde(default, deserialize_with = "whole::connections")]
     pub max_connections_per_peer: Option<usize>,
     /// See [`IpcConfig::crc32_variant`].
     pub crc32_variant: Option<Crc32Variant>,
@@ -583,7 +696,6 @@ impl ConfigOverrides {
                 expected: expected.to_owned(),
             })
         }
-        const BYTES: &str = "a whole number of bytes";
         const MILLIS: &str = "a whole number of milliseconds";
         match field {
             ConfigField::Transport => {
@@ -591,7 +703,15 @@ impl ConfigOverrides {
                 self.transport = Some(parse(var, value, &names)?);
             }
             ConfigField::EndpointPath => self.endpoint_path = Some(value.to_owned()),
-            ConfigField::MaxFrameBytes => self.max_frame_bytes = Some(parse(var, value, BYTES)?),
+            ConfigField::MaxFrameBytes => {
+                let bytes =
+                    parse_byte_size(value).map_err(|expected| IpcError::InvalidEnvValue {
+                        var: var.to_owned(),
+                        value: value.to_owned(),
+                        expected,
+                    })?;
+                self.max_frame_bytes = Some(usize::try_from(bytes).unwrap_or(usize::MAX));
+            }
             ConfigField::AcceptTimeoutMs => {
                 self.accept_timeout_ms = Some(parse(var, value, MILLIS)?)
             }
@@ -838,7 +958,8 @@ fn parse_config_file(path: &Path, text: &str) -> Result<ConfigOverrides, IpcErro
     };
     let file: ConfigFile = toml::from_str(text).map_err(|err| {
         // One line, for logs, quoting the offending line so the key is named:
-        // "line 2, column 19 (`max_connections = "lots"`): invalid type ...".
+        // "line 2, column 19 (`max_connections = "lots"`): expected a whole
+        // number of connections, not "lots"".
         let message = err.message().trim_end().replace('\n', " ");
         match err.span() {
             Some(span) => {

@@ -325,7 +325,8 @@ pub enum IpcError {
     /// No server answered within the connect deadline.
     #[error(
         "no server answered at {endpoint} within {waited_ms} ms (transport {transport}; last attempt: \
-         {last_error}); is the collector running, and is --endpoint right?"
+         {last_error}); is the collector running, and is the endpoint right? (How long to keep \
+         trying is ipc.accept_timeout_ms: --accept-timeout-ms, DAEMONEYE_IPC_ACCEPT_TIMEOUT_MS.)"
     )]
     ConnectTimeout {
         /// The endpoint.

@@ -102,6 +102,30 @@ fn invalid_settings_exit_2_with_one_line_naming_the_problem() {
     );
 }
 
+#[test]
+fn byte_counts_take_units_on_the_command_line_as_in_the_file() {
+    let output = daemoneye_ipc()
+        .args(["config", "--max-frame-bytes", "64K"])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(
+        String::from_utf8_lossy(&output.stdout).contains("max_frame_bytes = 65536"),
+        "{}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+    let output = daemoneye_ipc()
+        .args(["config", "--max-frame-bytes", "1K2"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let message = stderr(&output);
+    assert!(
+        message.contains("--max-frame-bytes") && message.contains("1K = 1024"),
+        "{message}"
+    );
+}
+
 /// A backend this build lacks is a usage error (exit 2) naming what the
 /// build has and the feature that adds it, for every command that takes a
 /// transport. A build with all three has none to refuse: ci/test.sh's

@@ -251,7 +251,11 @@ fn bad_arguments_exit_2_with_the_reason() {
     for (args, needle) in [
         (&["--rounds", "2"][..], "at least 3 rounds"),
         (&["--sizes", "0"][..], "sizes run from 1 byte"),
-        (&["--sizes", "1G"][..], "unknown unit"),
+        (&["--sizes", "1G"][..], "sizes run from 1 byte to 64 MiB"),
+        (
+            &["--sizes", "1Q"][..],
+            "is not a size: expected a whole number of bytes",
+        ),
         (&["--backends", "shared-memory"][..], "this build has"),
     ] {
         let output = compare(args);

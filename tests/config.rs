@@ -421,6 +421,62 @@ fn a_non_numeric_environment_value_is_named() {
     );
 }
 
+#[test]
+fn a_word_where_a_number_goes_is_named_in_words_not_rust_types() {
+    let file = config_file("[ipc]\nmax_connections = \"ten\"\n");
+    let message = load_err(Some(&file), &[], ConfigOverrides::default());
+    assert_mentions(
+        &message,
+        &[
+            "line 2",
+            "`max_connections = \"ten\"`",
+            "expected a whole number of connections, not \"ten\"",
+        ],
+    );
+    assert!(!message.contains("usize"), "{message}");
+    for (text, expected) in [
+        (
+            "read_timeout_ms = -5",
+            "expected a whole number of milliseconds, not -5",
+        ),
+        ("max_frame_bytes = 1.5", "expected a whole number of bytes"),
+        (
+            "max_connections = true",
+            "expected a whole number of connections, not true",
+        ),
+    ] {
+        let file = config_file(&format!("[ipc]\n{text}\n"));
+        let message = load_err(Some(&file), &[], ConfigOverrides::default());
+        assert_mentions(&message, &[expected]);
+    }
+}
+
+#[test]
+fn sizes_take_the_same_units_in_the_file_and_the_environment() {
+    let file = config_file("[ipc]\nmax_frame_bytes = \"64K\"\n");
+    let loaded = load(Some(&file), &[], ConfigOverrides::default()).unwrap();
+    assert_eq!(loaded.config.max_frame_bytes, 64 * 1024);
+    let file = config_file("[ipc]\nmax_frame_bytes = 2048\n");
+    let loaded = load(Some(&file), &[], ConfigOverrides::default()).unwrap();
+    assert_eq!(loaded.config.max_frame_bytes, 2048, "a plain number too");
+    let loaded = load(
+        None,
+        &[("DAEMONEYE_IPC_MAX_FRAME_BYTES", "1M")],
+        ConfigOverrides::default(),
+    )
+    .unwrap();
+    assert_eq!(loaded.config.max_frame_bytes, 1 << 20);
+    let message = load_err(
+        None,
+        &[("DAEMONEYE_IPC_MAX_FRAME_BYTES", "1 lot")],
+        ConfigOverrides::default(),
+    );
+    assert_mentions(
+        &message,
+        &["DAEMONEYE_IPC_MAX_FRAME_BYTES=\"1 lot\"", "1K = 1024"],
+    );
+}
+
 fn flag_err(flags: ConfigOverrides) -> String {
     load_err(None, &[], flags)
 }

@@ -231,6 +231,10 @@ mod cli {
         assert_eq!(stderr.lines().count(), 1, "{stderr}");
         assert!(stderr.contains(&endpoint.name), "{stderr}");
         assert!(stderr.contains("no server answered"), "{stderr}");
+        assert!(
+            stderr.contains("--accept-timeout-ms"),
+            "names what shortens the wait: {stderr}"
+        );
     }
 
     #[test]

@@ -111,13 +111,20 @@ struct ConfigArgs {
     /// Server: how long a handler may take over one task.
     #[arg(long, value_name = "N")]
     task_timeout_ms: Option<u64>,
-    /// Largest message body in bytes.
-    #[arg(long, value_name = "N")]
+    /// Largest message body in bytes (K, M suffixes: 1K = 1024).
+    #[arg(long, value_name = "N", value_parser = parse_bytes)]
     max_frame_bytes: Option<usize>,
     /// Unix server: the group (name or gid) whose members may connect; the
     /// socket is then 0660 and its directory 0750, both the group's.
     #[arg(long, value_name = "NAME|GID")]
     socket_group: Option<String>,
+}
+
+/// A byte count from the command line, with the units the config file and
+/// the environment accept.
+fn parse_bytes(text: &str) -> Result<usize, String> {
+    daemoneye_ipc::config::parse_byte_size(text)
+        .map(|bytes| usize::try_from(bytes).unwrap_or(usize::MAX))
 }
 
 impl ConfigArgs {

@@ -27,8 +27,8 @@ pub struct ServeCmd {
     #[arg(long = "hash-allow", value_name = "DIR")]
     hash_allow: Vec<PathBuf>,
     /// CHECK_PROCESS_HASH refuses files larger than this, without reading
-    /// them.
-    #[arg(long, value_name = "N", default_value_t = 1 << 30)]
+    /// them (K, M, G suffixes: 1G = 1024M).
+    #[arg(long, value_name = "N", default_value = "1G", value_parser = daemoneye_ipc::config::parse_byte_size)]
     max_hash_bytes: u64,
     /// Also log the counters line every N milliseconds (0: only on SIGUSR1
     /// and at shutdown). Where there is no SIGUSR1 (Windows), this is how to

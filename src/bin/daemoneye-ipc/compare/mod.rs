@@ -114,27 +114,15 @@ fn parse_rounds(text: &str) -> Result<u32, String> {
 
 /// Sizes like `64`, `1K`, `64KiB`, `1M`.
 fn parse_size(text: &str) -> Result<usize, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (digits, unit) = text.split_at(split);
-    let number: usize = digits
-        .parse()
-        .map_err(|_| format!("{text:?} is not a size (try 64, 1K, 64K, 1M)"))?;
-    let scale = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kb" | "kib" => 1024,
-        "m" | "mb" | "mib" => 1024 * 1024,
-        _ => return Err(format!("{text:?}: unknown unit {unit:?} (use K or M)")),
-    };
-    let size = number
-        .checked_mul(scale)
-        .ok_or_else(|| format!("{text:?} is too large"))?;
+    let size = daemoneye_ipc::config::parse_byte_size(text)
+        .map_err(|expected| format!("{:?} is not a size: expected {expected}", text.trim()))?;
     if !(1..=64 * 1024 * 1024).contains(&size) {
-        return Err(format!("{text:?}: sizes run from 1 byte to 64 MiB"));
+        return Err(format!(
+            "{:?}: sizes run from 1 byte to 64 MiB",
+            text.trim()
+        ));
     }
-    Ok(size)
+    Ok(size as usize)
 }
 
 #[derive(Args)]
