@@ -86,6 +86,17 @@ fn the_man_page_lists_every_subcommand_and_each_has_a_page() {
         );
     }
     assert!(run_ok(&["man", "serve"]).contains(r"\-\-log\-format"));
+    assert!(
+        !main.contains(r"daemoneye\-ipc\-help"),
+        "no page is listed that does not exist: {main}"
+    );
+    for page in [main.clone(), run_ok(&["man", "send"])] {
+        for section in [".SH ENVIRONMENT", ".SH \"EXIT STATUS\"", ".SH EXAMPLES"] {
+            assert!(page.contains(section), "{section}: {page}");
+        }
+        assert!(page.contains(r"DAEMONEYE_IPC_MAX_FRAME_BYTES"), "{page}");
+    }
+    assert!(run_ok(&["man", "send"]).contains(r"\-\-expected\-hash: the hash differs"));
     let unknown = daemoneye_ipc().args(["man", "nosuch"]).output().unwrap();
     assert_eq!(unknown.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&unknown.stderr).contains("the pages are: serve"));

@@ -610,6 +610,10 @@ impl ServerProcess {
                 message.contains("is in use by a running server"),
                 "{first} then {second}: {message}"
             );
+            assert!(
+                !message.contains("ready") && !message.contains("listening"),
+                "a refused start never says it was ready: {message}"
+            );
         }
         let client = daemoneye_ipc::IpcClient::new(self.client_config(first)).unwrap();
         let answer = block_on(client.send(quick_task("first-unharmed"))).unwrap();

@@ -69,7 +69,8 @@ enum Command {
     #[cfg(feature = "bench")]
     #[command(hide = true)]
     BenchClient(compare::BenchClientCmd),
-    /// Print a shell completion script (bash, zsh or fish) to stdout.
+    /// Print a shell completion script (bash, zsh, fish, elvish or
+    /// powershell) to stdout.
     Completions(manuals::CompletionsCmd),
     /// Print the man page (roff) to stdout.
     Man(manuals::ManCmd),

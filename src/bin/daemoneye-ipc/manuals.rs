@@ -52,8 +52,10 @@ pub struct ManCmd {
 
 impl ManCmd {
     pub fn run(self, command: clap::Command) -> Result<(), Failure> {
+        let subcommand = self.subcommand.clone();
         let page = match &self.subcommand {
-            None => command,
+            // clap's implicit `help` subcommand has no page of its own.
+            None => without_hidden_subcommands(command).disable_help_subcommand(true),
             Some(name) => {
                 let names: Vec<String> = visible_subcommands(&command)
                     .map(|sub| sub.get_name().to_owned())
@@ -74,11 +76,184 @@ impl ManCmd {
                     .version(env!("CARGO_PKG_VERSION"))
             }
         };
+        let has_subcommands = page.get_subcommands().next().is_some();
+        let man = clap_mangen::Man::new(page);
         let mut roff = Vec::new();
-        clap_mangen::Man::new(page)
-            .render(&mut roff)
-            .map_err(|e| Failure::runtime(format!("cannot render the man page: {e}")))?;
+        let rendered = (|| {
+            man.render_title(&mut roff)?;
+            man.render_name_section(&mut roff)?;
+            man.render_synopsis_section(&mut roff)?;
+            man.render_description_section(&mut roff)?;
+            man.render_options_section(&mut roff)?;
+            if has_subcommands {
+                man.render_subcommands_section(&mut roff)?;
+            }
+            roff.extend_from_slice(extra_sections(subcommand.as_deref()).as_bytes());
+            man.render_version_section(&mut roff)
+        })();
+        rendered.map_err(|e| Failure::runtime(format!("cannot render the man page: {e}")))?;
         write_stdout(&roff)
+    }
+}
+
+/// The sections clap's definitions do not carry: ENVIRONMENT, EXIT STATUS
+/// and EXAMPLES, for the main page (`None`) or a subcommand's, in roff.
+fn extra_sections(page: Option<&str>) -> String {
+    let mut roff = String::new();
+    let takes_settings = matches!(page, None | Some("serve" | "send" | "ping" | "config"));
+    roff.push_str(".SH ENVIRONMENT\n");
+    if takes_settings {
+        for field in daemoneye_ipc::config::ConfigField::ALL {
+            roff.push_str(&format!(
+                ".TP\n\\fB{}\\fR\nSets ipc.{}; {} wins over it, and it wins over the file \
+                 given with \\-\\-config.\n",
+                escape(&field.env_var()),
+                escape(field.key()),
+                escape(&flag_of(field)),
+            ));
+        }
+        roff.push_str(".PP\nAny other DAEMONEYE_IPC_* variable is refused by name.\n");
+    }
+    roff.push_str(
+        ".TP\n\\fBRUST_LOG\\fR\nWhich log lines go to stderr (default info for serve, warn \
+         otherwise), e.g. RUST_LOG=debug.\n",
+    );
+
+    roff.push_str(".SH \"EXIT STATUS\"\n");
+    let statuses: &[(u8, &str)] = match page {
+        Some("serve") => &[
+            (
+                0,
+                "Stopped by SIGINT or SIGTERM after answering the tasks in flight.",
+            ),
+            (
+                1,
+                "Could not serve: the endpoint is in use or unsafe, or another I/O failure.",
+            ),
+            (2, "Bad usage or an invalid configuration."),
+        ],
+        Some("send") => &[
+            (0, "A result came back (look at its success field)."),
+            (
+                1,
+                "No result: no server, a deadline, a lost or refused connection.",
+            ),
+            (2, "Bad usage or an invalid configuration."),
+            (
+                3,
+                "With \\-\\-expected\\-hash: the hash differs, or could not be computed.",
+            ),
+        ],
+        Some("ping") => &[
+            (0, "Every round trip was answered."),
+            (
+                1,
+                "No answer: no server, a deadline, a lost or refused connection.",
+            ),
+            (2, "Bad usage or an invalid configuration."),
+        ],
+        Some("compare") => &[
+            (0, "The comparison ran; its verdict is in the report."),
+            (1, "A measurement failed."),
+            (2, "Bad usage, or a build without the bench feature."),
+        ],
+        Some(_) => &[
+            (0, "Success."),
+            (2, "Bad usage or an invalid configuration."),
+        ],
+        None => &[
+            (0, "Success."),
+            (1, "The operation failed (I/O, the peer, the handler)."),
+            (2, "Bad usage or an invalid configuration."),
+            (
+                3,
+                "send \\-\\-expected\\-hash: the hash is not the one expected.",
+            ),
+        ],
+    };
+    for (status, meaning) in statuses {
+        roff.push_str(&format!(".TP\n\\fB{status}\\fR\n{meaning}\n"));
+    }
+
+    roff.push_str(".SH EXAMPLES\n");
+    let examples: &[(&str, &str)] = match page {
+        Some("serve") => &[
+            (
+                "Serve on the default endpoint, logging JSON:",
+                "daemoneye-ipc serve --log-format json",
+            ),
+            (
+                "Roll back to the legacy backend, same socket:",
+                "DAEMONEYE_IPC_TRANSPORT=legacy daemoneye-ipc serve",
+            ),
+        ],
+        Some("send") => &[
+            (
+                "List the processes named sshd:",
+                "daemoneye-ipc send --task-id t1 --name sshd",
+            ),
+            (
+                "Check a file's hash in a script (exit 3 if it differs):",
+                "daemoneye-ipc send --task-id t2 --hash-path /usr/bin/ssh --expected-hash 3f1c...",
+            ),
+        ],
+        Some("ping") => &[(
+            "Ten round trips to a collector on another endpoint:",
+            "daemoneye-ipc ping --count 10 --endpoint /run/daemoneye/procmond.sock",
+        )],
+        Some("config") => &[(
+            "What a collector started with this file and environment would use:",
+            "daemoneye-ipc config --config /etc/daemoneye/ipc.toml",
+        )],
+        Some("compare") => &[(
+            "Every backend side by side, about 30 seconds:",
+            "daemoneye-ipc compare --quick",
+        )],
+        Some("completions") => &[(
+            "Bash completions for this user:",
+            "daemoneye-ipc completions bash > ~/.local/share/bash-completion/completions/daemoneye-ipc",
+        )],
+        Some(_) => &[("The page of serve:", "daemoneye-ipc man serve | man -l -")],
+        None => &[
+            ("Run a collector:", "daemoneye-ipc serve"),
+            (
+                "Ask it for its processes:",
+                "daemoneye-ipc send --task-id t1",
+            ),
+            (
+                "Check it answers, and how fast:",
+                "daemoneye-ipc ping --count 5",
+            ),
+        ],
+    };
+    for (what, command) in examples {
+        roff.push_str(&format!(
+            ".PP\n{}\n.PP\n.RS\n.nf\n{}\n.fi\n.RE\n",
+            escape(what),
+            escape(command)
+        ));
+    }
+    roff
+}
+
+/// The command-line flag that sets `field`.
+fn flag_of(field: daemoneye_ipc::config::ConfigField) -> String {
+    use daemoneye_ipc::config::ConfigField;
+    match field {
+        ConfigField::EndpointPath => "--endpoint".to_owned(),
+        ConfigField::Crc32Variant => "--crc32".to_owned(),
+        other => format!("--{}", other.key().replace('_', "-")),
+    }
+}
+
+/// `text` for roff: hyphens as `\-`, backslashes doubled, and a leading
+/// period or quote kept from being read as a request.
+fn escape(text: &str) -> String {
+    let escaped = text.replace('\\', "\\\\").replace('-', "\\-");
+    if escaped.starts_with(['.', '\'']) {
+        format!("\\&{escaped}")
+    } else {
+        escaped
     }
 }
 

@@ -34,7 +34,8 @@ pub struct SendCmd {
     /// Only processes with this name (repeatable).
     #[arg(long = "name", value_name = "NAME")]
     names: Vec<String>,
-    /// Only processes whose executable path matches (`*`, `?` wildcards).
+    /// Only processes whose executable path matches this glob (`*`, `?`,
+    /// `[...]`, `{a,b}`).
     #[arg(long, value_name = "PATTERN")]
     executable_pattern: Option<String>,
     /// File to hash for check-process-hash; a relative path is taken from

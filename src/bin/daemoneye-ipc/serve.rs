@@ -54,16 +54,19 @@ impl ServeCmd {
             allowed_dirs: self.hash_allow,
             max_bytes: self.max_hash_bytes,
         });
-        tracing::info!(
-            max_blocking_jobs = collector.max_jobs(),
-            scan_wait_ms = collector.scan_wait().as_millis() as u64,
-            "collector ready"
-        );
+        let (max_jobs, scan_wait) = (collector.max_jobs(), collector.scan_wait());
         let server = IpcServer::builder(config)
             .allow_uids(self.allow_uids)
             .bind(move |task| collector.clone().handle(task))
             .await
             .map_err(Failure::runtime)?;
+        // Once the endpoint is bound and secured: a refused start never says
+        // it was ready.
+        tracing::info!(
+            max_blocking_jobs = max_jobs,
+            scan_wait_ms = scan_wait.as_millis() as u64,
+            "collector ready"
+        );
         let mut every = (self.counters_interval_ms > 0).then(|| {
             let period = Duration::from_millis(self.counters_interval_ms);
             tokio::time::interval_at(tokio::time::Instant::now() + period, period)
