@@ -544,6 +544,7 @@ pub fn parse_byte_size(text: &str) -> Result<u64, String> {
     const EXPECTED: &str = "a whole number of bytes, optionally with a unit \
                             (1K = 1024, 1M = 1024K, 1G = 1024M; e.g. 65536, 64K, 1M)";
     let trimmed = text.trim();
+    let trimmed = trimmed.strip_prefix('+').unwrap_or(trimmed);
     let split = trimmed
         .find(|c: char| !c.is_ascii_digit())
         .unwrap_or(trimmed.len());
@@ -615,12 +616,40 @@ mod whole {
         }
     }
 
+    /// An optional setting: absent or null leaves it unset (formats other
+    /// than TOML have a null), anything else must be a whole number.
+    struct Setting(Whole);
+
+    impl<'de> Visitor<'de> for Setting {
+        type Value = Option<u64>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            self.0.expecting(f)
+        }
+
+        fn visit_none<E: de::Error>(self) -> Result<Option<u64>, E> {
+            Ok(None)
+        }
+
+        fn visit_unit<E: de::Error>(self) -> Result<Option<u64>, E> {
+            Ok(None)
+        }
+
+        fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Option<u64>, D::Error> {
+            d.deserialize_any(self.0).map(Some)
+        }
+    }
+
     fn read<'de, D: Deserializer<'de>>(
         deserializer: D,
         expected: &'static str,
         sizes: bool,
-    ) -> Result<u64, D::Error> {
-        deserializer.deserialize_any(Whole { expected, sizes })
+    ) -> Result<Option<u64>, D::Error> {
+        deserializer.deserialize_option(Setting(Whole { expected, sizes }))
+    }
+
+    fn as_usize(value: u64) -> usize {
+        usize::try_from(value).unwrap_or(usize::MAX)
     }
 
     pub(super) fn bytes<'de, D: Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
@@ -629,16 +658,15 @@ mod whole {
             "a whole number of bytes (or a size such as \"64K\")",
             true,
         )?;
-        Ok(Some(usize::try_from(bytes).unwrap_or(usize::MAX)))
+        Ok(bytes.map(as_usize))
     }
 
     pub(super) fn millis<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
-        read(d, "a whole number of milliseconds", false).map(Some)
+        read(d, "a whole number of milliseconds", false)
     }
 
     pub(super) fn connections<'de, D: Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
-        let count = read(d, "a whole number of connections", false)?;
-        Ok(Some(usize::try_from(count).unwrap_or(usize::MAX)))
+        Ok(read(d, "a whole number of connections", false)?.map(as_usize))
     }
 }
 

@@ -477,6 +477,20 @@ fn sizes_take_the_same_units_in_the_file_and_the_environment() {
     );
 }
 
+#[test]
+fn a_layer_from_another_format_may_leave_a_setting_null() {
+    let layer: ConfigOverrides = serde_json::from_str(
+        r#"{"max_connections": null, "read_timeout_ms": 2000, "max_frame_bytes": "+64K"}"#,
+    )
+    .unwrap();
+    assert_eq!(
+        layer.max_connections, None,
+        "null leaves it to the layer below"
+    );
+    assert_eq!(layer.read_timeout_ms, Some(2000));
+    assert_eq!(layer.max_frame_bytes, Some(64 * 1024));
+}
+
 fn flag_err(flags: ConfigOverrides) -> String {
     load_err(None, &[], flags)
 }

@@ -381,21 +381,24 @@ async fn stop_cuts_connections_and_frees_the_endpoint(transport: TransportKind) 
         accept_timeout_ms: 300,
         ..config(&endpoint, transport)
     };
+    let started = Arc::new(Semaphore::new(0));
     let mut server = InterprocessServer::new(config.clone());
-    server.set_handler(|_task: DetectionTask| std::future::pending());
+    let begun = started.clone();
+    server.set_handler(move |_task: DetectionTask| {
+        begun.add_permits(1);
+        std::future::pending()
+    });
     server.start().await.unwrap();
     let mut client = InterprocessClient::new(config.clone());
     let in_flight = tokio::spawn(async move { client.send_task(task("cut")).await });
-    support::eventually("the task to be in flight", PATIENCE, || {
-        (!in_flight.is_finished()).then_some(())
-    })
-    .await;
+    // The handler holds the task: the connection is up and the task in it.
+    started.acquire().await.unwrap().forget();
     server.stop();
     let cut = tokio::time::timeout(PATIENCE, in_flight)
         .await
         .expect("the caller hears of the cut")
         .unwrap();
-    assert!(cut.is_err(), "{cut:?}");
+    assert!(matches!(cut, Err(IpcError::PeerClosed)), "{cut:?}");
     // The endpoint is free again: a new server binds it.
     let mut next = echo_server(&config).await;
     let mut client = InterprocessClient::new(config);

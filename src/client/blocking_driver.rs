@@ -33,6 +33,10 @@ fn run(mut stream: Stream, link: &Link, waker: &Waker) {
             // The calls return at once, so holding the core's lock over
             // them is brief.
             let progressed = drive_io(&mut stream, &mut *core);
+            // Callers' deadlines are kept here: they are checked whether or
+            // not this round moved bytes, so that steady traffic cannot
+            // hold back a caller's timeout.
+            core.handle_timeout(Instant::now());
             let deadline = core.poll_timeout();
             // Callers wake us for a deadline before this one.
             core.driver_wakes_at(deadline);

@@ -672,6 +672,7 @@ impl Link {
                     outcome: delivery.outcome,
                 });
             }
+            let settled = core.take_slots_changed() || settled;
             (settled, core.closed_reason().is_some())
         };
         if (settled || closed) && self.slot_wanted.swap(false, Ordering::SeqCst) {

@@ -160,6 +160,9 @@ pub(crate) struct ClientConnection<W> {
     driver_wakes_at: Option<Instant>,
     /// A caller's deadline comes before that: the driver must look again.
     retime: bool,
+    /// A slot freed, or the connection was retired, without an outcome for
+    /// anyone: callers waiting for a slot must look again all the same.
+    slots_changed: bool,
 }
 
 impl<W> ClientConnection<W> {
@@ -185,6 +188,7 @@ impl<W> ClientConnection<W> {
             deliveries: Vec::new(),
             driver_wakes_at: None,
             retime: false,
+            slots_changed: false,
         }
     }
 
@@ -243,6 +247,13 @@ impl<W> ClientConnection<W> {
     /// while tasks come and go this stays false.)
     pub(crate) fn take_retime(&mut self) -> bool {
         std::mem::take(&mut self.retime)
+    }
+
+    /// Whether a slot freed, or the connection was retired, since the last
+    /// call, with no outcome delivered for it (the late result of a task
+    /// given up on): callers waiting for a slot must look again.
+    pub(crate) fn take_slots_changed(&mut self) -> bool {
+        std::mem::take(&mut self.slots_changed)
     }
 
     /// Where the task `task_id` is in the list, if outstanding.
@@ -362,6 +373,7 @@ impl<W> ClientConnection<W> {
                 ..
             }) => {
                 tracing::debug!(?task_id, "discarded the result of a task given up on");
+                self.slots_changed = true;
             }
             None => {
                 return self.close(format!(
@@ -511,6 +523,7 @@ impl<W> ClientConnection<W> {
     /// Takes no new tasks from now on, and closes once no caller waits.
     pub(crate) fn retire(&mut self) {
         self.retired = true;
+        self.slots_changed = true;
         self.close_if_retired_and_unwatched();
     }
 
@@ -845,6 +858,23 @@ mod tests {
         );
         c.begin(&task("c"), "c", t0 + READ / 2, t0).unwrap();
         assert!(c.take_retime(), "an earlier deadline");
+    }
+
+    #[test]
+    fn a_slot_freed_without_an_outcome_or_a_retirement_is_told_to_callers_waiting_for_one() {
+        let (mut c, t0) = connection(1);
+        let given_up = c.begin(&task("a"), "a", t0 + READ, t0).unwrap();
+        c.abandon(given_up);
+        assert!(!c.take_slots_changed(), "still in flight");
+        receive(&mut c, &result_frame("a", "late"), t0);
+        assert!(delivered(&mut c).is_empty(), "no one to tell of the answer");
+        assert!(c.take_slots_changed(), "but its slot is free");
+        assert!(!c.take_slots_changed(), "told once");
+        c.retire();
+        assert!(
+            c.take_slots_changed(),
+            "a retired connection sends waiting callers elsewhere"
+        );
     }
 
     #[test]

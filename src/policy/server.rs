@@ -249,6 +249,8 @@ pub(crate) struct ServerConnection {
     /// Why the connection ends once its last frame (a notice to the peer)
     /// is written.
     failing: Option<IpcError>,
+    /// It ended after telling the peer why: what was written must reach it.
+    told_peer: bool,
 }
 
 impl ServerConnection {
@@ -274,6 +276,7 @@ impl ServerConnection {
             close: None,
             closed: false,
             failing: None,
+            told_peer: false,
         }
     }
 
@@ -324,6 +327,13 @@ impl ServerConnection {
         self.reading = Reading::PeerClosing;
         self.decode_buffered(now);
         self.refresh(now);
+    }
+
+    /// Whether the connection failed only after its notice to the peer was
+    /// written: the driver must then let those bytes reach the peer rather
+    /// than discard them as it does after a failure.
+    pub(crate) fn told_peer(&self) -> bool {
+        self.told_peer
     }
 
     /// Reading or writing failed: the connection is over.
@@ -779,6 +789,7 @@ impl ServerConnection {
         }
         if done_reading && self.in_flight() == 0 {
             if let Some(error) = self.failing.take() {
+                self.told_peer = true;
                 return self.fail(error);
             }
             self.closed = true;
@@ -1358,6 +1369,10 @@ mod tests {
             } => {}
             other => panic!("{other:?}"),
         }
+        assert!(
+            c.told_peer(),
+            "the driver must let the notice reach the agent"
+        );
         assert_eq!(counters.snapshot("test", 0).frames_in, 0);
 
         // A corrupt frame (neither variant), or a later frame: no notice.
@@ -1373,6 +1388,7 @@ mod tests {
                 "closed at once"
             );
             assert!(c.pending_output().is_empty(), "and nothing said");
+            assert!(!c.told_peer());
         }
     }
 

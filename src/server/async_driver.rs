@@ -329,9 +329,11 @@ async fn serve<H: TaskHandler>(
             () = sleep_until(deadline), if deadline.is_some() => core.handle_timeout(Instant::now()),
         }
     };
-    if outcome.is_err() || shared.abort.is_cancelled() {
+    let told_peer = served.core.told_peer();
+    if (outcome.is_err() && !told_peer) || shared.abort.is_cancelled() {
         // Whatever we had not delivered is moot: do not hold the connection
         // open on the peer's account (Windows pipes otherwise wait for it).
+        // A notice the peer was sent on purpose is not: it must arrive.
         connection.discard_unsent();
     }
     outcome

@@ -22,7 +22,7 @@ use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
@@ -69,12 +69,14 @@ const ABORT_WAIT: Duration = Duration::from_secs(1);
 /// task of its own) takes longer than this has blocked its connection...
 const INLINE_POLL_LIMIT: Duration = Duration::from_millis(2);
 
-/// ...and once this many have, every handler of the server runs as a task
-/// of its own from then on. One slow poll proves little: on a busy machine
-/// the thread can lose its CPU in the middle of a quick one (a benchmark
-/// pinning client and server to one CPU saw it about once a run). A
+/// ...and once this many have within [`INLINE_POLL_WINDOW`], every handler
+/// of the server runs as a task of its own from then on. One slow poll
+/// proves little: on a busy machine the thread can lose its CPU in the
+/// middle of a quick one (a benchmark pinning client and server to one CPU
+/// saw it about once a run), and over weeks such polls would add up. A
 /// handler that blocks does so every time.
 const INLINE_POLL_STRIKES: u32 = 3;
+const INLINE_POLL_WINDOW: Duration = Duration::from_secs(60);
 
 /// Answers tasks. Implemented for every
 /// `Fn(DetectionTask) -> impl Future<Output = R>` where `R` is a
@@ -97,8 +99,8 @@ const INLINE_POLL_STRIKES: u32 = 3;
 /// own), so blocking there would stall that connection. Put blocking or
 /// CPU-heavy work on `tokio::task::spawn_blocking`, as `daemoneye-ipc serve`
 /// does. A server whose handlers block that first poll for more than 2 ms
-/// three times logs a warning naming the last task and from then on starts
-/// every handler as a task of its own. A handler that has not finished within
+/// three times within a minute logs a warning naming the last task and
+/// from then on starts every handler as a task of its own. A handler that has not finished within
 /// `task_timeout_ms` is answered with an error and its future is dropped.
 pub trait TaskHandler: Send + Sync + 'static {
     /// Runs one task. Several run at once: a handler that has to wait
@@ -242,7 +244,7 @@ impl ServerBuilder {
             budget: SharedBudget::new(max_bytes_in_flight),
             encodings: Arc::default(),
             inline_first_poll: AtomicBool::new(true),
-            slow_first_polls: AtomicU32::new(0),
+            slow_first_polls: std::sync::Mutex::new(SlowPolls::default()),
             peer_log: LogThrottle::per_second(),
             limit_log: LogThrottle::per_second(),
             stop_accepting: CancellationToken::new(),
@@ -489,8 +491,9 @@ struct Shared {
     /// Whether handlers are first polled where their task was read (until
     /// they block there; see [`INLINE_POLL_LIMIT`]).
     inline_first_poll: AtomicBool,
-    /// First polls that took longer than [`INLINE_POLL_LIMIT`] so far.
-    slow_first_polls: AtomicU32,
+    /// First polls that took longer than [`INLINE_POLL_LIMIT`] within
+    /// [`INLINE_POLL_WINDOW`] of the first of them.
+    slow_first_polls: std::sync::Mutex<SlowPolls>,
     /// Rejections are counted always, logged at most once a second.
     peer_log: LogThrottle,
     limit_log: LogThrottle,
@@ -648,7 +651,11 @@ fn start_handler<H: TaskHandler>(
     let polled = Pin::new(&mut running).poll(&mut Context::from_waker(Waker::noop()));
     let took = started.elapsed();
     if took > INLINE_POLL_LIMIT {
-        let strikes = shared.slow_first_polls.fetch_add(1, Relaxed) + 1;
+        let strikes = shared
+            .slow_first_polls
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .strike(started);
         if strikes < INLINE_POLL_STRIKES {
             tracing::debug!(
                 task_id = ?task_id,
@@ -669,6 +676,31 @@ fn start_handler<H: TaskHandler>(
     match polled {
         Poll::Ready(outcome) => Handling::Finished(outcome),
         Poll::Pending => Handling::Running(running),
+    }
+}
+
+/// First polls that took too long, counted from the first of them until
+/// [`INLINE_POLL_WINDOW`] has passed.
+#[derive(Debug, Default)]
+struct SlowPolls {
+    count: u32,
+    since: Option<Instant>,
+}
+
+impl SlowPolls {
+    /// One more at `now`; how many there have been in the window.
+    fn strike(&mut self, now: Instant) -> u32 {
+        if self
+            .since
+            .is_none_or(|since| now.saturating_duration_since(since) > INLINE_POLL_WINDOW)
+        {
+            *self = SlowPolls {
+                count: 0,
+                since: Some(now),
+            };
+        }
+        self.count += 1;
+        self.count
     }
 }
 
@@ -741,6 +773,21 @@ pub(crate) type HandlerOutcome = Result<Reply, String>;
 #[cfg(test)]
 mod tests {
     use super::IdForLog;
+
+    #[test]
+    fn slow_first_polls_count_within_a_minute_of_the_first() {
+        let mut slow = super::SlowPolls::default();
+        let t0 = std::time::Instant::now();
+        assert_eq!(slow.strike(t0), 1);
+        assert_eq!(slow.strike(t0 + std::time::Duration::from_secs(30)), 2);
+        assert_eq!(
+            slow.strike(t0 + std::time::Duration::from_secs(61)),
+            1,
+            "a minute after the first, the count starts again"
+        );
+        assert_eq!(slow.strike(t0 + std::time::Duration::from_secs(62)), 2);
+        assert_eq!(slow.strike(t0 + std::time::Duration::from_secs(63)), 3);
+    }
 
     #[test]
     fn an_id_for_the_log_is_kept_escaped_and_cut_at_64_bytes() {

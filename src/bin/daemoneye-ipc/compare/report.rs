@@ -888,7 +888,8 @@ impl Report {
         } else if passing < checks.len() {
             format!(
                 "parity within noise ({passing} of {} checks pass in every round, none fails in \
-                 every round); the decision record's bar is met as far as this run can tell",
+                 every round, the others fall on both sides of their bar); this run cannot tell \
+                 whether the decision record's bar is met",
                 checks.len()
             )
         } else {
