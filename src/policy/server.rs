@@ -331,7 +331,9 @@ impl ServerConnection {
 
     /// Whether the connection failed only after its notice to the peer was
     /// written: the driver must then let those bytes reach the peer rather
-    /// than discard them as it does after a failure.
+    /// than discard them as it does after a failure. (The blocking driver
+    /// never discards.)
+    #[cfg(any(async_backend, test))]
     pub(crate) fn told_peer(&self) -> bool {
         self.told_peer
     }
