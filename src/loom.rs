@@ -35,7 +35,7 @@ fn a_waiter_hears_one_fate_whatever_races_its_deadline() {
         loom::model(move || {
             let t0 = Instant::now();
             let slots = Arc::new(Slots::new(1, None, WAIT));
-            let (first, arrival) = slots.arrive(None, |_, _| true, t0);
+            let (first, arrival) = slots.arrive(None, |_, _| true, || t0);
             assert_eq!(arrival, Arrival::Admitted);
             let heard = Arc::new(Mutex::new(Vec::new()));
             let tell = heard.clone();
@@ -45,7 +45,7 @@ fn a_waiter_hears_one_fate_whatever_races_its_deadline() {
                     tell.lock().unwrap().push(fate);
                     true
                 },
-                t0,
+                || t0,
             );
             let Arrival::Waiting { deadline } = arrival else {
                 panic!("{arrival:?}")
@@ -57,16 +57,16 @@ fn a_waiter_hears_one_fate_whatever_races_its_deadline() {
                 } else {
                     deadline
                 };
-                thread::spawn(move || slots.release(first, at))
+                thread::spawn(move || slots.release(first, || at))
             };
-            slots.handle_timeout(deadline);
+            slots.handle_timeout(|| deadline);
             leaving.join().unwrap();
             let heard = heard.lock().unwrap().clone();
             match heard[..] {
                 [Fate::Admitted] => {
                     assert!(release_early, "admitted at its deadline");
                     assert_eq!(slots.served(), 1);
-                    slots.release(second, deadline);
+                    slots.release(second, || deadline);
                 }
                 [Fate::Expired] => {}
                 ref other => panic!("heard {other:?}"),
@@ -83,7 +83,7 @@ fn a_withdrawal_racing_a_release_leaves_no_slot_behind() {
     loom::model(|| {
         let t0 = Instant::now();
         let slots = Arc::new(Slots::new(1, None, WAIT));
-        let (first, _) = slots.arrive(None, |_, _| true, t0);
+        let (first, _) = slots.arrive(None, |_, _| true, || t0);
         let listening = Arc::new(AtomicBool::new(true));
         let heard = Arc::new(Mutex::new(Vec::new()));
         let (tell, ear) = (heard.clone(), listening.clone());
@@ -97,18 +97,18 @@ fn a_withdrawal_racing_a_release_leaves_no_slot_behind() {
                 }
                 there
             },
-            t0,
+            || t0,
         );
         let leaving = {
             let slots = slots.clone();
-            thread::spawn(move || slots.release(first, t0))
+            thread::spawn(move || slots.release(first, || t0))
         };
         listening.store(false, Ordering::SeqCst);
-        slots.withdraw(second, t0);
+        slots.withdraw(second, || t0);
         leaving.join().unwrap();
         let heard = heard.lock().unwrap().clone();
         if heard == [Fate::Admitted] {
-            slots.release(second, t0);
+            slots.release(second, || t0);
         } else {
             assert!(heard.is_empty(), "heard {heard:?}");
         }

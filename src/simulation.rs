@@ -683,7 +683,7 @@ impl Sim {
                         // As the async driver: a waiter told to stop
                         // withdraws, then hears its fate.
                         Server::Waiting { arrival, .. } => {
-                            self.slots.withdraw(*arrival, now);
+                            self.slots.withdraw(*arrival, || now);
                             self.waiter_wakes(index)?;
                         }
                         Server::Served { .. } => self.stop_reading(index)?,
@@ -780,7 +780,7 @@ impl Sim {
                 *tell.lock().expect("not poisoned") = Some((fate, decided_at));
                 true
             },
-            self.now,
+            || self.now,
         );
         self.note(format!(
             "client {index} ({kind:?}, uid {uid}) arrives, {count} tasks: {outcome:?}"
@@ -855,7 +855,7 @@ impl Sim {
         };
         let (arrival, deadline, told) = (*arrival, *deadline, told.clone());
         if told.lock().expect("not poisoned").is_none() && deadline <= now {
-            self.slots.handle_timeout(now);
+            self.slots.handle_timeout(|| now);
             if let Some(next) = self.slots.poll_timeout()
                 && next <= now
             {
@@ -938,7 +938,7 @@ impl Sim {
         };
         conn.down.writer_gone = true;
         conn.up.reader_gone = true;
-        self.slots.release(slot, self.now);
+        self.slots.release(slot, || self.now);
     }
 
     fn abort(&mut self) {
@@ -947,7 +947,7 @@ impl Sim {
             match self.conns[index].server {
                 Server::Served { .. } => self.close_server(index),
                 Server::Waiting { arrival, .. } => {
-                    self.slots.withdraw(arrival, self.now);
+                    self.slots.withdraw(arrival, || self.now);
                     self.refuse(index);
                 }
                 Server::Closed => {}

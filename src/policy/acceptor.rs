@@ -84,6 +84,12 @@ pub(crate) struct Acceptor {
     /// Fates decided and not yet passed on.
     decided: VecDeque<(ArrivalId, Fate)>,
     next_id: ArrivalId,
+    /// The latest time it was told. Callers on several threads read the
+    /// clock before they reach the acceptor, so their times may arrive out
+    /// of order; time here never goes back, which keeps `waiting` in
+    /// deadline order (an earlier deadline queued behind a later one would
+    /// be neither expired nor admitted at its time).
+    clock: Option<Instant>,
 }
 
 impl Acceptor {
@@ -104,12 +110,21 @@ impl Acceptor {
             per_peer: HashMap::new(),
             decided: VecDeque::new(),
             next_id: 0,
+            clock: None,
         }
+    }
+
+    /// `now`, or the latest time already seen if `now` is before it.
+    fn tick(&mut self, now: Instant) -> Instant {
+        let now = self.clock.map_or(now, |latest| latest.max(now));
+        self.clock = Some(now);
+        now
     }
 
     /// A connection from a peer running as `uid` (if the OS says) arrives
     /// at `now`.
     pub(crate) fn arrive(&mut self, uid: Option<u32>, now: Instant) -> (ArrivalId, Arrival) {
+        let now = self.tick(now);
         self.handle_timeout(now);
         self.next_id += 1;
         let id = self.next_id;
@@ -146,6 +161,7 @@ impl Acceptor {
 
     /// Expires every waiter whose deadline is `now` or earlier.
     pub(crate) fn handle_timeout(&mut self, now: Instant) {
+        let now = self.tick(now);
         while let Some(waiter) = self.waiting.front() {
             if waiter.deadline > now {
                 break;
@@ -405,5 +421,39 @@ mod tests {
             acceptor.arrive(Some(7), t0 + WAIT).1,
             Arrival::Waiting { .. }
         ));
+    }
+
+    #[test]
+    fn times_that_arrive_out_of_order_never_queue_an_earlier_deadline_behind_a_later_one() {
+        // Two threads read the clock, then the later one takes the lock
+        // first: the second arrival brings the earlier time.
+        let t0 = Instant::now();
+        let mut acceptor = Acceptor::new(2, None, WAIT);
+        admitted(&mut acceptor, t0);
+        admitted(&mut acceptor, t0);
+        let late = t0 + Duration::from_millis(3);
+        let (first, arrival) = acceptor.arrive(None, late);
+        assert_eq!(
+            arrival,
+            Arrival::Waiting {
+                deadline: late + WAIT
+            }
+        );
+        let (second, arrival) = acceptor.arrive(None, t0);
+        assert_eq!(
+            arrival,
+            Arrival::Waiting {
+                deadline: late + WAIT
+            },
+            "the stale time is taken as the latest one seen"
+        );
+        // At the deadline both expire together: none is left behind with a
+        // deadline already due (which would wake its timer in a loop).
+        acceptor.handle_timeout(late + WAIT);
+        assert_eq!(
+            decisions(&mut acceptor),
+            [(first, Fate::Expired), (second, Fate::Expired)]
+        );
+        assert_eq!(acceptor.poll_timeout(), None);
     }
 }

@@ -198,7 +198,7 @@ struct Slot<'a> {
 
 impl Drop for Slot<'_> {
     fn drop(&mut self) {
-        self.shared.slots.release(self.id, Instant::now());
+        self.shared.slots.release(self.id, Instant::now);
     }
 }
 
@@ -231,9 +231,9 @@ impl Drop for Waiting<'_> {
         if self.heard {
             return;
         }
-        self.shared.slots.withdraw(self.id, Instant::now());
+        self.shared.slots.withdraw(self.id, Instant::now);
         if let Ok(Fate::Admitted) = self.fate.try_recv() {
-            self.shared.slots.release(self.id, Instant::now());
+            self.shared.slots.release(self.id, Instant::now);
         }
     }
 }
@@ -243,10 +243,10 @@ impl Drop for Waiting<'_> {
 /// slot frees in time, or the server stops.
 async fn wait_for_slot(shared: &Shared, uid: Option<u32>) -> Result<Slot<'_>, Notice> {
     let (tell, fate) = oneshot::channel();
-    let now = Instant::now();
-    let (id, arrival) = shared
-        .slots
-        .arrive(uid, move |_, fate| tell.send(fate).is_ok(), now);
+    let (id, arrival) =
+        shared
+            .slots
+            .arrive(uid, move |_, fate| tell.send(fate).is_ok(), Instant::now);
     let deadline = match arrival {
         Arrival::Admitted => return Ok(Slot { shared, id }),
         Arrival::Refused(refusal) => return Err(shared.refused_for_limit(Some(refusal))),
@@ -268,10 +268,10 @@ async fn wait_for_slot(shared: &Shared, uid: Option<u32>) -> Result<Slot<'_>, No
                 return waiting.decided(fate.unwrap_or(Fate::Expired));
             }
             () = tokio::time::sleep_until(deadline.into()) => {
-                shared.slots.handle_timeout(Instant::now().max(deadline));
+                shared.slots.handle_timeout(|| Instant::now().max(deadline));
             }
             () = shared.stop_reading.cancelled() => {
-                shared.slots.withdraw(id, Instant::now());
+                shared.slots.withdraw(id, Instant::now);
             }
         }
     }

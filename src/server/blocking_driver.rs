@@ -155,7 +155,7 @@ impl<H: TaskHandler> Acceptor<H> {
         let mut spare: Option<Waker> = None;
         while !self.shared.stop_accepting.is_cancelled() {
             let now = Instant::now();
-            self.shared.slots.handle_timeout(now);
+            self.shared.slots.handle_timeout(|| now);
             self.take_fates(&fates, &mut parked);
             if retry_at.is_some_and(|at| at <= now) {
                 retry_at = None;
@@ -202,13 +202,13 @@ impl<H: TaskHandler> Acceptor<H> {
             }
         }
         for &arrival in parked.keys() {
-            self.shared.slots.withdraw(arrival, Instant::now());
+            self.shared.slots.withdraw(arrival, Instant::now);
         }
         // Withdrawn ones hear Expired; any admitted meanwhile give their
         // slot back (the server is stopping).
         while let Ok((arrival, fate)) = fates.try_recv() {
             if fate == Fate::Admitted {
-                self.shared.slots.release(arrival, Instant::now());
+                self.shared.slots.release(arrival, Instant::now);
             }
         }
         self.wake.unregister(ACCEPT_THREAD);
@@ -287,7 +287,7 @@ impl<H: TaskHandler> Acceptor<H> {
             peer: known,
         };
         let uid = accepted.peer.credentials.uid;
-        let (arrival, admitted) = self.shared.slots.arrive(uid, handoff, Instant::now());
+        let (arrival, admitted) = self.shared.slots.arrive(uid, handoff, Instant::now);
         match admitted {
             Arrival::Admitted => self.serve(arrival, accepted),
             Arrival::Waiting { .. } => {
@@ -336,7 +336,10 @@ impl<H: TaskHandler> Acceptor<H> {
         let worker = Worker {
             stream,
             waker,
-            slot,
+            slot: HeldSlot {
+                shared: self.shared.clone(),
+                id: slot,
+            },
             shared: self.shared.clone(),
             handler: self.handler.clone(),
             runtime: self.runtime.clone(),
@@ -350,15 +353,45 @@ impl<H: TaskHandler> Acceptor<H> {
             .stack_size(LEGACY_THREAD_STACK_BYTES)
             .spawn(move || {
                 let _span = thread_span.entered();
+                // Also if the thread unwinds: a shutdown must not wait on
+                // a thread that is gone.
+                let _registered = Registered { wake, id };
                 worker.run();
-                wake.unregister(id);
             });
         if let Err(error) = spawned {
+            // The thread's closure was dropped, and with it the worker,
+            // whose slot is released on drop.
             let _span = span.entered();
             tracing::warn!(%error, "cannot start a thread for the connection; closing it");
             self.wake.unregister(id);
-            self.shared.slots.release(slot, Instant::now());
         }
+    }
+}
+
+/// A connection thread's entry among the threads a shutdown wakes, removed
+/// when the thread ends, however it ends.
+struct Registered {
+    wake: Wake,
+    id: u64,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.wake.unregister(self.id);
+    }
+}
+
+/// A slot held by a connection's thread; released when dropped, so also if
+/// the thread unwinds (or never starts) rather than leaked for the
+/// server's life.
+struct HeldSlot {
+    shared: Arc<Shared>,
+    id: ArrivalId,
+}
+
+impl Drop for HeldSlot {
+    fn drop(&mut self) {
+        self.shared.slots.release(self.id, Instant::now);
     }
 }
 
@@ -367,7 +400,7 @@ struct Worker<H> {
     stream: Stream,
     waker: Waker,
     /// The slot it holds, released when it ends.
-    slot: ArrivalId,
+    slot: HeldSlot,
     shared: Arc<Shared>,
     handler: Arc<H>,
     runtime: Handle,
@@ -386,7 +419,7 @@ impl<H: TaskHandler> Worker<H> {
         tracing::debug!("serving");
         let outcome = self.serve();
         drop(active);
-        shared.slots.release(self.slot, Instant::now());
+        drop(self.slot);
         shared.connection_ended(outcome);
     }
 

@@ -5,6 +5,11 @@
 //! lock that made them, so a waiter learns its fate exactly once and never
 //! from two places. A fate that finds no one to hear it (the waiter is
 //! gone) is settled here: a slot handed to no one is released at once.
+//!
+//! Each call takes a clock rather than a time and reads it under the lock:
+//! a time read before a contended lock would be stale by the wait, and a
+//! release could then admit a waiter whose deadline passed meanwhile.
+//! (Production passes `Instant::now`; the simulation and loom their own.)
 
 use crate::sync::{Mutex, MutexGuard};
 use std::collections::HashMap;
@@ -62,9 +67,10 @@ impl Slots {
         &self,
         uid: Option<u32>,
         handoff: impl FnOnce(ArrivalId, Fate) -> bool + Send + 'static,
-        now: Instant,
+        clock: impl FnOnce() -> Instant,
     ) -> (ArrivalId, Arrival) {
         let mut inner = self.lock();
+        let now = clock();
         let (id, arrival) = inner.acceptor.arrive(uid, now);
         if let Arrival::Waiting { .. } = arrival {
             inner.handoffs.insert(id, Box::new(handoff));
@@ -75,24 +81,27 @@ impl Slots {
 
     /// The served connection `id` ended: its slot goes to the oldest waiter
     /// still in time.
-    pub(crate) fn release(&self, id: ArrivalId, now: Instant) {
+    pub(crate) fn release(&self, id: ArrivalId, clock: impl FnOnce() -> Instant) {
         let mut inner = self.lock();
+        let now = clock();
         let released = inner.acceptor.release(id, now);
         debug_assert!(released, "connection {id} released a slot it did not hold");
         inner.pass_on(now);
     }
 
     /// Expires the waiters whose deadline has come.
-    pub(crate) fn handle_timeout(&self, now: Instant) {
+    pub(crate) fn handle_timeout(&self, clock: impl FnOnce() -> Instant) {
         let mut inner = self.lock();
+        let now = clock();
         inner.acceptor.handle_timeout(now);
         inner.pass_on(now);
     }
 
     /// The waiter `id` gives up; its hand-off hears `Expired`, or has heard
     /// `Admitted` already.
-    pub(crate) fn withdraw(&self, id: ArrivalId, now: Instant) {
+    pub(crate) fn withdraw(&self, id: ArrivalId, clock: impl FnOnce() -> Instant) {
         let mut inner = self.lock();
+        let now = clock();
         inner.acceptor.withdraw(id);
         inner.pass_on(now);
     }
