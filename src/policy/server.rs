@@ -413,6 +413,7 @@ impl ServerConnection {
                      checksummed with {theirs}: set ipc.crc32_variant (DAEMONEYE_IPC_CRC32_VARIANT, \
                      --crc32) to the same on both sides"
                 ),
+                self.limits.settings.max_frame_bytes as usize,
             );
             let theirs = FrameSettings {
                 crc32: theirs,
@@ -566,6 +567,7 @@ impl ServerConnection {
                         "the collector's handler failed on this task ({failure}); the collector is \
                          still running, other tasks are unaffected"
                     ),
+                    self.limits.settings.max_frame_bytes as usize,
                 ))
             }
         };
@@ -620,10 +622,9 @@ impl ServerConnection {
                          task (for example a process_filter with pids or names) or raise \
                          ipc.max_frame_bytes on both sides"
                     ),
+                    self.limits.settings.max_frame_bytes as usize,
                 );
-                // max_frame_bytes is at least MIN_FRAME_BYTES, room for this
-                // answer whatever the id (ids longer than that cannot have
-                // arrived in a frame either).
+                // `failed` fits it in a frame whatever the id.
                 self.outbound.push(&[&refusal], now)
             }
             other => other,
@@ -710,10 +711,13 @@ impl ServerConnection {
         {
             return self.fail(self.outbound.timed_out());
         }
-        while self
-            .running
-            .front()
-            .is_some_and(|(_, running)| running.deadline <= now)
+        // An answer that cannot be queued fails the connection, which
+        // gives back everything held: stop there.
+        while !self.closed
+            && self
+                .running
+                .front()
+                .is_some_and(|(_, running)| running.deadline <= now)
         {
             let (ticket, running) = self.running.pop_front().expect("just seen");
             self.account.release(running.task_bytes);
@@ -740,6 +744,7 @@ impl ServerConnection {
                  and was stopped; retry later, narrow the task, or raise ipc.task_timeout_ms on \
                  the collector"
             ),
+            self.limits.settings.max_frame_bytes as usize,
         );
         self.answer(task_id, Reply::Owned(answer), allowance, now);
     }
@@ -800,13 +805,35 @@ impl ServerConnection {
     }
 }
 
-fn failed(task_id: &str, message: String) -> DetectionResult {
-    DetectionResult {
+/// An error answer to `task_id` that fits in a frame of `max_frame_bytes`.
+/// The id goes back whole, since the agent matches on it (and it arrived
+/// in a frame of that size); a message too long to fit beside it is cut at
+/// a character boundary and ends in "…", or left out when nothing fits.
+fn failed(task_id: &str, mut message: String, max_frame_bytes: usize) -> DetectionResult {
+    use prost::Message as _;
+    const CUT: &str = "…";
+    let mut answer = DetectionResult {
         task_id: task_id.to_owned(),
         success: false,
-        error_message: Some(message),
+        error_message: Some(String::new()),
         ..Default::default()
+    };
+    // The id and an empty message; a longer message's length prefix takes
+    // up to four more bytes (frames are at most 64 MiB).
+    let around = answer.encoded_len() + 4;
+    let room = max_frame_bytes.saturating_sub(around);
+    if message.len() > room {
+        let mut end = room.saturating_sub(CUT.len());
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        message.truncate(end);
+        if room >= CUT.len() {
+            message.push_str(CUT);
+        }
     }
+    answer.error_message = (answer.encoded_len() <= max_frame_bytes).then_some(message);
+    answer
 }
 
 #[cfg(test)]
@@ -1204,6 +1231,65 @@ mod tests {
                 .oversize_results
                 .load(std::sync::atomic::Ordering::Relaxed),
             1
+        );
+    }
+
+    #[test]
+    fn tasks_whose_ids_fill_the_frame_are_answered_with_their_ids_whole() {
+        let t0 = Instant::now();
+        let small = ConnectionLimits {
+            settings: FrameSettings {
+                max_frame_bytes: 1024,
+                ..FrameSettings::DEFAULT
+            },
+            ..limits(32)
+        };
+        let mut c = ServerConnection::new(small, Arc::default(), Arc::default(), t0);
+        // Two tasks of 1,003 bytes each, started together: they time out
+        // together, and each answer must fit beside its 1,000-byte id.
+        let (first, second) = ("a".repeat(1000), "b".repeat(1000));
+        receive(&mut c, &[frame(&first), frame(&second)].concat(), t0);
+        assert_eq!(started(&mut c).len(), 2);
+        c.handle_timeout(t0 + TASK);
+        let answers = written(&mut c, t0 + TASK);
+        assert!(c.poll_close().is_none(), "the connection carries on");
+        let ids: Vec<&str> = answers.iter().map(|a| a.task_id.as_str()).collect();
+        assert_eq!(ids, [first.as_str(), second.as_str()]);
+        for answer in &answers {
+            assert!(!answer.success);
+            let message = answer.error_message.as_deref().unwrap();
+            assert!(
+                message.starts_with("the collect") && message.ends_with('…'),
+                "cut short to fit: {message:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_error_answer_fits_its_frame_whatever_the_id() {
+        use prost::Message as _;
+        let message = || "é".repeat(600);
+        for id_len in [0, 10, 500, 1010, 1020, 1021, 1024] {
+            let id = "i".repeat(id_len);
+            let answer = failed(&id, message(), 1024);
+            assert_eq!(answer.task_id, id, "the id goes back whole");
+            // An id this long came in a frame of at most 1024 bytes.
+            if id_len + 3 <= 1024 {
+                assert!(
+                    answer.encoded_len() <= 1024,
+                    "{id_len}: {}",
+                    answer.encoded_len()
+                );
+            }
+            if let Some(text) = &answer.error_message
+                && text.len() < message().len()
+            {
+                assert!(text.is_empty() || text.ends_with('…'), "{text:?}");
+            }
+        }
+        assert_eq!(
+            failed("x", message(), 1024 * 1024).error_message,
+            Some(message())
         );
     }
 
