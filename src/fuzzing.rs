@@ -599,6 +599,7 @@ pub fn client_connection(data: &[u8]) {
                         assert_eq!(caller, next_caller);
                     }
                     Err((Refusal::TooLarge(error), _)) => panic!("a small task refused: {error}"),
+                    Err((Refusal::Late, _)) => panic!("a deadline still to come refused as past"),
                 }
             }
             1 if !waiting.is_empty() => {

@@ -127,7 +127,7 @@ async fn a_hostile_server_gets_clear_errors_and_no_wrong_answers(transport: Tran
         connection.write(&misbehave(misbehaviour, &ids)).await;
         // Kept open, except when the point is closing it: the client must not
         // wait on a connection it cannot trust any more.
-        let kept_open = (!matches!(misbehaviour, FrameCutHalfWay)).then_some(connection);
+        let mut kept_open = (!matches!(misbehaviour, FrameCutHalfWay)).then_some(connection);
 
         for caller in callers {
             match tokio::time::timeout(PATIENCE, caller).await {
@@ -155,6 +155,16 @@ async fn a_hostile_server_gets_clear_errors_and_no_wrong_answers(transport: Tran
                     Err(other) => panic!("{case}: {other:?}"),
                 },
             }
+        }
+        // Having stopped trusting the connection, the client ends it at
+        // once, not on its next send: the server frees what it held.
+        if let Some(connection) = &mut kept_open
+            && !matches!(misbehaviour, NothingAtAll)
+        {
+            assert!(
+                connection.ends().await,
+                "{case}: the client keeps the connection open"
+            );
         }
         drop(kept_open);
         drop(hostile);

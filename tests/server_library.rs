@@ -140,6 +140,40 @@ async fn answers_come_back_as_they_complete_not_in_request_order(transport: Tran
     );
 }
 
+each_backend!(a_client_outlives_the_runtime_it_first_connected_on);
+/// A client kept across runtimes (a static one, say): the runtime it
+/// connected on is dropped before the connection's driver ever ran, and a
+/// send on another runtime is answered on a fresh connection instead of
+/// waiting on one nothing drives.
+fn a_client_outlives_the_runtime_it_first_connected_on(transport: TransportKind) {
+    let server_runtime = support::runtime();
+    let endpoint = Endpoint::fresh();
+    let server = server_runtime
+        .block_on(IpcServer::bind(
+            config(&endpoint, transport),
+            |task: DetectionTask| async move { ok(&task) },
+        ))
+        .unwrap();
+    let client = IpcClient::new(config(&endpoint, transport)).unwrap();
+    // A current-thread runtime runs the tasks spawned on it only while it
+    // blocks on something; connecting spawns the driver and returns.
+    let first = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    first.block_on(client.connect_now()).unwrap();
+    drop(first);
+    let answer = support::runtime().block_on(async {
+        tokio::time::timeout(PATIENCE, client.send(task("after")))
+            .await
+            .unwrap_or_else(|_| {
+                panic!("{transport}: the send waits on a connection nothing drives")
+            })
+    });
+    assert_eq!(answer.unwrap().task_id, "after", "{transport}");
+    server_runtime.block_on(server.shutdown(Duration::from_secs(5)));
+}
+
 each_backend!(async a_panicking_handler_is_answered_with_an_error_and_the_connection_lives_on);
 async fn a_panicking_handler_is_answered_with_an_error_and_the_connection_lives_on(
     transport: TransportKind,

@@ -23,7 +23,13 @@ pub(super) fn start(connection: Connection, core: ClientConnection<Waiter>) -> L
         connection: Mutex::new(Some(connection)),
     };
     let link = Arc::new(Link::new(core, io));
-    tokio::spawn(run(link.clone()));
+    // Made here, not in the task: a runtime that shuts down before the task
+    // first runs drops it unpolled, and its callers must hear of that too.
+    let ending = Ending {
+        link: link.clone(),
+        reason: "the runtime that drove the connection shut down",
+    };
+    tokio::spawn(run(ending));
     LinkHandle { link }
 }
 
@@ -41,12 +47,12 @@ pub(super) fn write_now(connection: &mut Connection, core: &mut ClientConnection
 /// its own, or dropped because the runtime it ran on shut down (a client
 /// used from another runtime then connects afresh instead of waiting on a
 /// connection nothing drives).
-struct Ending<'a> {
-    link: &'a Link,
+struct Ending {
+    link: Arc<Link>,
     reason: &'static str,
 }
 
-impl Drop for Ending<'_> {
+impl Drop for Ending {
     fn drop(&mut self) {
         let reason = {
             let mut core = self.link.lock();
@@ -68,14 +74,11 @@ impl Drop for Ending<'_> {
     }
 }
 
-async fn run(link: Arc<Link>) {
+async fn run(mut ending: Ending) {
+    let link = ending.link.clone();
     #[allow(irrefutable_let_patterns)] // Refutable when legacy is compiled in.
     let IoWake::Task { notify, connection } = &link.io else {
         unreachable!("started with a task waker")
-    };
-    let mut ending = Ending {
-        link: &link,
-        reason: "the runtime that drove the connection shut down",
     };
     // One timer for the connection's life, moved only when the core's next
     // deadline comes before the one it is set for. Each task brings a

@@ -194,6 +194,17 @@ impl IpcClient {
         decode_shared_message(body).map_err(|error| self.malformed(task_id, error))
     }
 
+    /// Every in-flight slot stayed taken until `task`'s deadline: it was
+    /// not sent.
+    fn in_flight_limit(&self, task: &DetectionTask) -> IpcError {
+        IpcError::InFlightLimit {
+            endpoint: self.inner.endpoint.to_string(),
+            task_id: task.task_id.clone(),
+            in_flight: self.inner.max_in_flight,
+            waited_ms: self.inner.config.read_timeout_ms,
+        }
+    }
+
     /// The caller's error for a result that did not decode: which task,
     /// which collector.
     fn malformed(&self, task_id: String, error: IpcError) -> IpcError {
@@ -298,14 +309,12 @@ impl IpcClient {
                         .await
                         .is_err()
                     {
-                        return Err(IpcError::InFlightLimit {
-                            endpoint: self.inner.endpoint.to_string(),
-                            task_id: task.task_id.clone(),
-                            in_flight: self.inner.max_in_flight,
-                            waited_ms: self.inner.config.read_timeout_ms,
-                        });
+                        return Err(self.in_flight_limit(task));
                     }
                 }
+                // Only after waiting for a slot (the deadline is fresh on
+                // a first look): the wait used up the time.
+                Err((Refusal::Late, _)) => return Err(self.in_flight_limit(task)),
                 Err((Refusal::Closed, _)) => return Ok(None),
                 Err((Refusal::Duplicate, _)) => {
                     return Err(IpcError::DuplicateTaskId {

@@ -85,6 +85,9 @@ pub(crate) enum Refusal {
     Full,
     /// The task does not fit in a frame.
     TooLarge(IpcError),
+    /// The caller's deadline has passed (waiting for a slot took it):
+    /// nothing is sent that the caller would not wait for.
+    Late,
 }
 
 /// What becomes of a task its caller still waits for.
@@ -211,6 +214,9 @@ impl<W> ClientConnection<W> {
         }
         if self.pending.len() >= self.max_in_flight {
             return Err((Refusal::Full, waiter));
+        }
+        if deadline <= now {
+            return Err((Refusal::Late, waiter));
         }
         if let Err(error) = self.outbound.push(&[task], now) {
             return Err((Refusal::TooLarge(error), waiter));
@@ -700,6 +706,19 @@ mod tests {
         ));
         receive(&mut c, &result_frame("a", "late"), t0);
         c.begin(&task("c"), "c", t0 + READ, t0).unwrap();
+    }
+
+    #[test]
+    fn a_task_whose_deadline_has_passed_is_not_sent() {
+        let (mut c, t0) = connection(1);
+        let late = t0 + READ;
+        assert!(matches!(
+            c.begin(&task("late"), "late", late, late),
+            Err((Refusal::Late, "late"))
+        ));
+        assert!(c.pending_output().is_empty(), "nothing queued");
+        c.begin(&task("late"), "late", late, late - Duration::from_nanos(1))
+            .unwrap();
     }
 
     #[test]

@@ -102,4 +102,18 @@ impl RawConnection {
     pub async fn write(&mut self, bytes: &[u8]) {
         self.stream.write_all(bytes).await.unwrap();
     }
+
+    /// Whether the client ends the connection (end of stream, or a reset)
+    /// within [`PATIENCE`], discarding anything else it sends meanwhile.
+    pub async fn ends(&mut self) -> bool {
+        let end = async {
+            loop {
+                match self.stream.read_buf(&mut self.buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => self.buf.clear(),
+                }
+            }
+        };
+        tokio::time::timeout(PATIENCE, end).await.is_ok()
+    }
 }

@@ -84,6 +84,15 @@ fn write(mut socket: &UnixStream, data: &[u8]) -> io::Result<usize> {
     }
 }
 
+impl Drop for Stream {
+    /// The connection ends with its stream, though a [`Writer`] (a
+    /// client's link, kept until its next send) still holds the socket: the
+    /// peer sees the end now and frees what it held for the connection.
+    fn drop(&mut self) {
+        let _ = self.socket.shutdown(std::net::Shutdown::Both);
+    }
+}
+
 impl Stream {
     fn new(socket: UnixStream) -> io::Result<Stream> {
         socket.set_nonblocking(true)?;
