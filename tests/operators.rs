@@ -268,10 +268,17 @@ fn send_checks_an_expected_hash_and_exits_3_when_it_differs(transport: Transport
         String::from_utf8_lossy(&plain.stderr)
     );
     let result: serde_json::Value = serde_json::from_slice(&plain.stdout).unwrap();
-    assert_eq!(
-        result["hash_result"]["file_path"],
-        allow.join("payload").to_str().unwrap(),
+    // Compared canonical: Windows spells the agent's directory without the
+    // \\?\ prefix that canonicalize gives.
+    let sent = std::path::Path::new(result["hash_result"]["file_path"].as_str().unwrap());
+    assert!(
+        sent.is_absolute(),
         "the relative path, made absolute: {result}"
+    );
+    assert_eq!(
+        sent.canonicalize().unwrap(),
+        allow.join("payload"),
+        "the agent's own file: {result}"
     );
     let hash = result["hash_result"]["hash_value"]
         .as_str()

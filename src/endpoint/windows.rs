@@ -90,6 +90,26 @@ const RELEASE_GRACE: Duration = Duration::from_secs(1);
 /// How often the name is probed within [`RELEASE_GRACE`].
 const PROBE_INTERVAL: Duration = Duration::from_millis(10);
 
+/// Waits, up to [`RELEASE_GRACE`], until no instance of the endpoint's
+/// pipe takes a new client, once the server has dropped its listener. A
+/// waiting instance dropped through mio (the `tokio` backend) is closed by
+/// the completion port a moment later; until then a client may connect to
+/// it, and a replacement's bind (which probes the name) would take it for a
+/// running server. A connection made here is to that instance, whose
+/// server side no one reads: it is let go at once, which also stops the
+/// instance listening.
+pub(crate) async fn until_not_listening(endpoint: &Endpoint) {
+    let give_up = Instant::now() + RELEASE_GRACE;
+    while Instant::now() < give_up {
+        match open_pipe(endpoint) {
+            Ok(instance_on_its_way_out) => drop(instance_on_its_way_out),
+            // No pipe, or only instances busy with their clients.
+            Err(_) => return,
+        }
+        tokio::time::sleep(PROBE_INTERVAL).await;
+    }
+}
+
 /// Refuses the endpoint if a server already answers on it.
 ///
 /// The pipe's first instance is also created with

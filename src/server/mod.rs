@@ -414,6 +414,9 @@ impl IpcServer {
         self.wake_driver();
         self.release_endpoint();
         self.shared.accepting_stopped.cancelled().await;
+        // So that a replacement can bind as soon as this returns.
+        #[cfg(windows)]
+        crate::endpoint::windows::until_not_listening(&self.endpoint).await;
         self.shared.stop_reading.cancel();
         self.wake_driver();
         self.tasks.close();
