@@ -407,7 +407,10 @@ impl IpcServer {
     /// Accepting ends before reading does. A client whose task the drain
     /// cuts reconnects at once; were this server still listening, it would
     /// be accepted only to be cut again, and lose a second task. It finds
-    /// no listener instead, and waits for the replacement.
+    /// no listener instead, and waits for the replacement. (On Windows,
+    /// accepting has ended once the pipe name takes no new client, which
+    /// can take a moment after the listener is dropped; shutdown waits for
+    /// that, up to a second, before it stops reading.)
     pub async fn shutdown(mut self, grace: Duration) -> ShutdownReport {
         tracing::info!(grace_ms = grace.as_millis() as u64, "shutting down");
         self.shared.stop_accepting.cancel();
