@@ -1005,7 +1005,9 @@ each_backend!(async a_handler_that_blocks_its_first_poll_stops_the_server_pollin
 /// A handler is first polled where its task was read (on the connection's
 /// own task, or its thread on `legacy`), until handlers have blocked there
 /// for more than 2 ms three times: from then on each runs as a task of its
-/// own. Which task a handler's synchronous part runs on shows it.
+/// own. Which task a handler's synchronous part runs on shows it. Only
+/// blocking handlers come before the last task, so that a first poll slow
+/// for another reason (under emulation, any may be) cannot count early.
 async fn a_handler_that_blocks_its_first_poll_stops_the_server_polling_handlers_inline(
     transport: TransportKind,
 ) {
@@ -1028,17 +1030,17 @@ async fn a_handler_that_blocks_its_first_poll_stops_the_server_polling_handlers_
     .unwrap();
     let client = IpcClient::new(config(&endpoint, transport)).unwrap();
     let mut polled_on = Vec::new();
-    for id in ["first", "blocks-1", "blocks-2", "blocks-3", "after"] {
+    for id in ["blocks-1", "blocks-2", "blocks-3", "after"] {
         let result = client.send(task(id)).await.unwrap();
         polled_on.push(result.error_message.unwrap());
     }
     assert!(
-        polled_on[..4].iter().all(|on| *on == polled_on[0]),
+        polled_on[..3].iter().all(|on| *on == polled_on[0]),
         "inline, blocking twice included: all on the connection's own task (or thread): \
          {polled_on:?}"
     );
     assert_ne!(
-        polled_on[3], polled_on[4],
+        polled_on[2], polled_on[3],
         "after a third blocking first poll, a task of its own"
     );
 }
