@@ -905,33 +905,42 @@ impl Report {
         )
     }
 
-    /// The default terminal report: medians only, the goals and the
-    /// verdict, within 100 columns.
-    fn render_compact(&self) -> String {
-        let mut out = String::new();
+    /// How the run was made: rounds, sizes, placement, checksum, build and
+    /// machine, as both reports open with it.
+    fn run_described(&self) -> String {
         let sizes: Vec<String> = self.sizes.iter().map(|&s| size_label(s)).collect();
         let commit = self
             .build
             .git_commit
             .as_deref()
             .map_or("(no git)", |c| &c[..c.len().min(12)]);
-        let intro = format!(
-            "daemoneye-ipc compare: {} rounds interleaved, sizes {}; {}; crc32 {}; {} build {}{}; \
-             {} ({} logical CPUs); {}.",
+        let dirty = if self.build.git_dirty == Some(true) {
+            " (dirty)"
+        } else {
+            ""
+        };
+        format!(
+            "{} rounds interleaved, sizes {}; {}; crc32 {}; {} build {}{}; {} ({} logical CPUs)",
             self.rounds,
             sizes.join(", "),
             self.placement.description,
             self.crc32,
             self.build.profile,
             commit,
-            if self.build.git_dirty == Some(true) {
-                " (dirty)"
-            } else {
-                ""
-            },
+            dirty,
             self.machine.cpu_model,
             self.machine.logical_cpus,
-            self.generated_at,
+        )
+    }
+
+    /// The default terminal report: medians only, the goals and the
+    /// verdict, within 100 columns.
+    fn render_compact(&self) -> String {
+        let mut out = String::new();
+        let intro = format!(
+            "daemoneye-ipc compare: {}; {}.",
+            self.run_described(),
+            self.generated_at
         );
         out.push_str(&wrap(&intro, COLUMNS));
         if self.build.profile == "debug" {
@@ -1049,28 +1058,7 @@ impl Report {
                 let _ = writeln!(out, "## daemoneye-ipc compare");
             }
         }
-        let sizes: Vec<String> = self.sizes.iter().map(|&s| size_label(s)).collect();
-        let _ = writeln!(
-            out,
-            "\n{} rounds interleaved, sizes {}; {}; crc32 {}; {} build {}{}; {} ({} logical CPUs), {}",
-            self.rounds,
-            sizes.join(", "),
-            self.placement.description,
-            self.crc32,
-            self.build.profile,
-            self.build
-                .git_commit
-                .as_deref()
-                .map_or("(no git)", |c| &c[..c.len().min(12)]),
-            if self.build.git_dirty == Some(true) {
-                " (dirty)"
-            } else {
-                ""
-            },
-            self.machine.cpu_model,
-            self.machine.logical_cpus,
-            self.generated_at,
-        );
+        let _ = writeln!(out, "\n{}, {}", self.run_described(), self.generated_at);
         if self.build.profile == "debug" {
             let _ = writeln!(
                 out,
