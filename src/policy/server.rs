@@ -856,6 +856,17 @@ mod tests {
         }
     }
 
+    /// The defaults, with frames of the smallest size allowed.
+    fn smallest_frames() -> ConnectionLimits {
+        ConnectionLimits {
+            settings: FrameSettings {
+                max_frame_bytes: 1024,
+                ..FrameSettings::DEFAULT
+            },
+            ..limits(32)
+        }
+    }
+
     /// A connection, its counters, and the instant it started.
     fn connection(max_in_flight: usize) -> (ServerConnection, Arc<Counters>, Instant) {
         let counters = Arc::new(Counters::default());
@@ -1204,14 +1215,7 @@ mod tests {
     fn a_result_too_large_is_answered_with_its_size_and_the_limit() {
         let counters = Arc::new(Counters::default());
         let t0 = Instant::now();
-        let small = ConnectionLimits {
-            settings: FrameSettings {
-                max_frame_bytes: 1024,
-                ..FrameSettings::DEFAULT
-            },
-            ..limits(32)
-        };
-        let mut c = ServerConnection::new(small, counters.clone(), Arc::default(), t0);
+        let mut c = ServerConnection::new(smallest_frames(), counters.clone(), Arc::default(), t0);
         receive(&mut c, &frame("huge"), t0);
         let [(ticket, _)] = started(&mut c)[..] else {
             panic!()
@@ -1237,14 +1241,7 @@ mod tests {
     #[test]
     fn tasks_whose_ids_fill_the_frame_are_answered_with_their_ids_whole() {
         let t0 = Instant::now();
-        let small = ConnectionLimits {
-            settings: FrameSettings {
-                max_frame_bytes: 1024,
-                ..FrameSettings::DEFAULT
-            },
-            ..limits(32)
-        };
-        let mut c = ServerConnection::new(small, Arc::default(), Arc::default(), t0);
+        let mut c = ServerConnection::new(smallest_frames(), Arc::default(), Arc::default(), t0);
         // Two tasks of 1,003 bytes each, started together: they time out
         // together, and each answer must fit beside its 1,000-byte id.
         let (first, second) = ("a".repeat(1000), "b".repeat(1000));
