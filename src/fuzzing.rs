@@ -312,7 +312,10 @@ pub fn config_loader(data: &[u8]) {
 /// * no more than `max_in_flight` tasks are in flight, and none is started
 ///   twice;
 /// * the output is always whole result frames, each answering a task that
-///   was started, at most once;
+///   was started, at most once; or, when the connection's first frame was
+///   checksummed with the other CRC-32 variant, one notice framed in that
+///   variant and nothing after it, and the connection ends with the
+///   mismatch;
 /// * once closed, it asks for nothing more;
 /// * the budget is never exceeded, and all it held is given back;
 /// * in the end, once time has run past every deadline and everything is
@@ -350,6 +353,7 @@ pub fn server_connection(data: &[u8]) {
         answered: HashSet::new(),
         written: BytesMut::new(),
         results: FrameDecoder::new(limits.settings),
+        told_other_variant: false,
         closed: None,
     };
 
@@ -460,6 +464,9 @@ struct Served {
     answered: HashSet<u64>,
     written: BytesMut,
     results: FrameDecoder,
+    /// Whether the server told the peer, in the peer's own variant, that
+    /// their CRC-32 variants differ.
+    told_other_variant: bool,
     /// How the connection ended, once it has.
     closed: Option<Result<(), IpcError>>,
 }
@@ -514,12 +521,27 @@ impl Served {
             "over the in-flight limit"
         );
         // Whatever was written is whole result frames, each for a task
-        // started, none twice.
-        while let Some(body) = self
-            .results
-            .decode(&mut self.written)
-            .expect("the server writes valid frames")
-        {
+        // started, none twice; or the one notice about the checksum variant.
+        loop {
+            assert!(
+                !self.told_other_variant || self.written.is_empty(),
+                "output after the notice about the checksum variant"
+            );
+            // The notice can only be the first frame: keep it whole until
+            // one has been read.
+            let first = self.answered.is_empty().then(|| self.written.clone());
+            let body = match self.results.decode(&mut self.written) {
+                Ok(Some(body)) => body,
+                Ok(None) => break,
+                Err(IpcError::ChecksumMismatch {
+                    peer_variant: Some(theirs),
+                    ..
+                }) if first.is_some() => {
+                    self.read_variant_notice(first.unwrap(), theirs);
+                    continue;
+                }
+                Err(error) => panic!("the server writes valid frames: {error:?}"),
+            };
             let result: DetectionResult = decode_message(&body).expect("a DetectionResult");
             let ticket = self
                 .started
@@ -539,6 +561,44 @@ impl Served {
                 "a closed connection asks for nothing"
             );
         }
+        if self.told_other_variant
+            && let Some(outcome) = &self.closed
+        {
+            assert!(
+                matches!(outcome, Err(IpcError::ChecksumMismatch { .. })),
+                "after the notice the connection ends with the mismatch: {outcome:?}"
+            );
+        }
+    }
+
+    /// Reads the notice a server writes, framed in the peer's variant
+    /// `theirs`, when the connection's first frame was checksummed with it:
+    /// an error result naming both variants, before any task was started.
+    fn read_variant_notice(&mut self, mut written: BytesMut, theirs: Crc32Variant) {
+        assert!(
+            self.started.is_empty(),
+            "a frame in another checksum variant after tasks were started"
+        );
+        let mut decoder = FrameDecoder::new(FrameSettings {
+            crc32: theirs,
+            ..self.results.settings()
+        });
+        let body = decoder
+            .decode(&mut written)
+            .expect("the notice is framed in the peer's variant")
+            .expect("the notice is whole");
+        let notice: DetectionResult = decode_message(&body).expect("a DetectionResult");
+        assert!(
+            !notice.success
+                && notice.task_id.is_empty()
+                && notice
+                    .error_message
+                    .as_deref()
+                    .is_some_and(|message| message.contains("crc32_variant")),
+            "the notice names the setting: {notice:?}"
+        );
+        self.written = written;
+        self.told_other_variant = true;
     }
 }
 
