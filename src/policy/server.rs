@@ -579,36 +579,40 @@ impl ServerConnection {
     /// gives back what it did not use; a result too large for a frame is
     /// replaced by an error result naming its size and the limit.
     fn answer(&mut self, task_id: String, reply: Reply, allowance: usize, now: Instant) {
-        let queued = match &reply {
-            Reply::Owned(result) if result.task_id == task_id => self.outbound.push(&[result], now),
+        // The id moves into whatever message carries it, and back out.
+        let (queued, task_id) = match &reply {
+            Reply::Owned(result) if result.task_id == task_id => {
+                (self.outbound.push(&[result], now), task_id)
+            }
             Reply::Owned(result) => {
                 tracing::debug!(handler_said = ?result.task_id, task_id = ?task_id, "result task_id set to the task's");
                 let result = DetectionResult {
-                    task_id: task_id.clone(),
+                    task_id,
                     ..result.clone()
                 };
-                self.outbound.push(&[&result], now)
+                (self.outbound.push(&[&result], now), result.task_id)
             }
             Reply::Shared(result) if result.task_id.is_empty() => {
                 // This reply's id, then the shared result, merged by the
                 // reader; the shared part is encoded once per connection.
                 let head = DetectionResult {
-                    task_id: task_id.clone(),
+                    task_id,
                     ..Default::default()
                 };
-                match self.encodings.get(result, self.limits.settings) {
+                let queued = match self.encodings.get(result, self.limits.settings) {
                     Some((tail, crc)) => self.outbound.push_with_tail(&head, &tail, crc, now),
                     None => self.outbound.push(&[&head, result], now),
-                }
+                };
+                (queued, head.task_id)
             }
             Reply::Shared(result) => {
                 // Merging would let the shared id win: fall back to a copy.
                 tracing::debug!(handler_said = ?result.task_id, task_id = ?task_id, "shared result carries a task_id; copied");
                 let result = DetectionResult {
-                    task_id: task_id.clone(),
+                    task_id,
                     ..DetectionResult::clone(result)
                 };
-                self.outbound.push(&[&result], now)
+                (self.outbound.push(&[&result], now), result.task_id)
             }
         };
         let queued = match queued {
