@@ -61,12 +61,15 @@ use crate::proto::DetectionTask;
 /// What the connection decodes of a result: only its id, to know whose it is.
 /// Decoding a `DetectionResult`'s body as this message checks the framing of
 /// every top-level field (prost skips the others by their lengths) without
-/// decoding them. Named after the message it reads, for error messages.
+/// decoding them. The id is a slice of the frame, neither copied nor
+/// checked as UTF-8 here: it is only compared with the ids sent, and the
+/// caller's decoding checks the whole result. Named after the message it
+/// reads, for error messages.
 mod id_only {
     #[derive(Clone, PartialEq, prost::Message)]
     pub(super) struct DetectionResult {
-        #[prost(string, tag = "1")]
-        pub(super) task_id: String,
+        #[prost(bytes = "bytes", tag = "1")]
+        pub(super) task_id: bytes::Bytes,
     }
 }
 
@@ -209,7 +212,7 @@ impl<W> ClientConnection<W> {
         if self.closed.is_some() || self.retired || self.write_failed.is_some() {
             return Err((Refusal::Closed, waiter));
         }
-        if self.position(&task.task_id).is_some() {
+        if self.position(task.task_id.as_bytes()).is_some() {
             return Err((Refusal::Duplicate, waiter));
         }
         if self.pending.len() >= self.max_in_flight {
@@ -263,10 +266,10 @@ impl<W> ClientConnection<W> {
     }
 
     /// Where the task `task_id` is in the list, if outstanding.
-    fn position(&self, task_id: &str) -> Option<usize> {
+    fn position(&self, task_id: &[u8]) -> Option<usize> {
         self.pending
             .iter()
-            .position(|outstanding| outstanding.task_id == task_id)
+            .position(|outstanding| outstanding.task_id.as_bytes() == task_id)
     }
 
     /// The caller of `ticket` stopped waiting. Its entry stays (abandoned)
@@ -356,7 +359,7 @@ impl<W> ClientConnection<W> {
         }
     }
 
-    fn settle(&mut self, task_id: String, body: Bytes, now: Instant) {
+    fn settle(&mut self, task_id: Bytes, body: Bytes, now: Instant) {
         if task_id.is_empty() {
             return self.on_notice(&body);
         }
@@ -378,7 +381,7 @@ impl<W> ClientConnection<W> {
                 entry: Entry::Abandoned { .. },
                 ..
             }) => {
-                tracing::debug!(?task_id, "discarded the result of a task given up on");
+                tracing::debug!(task_id = ?String::from_utf8_lossy(&task_id), "discarded the result of a task given up on");
                 self.slots_changed = true;
             }
             None => {
@@ -386,7 +389,7 @@ impl<W> ClientConnection<W> {
                     "the server sent a result for task {:?}, which this connection is not waiting \
                      for (never sent, or answered already); the server is broken or not the \
                      collector, so no result on this connection can be trusted",
-                    task_id
+                    String::from_utf8_lossy(&task_id)
                 ));
             }
         }
@@ -653,6 +656,26 @@ mod tests {
             ]
         );
         assert_eq!(c.in_flight(), 0);
+    }
+
+    #[test]
+    fn a_result_whose_id_is_not_utf8_ends_the_connection_and_its_callers_hear_why() {
+        let (mut c, t0) = connection(32);
+        c.begin(&task("a"), "caller a", t0 + READ, t0).unwrap();
+        // Field 1 (task_id), two bytes that are not UTF-8.
+        let body = [0x0a, 2, 0xff, 0xfe];
+        let mut wire = BytesMut::new();
+        crate::frame::encode_frame(&body, FrameSettings::DEFAULT, &mut wire).unwrap();
+        receive(&mut c, &wire, t0);
+        let told = delivered(&mut c);
+        assert_eq!(told.len(), 1, "{told:?}");
+        assert!(
+            told[0]
+                .1
+                .starts_with("lost: the server sent a result for task \"\u{fffd}\u{fffd}\""),
+            "{told:?}"
+        );
+        assert!(c.closed_reason().is_some());
     }
 
     #[test]

@@ -8,7 +8,7 @@ use bytes::{Bytes, BytesMut};
 
 use super::{RETAINED_CAPACITY, millis};
 use crate::error::IpcError;
-use crate::frame::codec::decode_message;
+use crate::frame::codec::decode_shared_message;
 use crate::frame::{FrameDecoder, FrameSettings, HEADER_LEN};
 
 /// Room set aside for each read: large enough that a small frame arrives in
@@ -241,9 +241,11 @@ impl FrameClock {
     }
 }
 
+/// `body` decoded, its `bytes` fields slices of it, and the body itself.
 fn decoded<M: prost::Message + Default>(body: BytesMut) -> Result<Option<(M, Bytes)>, IpcError> {
-    let message = decode_message(&body)?;
-    Ok(Some((message, body.freeze())))
+    let body = body.freeze();
+    let message = decode_shared_message(body.clone())?;
+    Ok(Some((message, body)))
 }
 
 /// `body` decoded into a message on the heap, with its frame's size.
