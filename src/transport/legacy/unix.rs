@@ -14,10 +14,10 @@ use rustix::net::SocketAddrUnix;
 use super::Interest;
 use crate::endpoint::Endpoint;
 
-/// The smallest and largest room read into at once. The room is zeroed
-/// before each read (safe code cannot hand the kernel uninitialised
-/// memory), so it adapts: it doubles while reads fill it and shrinks back
-/// when they do not, and a stream of small frames zeroes little.
+/// The smallest and largest room read into at once. It adapts: it doubles
+/// while reads fill it and shrinks back when they do not. (Safe code cannot
+/// hand the kernel uninitialised memory, so the area reads land in is
+/// zeroed as it grows, once, not before each read.)
 const MIN_READ: usize = 4 * 1024;
 const MAX_READ: usize = 256 * 1024;
 
@@ -58,6 +58,11 @@ pub(crate) struct Stream {
     socket: Arc<UnixStream>,
     /// How much room the next read gets (see [`MIN_READ`]).
     read_room: usize,
+    /// Where reads land before what arrived is appended to the caller's
+    /// buffer: zeroed once as it grows, where giving the caller's buffer
+    /// room would zero it for every read, most of which bring a few bytes
+    /// or none.
+    landing: Vec<u8>,
 }
 
 /// Writes to a [`Stream`] from another thread than the one that reads and
@@ -99,6 +104,7 @@ impl Stream {
         Ok(Stream {
             socket: Arc::new(socket),
             read_room: MIN_READ,
+            landing: Vec::new(),
         })
     }
 
@@ -113,21 +119,28 @@ impl Stream {
     /// `Ok(0)` is the end of the stream; `WouldBlock` means nothing has
     /// arrived.
     pub(crate) fn read_into(&mut self, buf: &mut BytesMut, max: usize) -> io::Result<usize> {
-        let start = buf.len();
-        buf.resize(start + self.read_room.min(max), 0);
+        let room = self.read_room.min(max);
+        if self.landing.len() < room {
+            self.landing.resize(room, 0);
+        }
         let outcome = loop {
-            match (&*self.socket).read(&mut buf[start..]) {
+            match (&*self.socket).read(&mut self.landing[..room]) {
                 Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
                 other => break other,
             }
         };
         let read = *outcome.as_ref().unwrap_or(&0);
-        buf.truncate(start + read);
+        buf.extend_from_slice(&self.landing[..read]);
         self.read_room = if read >= self.read_room {
             (self.read_room * 2).min(MAX_READ)
         } else {
             read.next_power_of_two().clamp(MIN_READ, MAX_READ)
         };
+        // Large reads have stopped: the landing area goes back to what the
+        // reads now take (the read buffer does the same after a large frame).
+        if self.landing.len() > 4 * self.read_room {
+            self.landing = vec![0; self.read_room];
+        }
         outcome
     }
 
@@ -303,6 +316,31 @@ mod tests {
     }
 
     #[test]
+    fn the_landing_area_goes_back_once_large_reads_stop() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let mut reader = Stream::new(a).unwrap();
+        let mut writer = Stream::new(b).unwrap();
+        let mut buf = BytesMut::new();
+        let mut room = MIN_READ;
+        while room < 8 * MIN_READ {
+            writer.write_from(&vec![7; room]).unwrap();
+            assert_eq!(reader.read_into(&mut buf, usize::MAX).unwrap(), room);
+            room *= 2;
+        }
+        assert_eq!(reader.read_room, 8 * MIN_READ);
+        writer.write_from(b"small").unwrap();
+        assert_eq!(reader.read_into(&mut buf, usize::MAX).unwrap(), 5);
+        assert_eq!(reader.read_room, MIN_READ);
+        assert_eq!(
+            reader.landing.len(),
+            MIN_READ,
+            "back to the room reads take"
+        );
+        assert_eq!(buf.len(), 7 * MIN_READ + 5);
+        assert_eq!(&buf[7 * MIN_READ..], b"small");
+    }
+
+    #[test]
     fn reads_adapt_their_room_to_what_arrives() {
         let (a, b) = UnixStream::pair().unwrap();
         let mut reader = Stream::new(a).unwrap();
@@ -319,6 +357,11 @@ mod tests {
         assert_eq!(reader.read_into(&mut buf, usize::MAX).unwrap(), 5);
         assert_eq!(reader.read_room, MIN_READ);
         assert_eq!(buf.len(), MIN_READ + 5, "nothing but what was read is kept");
+        assert_eq!(
+            reader.landing.len(),
+            MIN_READ * 2,
+            "not yet four times the room"
+        );
         assert_eq!(&buf[MIN_READ..], b"small");
         drop(writer);
         assert_eq!(
