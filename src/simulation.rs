@@ -37,7 +37,7 @@
 //! A failing seed prints itself, the settings and the last steps, and
 //! replays alone with `SIM_SEED=<seed>`; `SIM_SEEDS=<n>` explores more.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -205,6 +205,9 @@ pub(crate) struct Sim {
     budget: Arc<SharedBudget>,
     counters: Arc<Counters>,
     conns: Vec<Conn>,
+    /// The ids of every task a handler was started on (ids are unique
+    /// across clients).
+    started_tasks: HashSet<String>,
     started_clients: usize,
     shutdown_at: Option<Instant>,
     log: Vec<String>,
@@ -254,6 +257,7 @@ struct SimHandlers<'a> {
     running: &'a mut BTreeMap<TaskTicket, Handler>,
     /// Bytes of task frames decoded, counted as their tasks start.
     decoded: &'a mut usize,
+    started: &'a mut HashSet<String>,
 }
 
 impl Handlers for SimHandlers<'_> {
@@ -279,6 +283,7 @@ impl Handlers for SimHandlers<'_> {
         } as usize;
         let frame = HEADER_LEN + prost::Message::encoded_len(&task);
         *self.decoded += frame;
+        self.started.insert(task.task_id.clone());
         let handler = Handler {
             done_at,
             result_bytes,
@@ -366,6 +371,7 @@ impl Sim {
             budget: Arc::new(SharedBudget::new(settings.budget)),
             counters: Arc::new(Counters::default()),
             conns: Vec::new(),
+            started_tasks: HashSet::new(),
             started_clients: 0,
             shutdown_at: None,
             log: Vec::new(),
@@ -918,6 +924,7 @@ impl Sim {
             now,
             running: handlers,
             decoded: &mut conn.decoded_total,
+            started: &mut self.started_tasks,
         };
         let ended = served.step(&mut sim_handlers, now);
         // Whatever was granted until now, during the step included, the
@@ -967,10 +974,15 @@ impl Sim {
                         Err(error) => Err(format!("answer does not decode: {error}")),
                     }
                 }
-                Outcome::Lost(reason) | Outcome::Refused(reason) if reason.is_empty() => {
+                Outcome::Lost(reason) | Outcome::Refused(reason) | Outcome::Unsent(reason)
+                    if reason.is_empty() =>
+                {
                     Err("lost, no reason".to_owned())
                 }
-                Outcome::Lost(_) | Outcome::Refused(_) => Ok(()),
+                Outcome::Unsent(_) if self.started_tasks.contains(task_id.as_str()) => {
+                    Err("told it was never sent, but the server started it".to_owned())
+                }
+                Outcome::Lost(_) | Outcome::Refused(_) | Outcome::Unsent(_) => Ok(()),
                 // Deadlines are an hour away here: none is reached.
                 Outcome::TimedOut => Err("timed out".to_owned()),
             };

@@ -242,16 +242,26 @@ impl IpcClient {
         let (mut connect_deadline, mut deadline) = (None, None);
 
         // A connection can close between being handed out and the
-        // registration; nothing was queued on it, so one more try on a fresh
-        // connection is safe.
+        // registration, or after it but before a byte of the task was written
+        // (a server that restarted, its end closed before the driver read
+        // that it had): the task never reached the server, so one more try
+        // on a fresh connection is safe.
         for attempt in 1.. {
             let link = self.current_link(&mut connect_deadline).await?;
             let deadline = *deadline.get_or_insert_with(|| Instant::now() + config.read_timeout());
             match self.register(&link, &task, deadline).await? {
-                Some(pending) => {
-                    let (task_id, body) = self.answer(pending).await?;
-                    return decode(body).map_err(|error| self.malformed(task_id, error));
-                }
+                Some(pending) => match self.answer(pending).await? {
+                    Settled::Answered(task_id, body) => {
+                        return decode(body).map_err(|error| self.malformed(task_id, error));
+                    }
+                    Settled::Unsent(_) if attempt < 2 => continue,
+                    Settled::Unsent(reason) => {
+                        return Err(self.lost(
+                            task.task_id,
+                            format!("{reason} (before the task was written, twice)"),
+                        ));
+                    }
+                },
                 None if attempt < 2 => continue,
                 None => {
                     let (refusal, reason) = {
@@ -339,7 +349,7 @@ impl IpcClient {
 
     /// Waits for the answer to a registered task: the connection tells its
     /// caller at the task's deadline if no answer came by then.
-    async fn answer(&self, mut pending: Pending) -> Result<(String, Bytes), IpcError> {
+    async fn answer(&self, mut pending: Pending) -> Result<Settled, IpcError> {
         let delivered = (&mut pending.answer).await;
         pending.settled = true;
         let Ok(Delivered { task_id, outcome }) = delivered else {
@@ -348,7 +358,8 @@ impl IpcClient {
             return Err(self.lost(String::new(), "the connection ended".to_owned()));
         };
         match outcome {
-            Outcome::Answered(result) => Ok((task_id, result)),
+            Outcome::Answered(result) => Ok(Settled::Answered(task_id, result)),
+            Outcome::Unsent(reason) => Ok(Settled::Unsent(reason)),
             Outcome::Lost(reason) => Err(self.lost(task_id, reason)),
             Outcome::Refused(reason) => Err(self.refused(task_id, reason)),
             Outcome::TimedOut => Err(IpcError::ResponseTimeout {
@@ -735,6 +746,16 @@ impl Drop for LinkHandle {
 /// A registered task whose caller waits. Dropped unsettled (the deadline
 /// passed, or the caller was cancelled), it marks the task abandoned, so the
 /// id stays reserved until the server's late answer is out of the way.
+/// How a registered task ended, where its caller has more to do than
+/// report an error.
+enum Settled {
+    /// The body of its result's frame, with its id.
+    Answered(String, Bytes),
+    /// The connection ended, for this reason, before a byte of the task was
+    /// written: it may be sent again.
+    Unsent(String),
+}
+
 struct Pending {
     link: Arc<LinkHandle>,
     ticket: Ticket,

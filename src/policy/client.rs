@@ -102,6 +102,9 @@ pub(crate) enum Outcome {
     /// The connection ended first, for this reason; the task may or may not
     /// have run.
     Lost(String),
+    /// The connection ended, for this reason, before a byte of the task was
+    /// written: it never reached the server, and may be sent again.
+    Unsent(String),
     /// The server refused the connection, for this reason (its notice): the
     /// task did not run.
     Refused(String),
@@ -157,6 +160,9 @@ pub(crate) struct ClientConnection<W> {
     /// Why a write failed: nothing more is written, and what the server
     /// sent before is read to the end.
     write_failed: Option<String>,
+    /// Frames dropped unwritten, not one byte of them, when a write failed:
+    /// the newest tasks outstanding, which never reached the server.
+    dropped_unwritten: usize,
     retired: bool,
     /// When the last outstanding task was settled.
     idle_since: Instant,
@@ -189,6 +195,7 @@ impl<W> ClientConnection<W> {
             closed: None,
             refused: None,
             write_failed: None,
+            dropped_unwritten: 0,
             retired: false,
             idle_since: now,
             deliveries: Vec::new(),
@@ -355,6 +362,7 @@ impl<W> ClientConnection<W> {
     pub(crate) fn on_write_error(&mut self, error: &io::Error) {
         if self.closed.is_none() && self.write_failed.is_none() {
             self.write_failed = Some(error.to_string());
+            self.dropped_unwritten = self.outbound.untouched_frames();
             self.outbound.discard();
         }
     }
@@ -542,17 +550,28 @@ impl<W> ClientConnection<W> {
         }
     }
 
-    /// Ends the connection: every waiting caller gets `reason`.
+    /// Ends the connection: every waiting caller gets `reason`, as a task
+    /// lost, or as one never sent if not a byte of it was written.
     pub(crate) fn close(&mut self, reason: String) {
         if self.closed.is_some() {
             return;
         }
-        for Outstanding { task_id, entry } in self.pending.drain(..) {
+        // Frames go out in the order their tasks were registered, and a task
+        // leaves the list only once answered: the tasks whose frames never
+        // left are the newest.
+        let unwritten = self.outbound.untouched_frames() + self.dropped_unwritten;
+        let first_unwritten = self.pending.len().saturating_sub(unwritten);
+        for (at, Outstanding { task_id, entry }) in self.pending.drain(..).enumerate() {
             if let Entry::Waiting { waiter, .. } = entry {
+                let outcome = if at >= first_unwritten {
+                    Outcome::Unsent(reason.clone())
+                } else {
+                    Outcome::Lost(reason.clone())
+                };
                 self.deliveries.push(Delivery {
                     waiter,
                     task_id,
-                    outcome: Outcome::Lost(reason.clone()),
+                    outcome,
                 });
             }
         }
@@ -629,6 +648,7 @@ mod tests {
                         )
                     }
                     Outcome::Lost(reason) => format!("lost: {reason}"),
+                    Outcome::Unsent(reason) => format!("unsent: {reason}"),
                     Outcome::Refused(reason) => format!("refused: {reason}"),
                     Outcome::TimedOut => format!("timed out: {}", d.task_id),
                 };
@@ -656,6 +676,39 @@ mod tests {
             ]
         );
         assert_eq!(c.in_flight(), 0);
+    }
+
+    #[test]
+    fn tasks_not_a_byte_of_which_was_written_are_unsent_and_one_begun_is_lost() {
+        let (mut c, t0) = connection(32);
+        for id in ["a", "b", "c"] {
+            c.begin(&task(id), id, t0 + READ, t0).unwrap();
+        }
+        // Five bytes of a's frame go out, then the server is gone.
+        c.on_written(5, t0);
+        c.on_write_error(&io::Error::from(io::ErrorKind::BrokenPipe));
+        c.on_eof(t0);
+        let told = delivered(&mut c);
+        assert_eq!(
+            told.iter()
+                .map(|(who, what)| (*who, what.split(':').next().unwrap()))
+                .collect::<Vec<_>>(),
+            [("a", "lost"), ("b", "unsent"), ("c", "unsent")],
+            "{told:?}"
+        );
+    }
+
+    #[test]
+    fn tasks_still_queued_when_the_server_closes_are_unsent() {
+        let (mut c, t0) = connection(32);
+        c.begin(&task("a"), "a", t0 + READ, t0).unwrap();
+        let first = c.pending_output().len();
+        c.begin(&task("b"), "b", t0 + READ, t0).unwrap();
+        c.on_written(first, t0);
+        c.on_eof(t0);
+        let told = delivered(&mut c);
+        assert!(told[0].1.starts_with("lost: "), "{told:?}");
+        assert!(told[1].1.starts_with("unsent: "), "{told:?}");
     }
 
     #[test]

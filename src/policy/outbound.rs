@@ -27,6 +27,8 @@ pub(crate) struct Outbound<M> {
     oversized: bool,
     /// Unwritten bytes of each queued frame, oldest first.
     frames: VecDeque<usize>,
+    /// Whether some of the head frame's bytes have been written.
+    head_started: bool,
     /// When the frame at the head of the queue became the head.
     head_since: Option<Instant>,
     write_timeout: Duration,
@@ -40,6 +42,7 @@ impl<M: prost::Message> Outbound<M> {
             buf: BytesMut::new(),
             oversized: false,
             frames: VecDeque::new(),
+            head_started: false,
             head_since: None,
             write_timeout,
             _messages: PhantomData,
@@ -100,6 +103,7 @@ impl<M: prost::Message> Outbound<M> {
         self.buf = BytesMut::new();
         self.oversized = false;
         self.frames.clear();
+        self.head_started = false;
         self.head_since = None;
     }
 
@@ -111,6 +115,12 @@ impl<M: prost::Message> Outbound<M> {
     /// Whole frames not completely written yet.
     pub(crate) fn queued_frames(&self) -> usize {
         self.frames.len()
+    }
+
+    /// Frames of which not one byte has been written: the newest
+    /// `untouched_frames()` queued never reached the peer.
+    pub(crate) fn untouched_frames(&self) -> usize {
+        self.frames.len() - usize::from(self.head_started)
     }
 
     #[cfg(test)]
@@ -142,10 +152,12 @@ impl<M: prost::Message> Outbound<M> {
             };
             if left < *head {
                 *head -= left;
+                self.head_started = true;
                 break;
             }
             left -= *head;
             self.frames.pop_front();
+            self.head_started = false;
             completed += 1;
         }
         if completed > 0 {
