@@ -628,6 +628,13 @@ mod tests {
         wire.to_vec()
     }
 
+    /// Everything queued goes out, as a driver writes before any answer
+    /// can come.
+    fn sent(c: &mut Connection, now: Instant) {
+        let count = c.pending_output().len();
+        c.on_written(count, now);
+    }
+
     fn receive(c: &mut Connection, bytes: &[u8], now: Instant) {
         c.read_buffer().extend_from_slice(bytes);
         c.on_read(bytes.len(), now);
@@ -715,6 +722,7 @@ mod tests {
     fn a_result_whose_id_is_not_utf8_ends_the_connection_and_its_callers_hear_why() {
         let (mut c, t0) = connection(32);
         c.begin(&task("a"), "caller a", t0 + READ, t0).unwrap();
+        sent(&mut c, t0);
         // Field 1 (task_id), two bytes that are not UTF-8.
         let body = [0x0a, 2, 0xff, 0xfe];
         let mut wire = BytesMut::new();
@@ -858,6 +866,7 @@ mod tests {
             let (mut c, t0) = connection(32);
             c.begin(&task("a"), "a", t0 + READ, t0).unwrap();
             c.begin(&task("b"), "b", t0 + READ, t0).unwrap();
+            sent(&mut c, t0);
             receive(&mut c, &unexpected, t0);
             let outcomes = delivered(&mut c);
             let lost: Vec<&str> = outcomes
@@ -892,8 +901,7 @@ mod tests {
     fn a_result_frame_must_arrive_whole_within_the_read_timeout() {
         let (mut c, t0) = connection(32);
         c.begin(&task("a"), "a", t0 + READ * 2, t0).unwrap();
-        let count = c.pending_output().len();
-        c.on_written(count, t0);
+        sent(&mut c, t0);
         assert_eq!(
             c.poll_timeout(),
             Some(t0 + READ * 2),
@@ -917,8 +925,7 @@ mod tests {
         let (early, late) = (t0 + Duration::from_secs(5), t0 + Duration::from_secs(9));
         c.begin(&task("late"), "late caller", late, t0).unwrap();
         c.begin(&task("early"), "early caller", early, t0).unwrap();
-        let count = c.pending_output().len();
-        c.on_written(count, t0);
+        sent(&mut c, t0);
         assert_eq!(c.poll_timeout(), Some(early), "the earliest waiter's");
         c.handle_timeout(early - Duration::from_nanos(1));
         assert!(delivered(&mut c).is_empty(), "not before");
@@ -976,6 +983,7 @@ mod tests {
     fn a_closed_connection_refuses_new_tasks_and_fails_waiting_ones_once() {
         let (mut c, t0) = connection(32);
         c.begin(&task("a"), "a", t0 + READ, t0).unwrap();
+        sent(&mut c, t0);
         c.on_eof(t0);
         assert_eq!(
             delivered(&mut c),
@@ -1033,7 +1041,8 @@ mod tests {
             [("a", "refused: this agent runs as uid 7".to_owned())]
         );
 
-        // No notice: the write's error is the reason, once the end comes.
+        // No notice: the write's error is the reason, once the end comes;
+        // not a byte of the task left, so it was never sent.
         let (mut c, t0) = connection(32);
         c.begin(&task("a"), "a", t0 + READ, t0).unwrap();
         c.on_write_error(&io::ErrorKind::BrokenPipe.into());
@@ -1041,6 +1050,6 @@ mod tests {
         let [(_, outcome)] = &delivered(&mut c)[..] else {
             panic!()
         };
-        assert!(outcome.starts_with("lost: broken pipe"), "{outcome}");
+        assert!(outcome.starts_with("unsent: broken pipe"), "{outcome}");
     }
 }
