@@ -258,7 +258,7 @@ impl IpcClient {
                     Settled::Unsent(reason) => {
                         return Err(self.lost(
                             task.task_id,
-                            format!("{reason} (before the task was written, twice)"),
+                            format!("{reason}, before a byte of the task was written, on two connections"),
                         ));
                     }
                 },
@@ -743,9 +743,6 @@ impl Drop for LinkHandle {
     }
 }
 
-/// A registered task whose caller waits. Dropped unsettled (the deadline
-/// passed, or the caller was cancelled), it marks the task abandoned, so the
-/// id stays reserved until the server's late answer is out of the way.
 /// How a registered task ended, where its caller has more to do than
 /// report an error.
 enum Settled {
@@ -756,6 +753,9 @@ enum Settled {
     Unsent(String),
 }
 
+/// A registered task whose caller waits. Dropped unsettled (the deadline
+/// passed, or the caller was cancelled), it marks the task abandoned, so the
+/// id stays reserved until the server's late answer is out of the way.
 struct Pending {
     link: Arc<LinkHandle>,
     ticket: Ticket,
