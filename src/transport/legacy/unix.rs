@@ -342,6 +342,10 @@ mod tests {
         assert_eq!(reader.read_room, MIN_READ);
         assert_eq!(buf.len(), MIN_READ + 5, "nothing but what was read is kept");
         assert_eq!(&buf[MIN_READ..], b"small");
+        // The smallest room again: a short read keeps only what arrived.
+        writer.write_from(b"tail").unwrap();
+        assert_eq!(reader.read_into(&mut buf, usize::MAX).unwrap(), 4);
+        assert_eq!(&buf[MIN_READ..], b"smalltail");
         drop(writer);
         assert_eq!(
             reader.read_into(&mut buf, usize::MAX).unwrap(),
