@@ -82,7 +82,10 @@ each_backend!(headers_claiming_large_bodies_reserve_nothing_for_them);
 /// Headers that claim the largest body allowed cost the server nothing
 /// until the bytes arrive: with eight connections each holding a frame
 /// whose header claims 64 MiB (512 MiB claimed in all), the server's memory
-/// stays put while they are open.
+/// stays put while they are open. (Each claim reserves its frame and the
+/// largest result, 128 MiB and 16 bytes; the default budget, four such
+/// reservations, grants four claims, and the other four wait for room, read
+/// no further and hold nothing but what they sent.)
 #[cfg(target_os = "linux")]
 fn headers_claiming_large_bodies_reserve_nothing_for_them(transport: TransportKind) {
     const CLAIM: u32 = 64 << 20;
@@ -93,7 +96,11 @@ fn headers_claiming_large_bodies_reserve_nothing_for_them(transport: TransportKi
     block_on(async {
         assert_bystander_served(&server, "warm-up").await;
         let before = rss_bytes(server.pid());
-        let read_before = server.counters()["bytes_in"];
+        let counters_before = server.counters();
+        let (read_before, pauses_before) = (
+            counters_before["bytes_in"],
+            counters_before["budget_pauses"],
+        );
         let mut claimants = Vec::new();
         for _ in 0..8 {
             let mut claimant = RawClient::connect(&server.endpoint).await;
@@ -101,16 +108,26 @@ fn headers_claiming_large_bodies_reserve_nothing_for_them(transport: TransportKi
                 length: CLAIM,
                 checksum: 0,
             };
-            claimant.write(&header.to_bytes()).await.unwrap();
-            claimant.write(&[0; 100]).await.unwrap();
+            // Header and body start in one write, so the server never sees
+            // the header alone: a claimant waiting for its grant reads no
+            // further, so bytes arriving after its header would never be
+            // counted.
+            let mut claim = header.to_bytes().to_vec();
+            claim.extend_from_slice(&[0; 100]);
+            claimant.write(&claim).await.unwrap();
             claimants.push(claimant);
         }
-        // Measured once the server has read every claimant's bytes.
+        // Measured once the server has read every claimant's bytes, and
+        // four claimants wait for room while four hold their claims.
         let claimed = 8 * (HEADER_LEN as u64 + 100);
-        eventually("the claims to be read", PATIENCE, || {
-            (server.counters()["bytes_in"] >= read_before + claimed).then_some(())
+        let pauses = eventually("the claims to be read", PATIENCE, || {
+            let counters = server.counters();
+            (counters["bytes_in"] >= read_before + claimed
+                && counters["budget_pauses"] >= pauses_before + 4)
+                .then_some(counters["budget_pauses"] - pauses_before)
         })
         .await;
+        assert_eq!(pauses, 4, "four claims granted, four waiting for room");
         let grown = rss_bytes(server.pid()).saturating_sub(before);
         assert!(
             grown < 16 << 20,
