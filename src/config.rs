@@ -60,9 +60,9 @@ pub const MAX_CONNECTIONS_LIMIT: usize = 65_536;
 /// per connection (each with a [`LEGACY_THREAD_STACK_BYTES`] stack).
 pub const LEGACY_MAX_CONNECTIONS: usize = 1024;
 
-/// The stack of each `legacy` connection thread: 1 MiB of address space,
-/// of which only what is used is memory. A handler's synchronous part (up
-/// to its first await) runs on it.
+/// The stack of each `legacy` connection thread, the server's and the
+/// client's: 1 MiB of address space, of which only what is used is memory.
+/// A handler's synchronous part (up to its first await) runs on it.
 pub const LEGACY_THREAD_STACK_BYTES: usize = 1024 * 1024;
 
 /// Largest accepted timeout: one day. Anything longer is almost certainly a

@@ -1,13 +1,16 @@
 //! The blocking driver of a client connection, for the `legacy` backend:
 //! one thread that writes every queued frame, reads results into the policy
 //! core, and hands them to their callers. Callers stay async; they wake the
-//! thread through its [`Waker`].
+//! thread through its [`Waker`]. The thread is one the process keeps for
+//! connections ([`crate::drive::threads`]), taken up by the next one when
+//! this one ends.
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use super::{IoWake, Link, LinkHandle, Waiter};
 use crate::drive::blocking_io::{drive_io, interest};
+use crate::drive::threads::CONNECTION_THREADS;
 use crate::policy::client::ClientConnection;
 use crate::transport::legacy::{Stream, Waker};
 
@@ -20,9 +23,7 @@ pub(super) fn start(stream: Stream, core: ClientConnection<Waiter>) -> std::io::
     };
     let link = Arc::new(Link::new(core, io));
     let driven = link.clone();
-    std::thread::Builder::new()
-        .name("daemoneye-ipc-client".to_owned())
-        .spawn(move || run(stream, &driven, &waker))?;
+    CONNECTION_THREADS.run(move || run(stream, &driven, &waker))?;
     Ok(LinkHandle { link })
 }
 

@@ -13,6 +13,8 @@
 pub(crate) mod async_io;
 #[cfg(feature = "ipc-legacy")]
 pub(crate) mod blocking_io;
+#[cfg(feature = "ipc-legacy")]
+pub(crate) mod threads;
 
 use std::io;
 use std::time::Instant;

@@ -4,9 +4,13 @@
 //! each tells its connection's thread when it is done.
 //!
 //! Threads: one accepting, and at most `max_connections` serving (each with
-//! a stack of [`LEGACY_THREAD_STACK_BYTES`]). Connections waiting for a
-//! slot are held by the accept thread, not by threads of their own; the
-//! acceptor in the policy core decides their fate and when to look again.
+//! a stack of [`LEGACY_THREAD_STACK_BYTES`]), taken from the threads the
+//! process keeps for connections ([`crate::drive::threads`]). Connections
+//! waiting for a slot are held by the accept thread, not by threads of
+//! their own; the acceptor in the policy core decides their fate and when
+//! to look again.
+//!
+//! [`LEGACY_THREAD_STACK_BYTES`]: crate::config::LEGACY_THREAD_STACK_BYTES
 
 use std::collections::HashMap;
 use std::sync::mpsc;
@@ -24,8 +28,9 @@ use super::{
     Notice, Shared, Started, TaskHandler, bind_error, connection_span, start_handler,
 };
 use crate::backoff::Backoff;
-use crate::config::{LEGACY_THREAD_STACK_BYTES, TransportKind};
+use crate::config::TransportKind;
 use crate::drive::blocking_io::{drive_io, interest};
+use crate::drive::threads::CONNECTION_THREADS;
 use crate::endpoint::Endpoint;
 use crate::error::IpcError;
 use crate::peer::Peer;
@@ -348,19 +353,16 @@ impl<H: TaskHandler> Acceptor<H> {
         let wake = self.wake.clone();
         let span = connection_span(id, &Ok(peer));
         let thread_span = span.clone();
-        let spawned = std::thread::Builder::new()
-            .name(format!("daemoneye-ipc-conn-{id}"))
-            .stack_size(LEGACY_THREAD_STACK_BYTES)
-            .spawn(move || {
-                let _span = thread_span.entered();
-                // Also if the thread unwinds: a shutdown must not wait on
-                // a thread that is gone.
-                let _registered = Registered { wake, id };
-                worker.run();
-            });
+        let spawned = CONNECTION_THREADS.run(move || {
+            let _span = thread_span.entered();
+            // Also if the thread unwinds: a shutdown must not wait on a
+            // thread that is gone.
+            let _registered = Registered { wake, id };
+            worker.run();
+        });
         if let Err(error) = spawned {
-            // The thread's closure was dropped, and with it the worker,
-            // whose slot is released on drop.
+            // The job was dropped, and with it the worker, whose slot is
+            // released on drop.
             let _span = span.entered();
             tracing::warn!(%error, "cannot start a thread for the connection; closing it");
             self.wake.unregister(id);
