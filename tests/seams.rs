@@ -1,6 +1,7 @@
 //! Where connections, clocks and the budget meet, with real processes: the
 //! connection limit under churn at the accept deadline, an idle server after
-//! that churn, and the memory a server holds for peers that never read.
+//! that churn, the memory a server holds for peers that never read, and
+//! connections paused for that memory resuming when it frees.
 //! (The simulation in `src/simulation.rs` explores the same rules under
 //! thousands of interleavings; these show them on every backend's real
 //! sockets.)
@@ -209,4 +210,77 @@ fn peers_that_never_read_cannot_make_the_server_hold_more_than_its_budget(
         grown <= bound,
         "RSS grew by {grown} bytes, over the bound of {bound}"
     );
+}
+
+each_backend!(connections_paused_for_the_budget_resume_as_it_frees);
+/// Four peers each send 24 tasks whose results are 100 KiB, and read
+/// nothing until the server has paused reading for want of budget (2.5 MiB
+/// here: room for two tasks' reservations). Then they read: as results are
+/// written the budget frees, each paused connection is granted room, wakes
+/// and reads on, and every task is answered, once, with nothing held
+/// at the end. A grant that did not wake its connection would leave that
+/// peer's remaining tasks unanswered.
+fn connections_paused_for_the_budget_resume_as_it_frees(transport: TransportKind) {
+    use daemoneye_ipc::Crc32Variant;
+    use support::sized_server::{SizedServer, sized_task};
+    const BUDGET: usize = 5 * 512 * 1024;
+    const RESULT_BYTES: usize = 100 * 1024;
+    const PEERS: usize = 4;
+    const TASKS_EACH: usize = 24;
+    let endpoint = Endpoint::fresh();
+    let mut server = SizedServer::start_with_budget(
+        transport,
+        Crc32Variant::Ieee,
+        60_000,
+        BUDGET,
+        &endpoint.name,
+    );
+    let id = |peer: usize, n: usize| format!("{peer}-{n}");
+    // One runtime for the whole test: the connections belong to it.
+    let runtime = runtime();
+    let peers = runtime.block_on(async {
+        let mut peers = Vec::new();
+        for peer in 0..PEERS {
+            let mut connection = RawClient::connect(&endpoint.name).await;
+            for n in 0..TASKS_EACH {
+                let task = sized_task(&id(peer, n), String::new(), RESULT_BYTES);
+                connection.write(&frame_bytes(&task)).await.unwrap();
+            }
+            peers.push(connection);
+        }
+        peers
+    });
+    wait_until("the server to pause for budget", PATIENCE, || {
+        (server.stats()["budget_pauses"].as_u64().unwrap() > 0).then_some(())
+    });
+    runtime.block_on(async {
+        let mut readers = tokio::task::JoinSet::new();
+        for (peer, mut connection) in peers.into_iter().enumerate() {
+            readers.spawn(async move {
+                let mut answered = std::collections::BTreeSet::new();
+                for _ in 0..TASKS_EACH {
+                    let result = connection.read_result(PATIENCE).await;
+                    assert!(result.success, "{:?}", result.error_message);
+                    assert!(
+                        answered.insert(result.task_id),
+                        "each task is answered once"
+                    );
+                }
+                // (In the order the handlers finished.)
+                let asked = (0..TASKS_EACH).map(|n| id(peer, n)).collect();
+                assert_eq!(answered, asked);
+                connection
+            });
+        }
+        while let Some(reader) = readers.join_next().await {
+            reader.expect("every peer has all its answers");
+        }
+    });
+    let stats = server.stats();
+    let tasks = (PEERS * TASKS_EACH) as u64;
+    assert_eq!(stats["frames_in"].as_u64().unwrap(), tasks, "{stats}");
+    assert_eq!(stats["frames_out"].as_u64().unwrap(), tasks, "{stats}");
+    wait_until("the budget to be given back", PATIENCE, || {
+        (server.stats()["bytes_held"].as_u64().unwrap() == 0).then_some(())
+    });
 }
