@@ -4,15 +4,17 @@
 //! all of them while several tasks are in flight, or what the socket did
 //! not take at once from the caller of the only one ([`write_now`]).
 
-use std::future::poll_fn;
+use std::future::{Future, poll_fn};
+use std::pin::pin;
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll, Waker, ready};
 use std::time::Instant;
 
 use tokio::sync::Notify;
 
 use super::{IoWake, Link, LinkHandle, Waiter};
+use crate::drive::wake_gate::WakeGate;
 use crate::policy::client::ClientConnection;
 use crate::transport::Connection;
 
@@ -88,6 +90,10 @@ async fn run(mut ending: Ending) {
     let timer = tokio::time::sleep_until(tokio::time::Instant::now());
     tokio::pin!(timer);
     let mut armed: Option<Instant> = None;
+    // Callers' requests to write, polled only after one came (the gate
+    // spares the `Notify`'s lock on the wake-ups the socket causes).
+    let mut gate = WakeGate::new();
+    let mut asked = pin!(notify.notified());
     while !link.finished() {
         {
             let mut core = link.lock();
@@ -103,7 +109,16 @@ async fn run(mut ending: Ending) {
         }
         tokio::select! {
             () = poll_fn(|cx| drive_io(cx, connection, &link)) => {}
-            () = notify.notified() => {}
+            () = poll_fn(|cx| {
+                let Some(mut cx) = gate.open(cx) else {
+                    return Poll::Pending;
+                };
+                ready!(asked.as_mut().poll(&mut cx));
+                asked.set(notify.notified());
+                // The new one must be polled next time to take part.
+                gate.reopen();
+                Poll::Ready(())
+            }) => {}
             () = &mut timer, if armed.is_some() => {
                 armed = None;
                 let mut core = link.lock();

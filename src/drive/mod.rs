@@ -15,6 +15,8 @@ pub(crate) mod async_io;
 pub(crate) mod blocking_io;
 #[cfg(feature = "ipc-legacy")]
 pub(crate) mod threads;
+#[cfg(async_backend)]
+pub(crate) mod wake_gate;
 
 use std::io;
 use std::time::Instant;

@@ -3,10 +3,13 @@
 //! its connection's [`ServerConnection`] and doing what it says.
 
 use std::collections::HashMap;
-use std::future::poll_fn;
+use std::future::{Future, poll_fn};
+use std::pin::{Pin, pin};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Instant;
 
+use tokio::sync::futures::Notified;
 use tokio::sync::{Notify, oneshot};
 use tokio::task::{AbortHandle, JoinSet};
 use tokio_util::sync::DropGuard;
@@ -21,6 +24,7 @@ use super::{
 use crate::backoff::Backoff;
 use crate::config::TransportKind;
 use crate::drive::async_io::drive_io;
+use crate::drive::wake_gate::WakeGate;
 use crate::endpoint::Endpoint;
 use crate::error::IpcError;
 use crate::policy::acceptor::{Arrival, ArrivalId, Fate};
@@ -303,30 +307,47 @@ async fn serve<H: TaskHandler>(
         running: JoinSet::new(),
         aborts: HashMap::new(),
     };
-    let abort = shared.abort.cancelled();
-    let stop_reading = shared.stop_reading.cancelled();
-    tokio::pin!(abort, stop_reading);
-    let mut stopping = false;
+    let mut signals = Signals {
+        gate: WakeGate::new(),
+        abort: pin!(shared.abort.cancelled()),
+        stop_reading: pin!(shared.stop_reading.cancelled()),
+        stopping: false,
+        granted: &granted,
+        grant: pin!(granted.notified()),
+    };
+    // One timer for the connection's life, moved only when the core's next
+    // deadline comes before the one it is set for (an idle deadline moves
+    // later with every task; a timer that fires early finds nothing due and
+    // is set again).
+    let mut timer = pin!(tokio::time::sleep_until(tokio::time::Instant::now()));
+    let mut armed: Option<Instant> = None;
 
     let outcome = loop {
         if let Some(outcome) = served.step(&mut handlers, Instant::now()) {
             break outcome;
         }
         let core = &mut served.core;
-        let deadline = core.poll_timeout();
+        if let Some(deadline) = core.poll_timeout()
+            && armed.is_none_or(|armed| deadline < armed)
+        {
+            timer.as_mut().reset(deadline.into());
+            armed = Some(deadline);
+        }
         tokio::select! {
             biased;
-            _ = &mut abort => break Ok(()),
+            signal = poll_fn(|cx| signals.poll(cx)) => match signal {
+                Signal::Abort => break Ok(()),
+                Signal::StopReading => core.stop_reading(Instant::now()),
+                Signal::Granted => {}
+            },
             Some((ticket, outcome)) = handlers.next_done() => {
                 core.task_finished(ticket, outcome, Instant::now());
             }
-            _ = &mut stop_reading, if !stopping => {
-                stopping = true;
-                core.stop_reading(Instant::now());
-            }
             () = poll_fn(|cx| drive_io(cx, &mut connection, core)) => {}
-            () = granted.notified() => {}
-            () = sleep_until(deadline), if deadline.is_some() => core.handle_timeout(Instant::now()),
+            () = &mut timer, if armed.is_some() => {
+                armed = None;
+                core.handle_timeout(Instant::now());
+            }
         }
     };
     let told_peer = served.core.told_peer();
@@ -339,9 +360,54 @@ async fn serve<H: TaskHandler>(
     outcome
 }
 
-async fn sleep_until(deadline: Option<Instant>) {
-    if let Some(deadline) = deadline {
-        tokio::time::sleep_until(deadline.into()).await;
+/// Why a connection's loop was woken other than by its socket, a handler
+/// or its timer.
+enum Signal {
+    /// The server stops now.
+    Abort,
+    /// The server stops taking tasks: answer those in flight, then close.
+    StopReading,
+    /// The budget granted room this connection was waiting for.
+    Granted,
+}
+
+/// The connection's quiet wake-up sources, behind one [`WakeGate`]: the
+/// shutdown signals fire once in a connection's life and a grant only after
+/// a pause for budget, so they are not polled on the socket's wake-ups in
+/// between.
+struct Signals<'p, 'n, A, S> {
+    gate: WakeGate,
+    abort: Pin<&'p mut A>,
+    stop_reading: Pin<&'p mut S>,
+    /// `stop_reading` has fired.
+    stopping: bool,
+    granted: &'n Notify,
+    grant: Pin<&'p mut Notified<'n>>,
+}
+
+impl<A, S> Signals<'_, '_, A, S>
+where
+    A: Future<Output = ()>,
+    S: Future<Output = ()>,
+{
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Signal> {
+        let Some(mut cx) = self.gate.open(cx) else {
+            return Poll::Pending;
+        };
+        let signal = if self.abort.as_mut().poll(&mut cx).is_ready() {
+            Signal::Abort
+        } else if !self.stopping && self.stop_reading.as_mut().poll(&mut cx).is_ready() {
+            self.stopping = true;
+            Signal::StopReading
+        } else if self.grant.as_mut().poll(&mut cx).is_ready() {
+            self.grant.set(self.granted.notified());
+            Signal::Granted
+        } else {
+            return Poll::Pending;
+        };
+        // The sources after the one that fired were not polled this time.
+        self.gate.reopen();
+        Poll::Ready(signal)
     }
 }
 
