@@ -82,31 +82,24 @@ async fn run(mut ending: Ending) {
     let IoWake::Task { notify, connection } = &link.io else {
         unreachable!("started with a task waker")
     };
-    // One timer for the connection's life, moved only when the core's next
-    // deadline comes before the one it is set for. Each task brings a
-    // deadline later than those before it, so the timer stays put while
-    // tasks come and go; one that fires early finds nothing due and is set
-    // again.
-    let timer = tokio::time::sleep_until(tokio::time::Instant::now());
+    // One timer for the connection's life, first set where the core says
+    // and then moved only as [`ClientConnection::driver_timer`] says.
+    let mut armed = link.lock().first_driver_wake();
+    let timer = tokio::time::sleep_until(armed.unwrap_or_else(Instant::now).into());
     tokio::pin!(timer);
-    let mut armed: Option<Instant> = None;
     // Callers' requests to write, polled only after one came (the gate
     // spares the `Notify`'s lock on the wake-ups the socket causes).
     let mut gate = WakeGate::new();
     let mut asked = pin!(notify.notified());
     while !link.finished() {
+        // Callers wake us for a deadline before the one the timer is set for.
+        let wanted = link.lock().driver_timer(armed);
+        if let Some(at) = wanted
+            && wanted != armed
         {
-            let mut core = link.lock();
-            if let Some(deadline) = core.poll_timeout()
-                && armed.is_none_or(|armed| deadline < armed)
-            {
-                timer.as_mut().reset(deadline.into());
-                armed = Some(deadline);
-            }
-            // Callers wake us for a deadline before this one.
-            core.driver_wakes_at(armed);
-            core.take_retime();
+            timer.as_mut().reset(at.into());
         }
+        armed = wanted;
         tokio::select! {
             () = poll_fn(|cx| drive_io(cx, connection, &link)) => {}
             () = poll_fn(|cx| {
@@ -120,10 +113,9 @@ async fn run(mut ending: Ending) {
                 Poll::Ready(())
             }) => {}
             () = &mut timer, if armed.is_some() => {
+                // Set again at the top of the loop, for whatever is due next.
                 armed = None;
-                let mut core = link.lock();
-                core.driver_wakes_at(None);
-                core.handle_timeout(Instant::now());
+                link.lock().handle_timeout(Instant::now());
             }
         }
         link.settle();

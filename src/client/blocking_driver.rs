@@ -28,8 +28,13 @@ pub(super) fn start(stream: Stream, core: ClientConnection<Waiter>) -> std::io::
 }
 
 fn run(mut stream: Stream, link: &Link, waker: &Waker) {
+    // When the wait is to end at the latest, first where the core says and
+    // then as [`ClientConnection::driver_timer`] says: kept while the
+    // connection is idle, so that the next task's caller writes it without
+    // waking this thread to move it.
+    let mut armed = link.lock().first_driver_wake();
     while !link.finished() {
-        let (progressed, interest, deadline) = {
+        let (progressed, interest) = {
             let mut core = link.lock();
             // The calls return at once, so holding the core's lock over
             // them is brief.
@@ -37,18 +42,20 @@ fn run(mut stream: Stream, link: &Link, waker: &Waker) {
             // Callers' deadlines are kept here: they are checked whether or
             // not this round moved bytes, so that steady traffic cannot
             // hold back a caller's timeout.
-            core.handle_timeout(Instant::now());
-            let deadline = core.poll_timeout();
+            let now = Instant::now();
+            core.handle_timeout(now);
+            if armed.is_some_and(|at| at <= now) {
+                armed = None; // Passed, and handled: set again below.
+            }
             // Callers wake us for a deadline before this one.
-            core.driver_wakes_at(deadline);
-            core.take_retime();
-            (progressed, interest(&*core), deadline)
+            armed = core.driver_timer(armed);
+            (progressed, interest(&*core))
         };
         link.settle();
         if progressed {
             continue;
         }
-        if let Err(error) = stream.wait(interest, waker, deadline) {
+        if let Err(error) = stream.wait(interest, waker, armed) {
             link.lock().on_io_error(&error);
         }
         link.lock().handle_timeout(Instant::now());

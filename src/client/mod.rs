@@ -658,7 +658,10 @@ impl Link {
     /// one system call: pipelined callers share writes rather than making
     /// one each.
     fn flush(&self, core: &mut ClientConnection<Waiter>) {
-        if core.in_flight() > 1 || core.take_retime() {
+        // A deadline before the driver's timer: it must be woken to move
+        // it, whoever writes.
+        let retime = core.take_retime();
+        if core.in_flight() > 1 {
             self.wake_io();
             return;
         }
@@ -684,7 +687,7 @@ impl Link {
             #[allow(unreachable_patterns)] // Reached where legacy has no writer.
             _ => {}
         }
-        if !core.pending_output().is_empty() || core.closed_reason().is_some() {
+        if retime || !core.pending_output().is_empty() || core.closed_reason().is_some() {
             self.wake_io();
         }
     }

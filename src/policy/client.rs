@@ -168,7 +168,10 @@ pub(crate) struct ClientConnection<W> {
     idle_since: Instant,
     deliveries: Vec<Delivery<W>>,
     /// When the driver will next call [`handle_timeout`](Self::handle_timeout),
-    /// as it last said; `None` if not at all.
+    /// as it last said; `None` if not at all. A new connection's driver
+    /// first wakes one read timeout after the connection opened: no task's
+    /// deadline comes before that (each is a read timeout after its call
+    /// began), so the first task needs no wake-up to set the timer.
     driver_wakes_at: Option<Instant>,
     /// A caller's deadline comes before that: the driver must look again.
     retime: bool,
@@ -199,7 +202,7 @@ impl<W> ClientConnection<W> {
             retired: false,
             idle_since: now,
             deliveries: Vec::new(),
-            driver_wakes_at: None,
+            driver_wakes_at: Some(now + read_timeout),
             retime: false,
             slots_changed: false,
         }
@@ -251,10 +254,27 @@ impl<W> ClientConnection<W> {
         Ok(ticket)
     }
 
-    /// The driver will next call [`handle_timeout`](Self::handle_timeout)
-    /// at `at` (`None`: not unless woken).
-    pub(crate) fn driver_wakes_at(&mut self, at: Option<Instant>) {
-        self.driver_wakes_at = at;
+    /// When the driver is to wake first: its timer's setting until it
+    /// calls [`driver_timer`](Self::driver_timer).
+    pub(crate) fn first_driver_wake(&self) -> Option<Instant> {
+        self.driver_wakes_at
+    }
+
+    /// Where the driver's timer, set for `armed`, is to be set now: for the
+    /// next deadline if that comes first, else where it is (one that fires
+    /// early finds nothing due and is set again). Each task brings a
+    /// deadline later than those before it, so the timer stays put while
+    /// tasks come and go, idle spells included, and a task never has to wake
+    /// the driver just to move it. Recorded as the driver's wake-up; a
+    /// retime asked for before this is answered by it.
+    pub(crate) fn driver_timer(&mut self, armed: Option<Instant>) -> Option<Instant> {
+        let wakes_at = match self.poll_timeout() {
+            Some(deadline) if armed.is_none_or(|armed| deadline < armed) => Some(deadline),
+            _ => armed,
+        };
+        self.driver_wakes_at = wakes_at;
+        self.retime = false;
+        wakes_at
     }
 
     /// Whether a task registered since the driver last looked has a deadline
@@ -949,17 +969,49 @@ mod tests {
     #[test]
     fn the_driver_is_asked_to_look_again_only_for_a_deadline_before_its_own() {
         let (mut c, t0) = connection(32);
+        assert_eq!(c.first_driver_wake(), Some(t0 + READ));
         c.begin(&task("a"), "a", t0 + READ, t0).unwrap();
-        assert!(c.take_retime(), "no timer set yet");
+        assert!(
+            !c.take_retime(),
+            "the first task's deadline is no earlier than the driver's first wake-up"
+        );
+        c.begin(&task("b"), "b", t0 + READ / 2, t0).unwrap();
+        assert!(c.take_retime(), "an earlier deadline");
         assert!(!c.take_retime(), "asked once");
-        c.driver_wakes_at(Some(t0 + READ));
-        c.begin(&task("b"), "b", t0 + READ * 2, t0).unwrap();
+        sent(&mut c, t0);
+        assert_eq!(c.driver_timer(Some(t0 + READ)), Some(t0 + READ / 2));
+        c.begin(&task("c"), "c", t0 + READ * 2, t0).unwrap();
         assert!(
             !c.take_retime(),
             "a later deadline: the timer set wakes it first"
         );
-        c.begin(&task("c"), "c", t0 + READ / 2, t0).unwrap();
-        assert!(c.take_retime(), "an earlier deadline");
+    }
+
+    #[test]
+    fn an_idle_driver_keeps_its_timer_so_the_next_task_needs_no_wake_up() {
+        let (mut c, t0) = connection(32);
+        let armed = c.driver_timer(c.first_driver_wake());
+        c.begin(&task("a"), "a", t0 + READ, t0).unwrap();
+        sent(&mut c, t0);
+        assert_eq!(c.driver_timer(armed), Some(t0 + READ));
+        let t1 = t0 + READ / 4;
+        receive(&mut c, &result_frame("a", "done"), t1);
+        assert_eq!(delivered(&mut c).len(), 1);
+        assert_eq!(c.poll_timeout(), None, "nothing is due while idle");
+        let armed = c.driver_timer(armed);
+        assert_eq!(armed, Some(t0 + READ), "the timer stays set while idle");
+        // The caller of the next task writes it and waits: the driver need
+        // not be woken to move its timer (it fires early, finds nothing due,
+        // and is set for this deadline then).
+        c.begin(&task("b"), "b", t1 + READ, t1).unwrap();
+        assert!(!c.take_retime());
+        sent(&mut c, t1);
+        c.handle_timeout(t0 + READ);
+        assert!(
+            delivered(&mut c).is_empty(),
+            "the early wake-up finds nothing due"
+        );
+        assert_eq!(c.driver_timer(None), Some(t1 + READ));
     }
 
     #[test]
