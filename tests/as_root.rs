@@ -274,7 +274,14 @@ fn members_of_the_socket_group_get_in_and_others_are_refused_at_connect(transpor
 }
 
 /// Runs a command in a PID namespace of its own, as a container would.
-const IN_PID_NAMESPACE: &[&str] = &["unshare", "--pid", "--fork", "--mount-proc", "--"];
+const IN_PID_NAMESPACE: &[&str] = &[
+    "unshare",
+    "--pid",
+    "--fork",
+    "--mount-proc",
+    "--kill-child",
+    "--",
+];
 
 /// Runs a command in a user namespace of its own with no uid mapped: it
 /// runs as the overflow uid there, and every peer's uid shows as that.
