@@ -62,6 +62,13 @@ pub(crate) struct Stream {
     read_room: usize,
     /// Where reads of the smallest room land (see [`MIN_READ`]).
     landing: Box<[u8; MIN_READ]>,
+    /// The last read brought less than it had room for, and no wait has
+    /// been since: the socket was empty then, and a read now would most
+    /// likely only learn so with a system call (one per task on each side
+    /// of a round trip). Reads answer `WouldBlock` until the next wait,
+    /// which returns at once if bytes came meanwhile (`poll` reports the
+    /// level, not the edge).
+    drained: bool,
 }
 
 /// Writes to a [`Stream`] from another thread than the one that reads and
@@ -113,6 +120,7 @@ impl Stream {
             socket: Arc::new(socket),
             read_room: MIN_READ,
             landing: Box::new([0; MIN_READ]),
+            drained: false,
         })
     }
 
@@ -125,8 +133,12 @@ impl Stream {
 
     /// Reads what has arrived, `max` bytes at most, into the end of `buf`.
     /// `Ok(0)` is the end of the stream; `WouldBlock` means nothing has
-    /// arrived.
+    /// arrived (or, after a read that emptied the socket, nothing is looked
+    /// for until the next [`wait`](Self::wait)).
     pub(crate) fn read_into(&mut self, buf: &mut BytesMut, max: usize) -> io::Result<usize> {
+        if self.drained {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
         let room = self.read_room.min(max);
         let outcome = if room <= MIN_READ {
             let outcome = read(&self.socket, &mut self.landing[..room]);
@@ -142,6 +154,8 @@ impl Stream {
             outcome
         };
         let read = *outcome.as_ref().unwrap_or(&0);
+        // (Not after the end of the stream: a read there returns at once.)
+        self.drained = (1..room).contains(&read);
         self.read_room = if read >= self.read_room {
             (self.read_room * 2).min(MAX_READ)
         } else {
@@ -174,6 +188,7 @@ impl Stream {
             flags |= PollFlags::OUT;
         }
         let socket = (!flags.is_empty()).then(|| (self.socket.as_fd(), flags));
+        self.drained = false;
         wait(socket, waker, deadline)
     }
 
@@ -305,6 +320,11 @@ fn timespec_until(deadline: Instant) -> io::Result<Timespec> {
 mod tests {
     use super::*;
 
+    const READ: Interest = Interest {
+        read: true,
+        write: false,
+    };
+
     #[test]
     fn a_waker_ends_a_wait_from_another_thread_and_then_resets() {
         let waker = Waker::new().unwrap();
@@ -343,14 +363,45 @@ mod tests {
         assert_eq!(buf.len(), MIN_READ + 5, "nothing but what was read is kept");
         assert_eq!(&buf[MIN_READ..], b"small");
         // The smallest room again: a short read keeps only what arrived.
+        // (After a short read, a driver waits before it reads again.)
         writer.write_from(b"tail").unwrap();
+        reader.wait(READ, &Waker::new().unwrap(), None).unwrap();
         assert_eq!(reader.read_into(&mut buf, usize::MAX).unwrap(), 4);
         assert_eq!(&buf[MIN_READ..], b"smalltail");
         drop(writer);
+        reader.wait(READ, &Waker::new().unwrap(), None).unwrap();
         assert_eq!(
             reader.read_into(&mut buf, usize::MAX).unwrap(),
             0,
             "the end of the stream"
         );
+    }
+
+    #[test]
+    fn after_a_read_that_emptied_the_socket_the_next_read_waits_for_a_wait() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let mut reader = Stream::new(a).unwrap();
+        let mut writer = Stream::new(b).unwrap();
+        let waker = Waker::new().unwrap();
+        let mut buf = BytesMut::new();
+        writer.write_from(b"first").unwrap();
+        assert_eq!(reader.read_into(&mut buf, usize::MAX).unwrap(), 5);
+        // More has come, but the read before found the socket empty: no
+        // system call is spent on looking again before a wait.
+        writer.write_from(b"second").unwrap();
+        assert_eq!(
+            reader.read_into(&mut buf, usize::MAX).unwrap_err().kind(),
+            io::ErrorKind::WouldBlock
+        );
+        // The wait sees the bytes there (it would block otherwise: no
+        // deadline, and nothing wakes the waker) and the read takes them.
+        reader.wait(READ, &waker, None).unwrap();
+        assert_eq!(reader.read_into(&mut buf, usize::MAX).unwrap(), 6);
+        assert_eq!(&buf[..], b"firstsecond");
+        // A read that fills its room leaves the next one free to look.
+        writer.write_from(&[1; MIN_READ + 1]).unwrap();
+        reader.wait(READ, &waker, None).unwrap();
+        assert_eq!(reader.read_into(&mut buf, MIN_READ).unwrap(), MIN_READ);
+        assert_eq!(reader.read_into(&mut buf, usize::MAX).unwrap(), 1);
     }
 }
