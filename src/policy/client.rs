@@ -169,9 +169,10 @@ pub(crate) struct ClientConnection<W> {
     deliveries: Vec<Delivery<W>>,
     /// When the driver will next call [`handle_timeout`](Self::handle_timeout),
     /// as it last said; `None` if not at all. A new connection's driver
-    /// first wakes one read timeout after the connection opened: no task's
-    /// deadline comes before that (each is a read timeout after its call
-    /// began), so the first task needs no wake-up to set the timer.
+    /// first wakes one read timeout after the connection opened: a task's
+    /// deadline is a read timeout after its call began, so the first task
+    /// needs no wake-up to set the timer (only a call retried on a fresh
+    /// connection brings an earlier one, and asks for a retime).
     driver_wakes_at: Option<Instant>,
     /// A caller's deadline comes before that: the driver must look again.
     retime: bool,
