@@ -30,8 +30,8 @@ pub(super) fn start(stream: Stream, core: ClientConnection<Waiter>) -> std::io::
 fn run(mut stream: Stream, link: &Link, waker: &Waker) {
     // When the wait is to end at the latest, first where the core says and
     // then as [`ClientConnection::driver_timer`] says: kept while the
-    // connection is idle, so that the next task's caller writes it without
-    // waking this thread to move it.
+    // connection is idle, so that the next task's caller normally writes it
+    // without waking this thread to move it.
     let mut armed = link.lock().first_driver_wake();
     while !link.finished() {
         let (progressed, interest) = {

@@ -8,8 +8,8 @@
 //! (to compare the stored waker), which was about a fifth of a server's
 //! instructions per task with one task in flight. Behind the gate, the
 //! sources are polled with a waker of the gate's own that records that one
-//! of them woke before it wakes the task; while it has not, and the task's
-//! waker is the one they hold already, the gate answers `Pending` without
+//! of them woke before it wakes the task (whichever waker the task was
+//! last polled with); while none has, the gate answers `Pending` without
 //! touching them.
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -65,8 +65,10 @@ impl WakeGate {
 
     /// The context to poll the gated sources in, if one of them may have
     /// become ready since they were last polled (one woke, or this is the
-    /// first poll, or the task's waker changed and they must learn the new
-    /// one); `None` when none can have, and they need not be polled.
+    /// first poll); `None` when none can have, and they need not be polled.
+    /// A new task waker is stored for the gate's wake-ups to reach, and the
+    /// gate opens then too (the sources hold the gate's waker, so this is
+    /// not needed, but it is rare and costs one poll of each).
     pub(crate) fn open(&mut self, cx: &Context<'_>) -> Option<Context<'_>> {
         let task_changed = !self
             .task
@@ -87,7 +89,8 @@ impl WakeGate {
     }
 
     /// The sources must be polled again next time, though none woke: one
-    /// was found ready and the others were not polled after it.
+    /// was found ready and the others were not polled after it, or a source
+    /// was replaced by a new future that must be polled to register.
     pub(crate) fn reopen(&self) {
         self.shared.woken.store(true, Ordering::Release);
     }

@@ -263,11 +263,14 @@ impl<W> ClientConnection<W> {
 
     /// Where the driver's timer, set for `armed`, is to be set now: for the
     /// next deadline if that comes first, else where it is (one that fires
-    /// early finds nothing due and is set again). Each task brings a
-    /// deadline later than those before it, so the timer stays put while
-    /// tasks come and go, idle spells included, and a task never has to wake
-    /// the driver just to move it. Recorded as the driver's wake-up; a
-    /// retime asked for before this is answered by it.
+    /// early finds nothing due and is set again). A task's deadline is a
+    /// read timeout after its call began, so it normally comes after those
+    /// before it: the timer stays put while tasks come and go, idle spells
+    /// included, and such a task need not wake the driver to move it (an
+    /// earlier one, from a retried call or one that waited for a slot, and
+    /// the first task after the timer fired with nothing in flight, ask for
+    /// a retime). Recorded as the driver's wake-up; a retime asked for
+    /// before this is answered by it.
     pub(crate) fn driver_timer(&mut self, armed: Option<Instant>) -> Option<Instant> {
         let wakes_at = match self.poll_timeout() {
             Some(deadline) if armed.is_none_or(|armed| deadline < armed) => Some(deadline),

@@ -64,8 +64,8 @@ pub(crate) struct Stream {
     landing: Box<[u8; MIN_READ]>,
     /// The last read brought less than it had room for, and no wait has
     /// been since: the socket was empty then, and a read now would most
-    /// likely only learn so with a system call (one per task on each side
-    /// of a round trip). Reads answer `WouldBlock` until the next wait,
+    /// likely only learn so with a system call (one per task on a client,
+    /// two on a server: after the task and after the result). Reads answer `WouldBlock` until the next wait,
     /// which returns at once if bytes came meanwhile (`poll` reports the
     /// level, not the edge).
     drained: bool,
