@@ -12,14 +12,13 @@ use std::time::Instant;
 use tokio::sync::futures::Notified;
 use tokio::sync::{Notify, oneshot};
 use tokio::task::{AbortHandle, JoinSet};
-use tokio_util::sync::DropGuard;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use super::connection::{Handlers, Served};
 use super::{
-    ACCEPT_BACKOFF_MAX, ACCEPT_BACKOFF_MIN, DriverWake, HandlerOutcome, Handling, NOTICE_WAIT,
-    Notice, Shared, Started, TaskHandler, bind_error, connection_span, start_handler,
+    ACCEPT_BACKOFF_MAX, ACCEPT_BACKOFF_MIN, AcceptingStopped, DriverWake, HandlerOutcome, Handling,
+    NOTICE_WAIT, Notice, Shared, Started, TaskHandler, bind_error, connection_span, start_handler,
 };
 use crate::backoff::Backoff;
 use crate::config::TransportKind;
@@ -57,7 +56,7 @@ pub(super) fn start<H: TaskHandler>(
         #[cfg(unix)]
         socket: bound.watch(),
     };
-    let stopped = shared.accepting_stopped.clone().drop_guard();
+    let stopped = shared.accepting_stopped_guard(DriverWake::Tokens);
     tasks.spawn(accept_loop(
         listener,
         stopped,
@@ -110,7 +109,7 @@ impl Watch {
 /// Accepts until shutdown; `stopped` fires when it and its listener are gone.
 async fn accept_loop<H: TaskHandler>(
     listener: Listener,
-    stopped: DropGuard,
+    stopped: AcceptingStopped,
     watch: Watch,
     shared: Arc<Shared>,
     handler: Arc<H>,

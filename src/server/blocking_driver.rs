@@ -105,7 +105,9 @@ pub(super) fn start<H: TaskHandler>(
         tasks: tasks.clone(),
     };
     let token = tasks.token();
-    let stopped = acceptor.shared.accepting_stopped.clone().drop_guard();
+    let stopped = acceptor
+        .shared
+        .accepting_stopped_guard(DriverWake::Threads(wake.clone()));
     std::thread::Builder::new()
         .name("daemoneye-ipc-accept".to_owned())
         .spawn(move || {

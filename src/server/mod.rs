@@ -22,7 +22,7 @@ use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
@@ -274,6 +274,7 @@ impl ServerBuilder {
             accepting_stopped: CancellationToken::new(),
             stop_reading: CancellationToken::new(),
             abort: CancellationToken::new(),
+            dropped: AtomicBool::new(false),
             next_connection_id: AtomicU64::new(1),
         });
         let tasks = TaskTracker::new();
@@ -319,6 +320,7 @@ struct Started {
 }
 
 /// How to get the driver's attention after a cancellation token fired.
+#[derive(Clone)]
 enum DriverWake {
     /// The async driver's tasks watch the tokens themselves.
     #[cfg(async_backend)]
@@ -326,6 +328,39 @@ enum DriverWake {
     /// The blocking driver's threads are woken by this.
     #[cfg(feature = "ipc-legacy")]
     Threads(blocking_driver::Wake),
+}
+
+impl DriverWake {
+    fn wake(&self) {
+        match self {
+            #[cfg(async_backend)]
+            DriverWake::Tokens => {}
+            #[cfg(feature = "ipc-legacy")]
+            DriverWake::Threads(wake) => wake.wake_all(),
+        }
+    }
+}
+
+/// Held by the accept loop (task or thread) and dropped after its listener,
+/// also when it unwinds or its task is dropped: accepting has stopped. If
+/// the server was dropped meanwhile, its connections are cut then, not
+/// before: a client that hears of the cut and binds a replacement, or asks
+/// one, finds no instance of this server still listening (on Windows the
+/// accept loop's waiting pipe instance would answer a replacement's probe
+/// of the name, which then refuses to bind).
+struct AcceptingStopped {
+    shared: Arc<Shared>,
+    wake: DriverWake,
+}
+
+impl Drop for AcceptingStopped {
+    fn drop(&mut self) {
+        self.shared.accepting_stopped.cancel();
+        if self.shared.dropped.load(SeqCst) {
+            self.shared.cut();
+            self.wake.wake();
+        }
+    }
 }
 
 impl std::fmt::Debug for DriverWake {
@@ -475,20 +510,22 @@ impl IpcServer {
     }
 
     fn wake_driver(&self) {
-        match &self.wake {
-            #[cfg(async_backend)]
-            DriverWake::Tokens => {}
-            #[cfg(feature = "ipc-legacy")]
-            DriverWake::Threads(wake) => wake.wake_all(),
-        }
+        self.wake.wake();
     }
 }
 
 impl Drop for IpcServer {
+    /// Stops accepting, and cuts every connection once the listener is
+    /// gone ([`AcceptingStopped`]), or at once if it already is.
     fn drop(&mut self) {
+        // Said before accepting stops, so that the accept loop, ending,
+        // sees it; if it ended before, its guard did not, and it is seen
+        // here instead.
+        self.shared.dropped.store(true, SeqCst);
         self.shared.stop_accepting.cancel();
-        self.shared.stop_reading.cancel();
-        self.shared.abort.cancel();
+        if self.shared.accepting_stopped.is_cancelled() {
+            self.shared.cut();
+        }
         self.wake_driver();
     }
 }
@@ -536,10 +573,28 @@ struct Shared {
     stop_reading: CancellationToken,
     /// Hard stop: drop everything now.
     abort: CancellationToken,
+    /// The server was dropped: cut its connections once accepting has
+    /// stopped (see [`AcceptingStopped`]).
+    dropped: AtomicBool,
     next_connection_id: AtomicU64,
 }
 
 impl Shared {
+    /// Stops reading and closes every connection (the driver must then be
+    /// woken).
+    fn cut(&self) {
+        self.stop_reading.cancel();
+        self.abort.cancel();
+    }
+
+    /// The guard the accept loop drops after its listener.
+    fn accepting_stopped_guard(self: &Arc<Self>, wake: DriverWake) -> AcceptingStopped {
+        AcceptingStopped {
+            shared: self.clone(),
+            wake,
+        }
+    }
+
     fn next_connection_id(&self) -> u64 {
         self.next_connection_id.fetch_add(1, Relaxed)
     }
