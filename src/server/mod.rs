@@ -515,8 +515,8 @@ impl IpcServer {
 }
 
 impl Drop for IpcServer {
-    /// Stops accepting, and cuts every connection once the listener is
-    /// gone ([`AcceptingStopped`]), or at once if it already is.
+    // Stops accepting, and cuts every connection once the listener is gone
+    // (`AcceptingStopped`), or at once if it already is.
     fn drop(&mut self) {
         // Said before accepting stops, so that the accept loop, ending,
         // sees it; if it ended before, its guard did not, and it is seen
