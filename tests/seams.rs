@@ -122,6 +122,27 @@ fn an_idle_server_sleeps_after_churn_in_the_waiting_room(transport: TransportKin
     );
 }
 
+/// `peers` connections, each having sent `tasks_each` tasks (ids
+/// `{peer}-{n}`) asking for results of `result_bytes`, none of them read.
+async fn peers_that_do_not_read(
+    endpoint: &str,
+    peers: usize,
+    tasks_each: usize,
+    result_bytes: usize,
+) -> Vec<RawClient> {
+    use support::sized_server::sized_task;
+    let mut connections = Vec::new();
+    for peer in 0..peers {
+        let mut connection = RawClient::connect(endpoint).await;
+        for n in 0..tasks_each {
+            let task = sized_task(&format!("{peer}-{n}"), String::new(), result_bytes);
+            connection.write(&frame_bytes(&task)).await.unwrap();
+        }
+        connections.push(connection);
+    }
+    connections
+}
+
 #[test]
 #[ignore = "the server process of this file's tests, which start them themselves"]
 fn sized_server_process() {
@@ -170,20 +191,12 @@ fn peers_that_never_read_cannot_make_the_server_hold_more_than_its_budget(
         assert_eq!(warm.read_result(PATIENCE).await.task_id, "warm");
     });
     let baseline = rss_bytes(server.pid());
-    let _peers = block_on(async {
-        let mut peers = Vec::new();
-        for peer in 0..PEERS {
-            let mut connection = RawClient::connect(&endpoint.name).await;
-            for n in 0..TASKS_EACH {
-                connection
-                    .write(&task(format!("{peer}-{n}")))
-                    .await
-                    .unwrap();
-            }
-            peers.push(connection);
-        }
-        peers
-    });
+    let _peers = block_on(peers_that_do_not_read(
+        &endpoint.name,
+        PEERS,
+        TASKS_EACH,
+        RESULT_BYTES,
+    ));
     // Saturated: results fill the budget and further tasks wait for room.
     wait_until("the budget to be full", PATIENCE, || {
         let stats = server.stats();
@@ -222,7 +235,7 @@ each_backend!(connections_paused_for_the_budget_resume_as_it_frees);
 /// peer's remaining tasks unanswered.
 fn connections_paused_for_the_budget_resume_as_it_frees(transport: TransportKind) {
     use daemoneye_ipc::Crc32Variant;
-    use support::sized_server::{SizedServer, sized_task};
+    use support::sized_server::SizedServer;
     const BUDGET: usize = 5 * 512 * 1024;
     const RESULT_BYTES: usize = 100 * 1024;
     const PEERS: usize = 4;
@@ -238,18 +251,12 @@ fn connections_paused_for_the_budget_resume_as_it_frees(transport: TransportKind
     let id = |peer: usize, n: usize| format!("{peer}-{n}");
     // One runtime for the whole test: the connections belong to it.
     let runtime = runtime();
-    let peers = runtime.block_on(async {
-        let mut peers = Vec::new();
-        for peer in 0..PEERS {
-            let mut connection = RawClient::connect(&endpoint.name).await;
-            for n in 0..TASKS_EACH {
-                let task = sized_task(&id(peer, n), String::new(), RESULT_BYTES);
-                connection.write(&frame_bytes(&task)).await.unwrap();
-            }
-            peers.push(connection);
-        }
-        peers
-    });
+    let peers = runtime.block_on(peers_that_do_not_read(
+        &endpoint.name,
+        PEERS,
+        TASKS_EACH,
+        RESULT_BYTES,
+    ));
     wait_until("the server to pause for budget", PATIENCE, || {
         (server.stats()["budget_pauses"].as_u64().unwrap() > 0).then_some(())
     });
