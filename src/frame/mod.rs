@@ -26,6 +26,7 @@ pub mod codec;
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::OnceLock;
 
 use bytes::{Buf, BufMut, BytesMut};
 use serde::{Deserialize, Serialize};
@@ -59,7 +60,15 @@ impl Crc32Variant {
     #[inline]
     pub fn checksum(self, bytes: &[u8]) -> u32 {
         match self {
-            Crc32Variant::Ieee => crc32fast::hash(bytes),
+            Crc32Variant::Ieee => {
+                // `crc32fast::hash` asks which instructions the CPU has on
+                // every call, about as many instructions as checksumming a
+                // small frame; a hasher set up once is copied instead.
+                static IEEE: OnceLock<crc32fast::Hasher> = OnceLock::new();
+                let mut hasher = IEEE.get_or_init(crc32fast::Hasher::new).clone();
+                hasher.update(bytes);
+                hasher.finalize()
+            }
             Crc32Variant::Castagnoli => crc32c::crc32c(bytes),
         }
     }
