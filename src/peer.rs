@@ -29,6 +29,7 @@
 //! server cannot act as it.
 
 use std::io;
+use std::sync::OnceLock;
 
 use crate::transport::PeerCredentials;
 
@@ -280,14 +281,21 @@ impl PeerPolicy {
 
 /// Linux: the uid the kernel shows for one this user namespace does not map
 /// (`/proc/sys/kernel/overflowuid`, 65534 unless changed).
+///
+/// Read once per process: every client and server makes a policy, and a
+/// client made per task (as the CLI's `send`) would otherwise spend five
+/// system calls of each connection on this file.
 fn overflow_uid() -> Option<u32> {
     if !cfg!(any(target_os = "linux", target_os = "android")) {
         return None;
     }
-    let configured = std::fs::read_to_string("/proc/sys/kernel/overflowuid")
-        .ok()
-        .and_then(|text| text.trim().parse().ok());
-    Some(configured.unwrap_or(65534))
+    static OVERFLOW_UID: OnceLock<u32> = OnceLock::new();
+    Some(*OVERFLOW_UID.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/kernel/overflowuid")
+            .ok()
+            .and_then(|text| text.trim().parse().ok())
+            .unwrap_or(65534)
+    }))
 }
 
 /// Windows, client side: `Ok` if the pipe reached is owned by our user,
