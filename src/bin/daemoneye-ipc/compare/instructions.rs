@@ -17,7 +17,7 @@ use daemoneye_ipc::Crc32Variant;
 use super::Backend;
 use super::report::{InstructionCounts, REFERENCE_IN_FLIGHT};
 use super::role::{ServerChild, ServerLaunch, Workspace};
-use super::workload::{Driver, Results, Until};
+use super::workload::{Driver, Plan, Results, Until};
 use crate::Failure;
 
 /// Payload bytes each counted run moves, at least: enough tasks that the
@@ -155,7 +155,9 @@ fn parse_total(text: &str) -> Option<u64> {
 }
 
 /// Hidden: the client of a counted run; `tasks` pipelined tasks of `size`,
-/// `in_flight` at a time, after a short warm-up.
+/// `in_flight` at a time, after a short warm-up (or, with
+/// `--new-connection-per-task`, `tasks` new connections of one round trip
+/// each, as `compare` times them: for profiling a connection's set-up).
 #[derive(Args)]
 pub struct BenchClientCmd {
     #[arg(long)]
@@ -170,6 +172,8 @@ pub struct BenchClientCmd {
     in_flight: usize,
     #[arg(long, default_value = "ieee")]
     crc32: Crc32Variant,
+    #[arg(long)]
+    new_connection_per_task: bool,
 }
 
 impl BenchClientCmd {
@@ -180,6 +184,17 @@ impl BenchClientCmd {
             .map_err(|e| Failure::runtime(format!("cannot start the async runtime: {e}")))?;
         runtime.block_on(async {
             let driver = Driver::new(self.backend, &self.endpoint, self.crc32, self.size);
+            if self.new_connection_per_task {
+                let plan = Plan {
+                    connects: self.tasks,
+                    ..Plan::quick()
+                };
+                driver
+                    .fresh_connections(&plan)
+                    .await
+                    .map_err(Failure::runtime)?;
+                return Ok(());
+            }
             let mut session = driver.open().await.map_err(Failure::runtime)?;
             session
                 .warm_up(self.size, 2)
