@@ -8,7 +8,7 @@ use std::future::{Future, poll_fn};
 use std::pin::pin;
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::task::{Context, Poll, Waker, ready};
+use std::task::{Context, Poll, ready};
 use std::time::Instant;
 
 use tokio::sync::Notify;
@@ -37,12 +37,25 @@ pub(super) fn start(connection: Connection, core: ClientConnection<Waiter>) -> L
 
 /// A caller writes the frames queued in `core` itself, as far as the socket
 /// takes them without waiting; the driver, woken for the rest, writes it
-/// when the socket has room.
+/// when the socket has room. The write does not go through the runtime's
+/// readiness ([`Connection::write_now`]): on a connection just made, the
+/// first task would otherwise wait for the reactor to turn.
 pub(super) fn write_now(connection: &mut Connection, core: &mut ClientConnection<Waiter>) {
-    // The caller will not wait for the socket: if it is full, the driver is
-    // woken and registers its own interest when it polls the write again.
-    let _ =
-        crate::drive::async_io::write(&mut Context::from_waker(Waker::noop()), connection, core);
+    while !core.pending_output().is_empty() {
+        match connection.write_now(core.pending_output()) {
+            Ok(0) => {
+                core.on_write_error(&std::io::Error::from(std::io::ErrorKind::WriteZero));
+                return;
+            }
+            Ok(written) => core.on_written(written, Instant::now()),
+            // Full: the driver is woken and writes the rest.
+            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => return,
+            Err(error) => {
+                core.on_write_error(&error);
+                return;
+            }
+        }
+    }
 }
 
 /// Ends the connection for its callers however the driving task ends: on

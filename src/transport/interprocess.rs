@@ -106,6 +106,14 @@ pub(crate) async fn connect(endpoint: &Endpoint) -> io::Result<Stream> {
     Ok(Stream::from(pipe))
 }
 
+/// The socket beneath the stream.
+#[cfg(unix)]
+pub(crate) fn fd(stream: &Stream) -> std::os::fd::BorrowedFd<'_> {
+    match stream {
+        Stream::UdSocket(socket) => std::os::fd::AsFd::as_fd(socket.inner()),
+    }
+}
+
 /// Windows: lets a closing pipe drop what the peer has not read, instead of
 /// handing it to interprocess' linger pool, where a peer that stopped reading
 /// would pin a blocking thread for as long as it keeps its end open.
@@ -133,13 +141,13 @@ pub(crate) fn pipe_handle(stream: &Stream) -> std::os::windows::io::BorrowedHand
 /// PID namespace for a reset connection).
 pub(crate) fn peer(stream: &Stream) -> io::Result<crate::peer::Peer> {
     #[cfg(unix)]
-    match stream {
-        Stream::UdSocket(socket) => {
-            crate::peer::of_socket(std::os::fd::AsFd::as_fd(socket.inner()))
-        }
+    {
+        crate::peer::of_socket(fd(stream))
     }
     #[cfg(windows)]
-    crate::peer::of_pipe(pipe_handle(stream))
+    {
+        crate::peer::of_pipe(pipe_handle(stream))
+    }
 }
 
 #[cfg(all(test, windows))]

@@ -179,6 +179,54 @@ impl Connection {
         crate::win32::pipe_owner(handle)
     }
 
+    /// Writes as much of `data` as the socket takes now, without waiting
+    /// and without registering a waker: `WouldBlock` if it takes nothing.
+    ///
+    /// On Unix this is a system call whatever the runtime has seen of the
+    /// socket. Tokio knows nothing of a new socket's room until its
+    /// reactor has turned once, so a write through
+    /// [`AsyncWrite::poll_write`] on a connection just made returns
+    /// `Pending`, and the client's first task would wait for that turn
+    /// (an `epoll_wait` and a wake-up of the connection's task) before a
+    /// byte went out. The runtime's idea of the socket's readiness is left
+    /// as it was: still "writable" if it was (its next write learns
+    /// otherwise from the kernel), and a socket this fills reports room
+    /// again as an edge when the peer reads.
+    pub(crate) fn write_now(&mut self, data: &[u8]) -> io::Result<usize> {
+        #[cfg(unix)]
+        {
+            use rustix::net::SendFlags;
+            let fd = match self {
+                #[cfg(feature = "ipc-interprocess")]
+                Connection::Interprocess(stream) => interprocess::fd(stream),
+                #[cfg(feature = "ipc-tokio")]
+                Connection::Tokio(stream) => std::os::fd::AsFd::as_fd(stream),
+            };
+            #[cfg(not(target_vendor = "apple"))]
+            let flags = SendFlags::DONTWAIT | SendFlags::NOSIGNAL;
+            // No MSG_NOSIGNAL there: a write to a closed peer is then as
+            // tokio's own writes are everywhere (Rust's runtime ignores
+            // SIGPIPE).
+            #[cfg(target_vendor = "apple")]
+            let flags = SendFlags::DONTWAIT;
+            loop {
+                match rustix::net::send(fd, data, flags) {
+                    Err(rustix::io::Errno::INTR) => continue,
+                    other => return other.map_err(io::Error::from),
+                }
+            }
+        }
+        // Windows: the pipe's own write, which waits for nothing either.
+        #[cfg(windows)]
+        {
+            let mut cx = Context::from_waker(std::task::Waker::noop());
+            match Pin::new(self).poll_write(&mut cx, data) {
+                Poll::Ready(outcome) => outcome,
+                Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
+            }
+        }
+    }
+
     /// Who is on the other end ([`crate::peer`] reads it, the same way for
     /// every backend).
     pub(crate) fn peer(&self) -> io::Result<crate::peer::Peer> {
