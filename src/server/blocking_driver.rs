@@ -173,7 +173,17 @@ impl<H: TaskHandler> Acceptor<H> {
             }
             if retry_at.is_none() {
                 let accepted = match spare.take() {
-                    Some(waker) => self.listener.accept().map(|stream| (stream, waker)),
+                    // Kept when nothing was accepted: most accepts find
+                    // nothing (each connection's is followed by one that
+                    // does), and a waker made and closed for each was two
+                    // system calls.
+                    Some(waker) => match self.listener.accept() {
+                        Ok(stream) => Ok((stream, waker)),
+                        Err(error) => {
+                            spare = Some(waker);
+                            Err(error)
+                        }
+                    },
                     None => Waker::new().and_then(|waker| {
                         spare = Some(waker);
                         Err(std::io::ErrorKind::Interrupted.into())

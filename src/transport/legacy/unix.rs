@@ -37,8 +37,21 @@ impl Listener {
 
     /// The next connection if one is queued; `WouldBlock` if none is.
     pub(crate) fn accept(&mut self) -> io::Result<Stream> {
-        let (socket, _address) = self.socket.accept()?;
-        Stream::new(socket)
+        // Made non-blocking by the accept itself (`accept4`), rather than
+        // by one more system call on every connection.
+        #[cfg(not(target_vendor = "apple"))]
+        let socket = {
+            use rustix::net::SocketFlags;
+            let flags = SocketFlags::NONBLOCK | SocketFlags::CLOEXEC;
+            UnixStream::from(rustix::net::accept_with(&self.socket, flags)?)
+        };
+        #[cfg(target_vendor = "apple")]
+        let socket = {
+            let (socket, _address) = self.socket.accept()?;
+            socket.set_nonblocking(true)?;
+            socket
+        };
+        Ok(Stream::new(socket, Arrivals::Expected))
     }
 
     /// Blocks until a connection may be queued (if `accepting`), `waker` is
@@ -114,14 +127,14 @@ impl Drop for Stream {
 }
 
 impl Stream {
-    fn new(socket: UnixStream) -> io::Result<Stream> {
-        socket.set_nonblocking(true)?;
-        Ok(Stream {
+    /// Wraps `socket`, which is non-blocking already.
+    fn new(socket: UnixStream, arrivals: Arrivals) -> Stream {
+        Stream {
             socket: Arc::new(socket),
             read_room: MIN_READ,
             landing: Box::new([0; MIN_READ]),
-            drained: false,
-        })
+            drained: arrivals == Arrivals::AfterAWait,
+        }
     }
 
     /// A handle for writing from another thread.
@@ -203,7 +216,20 @@ impl Stream {
 pub(crate) fn connect(endpoint: &Endpoint) -> io::Result<Stream> {
     let socket = crate::endpoint::unix::new_socket(true)?;
     rustix::net::connect(&socket, &SocketAddrUnix::new(endpoint.path())?)?;
-    Stream::new(UnixStream::from(socket))
+    Ok(Stream::new(UnixStream::from(socket), Arrivals::AfterAWait))
+}
+
+/// Whether bytes may be waiting on a stream just made, before any wait.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Arrivals {
+    /// Most likely: a server's connection, whose client sent its task as
+    /// soon as it connected. The first read looks at once.
+    Expected,
+    /// Nothing is due before the wait: a client's connection, whose
+    /// server answers only what is sent on it. The first read waits for
+    /// the first wait, which returns at once if bytes came (a refusal sent
+    /// on accepting, say), sparing a read that would find nothing.
+    AfterAWait,
 }
 
 /// Wakes a thread blocked in a [`Stream::wait`] or [`Listener::wait`] from
@@ -325,6 +351,49 @@ mod tests {
         write: false,
     };
 
+    /// Two connected streams, as [`Stream::new`] takes them.
+    fn pair() -> (Stream, Stream) {
+        let (a, b) = UnixStream::pair().unwrap();
+        a.set_nonblocking(true).unwrap();
+        b.set_nonblocking(true).unwrap();
+        (
+            Stream::new(a, Arrivals::Expected),
+            Stream::new(b, Arrivals::Expected),
+        )
+    }
+
+    fn nonblocking(stream: &Stream) -> bool {
+        rustix::fs::fcntl_getfl(&*stream.socket)
+            .unwrap()
+            .contains(rustix::fs::OFlags::NONBLOCK)
+    }
+
+    #[test]
+    fn streams_are_non_blocking_and_only_a_clients_first_read_waits_for_a_wait() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        let mut listener = Listener::wrap(UnixListener::bind(&path).unwrap()).unwrap();
+        let endpoint = Endpoint::parse(path.to_str().unwrap()).unwrap();
+        let mut client = connect(&endpoint).unwrap();
+        let mut server = listener.accept().unwrap();
+        assert!(nonblocking(&client), "connected non-blocking");
+        assert!(nonblocking(&server), "accepted non-blocking");
+        let mut buf = BytesMut::new();
+        client.write_from(b"task").unwrap();
+        // A server's first read looks at once: the task is there.
+        assert_eq!(server.read_into(&mut buf, usize::MAX).unwrap(), 4);
+        server.write_from(b"result").unwrap();
+        // A client's does not (nothing was due before its task went out),
+        // though the result has come; the wait finds it at once.
+        assert_eq!(
+            client.read_into(&mut buf, usize::MAX).unwrap_err().kind(),
+            io::ErrorKind::WouldBlock
+        );
+        client.wait(READ, &Waker::new().unwrap(), None).unwrap();
+        assert_eq!(client.read_into(&mut buf, usize::MAX).unwrap(), 6);
+        assert_eq!(&buf[..], b"taskresult");
+    }
+
     #[test]
     fn a_waker_ends_a_wait_from_another_thread_and_then_resets() {
         let waker = Waker::new().unwrap();
@@ -343,9 +412,7 @@ mod tests {
 
     #[test]
     fn reads_adapt_their_room_to_what_arrives() {
-        let (a, b) = UnixStream::pair().unwrap();
-        let mut reader = Stream::new(a).unwrap();
-        let mut writer = Stream::new(b).unwrap();
+        let (mut reader, mut writer) = pair();
         let mut buf = BytesMut::new();
         assert_eq!(
             reader.read_into(&mut buf, usize::MAX).unwrap_err().kind(),
@@ -379,9 +446,7 @@ mod tests {
 
     #[test]
     fn after_a_read_that_emptied_the_socket_the_next_read_waits_for_a_wait() {
-        let (a, b) = UnixStream::pair().unwrap();
-        let mut reader = Stream::new(a).unwrap();
-        let mut writer = Stream::new(b).unwrap();
+        let (mut reader, mut writer) = pair();
         let waker = Waker::new().unwrap();
         let mut buf = BytesMut::new();
         writer.write_from(b"first").unwrap();
