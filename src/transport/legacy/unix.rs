@@ -5,6 +5,7 @@ use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
@@ -243,6 +244,12 @@ pub(crate) struct Waker {
 /// What a waker writes to, and a wait watches.
 #[derive(Debug)]
 struct WakeFd {
+    /// A wake-up has been written and the wait has not drained it yet: the
+    /// wakes meanwhile write nothing. Pipelined callers each wake their
+    /// connection's thread for the frame they queue; the thread writes
+    /// every frame queued by the time it runs, so one write per round of
+    /// the thread is enough, not one per frame (a system call each).
+    pending: AtomicBool,
     /// Watched by the wait, and drained after it.
     watched: OwnedFd,
     /// Written to by `wake` (the same descriptor for an eventfd).
@@ -257,13 +264,18 @@ impl Waker {
         let inner = {
             use rustix::event::EventfdFlags;
             WakeFd {
+                pending: AtomicBool::new(false),
                 watched: rustix::event::eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)?,
             }
         };
         #[cfg(not(any(target_os = "linux", target_os = "android")))]
         let inner = {
             let (watched, written) = pipe()?;
-            WakeFd { watched, written }
+            WakeFd {
+                pending: AtomicBool::new(false),
+                watched,
+                written,
+            }
         };
         Ok(Waker {
             inner: Arc::new(inner),
@@ -272,6 +284,12 @@ impl Waker {
 
     /// Makes the waiting thread's current or next wait return.
     pub(crate) fn wake(&self) {
+        // Whatever the waker did before this (queued a frame, set a flag)
+        // is seen by the thread after its wait: the wait takes the flag
+        // back with a swap, which reads this one's (or a later) swap.
+        if self.inner.pending.swap(true, Ordering::AcqRel) {
+            return;
+        }
         // A full pipe, or a saturated counter, means a wake-up is pending
         // already: nothing is lost.
         #[cfg(any(target_os = "linux", target_os = "android"))]
@@ -280,10 +298,15 @@ impl Waker {
         let _ = rustix::io::write(&self.inner.written, &[1]);
     }
 
-    /// Empties it, so the next wait blocks again.
+    /// Empties it, so the next wait blocks again, and lets the next wake
+    /// write again. Called after a wait returned and before the thread
+    /// looks for work: a wake that wrote nothing because one was pending
+    /// came after its waker's work was queued, so the thread finds that
+    /// work on this round.
     fn drain(&self) {
         let mut sink = [0u8; 64];
         while matches!(rustix::io::read(&self.inner.watched, &mut sink), Ok(n) if n > 0) {}
+        self.inner.pending.swap(false, Ordering::AcqRel);
     }
 }
 
@@ -350,6 +373,34 @@ mod tests {
         read: true,
         write: false,
     };
+
+    /// How many wake-ups were written since the last look (emptying the
+    /// descriptor as a wait's drain does, but leaving the pending flag).
+    fn take_written(waker: &Waker) -> u64 {
+        let mut buf = [0u8; 64];
+        match rustix::io::read(&waker.inner.watched, &mut buf) {
+            #[cfg(any(target_os = "linux", target_os = "android"))]
+            Ok(8) => u64::from_ne_bytes(buf[..8].try_into().unwrap()),
+            #[cfg(not(any(target_os = "linux", target_os = "android")))]
+            Ok(n) => n as u64,
+            Err(rustix::io::Errno::AGAIN) => 0,
+            other => panic!("reading the waker: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn wakes_before_a_wait_write_once_and_the_wait_lets_the_next_one_write() {
+        let waker = Waker::new().unwrap();
+        waker.wake();
+        waker.wake();
+        waker.clone().wake();
+        assert_eq!(take_written(&waker), 1, "three wakes, one write");
+        // What a wait does once it returns: afterwards a wake writes again,
+        // or the next wait would block with a wake-up lost.
+        waker.drain();
+        waker.wake();
+        assert_eq!(take_written(&waker), 1, "the wake after the drain wrote");
+    }
 
     /// Two connected streams, as [`Stream::new`] takes them.
     fn pair() -> (Stream, Stream) {
