@@ -195,7 +195,8 @@ impl<H: TaskHandler> Acceptor<H> {
                         self.arrive(stream, waker, &tell, &mut parked);
                         continue;
                     }
-                    // A spare waker was just made: accept now.
+                    // A spare waker was just made, or the accept was
+                    // interrupted by a signal: accept now.
                     Err(error) if error.kind() == std::io::ErrorKind::Interrupted => continue,
                     Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {}
                     Err(error) => {

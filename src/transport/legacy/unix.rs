@@ -290,12 +290,21 @@ impl Waker {
         if self.inner.pending.swap(true, Ordering::AcqRel) {
             return;
         }
+        let written = loop {
+            #[cfg(any(target_os = "linux", target_os = "android"))]
+            let written = rustix::io::write(&self.inner.watched, &1u64.to_ne_bytes());
+            #[cfg(not(any(target_os = "linux", target_os = "android")))]
+            let written = rustix::io::write(&self.inner.written, &[1]);
+            if written != Err(rustix::io::Errno::INTR) {
+                break written;
+            }
+        };
         // A full pipe, or a saturated counter, means a wake-up is pending
-        // already: nothing is lost.
-        #[cfg(any(target_os = "linux", target_os = "android"))]
-        let _ = rustix::io::write(&self.inner.watched, &1u64.to_ne_bytes());
-        #[cfg(not(any(target_os = "linux", target_os = "android")))]
-        let _ = rustix::io::write(&self.inner.written, &[1]);
+        // already: nothing is lost. Any other failure wrote nothing, and the
+        // flag must not say otherwise: no later wake would write either.
+        if matches!(written, Err(error) if error != rustix::io::Errno::AGAIN) {
+            self.inner.pending.store(false, Ordering::Release);
+        }
     }
 
     /// Empties it, so the next wait blocks again, and lets the next wake
