@@ -37,9 +37,9 @@ pub(super) fn start(connection: Connection, core: ClientConnection<Waiter>) -> L
 
 /// A caller writes the frames queued in `core` itself, as far as the socket
 /// takes them without waiting; the driver, woken for the rest, writes it
-/// when the socket has room. The write does not go through the runtime's
-/// readiness ([`Connection::write_now`]): on a connection just made, the
-/// first task would otherwise wait for the reactor to turn.
+/// when the socket has room. On Unix the write does not go through the
+/// runtime's readiness ([`Connection::write_now`]): on a connection just
+/// made, the first task would otherwise wait for the reactor to turn.
 pub(super) fn write_now(connection: &mut Connection, core: &mut ClientConnection<Waiter>) {
     while !core.pending_output().is_empty() {
         match connection.write_now(core.pending_output()) {

@@ -179,11 +179,11 @@ impl Connection {
         crate::win32::pipe_owner(handle)
     }
 
-    /// Writes as much of `data` as the socket takes now, without waiting
-    /// and without registering a waker: `WouldBlock` if it takes nothing.
+    /// Writes as much of `data` as the socket takes now, without waiting:
+    /// `WouldBlock` if it takes nothing.
     ///
     /// On Unix this is a system call whatever the runtime has seen of the
-    /// socket. Tokio knows nothing of a new socket's room until its
+    /// socket, and registers no waker. Tokio knows nothing of a new socket's room until its
     /// reactor has turned once, so a write through
     /// [`AsyncWrite::poll_write`] on a connection just made returns
     /// `Pending`, and the client's first task would wait for that turn
@@ -204,9 +204,11 @@ impl Connection {
             };
             #[cfg(not(target_vendor = "apple"))]
             let flags = SendFlags::DONTWAIT | SendFlags::NOSIGNAL;
-            // No MSG_NOSIGNAL there: a write to a closed peer is then as
-            // tokio's own writes are everywhere (Rust's runtime ignores
-            // SIGPIPE).
+            // No MSG_NOSIGNAL there. A write to a peer that has gone then
+            // does what the stream's own writes (`write(2)`) already did:
+            // nothing on a socket with SO_NOSIGPIPE (mio sets it on the
+            // `tokio` backend's), else SIGPIPE, which a Rust program's
+            // runtime ignores from the start.
             #[cfg(target_vendor = "apple")]
             let flags = SendFlags::DONTWAIT;
             loop {
@@ -216,7 +218,10 @@ impl Connection {
                 }
             }
         }
-        // Windows: the pipe's own write, which waits for nothing either.
+        // Windows: the pipe's own write, polled once. It waits for nothing
+        // either, but goes through Tokio's readiness: `WouldBlock` (it took
+        // nothing) leaves a no-op waker registered, and the caller then
+        // wakes the driver, whose next poll registers its own.
         #[cfg(windows)]
         {
             let mut cx = Context::from_waker(std::task::Waker::noop());

@@ -172,6 +172,8 @@ pub struct BenchClientCmd {
     in_flight: usize,
     #[arg(long, default_value = "ieee")]
     crc32: Crc32Variant,
+    /// Each task on a connection of its own, of the 64 B `compare` times
+    /// new connections with (`--size` and `--in-flight` do not apply).
     #[arg(long)]
     new_connection_per_task: bool,
 }
