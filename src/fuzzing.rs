@@ -528,8 +528,13 @@ impl Served {
                 "output after the notice about the checksum variant"
             );
             // The notice can only be the first frame: keep it whole until
-            // one has been read.
+            // one has been read. The decoder keeps a header it has read
+            // apart from the buffer, so the first frame is decoded only once
+            // all of it has been written (the server writes in pieces).
             let first = self.answered.is_empty().then(|| self.written.clone());
+            if first.is_some() && !whole_frame(&self.written) {
+                break;
+            }
             let body = match self.results.decode(&mut self.written) {
                 Ok(Some(body)) => body,
                 Ok(None) => break,
@@ -727,6 +732,13 @@ pub fn client_connection(data: &[u8]) {
         waiting.is_empty(),
         "callers never answered nor told, after the server went"
     );
+}
+
+/// `buf` begins with a whole frame: its header and all the body the header
+/// announces.
+fn whole_frame(buf: &[u8]) -> bool {
+    buf.len() >= HEADER_LEN
+        && buf.len() - HEADER_LEN >= u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize
 }
 
 #[cfg(test)]
