@@ -183,8 +183,8 @@ impl Connection {
     /// `WouldBlock` if it takes nothing.
     ///
     /// On Unix this is a system call whatever the runtime has seen of the
-    /// socket, and registers no waker. Tokio knows nothing of a new socket's room until its
-    /// reactor has turned once, so a write through
+    /// socket, and registers no waker. Tokio knows nothing of a new
+    /// socket's room until its reactor has turned once, so a write through
     /// [`AsyncWrite::poll_write`] on a connection just made returns
     /// `Pending`, and the client's first task would wait for that turn
     /// (an `epoll_wait` and a wake-up of the connection's task) before a
