@@ -3,26 +3,56 @@
 //! and hands them to their callers, and writes the frames callers queued:
 //! all of them while several tasks are in flight, or what the socket did
 //! not take at once from the caller of the only one ([`write_now`]).
+//!
+//! The caller of the only task in flight also reads its own answer
+//! ([`read_own_answer`]): the socket wakes that caller, not the driver,
+//! which would then have to wake the caller (two tasks run per round trip
+//! instead of one). Tokio keeps one waker per direction of a socket, so
+//! while a caller reads the driver does not; the caller hands reading back
+//! when it is done or gone ([`hand_back_reading`]).
 
 use std::future::{Future, poll_fn};
 use std::pin::pin;
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll, Waker, ready};
 use std::time::Instant;
 
 use tokio::sync::Notify;
 
 use super::{IoWake, Link, LinkHandle, Waiter};
 use crate::drive::wake_gate::WakeGate;
-use crate::policy::client::ClientConnection;
+use crate::policy::client::{ClientConnection, Ticket};
 use crate::transport::Connection;
+
+/// The connection as the driver and its callers share it.
+pub(super) struct Socket {
+    connection: Connection,
+    /// The task whose caller reads the socket now (its task was the only
+    /// one in flight when it was written), if any: until it hands reading
+    /// back, the driver only writes.
+    reader: Option<Ticket>,
+    /// The reading caller's waker, for an outcome it did not read itself
+    /// (its deadline passed, the connection was closed): it does not wait on
+    /// its channel, whose sender would wake it at each of its own reads.
+    reader_waker: Option<Waker>,
+    /// The driver task's waker, which a caller handing reading back
+    /// registers for the socket's reads (so the driver need not run to do
+    /// so). `None` until the driver first polled the socket, which it then
+    /// still will.
+    driver: Option<Waker>,
+}
 
 /// Starts the task that drives `connection`.
 pub(super) fn start(connection: Connection, core: ClientConnection<Waiter>) -> LinkHandle {
     let io = IoWake::Task {
         notify: Notify::new(),
-        connection: Mutex::new(Some(connection)),
+        socket: Mutex::new(Some(Socket {
+            connection,
+            reader: None,
+            reader_waker: None,
+            driver: None,
+        })),
     };
     let link = Arc::new(Link::new(core, io));
     // Made here, not in the task: a runtime that shuts down before the task
@@ -40,7 +70,24 @@ pub(super) fn start(connection: Connection, core: ClientConnection<Waiter>) -> L
 /// when the socket has room. On Unix the write does not go through the
 /// runtime's readiness ([`Connection::write_now`]): on a connection just
 /// made, the first task would otherwise wait for the reactor to turn.
-pub(super) fn write_now(connection: &mut Connection, core: &mut ClientConnection<Waiter>) {
+///
+/// If it wrote the whole frame of `ticket`, the only task in flight, its
+/// caller reads the answer itself: true.
+pub(super) fn write_now(
+    socket: &mut Socket,
+    core: &mut ClientConnection<Waiter>,
+    ticket: Ticket,
+) -> bool {
+    write_all_now(&mut socket.connection, core);
+    let reads =
+        core.pending_output().is_empty() && core.closed_reason().is_none() && core.in_flight() == 1;
+    if reads {
+        socket.reader = Some(ticket);
+    }
+    reads
+}
+
+fn write_all_now(connection: &mut Connection, core: &mut ClientConnection<Waiter>) {
     while !core.pending_output().is_empty() {
         match connection.write_now(core.pending_output()) {
             Ok(0) => {
@@ -76,13 +123,13 @@ impl Drop for Ending {
         };
         self.link.settle();
         #[allow(irrefutable_let_patterns)] // Refutable when legacy is compiled in.
-        if let IoWake::Task { connection, .. } = &self.link.io {
-            let connection = lock(connection).take();
-            if let Some(connection) = connection {
+        if let IoWake::Task { socket, .. } = &self.link.io {
+            let socket = lock(socket).take();
+            if let Some(socket) = socket {
                 // Tasks given up on may still be queued on the server: let
                 // it drop them. Dropping the connection closes it, whoever
                 // still holds the link.
-                connection.discard_unsent();
+                socket.connection.discard_unsent();
             }
         }
         tracing::debug!(%reason, "connection ended");
@@ -92,7 +139,7 @@ impl Drop for Ending {
 async fn run(mut ending: Ending) {
     let link = ending.link.clone();
     #[allow(irrefutable_let_patterns)] // Refutable when legacy is compiled in.
-    let IoWake::Task { notify, connection } = &link.io else {
+    let IoWake::Task { notify, socket } = &link.io else {
         unreachable!("started with a task waker")
     };
     // One timer for the connection's life, first set where the core says
@@ -105,6 +152,9 @@ async fn run(mut ending: Ending) {
     let mut gate = WakeGate::new();
     let mut asked = pin!(notify.notified());
     while !link.finished() {
+        #[cfg(test)]
+        link.driver_rounds
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         // Callers wake us for a deadline before the one the timer is set for.
         let wanted = link.lock().driver_timer(armed);
         if let Some(at) = wanted
@@ -114,7 +164,7 @@ async fn run(mut ending: Ending) {
         }
         armed = wanted;
         tokio::select! {
-            () = poll_fn(|cx| drive_io(cx, connection, &link)) => {}
+            () = poll_fn(|cx| drive_io(cx, socket, &link)) => {}
             () = poll_fn(|cx| {
                 let Some(mut cx) = gate.open(cx) else {
                     return Poll::Pending;
@@ -137,21 +187,200 @@ async fn run(mut ending: Ending) {
     ending.reason = "the client was dropped";
 }
 
-fn lock(connection: &Mutex<Option<Connection>>) -> std::sync::MutexGuard<'_, Option<Connection>> {
-    connection
+fn lock(socket: &Mutex<Option<Socket>>) -> std::sync::MutexGuard<'_, Option<Socket>> {
+    socket
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// Writes every queued frame and reads whatever has arrived, holding the
-/// core's lock only for the non-blocking polls; ready once either made
-/// progress (or failed, which the core records).
-fn drive_io(cx: &mut Context<'_>, connection: &Mutex<Option<Connection>>, link: &Link) -> Poll<()> {
-    // The core's lock first, then the connection's, as callers take them.
+/// Writes every queued frame and reads whatever has arrived (unless a
+/// caller reads), holding the core's lock only for the non-blocking polls;
+/// ready once either made progress (or failed, which the core records).
+fn drive_io(cx: &mut Context<'_>, socket: &Mutex<Option<Socket>>, link: &Link) -> Poll<()> {
+    // The core's lock first, then the socket's, as callers take them.
     let mut core = link.lock();
-    let mut connection = lock(connection);
-    match connection.as_mut() {
-        Some(connection) => crate::drive::async_io::drive_io(cx, connection, &mut *core),
-        None => Poll::Pending,
+    let mut socket = lock(socket);
+    let Some(socket) = socket.as_mut() else {
+        return Poll::Pending;
+    };
+    if !socket
+        .driver
+        .as_ref()
+        .is_some_and(|driver| driver.will_wake(cx.waker()))
+    {
+        socket.driver = Some(cx.waker().clone());
+    }
+    let connection = &mut socket.connection;
+    if socket.reader.is_some() {
+        // Polling the read would take the socket's waker from the caller.
+        return match crate::drive::async_io::write(cx, connection, &mut *core) {
+            Poll::Ready(Ok(false)) | Poll::Pending => Poll::Pending,
+            Poll::Ready(_) => Poll::Ready(()),
+        };
+    }
+    crate::drive::async_io::drive_io(cx, connection, &mut *core)
+}
+
+/// The caller of `ticket` reads what has arrived into the core, with its
+/// waker registered for more and for outcomes others deliver: ready once
+/// something was read (settle the link to deliver it). `None` if it is not
+/// the reader (the connection has ended).
+pub(super) fn read_own_answer(
+    cx: &mut Context<'_>,
+    link: &Link,
+    ticket: Ticket,
+) -> Option<Poll<()>> {
+    #[allow(irrefutable_let_patterns)] // Refutable when legacy is compiled in.
+    let IoWake::Task { socket, .. } = &link.io else {
+        return None;
+    };
+    let mut core = link.lock();
+    let mut socket = lock(socket);
+    let socket = socket
+        .as_mut()
+        .filter(|socket| socket.reader == Some(ticket))?;
+    if !socket
+        .reader_waker
+        .as_ref()
+        .is_some_and(|waker| waker.will_wake(cx.waker()))
+    {
+        socket.reader_waker = Some(cx.waker().clone());
+    }
+    Some(crate::drive::async_io::read(
+        cx,
+        &mut socket.connection,
+        &mut *core,
+    ))
+}
+
+/// Wakes the reading caller, if there is one: an outcome was delivered by
+/// someone else.
+pub(super) fn wake_reader(socket: &Mutex<Option<Socket>>) {
+    if let Some(Socket {
+        reader: Some(_),
+        reader_waker: Some(waker),
+        ..
+    }) = lock(socket).as_ref()
+    {
+        waker.wake_by_ref();
+    }
+}
+
+/// The caller of `ticket` stops reading (answered, or gone): the driver
+/// reads from now on. Its waker is registered for the socket here, so it
+/// need not run to do that, unless bytes have come already: those are read
+/// into the core now, and the driver is woken to read on.
+pub(super) fn hand_back_reading(link: &Link, ticket: Ticket) {
+    #[allow(irrefutable_let_patterns)] // Refutable when legacy is compiled in.
+    let IoWake::Task { socket, .. } = &link.io else {
+        return;
+    };
+    let read = {
+        let mut core = link.lock();
+        let mut socket = lock(socket);
+        let Some(socket) = socket.as_mut() else {
+            return;
+        };
+        if socket.reader != Some(ticket) {
+            return;
+        }
+        socket.reader = None;
+        socket.reader_waker = None;
+        // Without a waker the driver has not polled the socket yet; it will.
+        let Some(driver) = socket.driver.clone() else {
+            return;
+        };
+        let mut cx = Context::from_waker(&driver);
+        let read = crate::drive::async_io::read(&mut cx, &mut socket.connection, &mut *core);
+        if read.is_ready() {
+            driver.wake();
+        }
+        read.is_ready()
+    };
+    if read {
+        link.settle();
+    }
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    use std::sync::atomic::Ordering;
+    use std::time::{Duration, Instant};
+
+    use crate::config::{IpcConfig, TransportKind};
+    use crate::proto::{DetectionResult, DetectionTask};
+    use crate::{IpcClient, IpcServer};
+
+    fn task(id: &str) -> DetectionTask {
+        DetectionTask {
+            task_id: id.to_owned(),
+            ..Default::default()
+        }
+    }
+
+    /// A task alone in flight is answered to its caller by the socket: the
+    /// driver's loop runs no round for it (it would, were it to read the
+    /// answer and wake the caller). Reading is handed back to the driver
+    /// after each: when the server goes, the idle connection learns of it
+    /// with no task sent. Every async backend.
+    #[test]
+    fn a_lone_tasks_caller_reads_its_answer_and_hands_reading_back() {
+        let kinds = [
+            #[cfg(feature = "ipc-interprocess")]
+            TransportKind::Interprocess,
+            #[cfg(feature = "ipc-tokio")]
+            TransportKind::Tokio,
+        ];
+        for transport in kinds {
+            let dir = tempfile::tempdir().unwrap();
+            let config = IpcConfig {
+                transport,
+                endpoint_path: dir.path().join("s.sock").display().to_string(),
+                ..IpcConfig::default()
+            };
+            let serving = tokio::runtime::Runtime::new().unwrap();
+            let server = serving
+                .block_on(IpcServer::bind(
+                    config.clone(),
+                    |task: DetectionTask| async move {
+                        DetectionResult {
+                            task_id: task.task_id,
+                            success: true,
+                            ..Default::default()
+                        }
+                    },
+                ))
+                .unwrap();
+            let calling = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            calling.block_on(async move {
+                let client = IpcClient::new(config).unwrap();
+                client.send(task("first")).await.unwrap();
+                let link = client.inner.link.lock().await.clone().unwrap();
+                let rounds = || link.link.driver_rounds.load(Ordering::Relaxed);
+                let before = rounds();
+                for i in 0..20 {
+                    let id = format!("lone-{i}");
+                    assert_eq!(client.send(task(&id)).await.unwrap().task_id, id);
+                }
+                assert_eq!(
+                    rounds(),
+                    before,
+                    "{transport}: the driver ran for tasks sent one at a time"
+                );
+
+                drop(server);
+                let deadline = Instant::now() + Duration::from_secs(20);
+                while link.link.lock().closed_reason().is_none() {
+                    assert!(
+                        Instant::now() < deadline,
+                        "{transport}: the idle connection never saw the server go"
+                    );
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            });
+        }
     }
 }

@@ -14,7 +14,9 @@
 //! it is the connection's only task in flight the caller writes the frame
 //! itself, at once; otherwise it wakes the driver, which writes every frame
 //! queued by then with one system call. The driver reads results and hands
-//! each to the caller waiting for it, which decodes it. When the
+//! each to the caller waiting for it, which decodes it; on the async
+//! backends the caller of the only task in flight reads its own, woken by
+//! the socket rather than by the driver (`async_driver.rs`). When the
 //! connection drops, every caller still waiting gets
 //! [`IpcError::ConnectionLost`] at once, and the next `send` connects again.
 //!
@@ -32,6 +34,7 @@ mod blocking_driver;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -307,13 +310,14 @@ impl IpcClient {
                 freed.as_mut().enable();
             }
             let (waiter, answer) = oneshot::channel();
-            let begun = {
+            let (begun, reads) = {
                 let mut core = link.link.lock();
                 let begun = core.begin(task, waiter, deadline, Instant::now());
-                if begun.is_ok() {
-                    link.link.flush(&mut core);
-                }
-                begun
+                let reads = match begun {
+                    Ok(ticket) => link.link.flush(&mut core, ticket),
+                    Err(_) => false,
+                };
+                (begun, reads)
             };
             match begun {
                 Ok(ticket) => {
@@ -322,6 +326,7 @@ impl IpcClient {
                         ticket,
                         answer,
                         settled: false,
+                        reads,
                     }));
                 }
                 Err((Refusal::Full, _)) if !wants_slot => wants_slot = true,
@@ -350,9 +355,10 @@ impl IpcClient {
     /// Waits for the answer to a registered task: the connection tells its
     /// caller at the task's deadline if no answer came by then.
     async fn answer(&self, mut pending: Pending) -> Result<Settled, IpcError> {
-        let delivered = (&mut pending.answer).await;
+        let delivered = std::future::poll_fn(|cx| pending.poll_answer(cx)).await;
         pending.settled = true;
-        let Ok(Delivered { task_id, outcome }) = delivered else {
+        pending.stop_reading();
+        let Some(Delivered { task_id, outcome }) = delivered else {
             // Every waiter is handed its outcome before it is let go, and the
             // link lives as long as this caller holds it: not reached.
             return Err(self.lost(String::new(), "the connection ended".to_owned()));
@@ -599,6 +605,9 @@ pub(crate) struct Link {
     io: IoWake,
     /// Every [`LinkHandle`] is gone: the driver closes the connection.
     dropped: AtomicBool,
+    /// Rounds of the async driver's loop, for tests of when it runs.
+    #[cfg(all(test, async_backend))]
+    driver_rounds: std::sync::atomic::AtomicUsize,
 }
 
 /// How callers get queued frames written: by the driver, or (see
@@ -611,7 +620,7 @@ enum IoWake {
     #[cfg(async_backend)]
     Task {
         notify: Notify,
-        connection: Mutex<Option<crate::transport::Connection>>,
+        socket: Mutex<Option<async_driver::Socket>>,
     },
     /// The blocking driver's thread waits in the OS; the waker wakes it.
     /// A caller with the only task in flight writes through `writer`, where
@@ -631,6 +640,8 @@ impl Link {
             slot_wanted: AtomicBool::new(false),
             io,
             dropped: AtomicBool::new(false),
+            #[cfg(all(test, async_backend))]
+            driver_rounds: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
@@ -651,45 +662,53 @@ impl Link {
         }
     }
 
-    /// Gets what a caller just queued written. The only task in flight is
-    /// written by its caller, at once (as much as the socket takes): a
-    /// round trip costs no hand-off to the driver. With others in flight the
-    /// driver is woken instead, and writes every frame queued by then with
-    /// one system call: pipelined callers share writes rather than making
-    /// one each.
-    fn flush(&self, core: &mut ClientConnection<Waiter>) {
+    /// Gets what the caller of `ticket` just queued written. The only task
+    /// in flight is written by its caller, at once (as much as the socket
+    /// takes): a round trip costs no hand-off to the driver. With others in
+    /// flight the driver is woken instead, and writes every frame queued by
+    /// then with one system call: pipelined callers share writes rather than
+    /// making one each.
+    ///
+    /// True if the caller is to read its answer itself (async backends,
+    /// the only task in flight, written whole): see [`async_driver`].
+    fn flush(&self, core: &mut ClientConnection<Waiter>, ticket: Ticket) -> bool {
         // A deadline before the driver's timer: it must be woken to move
         // it, whoever writes.
         let retime = core.take_retime();
         if core.in_flight() > 1 {
             self.wake_io();
-            return;
+            return false;
         }
-        match &self.io {
+        let reads = match &self.io {
             #[cfg(async_backend)]
-            IoWake::Task { connection, .. } => {
-                let mut connection = connection
+            IoWake::Task { socket, .. } => {
+                let mut socket = socket
                     .lock()
                     .unwrap_or_else(|poisoned| poisoned.into_inner());
-                if let Some(connection) = connection.as_mut() {
-                    async_driver::write_now(connection, core);
-                }
+                socket
+                    .as_mut()
+                    .is_some_and(|socket| async_driver::write_now(socket, core, ticket))
             }
             #[cfg(feature = "ipc-legacy")]
             IoWake::Thread {
                 writer: Some(writer),
                 ..
-            } => match writer.write_from(core.pending_output()) {
-                Ok(written) => core.on_written(written, Instant::now()),
-                Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(error) => core.on_write_error(&error),
-            },
+            } => {
+                match writer.write_from(core.pending_output()) {
+                    Ok(written) => core.on_written(written, Instant::now()),
+                    Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(error) => core.on_write_error(&error),
+                }
+                false
+            }
             #[allow(unreachable_patterns)] // Reached where legacy has no writer.
-            _ => {}
-        }
+            _ => false,
+        };
         if retime || !core.pending_output().is_empty() || core.closed_reason().is_some() {
             self.wake_io();
         }
+        let _ = ticket; // Unused where only legacy is compiled in.
+        reads
     }
 
     /// Hands the core's outcomes to their callers, lets callers waiting for
@@ -697,6 +716,19 @@ impl Link {
     /// driver. (Handing over only schedules the callers: none runs here, so
     /// doing it under the lock is safe.)
     fn settle(&self) {
+        if self.settle_outcomes() {
+            #[cfg(async_backend)]
+            #[allow(irrefutable_let_patterns)] // Refutable when legacy is compiled in.
+            if let IoWake::Task { socket, .. } = &self.io {
+                async_driver::wake_reader(socket);
+            }
+        }
+    }
+
+    /// [`settle`](Self::settle), for a reading caller's own read: it looks
+    /// for its outcome itself, so it is not woken. True if an outcome was
+    /// handed over.
+    fn settle_outcomes(&self) -> bool {
         let (settled, closed) = {
             let mut core = self.lock();
             let mut settled = false;
@@ -717,6 +749,7 @@ impl Link {
         if closed {
             self.wake_io();
         }
+        settled
     }
 
     /// Whether the driver should stop: the connection ended, or nobody
@@ -764,6 +797,52 @@ struct Pending {
     ticket: Ticket,
     answer: oneshot::Receiver<Delivered>,
     settled: bool,
+    /// The caller reads the socket itself (see [`async_driver`]) until it
+    /// hands reading back to the driver.
+    reads: bool,
+}
+
+impl Pending {
+    /// The task's outcome, once the driver (or, for a caller that reads,
+    /// this caller's own read) delivered it; `None` if it was let go
+    /// undelivered (not reached: see [`IpcClient::answer`]).
+    fn poll_answer(&mut self, cx: &mut Context<'_>) -> Poll<Option<Delivered>> {
+        #[cfg(async_backend)]
+        while self.reads {
+            // Read first: that also registers this caller's waker for an
+            // outcome someone else delivers, so one delivered after the
+            // look at the channel below still wakes it.
+            let read = match async_driver::read_own_answer(cx, &self.link.link, self.ticket) {
+                Some(read) => read,
+                None => break,
+            };
+            if read.is_ready() {
+                // Delivered to whoever it was for, without waking this
+                // caller, who looks for its own below.
+                self.link.link.settle_outcomes();
+            }
+            // Not waited on: see `async_driver::Socket::reader_waker`.
+            match self.answer.try_recv() {
+                Ok(delivered) => return Poll::Ready(Some(delivered)),
+                Err(oneshot::error::TryRecvError::Closed) => return Poll::Ready(None),
+                Err(oneshot::error::TryRecvError::Empty) if read.is_pending() => {
+                    return Poll::Pending;
+                }
+                Err(oneshot::error::TryRecvError::Empty) => {}
+            }
+        }
+        std::pin::Pin::new(&mut self.answer)
+            .poll(cx)
+            .map(Result::ok)
+    }
+
+    /// The caller no longer reads: the driver does.
+    fn stop_reading(&mut self) {
+        if std::mem::take(&mut self.reads) {
+            #[cfg(async_backend)]
+            async_driver::hand_back_reading(&self.link.link, self.ticket);
+        }
+    }
 }
 
 impl Drop for Pending {
@@ -772,6 +851,7 @@ impl Drop for Pending {
             self.link.link.lock().abandon(self.ticket);
             self.link.link.settle();
         }
+        self.stop_reading();
     }
 }
 

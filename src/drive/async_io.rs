@@ -25,23 +25,33 @@ where
         Poll::Ready(Ok(wrote)) => wrote,
         Poll::Pending => false,
     };
+    match read(cx, stream, core) {
+        Poll::Pending if !wrote => Poll::Pending,
+        _ => Poll::Ready(()),
+    }
+}
+
+/// Reads what has arrived into the core, if it wants to read: ready once
+/// bytes, the end or an error came (the core records which). Pending when
+/// nothing has, with `cx` registered for it, or when the core wants nothing
+/// (no registration).
+pub(crate) fn read<S, C>(cx: &mut Context<'_>, stream: &mut S, core: &mut C) -> Poll<()>
+where
+    S: AsyncRead + Unpin,
+    C: StreamCore,
+{
     let window = core.read_window();
-    if window > 0 {
-        let mut room = core.read_buffer().limit(window);
-        match tokio_util::io::poll_read_buf(Pin::new(&mut *stream), cx, &mut room) {
-            Poll::Ready(Ok(0)) => core.on_eof(Instant::now()),
-            Poll::Ready(Ok(read)) => core.on_read(read, Instant::now()),
-            Poll::Ready(Err(error)) => core.on_io_error(error),
-            Poll::Pending if !wrote => return Poll::Pending,
-            Poll::Pending => {}
-        }
-        return Poll::Ready(());
+    if window == 0 {
+        return Poll::Pending;
     }
-    if wrote {
-        Poll::Ready(())
-    } else {
-        Poll::Pending
+    let mut room = core.read_buffer().limit(window);
+    match tokio_util::io::poll_read_buf(Pin::new(&mut *stream), cx, &mut room) {
+        Poll::Ready(Ok(0)) => core.on_eof(Instant::now()),
+        Poll::Ready(Ok(read)) => core.on_read(read, Instant::now()),
+        Poll::Ready(Err(error)) => core.on_io_error(error),
+        Poll::Pending => return Poll::Pending,
     }
+    Poll::Ready(())
 }
 
 /// Writes the core's output as far as the stream takes it: `Ok(true)` if
