@@ -9,7 +9,8 @@
 //! which would then have to wake the caller (two tasks run per round trip
 //! instead of one). Tokio keeps one waker per direction of a socket, so
 //! while a caller reads the driver does not; the caller hands reading back
-//! when it is done or gone ([`hand_back_reading`]).
+//! when it is done or gone ([`hand_back_reading`]), and the driver takes
+//! it over when a second task starts.
 
 use std::future::{Future, poll_fn};
 use std::pin::pin;
@@ -197,34 +198,51 @@ fn lock(socket: &Mutex<Option<Socket>>) -> std::sync::MutexGuard<'_, Option<Sock
 /// caller reads), holding the core's lock only for the non-blocking polls;
 /// ready once either made progress (or failed, which the core records).
 fn drive_io(cx: &mut Context<'_>, socket: &Mutex<Option<Socket>>, link: &Link) -> Poll<()> {
-    // The core's lock first, then the socket's, as callers take them.
-    let mut core = link.lock();
-    let mut socket = lock(socket);
-    let Some(socket) = socket.as_mut() else {
-        return Poll::Pending;
-    };
-    if !socket
-        .driver
-        .as_ref()
-        .is_some_and(|driver| driver.will_wake(cx.waker()))
-    {
-        socket.driver = Some(cx.waker().clone());
-    }
-    let connection = &mut socket.connection;
-    if socket.reader.is_some() {
-        // Polling the read would take the socket's waker from the caller.
-        return match crate::drive::async_io::write(cx, connection, &mut *core) {
-            Poll::Ready(Ok(false)) | Poll::Pending => Poll::Pending,
-            Poll::Ready(_) => Poll::Ready(()),
+    let mut revoked = None;
+    let progress = {
+        // The core's lock first, then the socket's, as callers take them.
+        let mut core = link.lock();
+        let mut socket = lock(socket);
+        let Some(socket) = socket.as_mut() else {
+            return Poll::Pending;
         };
+        if !socket
+            .driver
+            .as_ref()
+            .is_some_and(|driver| driver.will_wake(cx.waker()))
+        {
+            socket.driver = Some(cx.waker().clone());
+        }
+        if socket.reader.is_some() && core.in_flight() > 1 {
+            // Other callers wait for answers too: read them here rather than
+            // leave them to a caller whose future may not be polled for a
+            // while (held in a `select!` across other work). It is woken to
+            // wait on its channel like the others.
+            socket.reader = None;
+            revoked = socket.reader_waker.take();
+        }
+        let connection = &mut socket.connection;
+        if socket.reader.is_some() {
+            // Polling the read would take the socket's waker from the caller.
+            match crate::drive::async_io::write(cx, connection, &mut *core) {
+                Poll::Ready(Ok(false)) | Poll::Pending => Poll::Pending,
+                Poll::Ready(_) => Poll::Ready(()),
+            }
+        } else {
+            crate::drive::async_io::drive_io(cx, connection, &mut *core)
+        }
+    };
+    if let Some(caller) = revoked {
+        caller.wake();
     }
-    crate::drive::async_io::drive_io(cx, connection, &mut *core)
+    progress
 }
 
 /// The caller of `ticket` reads what has arrived into the core, with its
 /// waker registered for more and for outcomes others deliver: ready once
 /// something was read (settle the link to deliver it). `None` if it is not
-/// the reader (the connection has ended).
+/// the reader (any more): the connection ended, or others' tasks came and
+/// the driver took reading over.
 pub(super) fn read_own_answer(
     cx: &mut Context<'_>,
     link: &Link,
@@ -254,28 +272,28 @@ pub(super) fn read_own_answer(
 }
 
 /// Wakes the reading caller, if there is one: an outcome was delivered by
-/// someone else.
+/// someone else. (Once: its next poll leaves its waker again.)
 pub(super) fn wake_reader(socket: &Mutex<Option<Socket>>) {
-    if let Some(Socket {
-        reader: Some(_),
-        reader_waker: Some(waker),
-        ..
-    }) = lock(socket).as_ref()
-    {
-        waker.wake_by_ref();
+    let waker = match lock(socket).as_mut() {
+        Some(socket) if socket.reader.is_some() => socket.reader_waker.take(),
+        _ => None,
+    };
+    // Woken with no lock held: a waker may run code of its own.
+    if let Some(waker) = waker {
+        waker.wake();
     }
 }
 
-/// The caller of `ticket` stops reading (answered, or gone): the driver
-/// reads from now on. Its waker is registered for the socket here, so it
-/// need not run to do that, unless bytes have come already: those are read
-/// into the core now, and the driver is woken to read on.
+/// The caller of `ticket` stops reading (it has its outcome, or is gone):
+/// the driver reads from now on. Its waker is registered for the socket
+/// here, so it need not run to do that, unless bytes have come already:
+/// those are read into the core now, and the driver is woken to read on.
 pub(super) fn hand_back_reading(link: &Link, ticket: Ticket) {
     #[allow(irrefutable_let_patterns)] // Refutable when legacy is compiled in.
     let IoWake::Task { socket, .. } = &link.io else {
         return;
     };
-    let read = {
+    let woken = {
         let mut core = link.lock();
         let mut socket = lock(socket);
         let Some(socket) = socket.as_mut() else {
@@ -291,19 +309,20 @@ pub(super) fn hand_back_reading(link: &Link, ticket: Ticket) {
             return;
         };
         let mut cx = Context::from_waker(&driver);
-        let read = crate::drive::async_io::read(&mut cx, &mut socket.connection, &mut *core);
-        if read.is_ready() {
-            driver.wake();
-        }
-        read.is_ready()
+        crate::drive::async_io::read(&mut cx, &mut socket.connection, &mut *core)
+            .is_ready()
+            .then_some(driver)
     };
-    if read {
+    // With no lock held: a waker may run code of its own.
+    if let Some(driver) = woken {
+        driver.wake();
         link.settle();
     }
 }
 
 #[cfg(all(test, unix))]
 mod tests {
+    use std::future::Future;
     use std::sync::atomic::Ordering;
     use std::time::{Duration, Instant};
 
@@ -318,13 +337,12 @@ mod tests {
         }
     }
 
-    /// A task alone in flight is answered to its caller by the socket: the
-    /// driver's loop runs no round for it (it would, were it to read the
-    /// answer and wake the caller). Reading is handed back to the driver
-    /// after each: when the server goes, the idle connection learns of it
-    /// with no task sent. Every async backend.
-    #[test]
-    fn a_lone_tasks_caller_reads_its_answer_and_hands_reading_back() {
+    /// Runs `calls` on a current-thread runtime, with a client of each
+    /// async backend and a server, on a runtime of its own, that answers
+    /// every task at once but those whose id starts with "held", which it
+    /// never answers. The read timeout is long past every wait here, so
+    /// the driver's timer cannot stand in for a read the rules owe.
+    fn with_each_backend<F: Future<Output = ()>>(calls: impl Fn(IpcClient, IpcServer) -> F) {
         let kinds = [
             #[cfg(feature = "ipc-interprocess")]
             TransportKind::Interprocess,
@@ -336,6 +354,7 @@ mod tests {
             let config = IpcConfig {
                 transport,
                 endpoint_path: dir.path().join("s.sock").display().to_string(),
+                read_timeout_ms: 300_000,
                 ..IpcConfig::default()
             };
             let serving = tokio::runtime::Runtime::new().unwrap();
@@ -343,6 +362,9 @@ mod tests {
                 .block_on(IpcServer::bind(
                     config.clone(),
                     |task: DetectionTask| async move {
+                        if task.task_id.starts_with("held") {
+                            std::future::pending::<()>().await;
+                        }
                         DetectionResult {
                             task_id: task.task_id,
                             success: true,
@@ -355,32 +377,90 @@ mod tests {
                 .enable_all()
                 .build()
                 .unwrap();
-            calling.block_on(async move {
-                let client = IpcClient::new(config).unwrap();
-                client.send(task("first")).await.unwrap();
-                let link = client.inner.link.lock().await.clone().unwrap();
-                let rounds = || link.link.driver_rounds.load(Ordering::Relaxed);
-                let before = rounds();
-                for i in 0..20 {
-                    let id = format!("lone-{i}");
-                    assert_eq!(client.send(task(&id)).await.unwrap().task_id, id);
-                }
-                assert_eq!(
-                    rounds(),
-                    before,
-                    "{transport}: the driver ran for tasks sent one at a time"
-                );
-
-                drop(server);
-                let deadline = Instant::now() + Duration::from_secs(20);
-                while link.link.lock().closed_reason().is_none() {
-                    assert!(
-                        Instant::now() < deadline,
-                        "{transport}: the idle connection never saw the server go"
-                    );
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-            });
+            calling.block_on(calls(IpcClient::new(config).unwrap(), server));
         }
+    }
+
+    async fn link(client: &IpcClient) -> std::sync::Arc<super::LinkHandle> {
+        client.inner.link.lock().await.clone().unwrap()
+    }
+
+    /// Dropping the server closes the connection: an idle client learns of
+    /// it only if someone reads the socket.
+    async fn close_is_seen(client: &IpcClient, server: IpcServer, after: &str) {
+        let link = link(client).await;
+        drop(server);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while link.link.lock().closed_reason().is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "{}: nobody read the socket after {after}",
+                client.transport()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// A task alone in flight is answered to its caller by the socket: the
+    /// driver's loop runs no round for it (it would, were it to read the
+    /// answer and wake the caller). Reading is handed back to the driver
+    /// after each: when the server goes, the idle connection learns of it
+    /// with no task sent.
+    #[test]
+    fn a_lone_tasks_caller_reads_its_answer_and_hands_reading_back() {
+        with_each_backend(|client, server| async move {
+            client.send(task("first")).await.unwrap();
+            let link = link(&client).await;
+            let rounds = || link.link.driver_rounds.load(Ordering::Relaxed);
+            let before = rounds();
+            for i in 0..20 {
+                let id = format!("lone-{i}");
+                assert_eq!(client.send(task(&id)).await.unwrap().task_id, id);
+            }
+            assert_eq!(
+                rounds(),
+                before,
+                "{}: the driver ran for tasks sent one at a time",
+                client.transport()
+            );
+            close_is_seen(&client, server, "answers read by their callers").await;
+        });
+    }
+
+    /// A caller dropped while it reads (the task not yet answered) hands
+    /// reading back too.
+    #[test]
+    fn a_reading_caller_dropped_hands_reading_back() {
+        with_each_backend(|client, server| async move {
+            client.connect_now().await.unwrap();
+            let given_up =
+                tokio::time::timeout(Duration::from_millis(50), client.send(task("held"))).await;
+            assert!(given_up.is_err(), "the server never answers it");
+            close_is_seen(&client, server, "a reading caller was dropped").await;
+        });
+    }
+
+    /// A second task's answer does not wait for the reading caller's future
+    /// to be polled: the driver takes reading over once a second task is in
+    /// flight. The reader's future is kept, unpolled, while the second is
+    /// sent.
+    #[test]
+    fn a_second_tasks_answer_does_not_wait_for_the_reader() {
+        with_each_backend(|client, server| async move {
+            let _serving = server;
+            client.connect_now().await.unwrap();
+            let mut held = std::pin::pin!(client.send(task("held")));
+            let first_poll = tokio::time::timeout(Duration::from_millis(50), &mut held).await;
+            assert!(first_poll.is_err(), "the server never answers it");
+            let second = tokio::time::timeout(Duration::from_secs(20), client.send(task("second")))
+                .await
+                .unwrap_or_else(|_| {
+                    panic!(
+                        "{}: the second task's answer was left to the first caller",
+                        client.transport()
+                    )
+                });
+            assert_eq!(second.unwrap().task_id, "second");
+        });
     }
 }

@@ -15,8 +15,9 @@
 //! itself, at once; otherwise it wakes the driver, which writes every frame
 //! queued by then with one system call. The driver reads results and hands
 //! each to the caller waiting for it, which decodes it; on the async
-//! backends the caller of the only task in flight reads its own, woken by
-//! the socket rather than by the driver (`async_driver.rs`). When the
+//! backends the caller of the only task in flight reads the socket itself
+//! until it has its answer or another task starts, woken by the socket
+//! rather than by the driver (`async_driver.rs`). When the
 //! connection drops, every caller still waiting gets
 //! [`IpcError::ConnectionLost`] at once, and the next `send` connects again.
 //!
@@ -714,7 +715,8 @@ impl Link {
     /// Hands the core's outcomes to their callers, lets callers waiting for
     /// a slot look again, and, if the connection has ended, tells the
     /// driver. (Handing over only schedules the callers: none runs here, so
-    /// doing it under the lock is safe.)
+    /// doing it under the lock is safe with Tokio's wakers, which the
+    /// channels' are.)
     fn settle(&self) {
         if self.settle_outcomes() {
             #[cfg(async_backend)]
