@@ -283,14 +283,29 @@ mod cli {
 /// (current-thread) runs nothing else between it and the look at what the
 /// server got, so only the caller can have written the frame.
 ///
-/// Only `interprocess`: the `tokio` backend's connect (Tokio's own) waits
-/// for that turn before the connection exists, and a `legacy` connection
-/// has a thread of its own that could write the frame as well (its
-/// callers' rule is in `policy::client`'s tests). Unix only: a named pipe's
-/// first write is the pipe's own.
-#[cfg(all(unix, feature = "ipc-interprocess"))]
-#[test]
-fn a_new_connections_first_task_is_written_within_the_first_poll() {
+/// The `tokio` backend's connect waits for no turn either (Tokio's own
+/// `UnixStream::connect` would). Not `legacy`: its connection has a thread
+/// of its own that could write the frame as well (its callers' rule is in
+/// `policy::client`'s tests). Unix only: a named pipe's first write is the
+/// pipe's own.
+#[cfg(unix)]
+mod a_new_connections_first_task_is_written_within_the_first_poll {
+    #[cfg(feature = "ipc-interprocess")]
+    #[test]
+    fn interprocess() {
+        super::first_task_within_the_first_poll(daemoneye_ipc::TransportKind::Interprocess);
+    }
+
+    #[cfg(feature = "ipc-tokio")]
+    #[test]
+    fn tokio() {
+        super::first_task_within_the_first_poll(daemoneye_ipc::TransportKind::Tokio);
+    }
+}
+
+#[cfg(unix)]
+#[allow(dead_code)] // Unused where neither async backend is compiled in.
+fn first_task_within_the_first_poll(transport: TransportKind) {
     use std::future::Future;
     use std::io::Read;
     use std::task::{Context, Waker};
@@ -309,7 +324,7 @@ fn a_new_connections_first_task_is_written_within_the_first_poll() {
         .unwrap();
     let _in_runtime = runtime.enter();
     let client = IpcClient::new(daemoneye_ipc::IpcConfig {
-        transport: TransportKind::Interprocess,
+        transport,
         endpoint_path: endpoint.name.clone(),
         ..Default::default()
     })
@@ -327,7 +342,7 @@ fn a_new_connections_first_task_is_written_within_the_first_poll() {
     let mut arrived = BytesMut::zeroed(64 * 1024);
     let read = match server_side.read(&mut arrived) {
         Ok(read) => read,
-        Err(error) => panic!("nothing was written in the first poll ({error})"),
+        Err(error) => panic!("{transport}: nothing was written in the first poll ({error})"),
     };
     arrived.truncate(read);
     let body = FrameDecoder::new(FrameSettings::default())

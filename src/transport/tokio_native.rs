@@ -32,8 +32,16 @@ mod unix {
         }
     }
 
+    /// One attempt. Not `UnixStream::connect`, which then waits for the
+    /// socket to be writable: a turn of the reactor (about 8 us of a new
+    /// connection's round trip) that tells nothing here, since a Unix
+    /// socket's non-blocking connect is complete when it returns. It fails
+    /// instead, with `WouldBlock` when the server's backlog is full, and
+    /// that is retried above the seam like a server not there yet.
     pub(crate) async fn connect(endpoint: &Endpoint) -> io::Result<Stream> {
-        Stream::connect(endpoint.path()).await
+        let socket = crate::endpoint::unix::new_socket(true)?;
+        rustix::net::connect(&socket, &rustix::net::SocketAddrUnix::new(endpoint.path())?)?;
+        Stream::from_std(std::os::unix::net::UnixStream::from(socket))
     }
 
     pub(crate) fn peer(stream: &Stream) -> io::Result<crate::peer::Peer> {
