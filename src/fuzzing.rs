@@ -737,8 +737,9 @@ pub fn client_connection(data: &[u8]) {
 /// `buf` begins with a whole frame: its header and all the body the header
 /// announces.
 fn whole_frame(buf: &[u8]) -> bool {
-    buf.len() >= HEADER_LEN
-        && buf.len() - HEADER_LEN >= u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize
+    buf.first_chunk::<HEADER_LEN>().is_some_and(|header| {
+        buf.len() - HEADER_LEN >= crate::frame::FrameHeader::parse(*header).length as usize
+    })
 }
 
 #[cfg(test)]
